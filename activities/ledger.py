@@ -1,0 +1,342 @@
+"""The ledger (PostgreSQL here, CockroachDB in production): idempotent double-entry postings.
+
+Each posting is one SERIALIZABLE database transaction holding the ledger transaction, its
+entries, the payments-register update and the outbox row of the event it emits. The unique
+key (payment id, kind, reference) makes a retried posting a no-op that returns the first one.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from pydantic import BaseModel
+from sqlalchemy.dialects.postgresql import JSONB, UUID, insert
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from domain.errors import FailureType
+from domain.events import PaymentEvent
+from domain.ledger import Account, LedgerTransaction, TransactionKind
+from domain.payment import PaymentStatus, status_from_amounts
+from infra.database import run_serializable
+
+metadata = sa.MetaData()
+accounts = sa.Table(
+    "accounts",
+    metadata,
+    sa.Column("id", UUID(as_uuid=True), primary_key=True, server_default=sa.text("gen_random_uuid()")),
+    sa.Column("code", sa.String),
+    sa.Column("type", sa.String),
+    sa.Column("currency", sa.String),
+    sa.Column("status", sa.String),
+)
+payments = sa.Table(
+    "payments",
+    metadata,
+    sa.Column("payment_id", sa.String, primary_key=True),
+    sa.Column("client_id", sa.String),
+    sa.Column("customer_id", sa.String),
+    sa.Column("merchant_id", sa.String),
+    sa.Column("currency", sa.String),
+    sa.Column("amount", sa.BigInteger),
+    sa.Column("captured", sa.BigInteger),
+    sa.Column("refunded", sa.BigInteger),
+    sa.Column("disputed", sa.BigInteger),
+    sa.Column("dispute_lost", sa.BigInteger),
+    sa.Column("status", sa.String),
+    sa.Column("summary", JSONB),
+    sa.Column("created_at", sa.DateTime(timezone=True)),
+    sa.Column("updated_at", sa.DateTime(timezone=True)),
+)
+ledger_transactions = sa.Table(
+    "ledger_transactions",
+    metadata,
+    sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("payment_id", sa.String),
+    sa.Column("kind", sa.String),
+    sa.Column("reference", sa.String),
+    sa.Column("description", sa.String),
+    sa.Column("created_at", sa.DateTime(timezone=True)),
+)
+ledger_entries = sa.Table(
+    "ledger_entries",
+    metadata,
+    sa.Column("id", UUID(as_uuid=True), primary_key=True, server_default=sa.text("gen_random_uuid()")),
+    sa.Column("transaction_id", UUID(as_uuid=True)),
+    sa.Column("account_id", UUID(as_uuid=True)),
+    sa.Column("amount", sa.BigInteger),
+    sa.Column("currency", sa.String),
+)
+outbox_events = sa.Table(
+    "outbox_events",
+    metadata,
+    sa.Column("event_id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("transaction_id", UUID(as_uuid=True)),
+    sa.Column("payment_id", sa.String),
+    sa.Column("topic", sa.String),
+    sa.Column("event_type", sa.String),
+    sa.Column("payload", JSONB),
+    sa.Column("created_at", sa.DateTime(timezone=True)),
+)
+
+
+class PaymentParties(BaseModel):
+    """Who a payment is between; recorded in the payments register at capture."""
+
+    client_id: str
+    customer_id: str
+    merchant_id: str
+    currency: str
+
+
+class LedgerPosting(BaseModel):
+    transaction: LedgerTransaction
+    amount: int  # the business amount: payment, refund or disputed amount
+    parties: PaymentParties | None = None  # required for the capture posting
+    event: PaymentEvent | None = None  # written to the outbox in the same transaction
+
+
+class RegisterRow(BaseModel):
+    payment_id: str
+    client_id: str
+    customer_id: str
+    merchant_id: str
+    currency: str
+    amount: int
+    captured: int
+    refunded: int
+    disputed: int
+    dispute_lost: int
+    status: PaymentStatus
+    summary: dict[str, Any] | None = None
+    created_at: datetime
+    updated_at: datetime
+
+
+class LedgerReceipt(BaseModel):
+    transaction_id: str
+    # True when this exact business event had already been posted (a retry): nothing was written.
+    duplicate: bool
+    register: RegisterRow
+
+
+class LedgerRejected(Exception):
+    """A posting the ledger refuses for a business reason; never worth retrying."""
+
+    def __init__(self, failure: FailureType, message: str) -> None:
+        super().__init__(message)
+        self.failure = failure
+
+
+def _register_after(txn: LedgerTransaction, amount: int, row: RegisterRow | None) -> dict[str, Any]:
+    """New register amounts for a posting, or LedgerRejected if it would break the invariant
+    refunded + disputed + dispute_lost <= captured."""
+    if row is None:
+        raise LedgerRejected(FailureType.INVALID_PAYMENT, f"payment {txn.payment_id} was never captured")
+    captured, refunded, disputed, lost = row.captured, row.refunded, row.disputed, row.dispute_lost
+    returnable = captured - refunded - disputed - lost
+    match txn.kind:
+        case TransactionKind.PAYMENT_REVERSAL:
+            if refunded or disputed or lost:
+                raise LedgerRejected(
+                    FailureType.REFUND_EXCEEDS_CAPTURED,
+                    "a payment with refunds or disputes cannot be reversed",
+                )
+            return {"captured": captured - amount, "status": PaymentStatus.CANCELED}
+        case TransactionKind.REFUND | TransactionKind.DISPUTE_OPENED if amount > returnable:
+            raise LedgerRejected(
+                FailureType.REFUND_EXCEEDS_CAPTURED,
+                f"{txn.kind} of {amount} exceeds the {returnable} still refundable "
+                f"(captured {captured}, refunded {refunded}, disputed {disputed}, lost {lost})",
+            )
+        case TransactionKind.REFUND:
+            refunded += amount
+        case TransactionKind.DISPUTE_OPENED:
+            disputed += amount
+        case TransactionKind.DISPUTE_WON | TransactionKind.DISPUTE_LOST if amount > disputed:
+            raise LedgerRejected(
+                FailureType.REFUND_EXCEEDS_CAPTURED, f"dispute of {amount} exceeds {disputed} held"
+            )
+        case TransactionKind.DISPUTE_WON:
+            disputed -= amount
+        case TransactionKind.DISPUTE_LOST:
+            disputed -= amount
+            lost += amount
+        case _:
+            raise LedgerRejected(FailureType.INVALID_PAYMENT, f"unexpected posting kind {txn.kind}")
+    return {
+        "refunded": refunded,
+        "disputed": disputed,
+        "dispute_lost": lost,
+        "status": status_from_amounts(captured, refunded, disputed, lost),
+    }
+
+
+class Ledger:
+    """All writes to the ledger go through `post`; reads serve the API, fraud rules and checks."""
+
+    def __init__(self, engine: AsyncEngine, max_attempts: int = 8) -> None:
+        self.engine = engine
+        self.max_attempts = max_attempts
+
+    async def post(self, posting: LedgerPosting) -> LedgerReceipt:
+        async def work(conn: AsyncConnection) -> LedgerReceipt:
+            return await self._post_in(conn, posting)
+
+        return await run_serializable(self.engine, work, max_attempts=self.max_attempts)
+
+    async def _post_in(self, conn: AsyncConnection, posting: LedgerPosting) -> LedgerReceipt:
+        txn = posting.transaction
+        existing = await conn.scalar(
+            sa.select(ledger_transactions.c.id).where(
+                ledger_transactions.c.payment_id == txn.payment_id,
+                ledger_transactions.c.kind == txn.kind.value,
+                ledger_transactions.c.reference == txn.reference,
+            )
+        )
+        if existing is not None:
+            row = await _register(conn, txn.payment_id)
+            assert row is not None
+            return LedgerReceipt(transaction_id=str(existing), duplicate=True, register=row)
+
+        account_ids = await _open_accounts(conn, [e.account for e in txn.entries])
+        now = datetime.now(UTC)
+        await self._update_register(conn, posting, now)
+        txn_id = uuid.uuid4()
+        await conn.execute(
+            ledger_transactions.insert().values(
+                id=txn_id,
+                payment_id=txn.payment_id,
+                kind=txn.kind.value,
+                reference=txn.reference,
+                description=txn.description,
+                created_at=now,
+            )
+        )
+        await conn.execute(
+            ledger_entries.insert(),
+            [
+                {
+                    "transaction_id": txn_id,
+                    "account_id": account_ids[e.account.code],
+                    "amount": e.amount,
+                    "currency": e.account.currency,
+                }
+                for e in txn.entries
+            ],
+        )
+        if posting.event is not None:
+            await conn.execute(
+                outbox_events.insert().values(
+                    event_id=uuid.UUID(posting.event.id),
+                    transaction_id=txn_id,
+                    payment_id=txn.payment_id,
+                    topic=posting.event.kind.topic,
+                    event_type=posting.event.kind.ce_type,
+                    payload=posting.event.body(),
+                    created_at=now,
+                )
+            )
+        row = await _register(conn, txn.payment_id)
+        assert row is not None
+        return LedgerReceipt(transaction_id=str(txn_id), duplicate=False, register=row)
+
+    async def _update_register(self, conn: AsyncConnection, posting: LedgerPosting, now: datetime) -> None:
+        txn = posting.transaction
+        if txn.kind == TransactionKind.PAYMENT:
+            if posting.parties is None:
+                raise ValueError("a capture posting names its parties")
+            await conn.execute(
+                insert(payments)
+                .values(
+                    payment_id=txn.payment_id,
+                    amount=posting.amount,
+                    captured=posting.amount,
+                    refunded=0,
+                    disputed=0,
+                    dispute_lost=0,
+                    status=PaymentStatus.SUCCEEDED.value,
+                    created_at=now,
+                    updated_at=now,
+                    **posting.parties.model_dump(),
+                )
+                .on_conflict_do_nothing(index_elements=["payment_id"])
+            )
+            return
+        changes = _register_after(txn, posting.amount, await _register(conn, txn.payment_id))
+        await conn.execute(
+            payments.update()
+            .where(payments.c.payment_id == txn.payment_id)
+            .values(updated_at=now, **{k: (v.value if isinstance(v, PaymentStatus) else v) for k, v in changes.items()})
+        )
+
+    async def payment(self, payment_id: str) -> RegisterRow | None:
+        async with self.engine.connect() as conn:
+            return await _register(conn, payment_id)
+
+    async def record_summary(self, payment_id: str, summary: dict[str, Any]) -> None:
+        async def work(conn: AsyncConnection) -> None:
+            await conn.execute(
+                payments.update()
+                .where(payments.c.payment_id == payment_id)
+                .values(summary=summary, updated_at=datetime.now(UTC))
+            )
+
+        await run_serializable(self.engine, work, max_attempts=self.max_attempts)
+
+    async def close_account(self, code: str) -> None:
+        async def work(conn: AsyncConnection) -> None:
+            await conn.execute(accounts.update().where(accounts.c.code == code).values(status="closed"))
+
+        await run_serializable(self.engine, work, max_attempts=self.max_attempts)
+
+
+async def _register(conn: AsyncConnection, payment_id: str) -> RegisterRow | None:
+    row = (await conn.execute(sa.select(payments).where(payments.c.payment_id == payment_id))).mappings().first()
+    return RegisterRow.model_validate(dict(row)) if row is not None else None
+
+
+async def _open_accounts(conn: AsyncConnection, wanted: list[Account]) -> dict[str, uuid.UUID]:
+    """Create accounts on first use; refuse a posting to a closed one."""
+    unique = {a.code: a for a in wanted}
+    await conn.execute(
+        insert(accounts)
+        .values([{"code": a.code, "type": a.type.value, "currency": a.currency, "status": "open"} for a in unique.values()])
+        .on_conflict_do_nothing(index_elements=["code"])
+    )
+    rows = (
+        await conn.execute(
+            sa.select(accounts.c.id, accounts.c.code, accounts.c.status).where(accounts.c.code.in_(unique))
+        )
+    ).all()
+    for row in rows:
+        if row.status != "open":
+            raise LedgerRejected(FailureType.ACCOUNT_CLOSED, f"account {row.code} is closed")
+    return {row.code: row.id for row in rows}
+
+
+class LedgerActivities:
+    """Temporal activities over the ledger. Business refusals become non-retryable errors;
+    everything else (database down, contention) is retried by Temporal."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    @activity.defn(name="post_ledger_transaction")
+    async def post_ledger_transaction(self, posting: LedgerPosting) -> LedgerReceipt:
+        try:
+            return await self.ledger.post(posting)
+        except LedgerRejected as exc:
+            raise ApplicationError(
+                f"ledger refused {posting.transaction.kind} for {posting.transaction.payment_id}: {exc}",
+                type=exc.failure.value,
+                non_retryable=True,
+            ) from exc
+
+    @activity.defn(name="record_payment_summary")
+    async def record_payment_summary(self, payment_id: str, summary: dict[str, Any]) -> None:
+        await self.ledger.record_summary(payment_id, summary)

@@ -1,0 +1,1 @@
+"""Domain types: plain, typed, framework-free (pydantic is only used for validation)."""

@@ -1,0 +1,189 @@
+"""Double-entry ledger transactions. An unbalanced transaction cannot be constructed.
+
+Sign convention: a positive amount is a debit, a negative one a credit; every transaction's
+entries sum to zero per currency.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from enum import StrEnum
+
+from pydantic import BaseModel, Field, model_validator
+
+from domain.events import EventKind
+from domain.money import currency
+
+
+class AccountType(StrEnum):
+    CUSTOMER_FUNDING = "customer_funding"
+    MERCHANT_PAYABLE = "merchant_payable"
+    DISPUTES = "disputes"
+    FEE_REVENUE = "fee_revenue"
+
+
+class TransactionKind(StrEnum):
+    PAYMENT = "payment"
+    PAYMENT_REVERSAL = "payment_reversal"
+    REFUND = "refund"
+    DISPUTE_OPENED = "dispute_opened"
+    DISPUTE_WON = "dispute_won"
+    DISPUTE_LOST = "dispute_lost"
+    CHARGEBACK_FEE = "chargeback_fee"
+
+
+class Account(BaseModel, frozen=True):
+    code: str
+    type: AccountType
+    currency: str
+
+
+def customer_account(customer_id: str, ccy: str) -> Account:
+    return Account(code=f"customer:{customer_id}:{ccy}", type=AccountType.CUSTOMER_FUNDING, currency=ccy)
+
+
+def merchant_account(merchant_id: str, ccy: str) -> Account:
+    return Account(code=f"merchant:{merchant_id}:{ccy}", type=AccountType.MERCHANT_PAYABLE, currency=ccy)
+
+
+def disputes_account(ccy: str) -> Account:
+    return Account(code=f"disputes:{ccy}", type=AccountType.DISPUTES, currency=ccy)
+
+
+def fees_account(ccy: str) -> Account:
+    return Account(code=f"fees:chargeback:{ccy}", type=AccountType.FEE_REVENUE, currency=ccy)
+
+
+class Entry(BaseModel, frozen=True):
+    account: Account
+    amount: int  # signed minor units: + debit, - credit
+
+    @model_validator(mode="after")
+    def _nonzero(self) -> Entry:
+        if self.amount == 0:
+            raise ValueError("a ledger entry moves a non-zero amount")
+        currency(self.account.currency)
+        return self
+
+
+class UnbalancedTransaction(ValueError):
+    pass
+
+
+class LedgerTransaction(BaseModel, frozen=True):
+    payment_id: str
+    kind: TransactionKind
+    # Refund or dispute id; "" for the payment posting itself. Unique with payment id + kind.
+    reference: str = ""
+    description: str = ""
+    entries: list[Entry] = Field(min_length=2)
+    # The event this transaction emits, written to the outbox in the same database transaction.
+    event_kind: EventKind | None = None
+    event_id: str | None = None
+
+    @model_validator(mode="after")
+    def _balanced(self) -> LedgerTransaction:
+        totals: dict[str, int] = defaultdict(int)
+        for entry in self.entries:
+            totals[entry.account.currency] += entry.amount
+        unbalanced = {ccy: total for ccy, total in totals.items() if total != 0}
+        if unbalanced:
+            raise UnbalancedTransaction(f"entries do not sum to zero per currency: {unbalanced}")
+        return self
+
+
+def transfer(
+    debit: Account, credit: Account, amount: int
+) -> list[Entry]:
+    """Move `amount` from `credit` to `debit` (a debit on one side, a credit on the other)."""
+    if amount <= 0:
+        raise ValueError("a transfer moves a positive amount")
+    return [Entry(account=debit, amount=amount), Entry(account=credit, amount=-amount)]
+
+
+# Builders: each business event becomes one balanced transaction.
+
+
+def payment_transaction(payment_id: str, customer_id: str, merchant_id: str, amount: int, ccy: str) -> LedgerTransaction:
+    """Capture: debit the customer's funding account, credit the merchant."""
+    return LedgerTransaction(
+        payment_id=payment_id,
+        kind=TransactionKind.PAYMENT,
+        description="payment captured",
+        entries=transfer(customer_account(customer_id, ccy), merchant_account(merchant_id, ccy), amount),
+        event_kind=EventKind.CONFIRMED,
+    )
+
+
+def reversal_transaction(payment_id: str, customer_id: str, merchant_id: str, amount: int, ccy: str) -> LedgerTransaction:
+    """Compensation: undo a posting that was never confirmed."""
+    return LedgerTransaction(
+        payment_id=payment_id,
+        kind=TransactionKind.PAYMENT_REVERSAL,
+        description="payment canceled before confirmation",
+        entries=transfer(merchant_account(merchant_id, ccy), customer_account(customer_id, ccy), amount),
+        event_kind=EventKind.CANCELED,
+    )
+
+
+def refund_transaction(
+    payment_id: str, refund_id: str, customer_id: str, merchant_id: str, amount: int, ccy: str
+) -> LedgerTransaction:
+    return LedgerTransaction(
+        payment_id=payment_id,
+        kind=TransactionKind.REFUND,
+        reference=refund_id,
+        description="refund",
+        entries=transfer(merchant_account(merchant_id, ccy), customer_account(customer_id, ccy), amount),
+        event_kind=EventKind.REFUNDED,
+    )
+
+
+def dispute_opened_transaction(
+    payment_id: str, dispute_id: str, merchant_id: str, amount: int, ccy: str
+) -> LedgerTransaction:
+    """The disputed amount is held away from the merchant until the dispute closes."""
+    return LedgerTransaction(
+        payment_id=payment_id,
+        kind=TransactionKind.DISPUTE_OPENED,
+        reference=dispute_id,
+        description="dispute opened: funds held",
+        entries=transfer(merchant_account(merchant_id, ccy), disputes_account(ccy), amount),
+        event_kind=EventKind.DISPUTE_OPENED,
+    )
+
+
+def dispute_won_transaction(
+    payment_id: str, dispute_id: str, merchant_id: str, amount: int, ccy: str
+) -> LedgerTransaction:
+    return LedgerTransaction(
+        payment_id=payment_id,
+        kind=TransactionKind.DISPUTE_WON,
+        reference=dispute_id,
+        description="dispute won: funds returned to the merchant",
+        entries=transfer(disputes_account(ccy), merchant_account(merchant_id, ccy), amount),
+        event_kind=EventKind.DISPUTE_WON,
+    )
+
+
+def dispute_lost_transaction(
+    payment_id: str,
+    dispute_id: str,
+    customer_id: str,
+    merchant_id: str,
+    amount: int,
+    fee: int,
+    ccy: str,
+) -> LedgerTransaction:
+    """Funds go back to the customer; the merchant also pays the chargeback fee."""
+    entries = transfer(disputes_account(ccy), customer_account(customer_id, ccy), amount)
+    if fee > 0:
+        entries += transfer(merchant_account(merchant_id, ccy), fees_account(ccy), fee)
+    return LedgerTransaction(
+        payment_id=payment_id,
+        kind=TransactionKind.DISPUTE_LOST,
+        reference=dispute_id,
+        description="dispute lost: chargeback",
+        entries=entries,
+        event_kind=EventKind.DISPUTE_LOST,
+    )

@@ -1,0 +1,325 @@
+"""Payments: the request a client makes, the state the saga keeps, the follow-ups it accepts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from domain.cards import contains_card_number
+from domain.money import CURRENCIES, MAX_INT64
+
+_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+Identifier = Annotated[
+    str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
+]
+PaymentMethodToken = Annotated[
+    str, StringConstraints(min_length=11, max_length=64, pattern=r"^pm_[A-Za-z0-9_]{8,61}$")
+]
+FreeText = Annotated[str, StringConstraints(max_length=500)]
+MetadataKey = Annotated[
+    str, StringConstraints(min_length=1, max_length=40, pattern=r"^[A-Za-z0-9_.-]+$")
+]
+MAX_METADATA_KEYS = 20
+
+
+def _reject_card_numbers_and_control_chars(value: Any, path: str = "") -> None:
+    if isinstance(value, str):
+        if contains_card_number(value):
+            # The message never echoes the value: it may be a PAN.
+            raise PydanticCustomError(
+                "card_data_not_allowed",
+                "Card numbers are not accepted; send a payment-method token (pm_…) instead.",
+                {"param": path},
+            )
+        if _CONTROL_CHARS.search(value):
+            raise PydanticCustomError(
+                "control_characters", "Control characters are not allowed.", {"param": path}
+            )
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            child = f"{path}[{key}]" if path else str(key)
+            _reject_card_numbers_and_control_chars(key, child)
+            _reject_card_numbers_and_control_chars(item, child)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _reject_card_numbers_and_control_chars(item, f"{path}[{index}]")
+
+
+class StrictRequest(BaseModel):
+    """A client's request: unknown fields are refused and no string may carry a card number."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_card_data(cls, data: Any) -> Any:
+        _reject_card_numbers_and_control_chars(data)
+        return data
+
+
+class PaymentRequest(StrictRequest):
+    amount: int = Field(description="Amount in minor units of `currency` (cents for USD).")
+    currency: str = Field(description="ISO 4217 code, upper case, e.g. USD, JPY, BHD.")
+    customer_id: Identifier
+    merchant_id: Identifier
+    payment_method: PaymentMethodToken = Field(description="A payment-method token, never a PAN.")
+    description: FreeText | None = None
+    metadata: dict[MetadataKey, FreeText] = Field(default_factory=dict)
+    salesforce_opportunity_id: (
+        Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9]{15,18}$")] | None
+    ) = None
+    hubspot_deal_id: Annotated[str, StringConstraints(pattern=r"^[0-9]{1,20}$")] | None = None
+
+    @field_validator("currency")
+    @classmethod
+    def _known_currency(cls, value: str) -> str:
+        if value not in CURRENCIES:
+            raise PydanticCustomError(
+                "currency_unsupported",
+                "Currency {currency} is not supported; use an ISO 4217 code such as USD.",
+                {"currency": value[:8]},
+            )
+        return value
+
+    @field_validator("amount")
+    @classmethod
+    def _positive_int64(cls, value: int) -> int:
+        if value <= 0:
+            raise PydanticCustomError("amount_too_small", "Amount must be a positive integer.")
+        if value > MAX_INT64:
+            raise PydanticCustomError("amount_too_large", "Amount exceeds the 64-bit limit.")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _bounded_metadata(cls, value: dict[str, str]) -> dict[str, str]:
+        if len(value) > MAX_METADATA_KEYS:
+            raise PydanticCustomError(
+                "metadata_too_large", "metadata holds at most {n} keys.", {"n": MAX_METADATA_KEYS}
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _within_currency_limit(self) -> PaymentRequest:
+        limit = CURRENCIES[self.currency].max_minor
+        if self.amount > limit:
+            raise PydanticCustomError(
+                "amount_too_large",
+                "Amount exceeds the per-payment limit of {limit} minor units for {currency}.",
+                {"limit": limit, "currency": self.currency, "param": "amount"},
+            )
+        return self
+
+    def fingerprint(self) -> str:
+        """Stable hash of the body: the same key with a different body is a client bug (409)."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class PaymentStatus(StrEnum):
+    RECEIVED = "received"
+    REQUIRES_REVIEW = "requires_review"
+    PROCESSING = "processing"
+    SUCCEEDED = "succeeded"
+    PARTIALLY_REFUNDED = "partially_refunded"
+    REFUNDED = "refunded"
+    DISPUTED = "disputed"
+    REJECTED = "rejected"
+    DECLINED = "declined"
+    CANCELED = "canceled"
+    FAILED = "failed"
+
+    @property
+    def settled_for_wait(self) -> bool:
+        """States where `?wait=` returns: the client can act on the answer."""
+        return self not in (PaymentStatus.RECEIVED, PaymentStatus.PROCESSING)
+
+
+def status_from_amounts(captured: int, refunded: int, disputed: int, dispute_lost: int) -> PaymentStatus:
+    """The status a captured payment's amounts imply; the ledger and the workflow agree on it."""
+    returned = refunded + dispute_lost
+    if disputed > 0:
+        return PaymentStatus.DISPUTED
+    if captured > 0 and returned >= captured:
+        return PaymentStatus.REFUNDED
+    if returned > 0:
+        return PaymentStatus.PARTIALLY_REFUNDED
+    return PaymentStatus.SUCCEEDED
+
+
+class CrmSync(StrEnum):
+    PENDING = "pending"
+    SYNCED = "synced"
+    FAILED = "failed"
+    NOT_CONFIGURED = "not_configured"
+
+
+class FraudAssessment(BaseModel):
+    score: float
+    reasons: list[str]
+    scorer: str = "rules"
+
+
+class ReviewDecision(BaseModel):
+    reviewer: str
+    note: str = ""
+
+
+class RefundRequest(StrictRequest):
+    amount: int | None = Field(default=None, description="Minor units; default all that remains.")
+    reason: FreeText | None = None
+
+    @field_validator("amount")
+    @classmethod
+    def _positive(cls, value: int | None) -> int | None:
+        if value is not None and not 0 < value <= MAX_INT64:
+            raise PydanticCustomError("amount_invalid", "Refund amount must be a positive integer.")
+        return value
+
+
+class DisputeRequest(StrictRequest):
+    amount: int | None = Field(default=None, description="Minor units; default all that remains.")
+    reason_code: Annotated[str, StringConstraints(min_length=1, max_length=32)]
+    network_reference: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+
+    @field_validator("amount")
+    @classmethod
+    def _positive(cls, value: int | None) -> int | None:
+        if value is not None and not 0 < value <= MAX_INT64:
+            raise PydanticCustomError("amount_invalid", "Dispute amount must be a positive integer.")
+        return value
+
+
+class DisputeCloseRequest(StrictRequest):
+    outcome: Literal["won", "lost"]
+
+
+class FollowUpStatus(StrEnum):
+    PENDING = "pending"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class RefundSignal(BaseModel):
+    """Sent by the API, the CLI or an operator (`temporal workflow signal --name refund`)."""
+
+    kind: Literal["refund"] = "refund"
+    refund_id: str
+    amount: int | None = None
+    reason: str | None = None
+
+
+class DisputeOpenedSignal(BaseModel):
+    kind: Literal["dispute_opened"] = "dispute_opened"
+    dispute_id: str
+    amount: int | None = None
+    reason_code: str = "unknown"
+    network_reference: str = ""
+
+
+class DisputeClosedSignal(BaseModel):
+    kind: Literal["dispute_closed"] = "dispute_closed"
+    dispute_id: str
+    outcome: Literal["won", "lost"]
+
+
+class CancelSignal(BaseModel):
+    reason: str = "requested_by_customer"
+
+
+FollowUp = Annotated[
+    RefundSignal | DisputeOpenedSignal | DisputeClosedSignal, Field(discriminator="kind")
+]
+
+
+class Refund(BaseModel):
+    id: str
+    amount: int
+    reason: str | None = None
+    status: FollowUpStatus = FollowUpStatus.PENDING
+    failure_reason: str | None = None
+    created_at: datetime
+
+
+class Dispute(BaseModel):
+    id: str
+    amount: int
+    reason_code: str
+    network_reference: str
+    status: Literal["pending", "open", "won", "lost", "failed"] = "pending"
+    failure_reason: str | None = None
+    created_at: datetime
+
+
+class StatusChange(BaseModel):
+    status: PaymentStatus
+    at: datetime
+    note: str = ""
+
+
+class PaymentState(BaseModel):
+    """Everything the workflow knows; returned by its `state` query and carried across
+    continue-as-new."""
+
+    id: str
+    client_id: str
+    request: PaymentRequest
+    fingerprint: str
+    status: PaymentStatus = PaymentStatus.RECEIVED
+    waiting_for: str = ""
+    created_at: datetime
+    updated_at: datetime
+    fraud: FraudAssessment | None = None
+    review: ReviewDecision | None = None
+    ledger_posted: bool = False
+    captured: int = 0
+    refunded: int = 0
+    disputed: int = 0
+    dispute_lost: int = 0
+    crm_sync: CrmSync = CrmSync.PENDING
+    crm_error: str | None = None
+    failure_reason: str | None = None
+    cancel_refused: str | None = None
+    refunds: list[Refund] = Field(default_factory=list)
+    disputes: list[Dispute] = Field(default_factory=list)
+    history: list[StatusChange] = Field(default_factory=list)
+    event_sequence: int = 0
+
+    @property
+    def refundable(self) -> int:
+        """What can still go back to the customer: refunds and disputes share one budget."""
+        reserved = sum(r.amount for r in self.refunds if r.status == FollowUpStatus.PENDING)
+        reserved += sum(d.amount for d in self.disputes if d.status == "pending")
+        return self.captured - self.refunded - self.disputed - self.dispute_lost - reserved
+
+
+class PaymentWorkflowInput(BaseModel):
+    payment_id: str
+    client_id: str
+    request: PaymentRequest
+    fingerprint: str
+    # Set only when the workflow continues as new: the state it had, and follow-ups not yet run.
+    carried_state: PaymentState | None = None
+    pending_follow_ups: list[FollowUp] = Field(default_factory=list)
+
+
+def payment_id_for(client_id: str, idempotency_key: str) -> str:
+    """The payment id (and workflow id) is derived from the key, scoped by API client, so a
+    retried POST can only ever address the same workflow."""
+    digest = hashlib.sha256(f"{client_id}\x1f{idempotency_key}".encode()).hexdigest()
+    return f"pay_{digest[:24]}"

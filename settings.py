@@ -1,0 +1,137 @@
+"""The one typed settings object, read from `PAYSAGA_*` environment variables."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+Scope = Literal["payments:read", "payments:write", "refunds:write", "disputes:write", "admin"]
+ALL_SCOPES: tuple[Scope, ...] = (
+    "payments:read",
+    "payments:write",
+    "refunds:write",
+    "disputes:write",
+    "admin",
+)
+
+
+class ApiKey(BaseModel):
+    """An API client. Only the SHA-256 of the key is kept: keys are 256-bit random tokens."""
+
+    client_id: str
+    key_sha256: str
+    scopes: list[Scope] = Field(default_factory=lambda: list(ALL_SCOPES))
+
+    @staticmethod
+    def hash(raw_key: str) -> str:
+        return hashlib.sha256(raw_key.encode()).hexdigest()
+
+
+class EncryptionKey(BaseModel):
+    key_id: str
+    key_b64: SecretStr
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PAYSAGA_", extra="ignore")
+
+    home: Path = Path(".paysaga")
+
+    # External services. Empty means "the embedded one that `paysaga run` starts".
+    temporal_address: str | None = None
+    temporal_namespace: str = "default"
+    task_queue: str = "payments"
+    kafka_bootstrap_servers: str | None = None
+    database_url: str | None = None
+
+    # Ports of the embedded stack (only used when the service above is not configured).
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    temporal_port: int = 7233
+    temporal_ui_port: int = 8233
+    kafka_port: int = 9092
+    postgres_port: int = 55432
+
+    api_keys: Annotated[list[ApiKey], NoDecode] = Field(default_factory=list)
+    api_key_file: Path | None = None
+    max_body_bytes: int = 64 * 1024
+    max_wait_seconds: float = 30.0
+
+    # Fraud: score >= reject_threshold rejects; [review_threshold, reject_threshold) waits.
+    fraud_review_threshold: float = 0.70
+    fraud_reject_threshold: float = 0.95
+    fraud_sidecar_url: str | None = None
+    review_timeout_seconds: float = 24 * 3600.0
+    dispute_window_days: float = 120.0
+    chargeback_fee_minor: int = 1500
+    continue_as_new_after_events: int = 2000
+
+    # Kafka
+    kafka_message_timeout_ms: int = 20_000
+    kafka_linger_ms: int = 2
+    kafka_session_timeout_ms: int = 6000
+
+    # Database
+    db_pool_size: int = 10
+    db_max_retries: int = 8
+
+    # CRM targets: each one is used when its base URL is set.
+    crm_webhook_url: str | None = None
+    crm_webhook_secret: SecretStr = SecretStr("")
+    salesforce_base_url: str | None = None
+    salesforce_token: SecretStr = SecretStr("")
+    salesforce_api_version: str = "v61.0"
+    salesforce_event_name: str = "Payment_Event__e"
+    hubspot_base_url: str | None = None
+    hubspot_token: SecretStr = SecretStr("")
+    crm_timeout_seconds: float = 5.0
+
+    # Temporal payload encryption (AES-GCM). The first key encrypts; all keys decrypt.
+    encryption_keys: Annotated[list[EncryptionKey], NoDecode] = Field(default_factory=list)
+    codec_cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    # Worker
+    max_concurrent_activities: int = 200
+    max_concurrent_workflow_tasks: int = 100
+    max_cached_workflows: int = 2000
+    kafka_intake_enabled: bool = False
+
+    log_level: str = "INFO"
+    log_json: bool = True
+    otlp_endpoint: str | None = None
+
+    @field_validator("api_keys", "encryption_keys", mode="before")
+    @classmethod
+    def _json_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return json.loads(value) if value.strip() else []
+        return value
+
+    @field_validator("codec_cors_origins", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    def all_api_keys(self) -> list[ApiKey]:
+        keys = list(self.api_keys)
+        if self.api_key_file and self.api_key_file.exists():
+            keys.append(ApiKey(client_id="dev", key_sha256=ApiKey.hash(self.api_key_file.read_text().strip())))
+        return keys
+
+    @property
+    def dispute_window_seconds(self) -> float:
+        return self.dispute_window_days * 86400.0
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,15 @@
+"""Search attributes operators filter on in the Temporal UI (`PaymentStatus="requires_review"`)."""
+
+from __future__ import annotations
+
+from temporalio.common import SearchAttributeKey
+
+PAYMENT_STATUS = SearchAttributeKey.for_keyword("PaymentStatus")
+CUSTOMER_ID = SearchAttributeKey.for_keyword("CustomerId")
+MERCHANT_ID = SearchAttributeKey.for_keyword("MerchantId")
+AMOUNT_MINOR = SearchAttributeKey.for_int("AmountMinor")
+CURRENCY = SearchAttributeKey.for_keyword("Currency")
+FRAUD_SCORE = SearchAttributeKey.for_float("FraudScore")
+CRM_SYNC = SearchAttributeKey.for_keyword("CrmSync")
+
+ALL_KEYS = (PAYMENT_STATUS, CUSTOMER_ID, MERCHANT_ID, AMOUNT_MINOR, CURRENCY, FRAUD_SCORE, CRM_SYNC)
