@@ -323,10 +323,16 @@ class CrmActivities:
             raise self._rejected(f"{target} not notified: {exc}") from None
         try:
             response = await self._client().request(
-                call.method, call.url, content=call.body, headers=call.headers, timeout=self._timeout
+                call.method,
+                call.url,
+                content=call.body,
+                headers=call.headers,
+                timeout=self._timeout,
             )
         except httpx.TimeoutException as exc:
-            reason = f"timed out after {self._settings.crm_timeout_seconds:g}s ({type(exc).__name__})"
+            reason = (
+                f"timed out after {self._settings.crm_timeout_seconds:g}s ({type(exc).__name__})"
+            )
             raise self._unavailable(call, reason, attempt) from None
         except httpx.TransportError as exc:
             raise self._unavailable(call, f"failed: {type(exc).__name__}: {exc}", attempt) from None
@@ -361,7 +367,7 @@ class CrmActivities:
             raise self._unavailable(
                 call, f"answered {status}", attempt, retry_after=_retry_after(response)
             )
-        # 3xx lands here too: an API that redirects means a wrong base URL, which retrying won't fix.
+        # 3xx lands here too: a redirecting API means a wrong base URL; retrying won't fix it.
         snippet = _UNPRINTABLE.sub(" ", response.text[:_SNIPPET_CHARS]).strip()
         raise self._rejected(
             f"{call.target} {call.shown_as} rejected the notification with {status}"

@@ -121,7 +121,7 @@ class LedgerReceipt(BaseModel):
     transaction_id: str
     # True when this exact business event had already been posted (a retry): nothing was written.
     duplicate: bool
-    register: RegisterRow
+    payment: RegisterRow
 
 
 class LedgerRejected(Exception):
@@ -201,7 +201,7 @@ class Ledger:
         if existing is not None:
             row = await _register(conn, txn.payment_id)
             assert row is not None
-            return LedgerReceipt(transaction_id=str(existing), duplicate=True, register=row)
+            return LedgerReceipt(transaction_id=str(existing), duplicate=True, payment=row)
 
         account_ids = await _open_accounts(conn, [e.account for e in txn.entries])
         now = datetime.now(UTC)
@@ -243,7 +243,7 @@ class Ledger:
             )
         row = await _register(conn, txn.payment_id)
         assert row is not None
-        return LedgerReceipt(transaction_id=str(txn_id), duplicate=False, register=row)
+        return LedgerReceipt(transaction_id=str(txn_id), duplicate=False, payment=row)
 
     async def _update_register(self, conn: AsyncConnection, posting: LedgerPosting, now: datetime) -> None:
         txn = posting.transaction

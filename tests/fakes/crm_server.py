@@ -80,7 +80,9 @@ def _phrase(status: int) -> str:
         return "scripted failure"
 
 
-_DEFAULT = _Rule(status=200, body=b'{"ok": true}', headers={}, delay=0.0, path_prefix="", remaining=None)
+_DEFAULT = _Rule(
+    status=200, body=b'{"ok": true}', headers={}, delay=0.0, path_prefix="", remaining=None
+)
 
 
 class FakeCrmServer:
