@@ -6,11 +6,10 @@ import hashlib
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing_extensions import Annotated
 
 Scope = Literal["payments:read", "payments:write", "refunds:write", "disputes:write", "admin"]
 ALL_SCOPES: tuple[Scope, ...] = (
@@ -68,6 +67,8 @@ class Settings(BaseSettings):
     fraud_review_threshold: float = 0.70
     fraud_reject_threshold: float = 0.95
     fraud_sidecar_url: str | None = None
+    # Whole-call budget for the sidecar; past it the rules score the payment instead.
+    fraud_sidecar_timeout_seconds: float = 0.2
     review_timeout_seconds: float = 24 * 3600.0
     dispute_window_days: float = 120.0
     chargeback_fee_minor: int = 1500
@@ -124,7 +125,11 @@ class Settings(BaseSettings):
     def all_api_keys(self) -> list[ApiKey]:
         keys = list(self.api_keys)
         if self.api_key_file and self.api_key_file.exists():
-            keys.append(ApiKey(client_id="dev", key_sha256=ApiKey.hash(self.api_key_file.read_text().strip())))
+            keys.append(
+                ApiKey(
+                    client_id="dev", key_sha256=ApiKey.hash(self.api_key_file.read_text().strip())
+                )
+            )
         return keys
 
     @property

@@ -28,7 +28,9 @@ metadata = sa.MetaData()
 accounts = sa.Table(
     "accounts",
     metadata,
-    sa.Column("id", UUID(as_uuid=True), primary_key=True, server_default=sa.text("gen_random_uuid()")),
+    sa.Column(
+        "id", UUID(as_uuid=True), primary_key=True, server_default=sa.text("gen_random_uuid()")
+    ),
     sa.Column("code", sa.String),
     sa.Column("type", sa.String),
     sa.Column("currency", sa.String),
@@ -65,7 +67,9 @@ ledger_transactions = sa.Table(
 ledger_entries = sa.Table(
     "ledger_entries",
     metadata,
-    sa.Column("id", UUID(as_uuid=True), primary_key=True, server_default=sa.text("gen_random_uuid()")),
+    sa.Column(
+        "id", UUID(as_uuid=True), primary_key=True, server_default=sa.text("gen_random_uuid()")
+    ),
     sa.Column("transaction_id", UUID(as_uuid=True)),
     sa.Column("account_id", UUID(as_uuid=True)),
     sa.Column("amount", sa.BigInteger),
@@ -98,6 +102,14 @@ class LedgerPosting(BaseModel):
     amount: int  # the business amount: payment, refund or disputed amount
     parties: PaymentParties | None = None  # required for the capture posting
     event: PaymentEvent | None = None  # written to the outbox in the same transaction
+
+
+class PaymentOutcome(BaseModel):
+    payment_id: str
+    parties: PaymentParties
+    amount: int
+    status: PaymentStatus
+    summary: dict[str, Any]
 
 
 class RegisterRow(BaseModel):
@@ -136,7 +148,9 @@ def _register_after(txn: LedgerTransaction, amount: int, row: RegisterRow | None
     """New register amounts for a posting, or LedgerRejected if it would break the invariant
     refunded + disputed + dispute_lost <= captured."""
     if row is None:
-        raise LedgerRejected(FailureType.INVALID_PAYMENT, f"payment {txn.payment_id} was never captured")
+        raise LedgerRejected(
+            FailureType.INVALID_PAYMENT, f"payment {txn.payment_id} was never captured"
+        )
     captured, refunded, disputed, lost = row.captured, row.refunded, row.disputed, row.dispute_lost
     returnable = captured - refunded - disputed - lost
     match txn.kind:
@@ -245,7 +259,9 @@ class Ledger:
         assert row is not None
         return LedgerReceipt(transaction_id=str(txn_id), duplicate=False, payment=row)
 
-    async def _update_register(self, conn: AsyncConnection, posting: LedgerPosting, now: datetime) -> None:
+    async def _update_register(
+        self, conn: AsyncConnection, posting: LedgerPosting, now: datetime
+    ) -> None:
         txn = posting.transaction
         if txn.kind == TransactionKind.PAYMENT:
             if posting.parties is None:
@@ -271,32 +287,60 @@ class Ledger:
         await conn.execute(
             payments.update()
             .where(payments.c.payment_id == txn.payment_id)
-            .values(updated_at=now, **{k: (v.value if isinstance(v, PaymentStatus) else v) for k, v in changes.items()})
+            .values(
+                updated_at=now,
+                **{k: (v.value if isinstance(v, PaymentStatus) else v) for k, v in changes.items()},
+            )
         )
 
     async def payment(self, payment_id: str) -> RegisterRow | None:
         async with self.engine.connect() as conn:
             return await _register(conn, payment_id)
 
-    async def record_summary(self, payment_id: str, summary: dict[str, Any]) -> None:
+    async def record_outcome(self, outcome: PaymentOutcome) -> None:
+        """Keep the final word on a payment after its workflow history is gone. Payments that
+        never reached the ledger (rejected, declined, canceled early) get a row with nothing
+        captured; the amounts of captured ones stay as their postings left them."""
+
         async def work(conn: AsyncConnection) -> None:
+            now = datetime.now(UTC)
+            statement = insert(payments).values(
+                payment_id=outcome.payment_id,
+                amount=outcome.amount,
+                captured=0,
+                refunded=0,
+                disputed=0,
+                dispute_lost=0,
+                status=outcome.status.value,
+                summary=outcome.summary,
+                created_at=now,
+                updated_at=now,
+                **outcome.parties.model_dump(),
+            )
             await conn.execute(
-                payments.update()
-                .where(payments.c.payment_id == payment_id)
-                .values(summary=summary, updated_at=datetime.now(UTC))
+                statement.on_conflict_do_update(
+                    index_elements=["payment_id"],
+                    set_={"summary": statement.excluded.summary, "updated_at": now},
+                )
             )
 
         await run_serializable(self.engine, work, max_attempts=self.max_attempts)
 
     async def close_account(self, code: str) -> None:
         async def work(conn: AsyncConnection) -> None:
-            await conn.execute(accounts.update().where(accounts.c.code == code).values(status="closed"))
+            await conn.execute(
+                accounts.update().where(accounts.c.code == code).values(status="closed")
+            )
 
         await run_serializable(self.engine, work, max_attempts=self.max_attempts)
 
 
 async def _register(conn: AsyncConnection, payment_id: str) -> RegisterRow | None:
-    row = (await conn.execute(sa.select(payments).where(payments.c.payment_id == payment_id))).mappings().first()
+    row = (
+        (await conn.execute(sa.select(payments).where(payments.c.payment_id == payment_id)))
+        .mappings()
+        .first()
+    )
     return RegisterRow.model_validate(dict(row)) if row is not None else None
 
 
@@ -305,12 +349,19 @@ async def _open_accounts(conn: AsyncConnection, wanted: list[Account]) -> dict[s
     unique = {a.code: a for a in wanted}
     await conn.execute(
         insert(accounts)
-        .values([{"code": a.code, "type": a.type.value, "currency": a.currency, "status": "open"} for a in unique.values()])
+        .values(
+            [
+                {"code": a.code, "type": a.type.value, "currency": a.currency, "status": "open"}
+                for a in unique.values()
+            ]
+        )
         .on_conflict_do_nothing(index_elements=["code"])
     )
     rows = (
         await conn.execute(
-            sa.select(accounts.c.id, accounts.c.code, accounts.c.status).where(accounts.c.code.in_(unique))
+            sa.select(accounts.c.id, accounts.c.code, accounts.c.status).where(
+                accounts.c.code.in_(unique)
+            )
         )
     ).all()
     for row in rows:
@@ -328,15 +379,16 @@ class LedgerActivities:
 
     @activity.defn(name="post_ledger_transaction")
     async def post_ledger_transaction(self, posting: LedgerPosting) -> LedgerReceipt:
+        txn = posting.transaction
         try:
             return await self.ledger.post(posting)
         except LedgerRejected as exc:
             raise ApplicationError(
-                f"ledger refused {posting.transaction.kind} for {posting.transaction.payment_id}: {exc}",
+                f"ledger refused {txn.kind} for {txn.payment_id}: {exc}",
                 type=exc.failure.value,
                 non_retryable=True,
             ) from exc
 
-    @activity.defn(name="record_payment_summary")
-    async def record_payment_summary(self, payment_id: str, summary: dict[str, Any]) -> None:
-        await self.ledger.record_summary(payment_id, summary)
+    @activity.defn(name="record_payment_outcome")
+    async def record_payment_outcome(self, outcome: PaymentOutcome) -> None:
+        await self.ledger.record_outcome(outcome)

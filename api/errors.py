@@ -271,7 +271,9 @@ def _message_for(code: str, error_type: str, param: str | None, ctx: Mapping[str
     if code == "metadata_too_large":
         return f"metadata holds at most {_number(ctx.get('n')) or 'a limited number of'} keys."
     if code in ("parameter_too_long", "parameter_too_short"):
-        key, word = ("max_length", "most") if code == "parameter_too_long" else ("min_length", "least")
+        key, word = (
+            ("max_length", "most") if code == "parameter_too_long" else ("min_length", "least")
+        )
         bound = _number(ctx.get(key))
         return f"{name} must have at {word} {bound} characters." if bound else f"Invalid {name}."
     if code == "parameter_invalid_format":
@@ -291,7 +293,9 @@ def _json_error_response(error: Mapping[str, Any]) -> JSONResponse:
     reason = (error.get("ctx") or {}).get("error")
     loc = tuple(error.get("loc") or ())
     where = f" at position {loc[1]}" if len(loc) > 1 and isinstance(loc[1], int) else ""
-    detail = f" ({reason}{where})" if isinstance(reason, str) and _JSON_REASON.fullmatch(reason) else ""
+    detail = (
+        f" ({reason}{where})" if isinstance(reason, str) and _JSON_REASON.fullmatch(reason) else ""
+    )
     return error_response(
         400, "invalid_request_error", "invalid_json", f"The request body is not valid JSON{detail}."
     )

@@ -39,11 +39,15 @@ class Account(BaseModel, frozen=True):
 
 
 def customer_account(customer_id: str, ccy: str) -> Account:
-    return Account(code=f"customer:{customer_id}:{ccy}", type=AccountType.CUSTOMER_FUNDING, currency=ccy)
+    return Account(
+        code=f"customer:{customer_id}:{ccy}", type=AccountType.CUSTOMER_FUNDING, currency=ccy
+    )
 
 
 def merchant_account(merchant_id: str, ccy: str) -> Account:
-    return Account(code=f"merchant:{merchant_id}:{ccy}", type=AccountType.MERCHANT_PAYABLE, currency=ccy)
+    return Account(
+        code=f"merchant:{merchant_id}:{ccy}", type=AccountType.MERCHANT_PAYABLE, currency=ccy
+    )
 
 
 def disputes_account(ccy: str) -> Account:
@@ -92,9 +96,7 @@ class LedgerTransaction(BaseModel, frozen=True):
         return self
 
 
-def transfer(
-    debit: Account, credit: Account, amount: int
-) -> list[Entry]:
+def transfer(debit: Account, credit: Account, amount: int) -> list[Entry]:
     """Move `amount` from `credit` to `debit` (a debit on one side, a credit on the other)."""
     if amount <= 0:
         raise ValueError("a transfer moves a positive amount")
@@ -104,24 +106,32 @@ def transfer(
 # Builders: each business event becomes one balanced transaction.
 
 
-def payment_transaction(payment_id: str, customer_id: str, merchant_id: str, amount: int, ccy: str) -> LedgerTransaction:
+def payment_transaction(
+    payment_id: str, customer_id: str, merchant_id: str, amount: int, ccy: str
+) -> LedgerTransaction:
     """Capture: debit the customer's funding account, credit the merchant."""
     return LedgerTransaction(
         payment_id=payment_id,
         kind=TransactionKind.PAYMENT,
         description="payment captured",
-        entries=transfer(customer_account(customer_id, ccy), merchant_account(merchant_id, ccy), amount),
+        entries=transfer(
+            customer_account(customer_id, ccy), merchant_account(merchant_id, ccy), amount
+        ),
         event_kind=EventKind.CONFIRMED,
     )
 
 
-def reversal_transaction(payment_id: str, customer_id: str, merchant_id: str, amount: int, ccy: str) -> LedgerTransaction:
+def reversal_transaction(
+    payment_id: str, customer_id: str, merchant_id: str, amount: int, ccy: str
+) -> LedgerTransaction:
     """Compensation: undo a posting that was never confirmed."""
     return LedgerTransaction(
         payment_id=payment_id,
         kind=TransactionKind.PAYMENT_REVERSAL,
         description="payment canceled before confirmation",
-        entries=transfer(merchant_account(merchant_id, ccy), customer_account(customer_id, ccy), amount),
+        entries=transfer(
+            merchant_account(merchant_id, ccy), customer_account(customer_id, ccy), amount
+        ),
         event_kind=EventKind.CANCELED,
     )
 
@@ -134,7 +144,9 @@ def refund_transaction(
         kind=TransactionKind.REFUND,
         reference=refund_id,
         description="refund",
-        entries=transfer(merchant_account(merchant_id, ccy), customer_account(customer_id, ccy), amount),
+        entries=transfer(
+            merchant_account(merchant_id, ccy), customer_account(customer_id, ccy), amount
+        ),
         event_kind=EventKind.REFUNDED,
     )
 

@@ -16,7 +16,7 @@ class Currency:
 
     @property
     def max_minor(self) -> int:
-        return self.max_major * 10**self.exponent
+        return int(self.max_major * 10**self.exponent)
 
 
 def _table(*rows: tuple[str, int, int]) -> dict[str, Currency]:
@@ -82,4 +82,8 @@ class Money:
         exp = CURRENCIES[self.currency].exponent
         sign = "-" if self.amount_minor < 0 else ""
         major, minor = divmod(abs(self.amount_minor), 10**exp)
-        return f"{sign}{major}.{minor:0{exp}d} {self.currency}" if exp else f"{sign}{major} {self.currency}"
+        return (
+            f"{sign}{major}.{minor:0{exp}d} {self.currency}"
+            if exp
+            else f"{sign}{major} {self.currency}"
+        )

@@ -150,7 +150,9 @@ class PaymentStatus(StrEnum):
         return self not in (PaymentStatus.RECEIVED, PaymentStatus.PROCESSING)
 
 
-def status_from_amounts(captured: int, refunded: int, disputed: int, dispute_lost: int) -> PaymentStatus:
+def status_from_amounts(
+    captured: int, refunded: int, disputed: int, dispute_lost: int
+) -> PaymentStatus:
     """The status a captured payment's amounts imply; the ledger and the workflow agree on it."""
     returned = refunded + dispute_lost
     if disputed > 0:
@@ -201,7 +203,9 @@ class DisputeRequest(StrictRequest):
     @classmethod
     def _positive(cls, value: int | None) -> int | None:
         if value is not None and not 0 < value <= MAX_INT64:
-            raise PydanticCustomError("amount_invalid", "Dispute amount must be a positive integer.")
+            raise PydanticCustomError(
+                "amount_invalid", "Dispute amount must be a positive integer."
+            )
         return value
 
 
@@ -308,11 +312,27 @@ class PaymentState(BaseModel):
         return self.captured - self.refunded - self.disputed - self.dispute_lost - reserved
 
 
+class PaymentPolicy(BaseModel):
+    """Fixed when the payment is created (from settings), so a running payment's rules never
+    change under it and every decision can be explained later."""
+
+    review_threshold: float = 0.70
+    reject_threshold: float = 0.95
+    review_timeout_seconds: float = 24 * 3600.0
+    dispute_window_seconds: float = 120 * 86400.0
+    chargeback_fee_minor: int = 1500
+    continue_as_new_after_events: int = 2000
+    # CRM systems told about this payment ("webhook", "salesforce", "hubspot"): chosen from the
+    # configuration and the request's CRM references when the payment is created.
+    crm_targets: list[str] = Field(default_factory=list)
+
+
 class PaymentWorkflowInput(BaseModel):
     payment_id: str
     client_id: str
     request: PaymentRequest
     fingerprint: str
+    policy: PaymentPolicy = Field(default_factory=PaymentPolicy)
     # Set only when the workflow continues as new: the state it had, and follow-ups not yet run.
     carried_state: PaymentState | None = None
     pending_follow_ups: list[FollowUp] = Field(default_factory=list)

@@ -46,8 +46,10 @@ class EmbeddedBroker:
         self.process = ManagedProcess("kafka broker", argv, self.data_dir / "broker.log")
         self.process.start()
         wait_until(
-            lambda: (self.process is not None and self.process.ensure_alive() is None)
-            and tcp_answers("127.0.0.1", self.port),
+            lambda: (
+                (self.process is not None and self.process.ensure_alive() is None)
+                and tcp_answers("127.0.0.1", self.port)
+            ),
             f"Kafka broker on port {self.port}",
             timeout,
             self.process.log_path,

@@ -83,9 +83,10 @@ async def run_serializable(
                 ) from exc
             delay = min(max_delay, base_delay * 2 ** (attempt - 1))
             await asyncio.sleep(delay * (0.5 + random.random()))
-            log.info("retrying serializable transaction", extra={"sqlstate": state, "attempt": attempt})
+            log.info(
+                "retrying serializable transaction", extra={"sqlstate": state, "attempt": attempt}
+            )
     raise AssertionError("unreachable")
-
 
 
 def migrate(url: str, revision: str = "head") -> None:

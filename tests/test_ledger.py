@@ -37,7 +37,9 @@ def _capture(payment_id: str, amount: int = 1000, ccy: str = "USD") -> LedgerPos
     return LedgerPosting(
         transaction=payment_transaction(payment_id, customer, merchant, amount, ccy),
         amount=amount,
-        parties=PaymentParties(client_id="t", customer_id=customer, merchant_id=merchant, currency=ccy),
+        parties=PaymentParties(
+            client_id="t", customer_id=customer, merchant_id=merchant, currency=ccy
+        ),
         event=event,
     )
 
@@ -66,7 +68,9 @@ def test_an_unbalanced_transaction_cannot_be_constructed() -> None:
                 Entry(account=merchant_account("m", "USD"), amount=-99),
             ],
         )
-    with pytest.raises(ValueError, match="do not sum to zero"):  # balanced overall, not per currency
+    with pytest.raises(
+        ValueError, match="do not sum to zero"
+    ):  # balanced overall, not per currency
         LedgerTransaction(
             payment_id="p",
             kind=TransactionKind.PAYMENT,
@@ -99,7 +103,10 @@ async def test_the_database_refuses_to_commit_unbalanced_entries(engine: AsyncEn
                 {"t": txn, "a": account},
             )
     assert "does not sum to zero" in str(refused.value)
-    assert await _scalar(engine, "SELECT count(*) FROM ledger_transactions WHERE reference='sneaky'") == 0
+    assert (
+        await _scalar(engine, "SELECT count(*) FROM ledger_transactions WHERE reference='sneaky'")
+        == 0
+    )
 
 
 async def test_entries_are_append_only(engine: AsyncEngine) -> None:
@@ -110,14 +117,21 @@ async def test_entries_are_append_only(engine: AsyncEngine) -> None:
             await conn.execute(text("UPDATE ledger_entries SET amount = amount * 2"))
 
 
-async def test_posting_the_same_payment_concurrently_yields_one_transaction(engine: AsyncEngine) -> None:
+async def test_posting_the_same_payment_concurrently_yields_one_transaction(
+    engine: AsyncEngine,
+) -> None:
     ledger = Ledger(engine)
     pid = f"pay_{uuid.uuid4().hex[:12]}"
     receipts = await asyncio.gather(*(ledger.post(_capture(pid)) for _ in range(8)))
     assert len({r.transaction_id for r in receipts}) == 1
     assert sum(not r.duplicate for r in receipts) == 1
-    assert await _scalar(engine, "SELECT count(*) FROM ledger_transactions WHERE payment_id=:p", p=pid) == 1
-    assert await _scalar(engine, "SELECT count(*) FROM outbox_events WHERE payment_id=:p", p=pid) == 1
+    assert (
+        await _scalar(engine, "SELECT count(*) FROM ledger_transactions WHERE payment_id=:p", p=pid)
+        == 1
+    )
+    assert (
+        await _scalar(engine, "SELECT count(*) FROM outbox_events WHERE payment_id=:p", p=pid) == 1
+    )
     assert await _scalar(engine, "SELECT captured FROM payments WHERE payment_id=:p", p=pid) == 1000
     await _ledger_sums_to_zero(engine)
 
@@ -127,7 +141,9 @@ async def test_a_forced_serialization_conflict_is_retried_and_succeeds(engine: A
     `run_serializable` runs it again from the start."""
     key = uuid.uuid4().hex[:12]
     async with engine.begin() as conn:
-        await conn.execute(text("CREATE TABLE IF NOT EXISTS conflict_probe (k text PRIMARY KEY, n int)"))
+        await conn.execute(
+            text("CREATE TABLE IF NOT EXISTS conflict_probe (k text PRIMARY KEY, n int)")
+        )
         await conn.execute(text("INSERT INTO conflict_probe VALUES (:k, 0)"), {"k": key})
     both_read = asyncio.Barrier(2)
     attempts = 0
@@ -135,10 +151,14 @@ async def test_a_forced_serialization_conflict_is_retried_and_succeeds(engine: A
     async def bump(conn: AsyncConnection) -> None:
         nonlocal attempts
         attempts += 1
-        n = (await conn.execute(text("SELECT sum(n) FROM conflict_probe WHERE k=:k"), {"k": key})).scalar()
+        n = (
+            await conn.execute(text("SELECT sum(n) FROM conflict_probe WHERE k=:k"), {"k": key})
+        ).scalar()
         if attempts <= 2:
             await both_read.wait()
-        await conn.execute(text("UPDATE conflict_probe SET n = :n WHERE k=:k"), {"n": (n or 0) + 1, "k": key})
+        await conn.execute(
+            text("UPDATE conflict_probe SET n = :n WHERE k=:k"), {"n": (n or 0) + 1, "k": key}
+        )
 
     before = RetryStats.serialization_retries
     await asyncio.gather(run_serializable(engine, bump), run_serializable(engine, bump))
@@ -147,7 +167,9 @@ async def test_a_forced_serialization_conflict_is_retried_and_succeeds(engine: A
     assert await _scalar(engine, "SELECT n FROM conflict_probe WHERE k=:k", k=key) == 2
 
 
-async def test_the_outbox_row_commits_or_rolls_back_with_its_transaction(engine: AsyncEngine) -> None:
+async def test_the_outbox_row_commits_or_rolls_back_with_its_transaction(
+    engine: AsyncEngine,
+) -> None:
     ledger = Ledger(engine)
     pid = f"pay_{uuid.uuid4().hex[:12]}"
     await ledger.post(_capture(pid, amount=1000))
@@ -161,13 +183,20 @@ async def test_the_outbox_row_commits_or_rolls_back_with_its_transaction(engine:
     )
     with pytest.raises(LedgerRejected):
         await ledger.post(LedgerPosting(transaction=over, amount=1500, event=event))
-    assert await _scalar(engine, "SELECT count(*) FROM outbox_events WHERE payment_id=:p", p=pid) == 1
-    assert await _scalar(engine, "SELECT count(*) FROM ledger_transactions WHERE payment_id=:p", p=pid) == 1
+    assert (
+        await _scalar(engine, "SELECT count(*) FROM outbox_events WHERE payment_id=:p", p=pid) == 1
+    )
+    assert (
+        await _scalar(engine, "SELECT count(*) FROM ledger_transactions WHERE payment_id=:p", p=pid)
+        == 1
+    )
 
     ok = refund_transaction(pid, "re_1", f"cus_{pid}", f"mer_{pid}", 400, "USD")
     event_ok = event.model_copy(update={"id": event_id(pid, EventKind.REFUNDED, "re_1")})
     await ledger.post(LedgerPosting(transaction=ok, amount=400, event=event_ok))
-    assert await _scalar(engine, "SELECT count(*) FROM outbox_events WHERE payment_id=:p", p=pid) == 2
+    assert (
+        await _scalar(engine, "SELECT count(*) FROM outbox_events WHERE payment_id=:p", p=pid) == 2
+    )
     row = await ledger.payment(pid)
     assert row is not None and (row.refunded, row.status) == (400, "partially_refunded")
     await _ledger_sums_to_zero(engine)

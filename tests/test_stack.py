@@ -95,10 +95,14 @@ async def test_schema_migrates_from_empty_and_remigrating_is_a_no_op(
 ) -> None:
     assert current_revision(stack.database_url) is not None
     async with engine.connect() as conn:
-        before = (await conn.execute(text("SELECT count(*) FROM pg_tables WHERE schemaname='public'"))).scalar()
+        before = (
+            await conn.execute(text("SELECT count(*) FROM pg_tables WHERE schemaname='public'"))
+        ).scalar()
     migrate(stack.database_url)
     async with engine.connect() as conn:
-        after = (await conn.execute(text("SELECT count(*) FROM pg_tables WHERE schemaname='public'"))).scalar()
+        after = (
+            await conn.execute(text("SELECT count(*) FROM pg_tables WHERE schemaname='public'"))
+        ).scalar()
         isolation = (await conn.execute(text("SHOW transaction_isolation"))).scalar()
     assert before == after == 6
     assert isolation == "serializable"

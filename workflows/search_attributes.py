@@ -11,5 +11,16 @@ AMOUNT_MINOR = SearchAttributeKey.for_int("AmountMinor")
 CURRENCY = SearchAttributeKey.for_keyword("Currency")
 FRAUD_SCORE = SearchAttributeKey.for_float("FraudScore")
 CRM_SYNC = SearchAttributeKey.for_keyword("CrmSync")
+# The API client that created the payment: list results are scoped to it.
+CLIENT_ID = SearchAttributeKey.for_keyword("ClientId")
 
-ALL_KEYS = (PAYMENT_STATUS, CUSTOMER_ID, MERCHANT_ID, AMOUNT_MINOR, CURRENCY, FRAUD_SCORE, CRM_SYNC)
+ALL_KEYS = (
+    PAYMENT_STATUS,
+    CUSTOMER_ID,
+    MERCHANT_ID,
+    AMOUNT_MINOR,
+    CURRENCY,
+    FRAUD_SCORE,
+    CRM_SYNC,
+    CLIENT_ID,
+)

@@ -1,0 +1,420 @@
+"""Publishing payment events to Kafka: an idempotent producer behind an asyncio API, and the
+`publish_payment_event` activity.
+
+`confluent_kafka.aio.AIOProducer` cannot send headers, and the events travel in CloudEvents
+binary mode (`ce_*` headers), so this wraps the sync `Producer`: a daemon thread serves its
+delivery reports and each report resolves the asyncio future of the publish that sent it.
+
+An idempotent producer can hit a *fatal* error, after which it refuses every message. Against
+the embedded broker that happens on every restart: its memory storage forgets producer ids, so
+the next batch is answered UNKNOWN_PRODUCER_ID. The publisher then replaces the producer with a
+fresh one instead of staying broken until the worker restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from pydantic import BaseModel
+from pydantic_core import to_json
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from domain.events import PaymentEvent
+from settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+KAFKA_UNAVAILABLE = "KafkaUnavailable"
+
+_POLL_SECONDS = 0.1
+# A full local queue drains as the broker acknowledges; past this wait the broker is not keeping up.
+_QUEUE_FULL_WAIT_SECONDS = 5.0
+_QUEUE_FULL_BACKOFF_SECONDS = 0.05
+# Sending again after a fatal error is safe because consumers deduplicate by event id and a
+# payment's events are published one at a time, so a resend cannot overtake a later event.
+_RESENDS_AFTER_FATAL_ERROR = 1
+# Delivery reports arrive within message.timeout.ms; this margin only guards against a lost one.
+_REPORT_GRACE_SECONDS = 5.0
+
+
+class KafkaPublishError(Exception):
+    """An event did not reach the broker; the message says why in an operator's words."""
+
+
+class DeliveryReceipt(BaseModel):
+    topic: str
+    partition: int
+    offset: int
+    event_id: str
+    latency_ms: float
+
+
+@dataclass(frozen=True)
+class _Delivered:
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class _Undelivered:
+    reason: str
+    producer_broken: bool = False
+
+
+_Outcome = _Delivered | _Undelivered
+
+
+def _resolve(future: asyncio.Future[_Outcome], outcome: _Outcome) -> None:
+    # The publish may have been cancelled (activity cancelled, worker shutting down).
+    if not future.done():
+        future.set_result(outcome)
+
+
+@dataclass(eq=False)
+class _PendingDelivery:
+    """One produced message whose delivery report the publisher awaits."""
+
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[_Outcome]
+
+    def settle(self, outcome: _Outcome) -> None:
+        """Called from the poll thread: hand the outcome to the publisher's event loop."""
+        # RuntimeError: the loop is closed, so nobody waits for this report any more.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(_resolve, self.future, outcome)
+
+
+@dataclass(eq=False)
+class _ProducerHandle:
+    """A producer plus what must be settled if it breaks."""
+
+    generation: int
+    producer: Producer = field(init=False)
+    pending: set[_PendingDelivery] = field(default_factory=set)
+    fatal_reason: str | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def track(self, delivery: _PendingDelivery) -> None:
+        with self.lock:
+            self.pending.add(delivery)
+
+    def forget(self, delivery: _PendingDelivery) -> None:
+        with self.lock:
+            self.pending.discard(delivery)
+
+    def take_pending(self) -> list[_PendingDelivery]:
+        with self.lock:
+            taken = list(self.pending)
+            self.pending.clear()
+        return taken
+
+    def flag_fatal(self, reason: str) -> None:
+        if self.fatal_reason is None:
+            self.fatal_reason = reason
+            log.error(
+                "kafka producer #%d hit a fatal error and will be replaced: %s",
+                self.generation,
+                reason,
+            )
+
+
+def _headers(event: PaymentEvent) -> list[tuple[str, str | bytes | None]]:
+    return [(name, value) for name, value in event.headers()]
+
+
+def _number(value: int | None) -> int:
+    return -1 if value is None else value
+
+
+def _is_fatal(err: KafkaError) -> bool:
+    return bool(err.fatal()) or err.code() == KafkaError._FATAL
+
+
+class EventPublisher:
+    """Publishes `PaymentEvent`s: topic per kind, key = payment id (one partition per payment,
+    so its events keep their order), JSON body, CloudEvents attributes as headers."""
+
+    def __init__(self, bootstrap_servers: str, settings: Settings | None = None) -> None:
+        self._bootstrap_servers = bootstrap_servers
+        self._settings = settings or get_settings()
+        self._lock = threading.Lock()
+        self._retired: list[_ProducerHandle] = []
+        self._stopping = threading.Event()
+        self._closed = False
+        self.producers_replaced = 0
+        self._handle = self._new_handle(generation=1)
+        self._poller = threading.Thread(
+            target=self._serve_delivery_reports, name="kafka-delivery-reports", daemon=True
+        )
+        self._poller.start()
+
+    # -- public API -------------------------------------------------------------------------
+
+    async def publish(self, event: PaymentEvent) -> DeliveryReceipt:
+        """Send one event and wait for the broker's acknowledgement (acks=all)."""
+        if self._closed:
+            raise KafkaPublishError("the event publisher is closed")
+        value = to_json(event.body())
+        started = time.monotonic()
+        for resend in range(_RESENDS_AFTER_FATAL_ERROR + 1):
+            outcome = await self._deliver(event, value)
+            if isinstance(outcome, _Delivered):
+                return DeliveryReceipt(
+                    topic=outcome.topic,
+                    partition=outcome.partition,
+                    offset=outcome.offset,
+                    event_id=event.id,
+                    latency_ms=round((time.monotonic() - started) * 1000, 3),
+                )
+            if not outcome.producer_broken or resend == _RESENDS_AFTER_FATAL_ERROR:
+                raise KafkaPublishError(outcome.reason)
+            log.warning(
+                "resending event %s for %s on a fresh producer after: %s",
+                event.id,
+                event.payment_id,
+                outcome.reason,
+            )
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def ensure_connected(self, timeout: float = 5.0) -> bool:
+        """Readiness: the broker answers a metadata request within `timeout` seconds."""
+        try:
+            self._handle.producer.list_topics(timeout=timeout)
+        except KafkaException as exc:
+            log.warning("kafka broker %s not reachable: %s", self._bootstrap_servers, exc)
+            return False
+        return True
+
+    def close(self, timeout: float = 10.0) -> int:
+        """Flush what is queued, stop the poll thread; returns how many messages were left."""
+        if self._closed:
+            return 0
+        self._closed = True
+        self._stopping.set()
+        self._poller.join(timeout)
+        handle = self._handle
+        try:
+            left = int(handle.producer.flush(timeout))
+        except Exception as exc:  # a fatal error surfaces here too; nothing left to save
+            log.warning("kafka producer flush on close failed: %s", exc)
+            left = len(handle.pending)
+        self._retire(handle, "the event publisher closed")
+        for retired in self._take_retired():
+            self._dispose(retired)
+        return left
+
+    def __enter__(self) -> EventPublisher:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- producing ---------------------------------------------------------------------------
+
+    async def _deliver(self, event: PaymentEvent, value: bytes) -> _Outcome:
+        loop = asyncio.get_running_loop()
+        delivery = _PendingDelivery(loop, loop.create_future())
+        handle = await self._enqueue(event, value, delivery)
+        # message.timeout.ms bounds the wait: librdkafka reports a failure when it expires.
+        wait = self._settings.kafka_message_timeout_ms / 1000 + _REPORT_GRACE_SECONDS
+        try:
+            async with asyncio.timeout(wait):
+                return await delivery.future
+        except TimeoutError:
+            return _Undelivered(f"no delivery report within {wait:g}s")
+        finally:
+            handle.forget(delivery)
+
+    async def _enqueue(
+        self, event: PaymentEvent, value: bytes, delivery: _PendingDelivery
+    ) -> _ProducerHandle:
+        deadline = time.monotonic() + _QUEUE_FULL_WAIT_SECONDS
+        replaced = 0
+        while True:
+            handle = self._handle
+            if handle.fatal_reason is not None:  # the poll thread has not swapped it yet
+                self._replace(handle)
+                continue
+            # Tracked before produce(): the report can arrive before produce() returns here.
+            handle.track(delivery)
+            try:
+                handle.producer.produce(
+                    event.kind.topic,
+                    value=value,
+                    key=event.payment_id.encode(),
+                    headers=_headers(event),
+                    on_delivery=partial(self._on_delivery, handle, delivery),
+                )
+                return handle
+            except BufferError:
+                handle.forget(delivery)
+                if time.monotonic() >= deadline:
+                    raise KafkaPublishError(
+                        f"the local producer queue stayed full for {_QUEUE_FULL_WAIT_SECONDS:g}s"
+                        " (broker slow or unreachable)"
+                    ) from None
+                # The poll thread drains delivery reports meanwhile; don't block the event loop.
+                await asyncio.sleep(_QUEUE_FULL_BACKOFF_SECONDS)
+            except KafkaException as exc:
+                handle.forget(delivery)
+                err: KafkaError = exc.args[0]
+                if not _is_fatal(err) or replaced >= _RESENDS_AFTER_FATAL_ERROR:
+                    raise KafkaPublishError(err.str()) from None
+                handle.flag_fatal(err.str())
+                self._replace(handle)
+                replaced += 1
+
+    def _on_delivery(
+        self,
+        handle: _ProducerHandle,
+        delivery: _PendingDelivery,
+        err: KafkaError | None,
+        msg: Message,
+    ) -> None:
+        """Runs on the poll thread. Must never raise: librdkafka cannot propagate it."""
+        outcome: _Outcome
+        try:
+            if err is None:
+                outcome = _Delivered(
+                    str(msg.topic()), _number(msg.partition()), _number(msg.offset())
+                )
+            else:
+                broken = _is_fatal(err) or handle.fatal_reason is not None
+                if _is_fatal(err):
+                    handle.flag_fatal(err.str())
+                outcome = _Undelivered(err.str(), producer_broken=broken)
+        except Exception as exc:
+            # confluent-kafka raises a fatal error inside poll() and then still runs the
+            # delivery callbacks with that exception pending, so any call here fails.
+            reason = f"fatal producer error ({type(exc).__name__}: {exc})"
+            handle.flag_fatal(reason)
+            outcome = _Undelivered(reason, producer_broken=True)
+        handle.forget(delivery)
+        delivery.settle(outcome)
+
+    def _on_error(self, handle: _ProducerHandle, err: KafkaError) -> None:
+        """librdkafka's error callback: mostly connection trouble it recovers from itself."""
+        if _is_fatal(err):
+            handle.flag_fatal(err.str())
+        elif err.code() == KafkaError._ALL_BROKERS_DOWN:
+            log.warning("kafka: all brokers down (%s): %s", self._bootstrap_servers, err.str())
+        else:
+            log.info("kafka: %s", err.str())
+
+    # -- the producer's lifecycle -----------------------------------------------------------
+
+    def _producer_config(self, handle: _ProducerHandle) -> dict[str, Any]:
+        on_error: Callable[[KafkaError], None] = partial(self._on_error, handle)
+        return {
+            "bootstrap.servers": self._bootstrap_servers,
+            "client.id": f"paysaga-publisher-{handle.generation}",
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": self._settings.kafka_linger_ms,
+            "message.timeout.ms": self._settings.kafka_message_timeout_ms,
+            "error_cb": on_error,
+            "logger": log,
+        }
+
+    def _new_handle(self, generation: int) -> _ProducerHandle:
+        handle = _ProducerHandle(generation)
+        config = self._producer_config(handle)
+        try:
+            handle.producer = Producer({**config, "compression.type": "lz4"})
+        except KafkaException:
+            # librdkafka built without lz4: send uncompressed rather than not at all.
+            handle.producer = Producer({**config, "compression.type": "none"})
+        return handle
+
+    def _replace(self, broken: _ProducerHandle) -> None:
+        """Swap in a fresh producer once per broken one, whichever thread notices first."""
+        with self._lock:
+            if self._handle is not broken or self._closed:
+                return
+            self._handle = self._new_handle(broken.generation + 1)
+            self._retired.append(broken)
+            self.producers_replaced += 1
+        log.warning(
+            "kafka producer #%d replaced by #%d after: %s",
+            broken.generation,
+            broken.generation + 1,
+            broken.fatal_reason,
+        )
+
+    def _retire(self, handle: _ProducerHandle, reason: str) -> None:
+        handle.fatal_reason = handle.fatal_reason or reason
+        with self._lock:
+            self._retired.append(handle)
+
+    def _take_retired(self) -> list[_ProducerHandle]:
+        with self._lock:
+            taken, self._retired = self._retired, []
+        return taken
+
+    def _dispose(self, handle: _ProducerHandle) -> None:
+        """Fail whatever the old producer still holds so its publishers resend or retry."""
+        try:
+            handle.producer.purge(in_queue=True, in_flight=True, blocking=False)
+            handle.producer.poll(0)  # delivers the purge reports (marked producer_broken)
+        except Exception as exc:
+            log.debug("disposing kafka producer #%d: %s", handle.generation, exc)
+        reason = f"producer #{handle.generation} was replaced ({handle.fatal_reason})"
+        for delivery in handle.take_pending():
+            delivery.settle(_Undelivered(reason, producer_broken=True))
+
+    def _serve_delivery_reports(self) -> None:
+        while not self._stopping.is_set():
+            handle = self._handle
+            try:
+                handle.producer.poll(_POLL_SECONDS)
+            except Exception as exc:
+                # poll() raises only for a fatal error (or a callback's pending one).
+                handle.flag_fatal(f"{type(exc).__name__}: {exc}")
+            if handle.fatal_reason is not None:
+                self._replace(handle)
+            for retired in self._take_retired():
+                self._dispose(retired)
+
+
+class KafkaActivities:
+    """The `publish_payment_event` activity. Register
+    `KafkaActivities(publisher).publish_payment_event` on the worker; close the publisher on
+    shutdown. Give the activity a start-to-close timeout above `kafka_message_timeout_ms`."""
+
+    def __init__(self, publisher: EventPublisher) -> None:
+        self._publisher = publisher
+
+    @activity.defn(name="publish_payment_event")
+    async def publish_payment_event(self, event: PaymentEvent) -> DeliveryReceipt:
+        attempt = activity.info().attempt if activity.in_activity() else 1
+        try:
+            receipt = await self._publisher.publish(event)
+        except KafkaPublishError as exc:
+            message = (
+                f"kafka publish of {event.kind.topic} for {event.payment_id} failed: {exc} "
+                f"(attempt {attempt}); will retry"
+            )
+            _activity_log(logging.WARNING, message)
+            raise ApplicationError(message, type=KAFKA_UNAVAILABLE) from None
+        _activity_log(
+            logging.INFO,
+            f"published {event.kind.topic} for {event.payment_id} (event {event.id}) to "
+            f"partition {receipt.partition} offset {receipt.offset} in {receipt.latency_ms:.1f}ms",
+        )
+        return receipt
+
+
+def _activity_log(level: int, message: str) -> None:
+    # activity.logger adds the workflow/activity ids, but only exists inside an activity.
+    (activity.logger if activity.in_activity() else log).log(level, message)

@@ -1,0 +1,91 @@
+"""The FastAPI application factory: one shared Temporal client, a ledger reader, the routes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+from temporalio.client import Client
+
+from activities.ledger import Ledger
+from api import payments
+from api.errors import install_error_handlers
+from api.limits import install_body_limit
+from infra.broker import broker_answers
+from infra.database import make_engine
+from infra.logs import configure_logging
+from infra.temporal_client import connect_client
+from settings import Settings, get_settings
+
+
+def create_app(settings: Settings | None = None, temporal: Client | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        assert settings.database_url, "PAYSAGA_DATABASE_URL is not set"
+        app.state.temporal = temporal or await connect_client(settings)
+        engine = make_engine(settings.database_url, pool_size=5)
+        app.state.engine = engine
+        app.state.ledger = Ledger(engine, max_attempts=settings.db_max_retries)
+        try:
+            yield
+        finally:
+            await engine.dispose()
+
+    app = FastAPI(
+        title="paysaga",
+        version="1.0.0",
+        description="Payments as durable Temporal sagas. Amounts are integer minor units.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    install_body_limit(app, settings.max_body_bytes)
+    app.include_router(payments.router)
+
+    @app.get("/healthz", tags=["health"], summary="The process is up")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"], summary="Temporal, the broker and the database answer")
+    async def readyz(request: Request) -> JSONResponse:
+        checks = {
+            "temporal": await _temporal_ready(request.app.state.temporal),
+            "kafka": await asyncio.to_thread(
+                broker_answers, settings.kafka_bootstrap_servers or "", 2.0
+            ),
+            "database": await _database_ready(request),
+        }
+        ready = all(checks.values())
+        body = {"status": "ready" if ready else "unavailable", "checks": checks}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    return app
+
+
+async def _temporal_ready(client: Client) -> bool:
+    try:
+        return await asyncio.wait_for(client.service_client.check_health(), 2.0)
+    except Exception:
+        return False
+
+
+async def _database_ready(request: Request) -> bool:
+    try:
+        async with request.app.state.engine.connect() as conn:
+            await asyncio.wait_for(conn.execute(text("SELECT 1")), 2.0)
+        return True
+    except Exception:
+        return False
+
+
+def app_from_environment() -> FastAPI:
+    """`uvicorn --factory api.app:app_from_environment`."""
+    settings = get_settings()
+    configure_logging(settings)
+    return create_app(settings)

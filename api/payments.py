@@ -1,0 +1,551 @@
+"""Payment routes. Thin: validate, start or signal or query a workflow, shape the answer."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
+from temporalio.common import WorkflowIDReusePolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from activities.crm import CrmNotification, crm_targets_for
+from activities.ledger import Ledger
+from api.auth import ApiClient, require_scope
+from api.errors import ApiError, error_responses
+from api.resources import (
+    DisputeResource,
+    PaymentList,
+    PaymentListItem,
+    PaymentResource,
+    RefundResource,
+)
+from domain.events import EventKind
+from domain.payment import (
+    CancelSignal,
+    DisputeClosedSignal,
+    DisputeCloseRequest,
+    DisputeOpenedSignal,
+    DisputeRequest,
+    FollowUpStatus,
+    PaymentPolicy,
+    PaymentRequest,
+    PaymentState,
+    PaymentStatus,
+    PaymentWorkflowInput,
+    RefundRequest,
+    RefundSignal,
+    payment_id_for,
+)
+from settings import Settings
+from workflows import search_attributes as sa
+from workflows.payment import PaymentWorkflow, initial_search_attributes
+
+router = APIRouter(prefix="/v1", tags=["payments"])
+
+IdempotencyKey = Annotated[
+    str,
+    Header(
+        alias="Idempotency-Key",
+        min_length=8,
+        max_length=255,
+        pattern=r"^[A-Za-z0-9_\-:.]+$",
+        description="Unique per payment attempt; retries with the same key never pay twice.",
+    ),
+]
+PaymentId = Annotated[str, Path(pattern=r"^pay_[0-9a-f]{24}$")]
+DisputeId = Annotated[str, Path(pattern=r"^dp_[0-9a-f]{24}$")]
+Wait = Annotated[
+    float,
+    Query(ge=0, le=30, description="Seconds to wait for the payment to settle (max 30)."),
+]
+_POLL_SECONDS = 0.05
+
+
+def _temporal(request: Request) -> Client:
+    client: Client = request.app.state.temporal
+    return client
+
+
+def _settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def _ledger(request: Request) -> Ledger:
+    ledger: Ledger = request.app.state.ledger
+    return ledger
+
+
+def policy_for(settings: Settings, body: PaymentRequest) -> PaymentPolicy:
+    probe = CrmNotification(
+        event_id="",
+        event_kind=EventKind.CONFIRMED,
+        payment_id="",
+        status="",
+        amount=body.amount,
+        currency=body.currency,
+        customer_id=body.customer_id,
+        merchant_id=body.merchant_id,
+        salesforce_opportunity_id=body.salesforce_opportunity_id,
+        hubspot_deal_id=body.hubspot_deal_id,
+        occurred_at=datetime.now(UTC),
+    )
+    return PaymentPolicy(
+        review_threshold=settings.fraud_review_threshold,
+        reject_threshold=settings.fraud_reject_threshold,
+        review_timeout_seconds=settings.review_timeout_seconds,
+        dispute_window_seconds=settings.dispute_window_seconds,
+        chargeback_fee_minor=settings.chargeback_fee_minor,
+        continue_as_new_after_events=settings.continue_as_new_after_events,
+        crm_targets=[t.value for t in crm_targets_for(settings, probe)],
+    )
+
+
+def _not_found(payment_id: str) -> ApiError:
+    return ApiError(404, "invalid_request_error", "resource_missing", "No such payment.", "id")
+
+
+async def _query_state(handle: WorkflowHandle[Any, Any]) -> PaymentState:
+    state: PaymentState = await handle.query("state", result_type=PaymentState)
+    return state
+
+
+async def load_payment(request: Request, payment_id: str, client: ApiClient) -> PaymentState:
+    """The workflow's own state while it runs; the ledger's record once its history is gone."""
+    handle = _temporal(request).get_workflow_handle(payment_id)
+    try:
+        state = await _query_state(handle)
+    except RPCError as exc:
+        if exc.status not in (RPCStatusCode.NOT_FOUND, RPCStatusCode.FAILED_PRECONDITION):
+            raise
+        row = await _ledger(request).payment(payment_id)
+        if row is None or row.summary is None:
+            raise _not_found(payment_id) from None
+        state = PaymentState.model_validate(row.summary)
+    if state.client_id != client.client_id:
+        raise _not_found(payment_id)  # another client's payment does not exist for you
+    return state
+
+
+async def _wait_until(
+    handle: WorkflowHandle[Any, Any], seconds: float, done: Any
+) -> PaymentState | None:
+    """Poll the workflow's query until `done(state)` or the deadline. Queries are cheap and need
+    no history event, unlike an update or a signal."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    state: PaymentState | None = None
+    while True:
+        try:
+            state = await _query_state(handle)
+            if done(state):
+                return state
+        except RPCError:
+            pass  # not picked up by a worker yet
+        if loop.time() >= deadline:
+            return state
+        await asyncio.sleep(_POLL_SECONDS)
+
+
+@router.post(
+    "/payments",
+    status_code=201,
+    response_model=PaymentResource,
+    responses=error_responses(400, 401, 403, 409, 413, 422),
+    summary="Create a payment",
+)
+async def create_payment(
+    body: PaymentRequest,
+    request: Request,
+    response: Response,
+    idempotency_key: IdempotencyKey,
+    wait: Wait = 0,
+    client: ApiClient = Depends(require_scope("payments:write")),
+) -> PaymentResource:
+    settings = _settings(request)
+    temporal = _temporal(request)
+    payment_id = payment_id_for(client.client_id, idempotency_key)
+    fingerprint = body.fingerprint()
+    workflow_input = PaymentWorkflowInput(
+        payment_id=payment_id,
+        client_id=client.client_id,
+        request=body,
+        fingerprint=fingerprint,
+        policy=policy_for(settings, body),
+    )
+    handle: WorkflowHandle[Any, Any]
+    try:
+        handle = await temporal.start_workflow(
+            PaymentWorkflow.run,
+            workflow_input,
+            id=payment_id,
+            task_queue=settings.task_queue,
+            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+            search_attributes=initial_search_attributes(workflow_input),
+            memo={"fingerprint": fingerprint},
+            static_summary=f"{body.amount} {body.currency} minor units from {body.customer_id}",
+        )
+        replayed = False
+    except WorkflowAlreadyStartedError:
+        handle = temporal.get_workflow_handle(payment_id)
+        described = await handle.describe()
+        if await described.memo_value("fingerprint", None) != fingerprint:
+            raise ApiError(
+                409,
+                "idempotency_error",
+                "idempotency_key_reused",
+                "This Idempotency-Key was already used with a different request body.",
+                "Idempotency-Key",
+            ) from None
+        replayed = True
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    state = None
+    if wait > 0 or replayed:
+        state = await _wait_until(handle, wait, lambda s: s.status.settled_for_wait)
+    if state is None:
+        # The workflow has not answered yet: describe what was accepted.
+        now = datetime.now(UTC)
+        state = PaymentState(
+            id=payment_id,
+            client_id=client.client_id,
+            request=body,
+            fingerprint=fingerprint,
+            created_at=now,
+            updated_at=now,
+            waiting_for="a worker to pick the payment up",
+        )
+    response.headers["Location"] = f"/v1/payments/{payment_id}"
+    return PaymentResource.of(state)
+
+
+@router.get(
+    "/payments/{payment_id}",
+    response_model=PaymentResource,
+    responses=error_responses(401, 403, 404, 422),
+    summary="Retrieve a payment",
+)
+async def get_payment(
+    payment_id: PaymentId,
+    request: Request,
+    client: ApiClient = Depends(require_scope("payments:read")),
+) -> PaymentResource:
+    return PaymentResource.of(await load_payment(request, payment_id, client))
+
+
+def _quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@router.get(
+    "/payments",
+    response_model=PaymentList,
+    responses=error_responses(400, 401, 403, 422),
+    summary="List payments (Temporal visibility)",
+)
+async def list_payments(
+    request: Request,
+    status: PaymentStatus | None = None,
+    customer_id: Annotated[str | None, Query(max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(max_length=2048)] = None,
+    client: ApiClient = Depends(require_scope("payments:read")),
+) -> PaymentList:
+    clauses = [
+        f"WorkflowType = {_quote('PaymentWorkflow')}",
+        f"ClientId = {_quote(client.client_id)}",
+    ]
+    if status is not None:
+        clauses.append(f"PaymentStatus = {_quote(status.value)}")
+    if customer_id is not None:
+        clauses.append(f"CustomerId = {_quote(customer_id)}")
+    token: bytes | None = None
+    if cursor:
+        try:
+            token = base64.urlsafe_b64decode(cursor.encode())
+        except (binascii.Error, ValueError):
+            raise ApiError(
+                400, "invalid_request_error", "cursor_invalid", "Bad cursor.", "cursor"
+            ) from None
+    iterator = _temporal(request).list_workflows(
+        " AND ".join(clauses), page_size=limit, next_page_token=token
+    )
+    try:
+        await iterator.fetch_next_page()
+    except RPCError as exc:
+        if exc.status == RPCStatusCode.INVALID_ARGUMENT:
+            raise ApiError(
+                400, "invalid_request_error", "cursor_invalid", "Bad cursor.", "cursor"
+            ) from None
+        raise
+    items = []
+    for execution in iterator.current_page or []:
+        attrs = execution.typed_search_attributes
+        items.append(
+            PaymentListItem(
+                id=execution.id,
+                status=attrs.get(sa.PAYMENT_STATUS),
+                amount=attrs.get(sa.AMOUNT_MINOR),
+                currency=attrs.get(sa.CURRENCY),
+                customer_id=attrs.get(sa.CUSTOMER_ID),
+                merchant_id=attrs.get(sa.MERCHANT_ID),
+                crm_sync=attrs.get(sa.CRM_SYNC),
+                created_at=execution.start_time,
+            )
+        )
+    next_token = iterator.next_page_token
+    return PaymentList(
+        data=items,
+        has_more=bool(next_token),
+        next_cursor=base64.urlsafe_b64encode(next_token).decode() if next_token else None,
+    )
+
+
+# ── follow-ups: refunds, disputes, cancel (issue 4) ──────────────────────────────────────
+
+
+def _follow_up_id(prefix: str, payment_id: str, key: str) -> str:
+    digest = hashlib.sha256(f"{payment_id}:{key}".encode()).hexdigest()
+    return f"{prefix}_{digest[:24]}"
+
+
+def _running(request: Request, state: PaymentState) -> WorkflowHandle[Any, Any]:
+    return _temporal(request).get_workflow_handle(state.id)
+
+
+async def _ensure_open(request: Request, state: PaymentState) -> WorkflowHandle[Any, Any]:
+    handle = _running(request, state)
+    described = await handle.describe()
+    if described.status != WorkflowExecutionStatus.RUNNING:
+        raise ApiError(
+            409,
+            "invalid_request_error",
+            "payment_closed",
+            "The payment's dispute window has closed; it accepts no more changes.",
+        )
+    return handle
+
+
+@router.post(
+    "/payments/{payment_id}/refunds",
+    status_code=201,
+    response_model=RefundResource,
+    responses=error_responses(400, 401, 403, 404, 409, 422),
+    summary="Refund a payment, in full or in part",
+)
+async def create_refund(
+    payment_id: PaymentId,
+    body: RefundRequest,
+    request: Request,
+    response: Response,
+    idempotency_key: IdempotencyKey,
+    wait: Wait = 10,
+    client: ApiClient = Depends(require_scope("refunds:write")),
+) -> RefundResource:
+    state = await load_payment(request, payment_id, client)
+    refund_id = _follow_up_id("re", payment_id, idempotency_key)
+    existing = next((r for r in state.refunds if r.id == refund_id), None)
+    if existing is None:
+        _check_refundable(state, body.amount)
+        handle = await _ensure_open(request, state)
+        await handle.signal(
+            PaymentWorkflow.refund,
+            RefundSignal(refund_id=refund_id, amount=body.amount, reason=body.reason),
+        )
+    else:
+        response.headers["Idempotent-Replayed"] = "true"
+        handle = _running(request, state)
+
+    def settled(s: PaymentState) -> bool:
+        found = next((r for r in s.refunds if r.id == refund_id), None)
+        return found is not None and found.status != FollowUpStatus.PENDING
+
+    final = await _wait_until(handle, wait, settled) or state
+    refund = next((r for r in final.refunds if r.id == refund_id), None)
+    if refund is None:
+        raise ApiError(503, "api_error", "refund_not_acknowledged", "Try again with the same key.")
+    if refund.status == FollowUpStatus.FAILED:
+        raise ApiError(
+            409,
+            "invalid_request_error",
+            "refund_failed",
+            f"The refund was not made: {refund.failure_reason}",
+            "amount",
+        )
+    return RefundResource.of(refund, final)
+
+
+def _check_refundable(state: PaymentState, amount: int | None) -> None:
+    if not state.ledger_posted or state.status in (
+        PaymentStatus.REJECTED,
+        PaymentStatus.DECLINED,
+        PaymentStatus.CANCELED,
+        PaymentStatus.FAILED,
+    ):
+        raise ApiError(
+            409,
+            "invalid_request_error",
+            "payment_not_captured",
+            f"The payment is {state.status}; there is nothing captured to return.",
+        )
+    available = state.refundable
+    if available <= 0:
+        raise ApiError(
+            409, "invalid_request_error", "charge_already_refunded", "Nothing is left to refund."
+        )
+    if amount is not None and amount > available:
+        raise ApiError(
+            400,
+            "invalid_request_error",
+            "amount_too_large",
+            f"Amount exceeds the {available} minor units still refundable.",
+            "amount",
+        )
+
+
+@router.post(
+    "/payments/{payment_id}/disputes",
+    status_code=201,
+    response_model=DisputeResource,
+    responses=error_responses(400, 401, 403, 404, 409, 422),
+    summary="Record a dispute (chargeback) opened by the card network",
+)
+async def open_dispute(
+    payment_id: PaymentId,
+    body: DisputeRequest,
+    request: Request,
+    wait: Wait = 10,
+    client: ApiClient = Depends(require_scope("disputes:write")),
+) -> DisputeResource:
+    state = await load_payment(request, payment_id, client)
+    dispute_id = _follow_up_id("dp", payment_id, body.network_reference)
+    if not any(d.id == dispute_id for d in state.disputes):
+        _check_refundable(state, body.amount)
+        handle = await _ensure_open(request, state)
+        await handle.signal(
+            PaymentWorkflow.dispute_opened,
+            DisputeOpenedSignal(
+                dispute_id=dispute_id,
+                amount=body.amount,
+                reason_code=body.reason_code,
+                network_reference=body.network_reference,
+            ),
+        )
+    final = await _await_dispute(
+        request, state, dispute_id, wait, ("open", "failed", "won", "lost")
+    )
+    return final
+
+
+async def _await_dispute(
+    request: Request, state: PaymentState, dispute_id: str, wait: float, statuses: tuple[str, ...]
+) -> DisputeResource:
+    def settled(s: PaymentState) -> bool:
+        return any(d.id == dispute_id and d.status in statuses for d in s.disputes)
+
+    final = await _wait_until(_running(request, state), wait, settled) or state
+    dispute = next((d for d in final.disputes if d.id == dispute_id), None)
+    if dispute is None:
+        raise ApiError(503, "api_error", "dispute_not_acknowledged", "Try again.")
+    if dispute.status == "failed":
+        raise ApiError(
+            409,
+            "invalid_request_error",
+            "dispute_failed",
+            f"The dispute was not recorded: {dispute.failure_reason}",
+            "amount",
+        )
+    return DisputeResource.of(dispute, final)
+
+
+@router.post(
+    "/payments/{payment_id}/disputes/{dispute_id}/close",
+    response_model=DisputeResource,
+    responses=error_responses(400, 401, 403, 404, 409, 422),
+    summary="Close a dispute as won or lost",
+)
+async def close_dispute(
+    payment_id: PaymentId,
+    dispute_id: DisputeId,
+    body: DisputeCloseRequest,
+    request: Request,
+    wait: Wait = 10,
+    client: ApiClient = Depends(require_scope("disputes:write")),
+) -> DisputeResource:
+    state = await load_payment(request, payment_id, client)
+    dispute = next((d for d in state.disputes if d.id == dispute_id), None)
+    if dispute is None:
+        raise ApiError(
+            404, "invalid_request_error", "resource_missing", "No such dispute.", "dispute_id"
+        )
+    if dispute.status in ("won", "lost"):
+        if dispute.status != body.outcome:
+            raise ApiError(
+                409,
+                "invalid_request_error",
+                "dispute_closed",
+                f"The dispute was already {dispute.status}.",
+            )
+        return DisputeResource.of(dispute, state)
+    if dispute.status == "failed":
+        raise ApiError(
+            409, "invalid_request_error", "dispute_failed", "The dispute was never opened."
+        )
+    handle = await _ensure_open(request, state)
+    await handle.signal(
+        PaymentWorkflow.dispute_closed,
+        DisputeClosedSignal(dispute_id=dispute_id, outcome=body.outcome),
+    )
+    return await _await_dispute(request, state, dispute_id, wait, ("won", "lost", "failed"))
+
+
+@router.post(
+    "/payments/{payment_id}/cancel",
+    response_model=PaymentResource,
+    responses=error_responses(401, 403, 404, 409, 422),
+    summary="Cancel a payment before it is posted to the ledger",
+)
+async def cancel_payment(
+    payment_id: PaymentId,
+    request: Request,
+    wait: Wait = 10,
+    client: ApiClient = Depends(require_scope("payments:write")),
+) -> PaymentResource:
+    state = await load_payment(request, payment_id, client)
+    if state.status == PaymentStatus.CANCELED:
+        return PaymentResource.of(state)
+    if state.ledger_posted or state.status not in (
+        PaymentStatus.RECEIVED,
+        PaymentStatus.REQUIRES_REVIEW,
+        PaymentStatus.PROCESSING,
+    ):
+        raise _cannot_cancel(state)
+    handle = await _ensure_open(request, state)
+    await handle.signal(PaymentWorkflow.cancel, CancelSignal(reason="requested_by_customer"))
+    final = await _wait_until(
+        handle,
+        wait,
+        lambda s: s.status == PaymentStatus.CANCELED or s.cancel_refused is not None,
+    )
+    final = final or state
+    if final.status != PaymentStatus.CANCELED:
+        raise _cannot_cancel(final)
+    return PaymentResource.of(final)
+
+
+def _cannot_cancel(state: PaymentState) -> ApiError:
+    why = state.cancel_refused or (
+        "the payment is already posted to the ledger; refund it instead"
+        if state.ledger_posted
+        else f"the payment is already {state.status}"
+    )
+    return ApiError(
+        409, "invalid_request_error", "payment_not_cancelable", f"Cannot cancel: {why}."
+    )

@@ -1,0 +1,84 @@
+"""The Temporal worker: runs PaymentWorkflow and every activity. Scale out by running more.
+
+python worker.py        # reads PAYSAGA_* settings; stops gracefully on SIGTERM / Ctrl-C
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import timedelta
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.crm import CrmActivities
+from activities.fraud import FraudActivities
+from activities.kafka import EventPublisher, KafkaActivities
+from activities.ledger import Ledger, LedgerActivities
+from infra.database import make_engine
+from infra.logs import configure_logging
+from infra.temporal_client import connect_client
+from settings import Settings, get_settings
+from workflows.payment import PaymentWorkflow
+
+log = logging.getLogger("paysaga.worker")
+
+
+@asynccontextmanager
+async def payment_worker(settings: Settings, client: Client) -> AsyncIterator[Worker]:
+    """A worker with its own clients (database pool, Kafka producer, HTTP), closed on exit."""
+    assert settings.database_url and settings.kafka_bootstrap_servers
+    engine = make_engine(settings.database_url, pool_size=settings.db_pool_size)
+    ledger = Ledger(engine, max_attempts=settings.db_max_retries)
+    publisher = EventPublisher(settings.kafka_bootstrap_servers, settings)
+    crm = CrmActivities(settings)
+    fraud = FraudActivities(engine, settings)
+    ledger_activities = LedgerActivities(ledger)
+    kafka = KafkaActivities(publisher)
+    worker = Worker(
+        client,
+        task_queue=settings.task_queue,
+        workflows=[PaymentWorkflow],
+        activities=[
+            fraud.assess_payment,
+            kafka.publish_payment_event,
+            ledger_activities.post_ledger_transaction,
+            ledger_activities.record_payment_outcome,
+            crm.notify_crm,
+        ],
+        max_concurrent_activities=settings.max_concurrent_activities,
+        max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
+        max_cached_workflows=settings.max_cached_workflows,
+        graceful_shutdown_timeout=timedelta(seconds=10),
+    )
+    try:
+        async with worker:
+            yield worker
+    finally:
+        await crm.aclose()
+        await asyncio.to_thread(publisher.close, 10.0)
+        await engine.dispose()
+
+
+async def main() -> None:
+    settings = get_settings()
+    configure_logging(settings)
+    client = await connect_client(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with payment_worker(settings, client):
+        log.info("worker polling task queue %s", settings.task_queue)
+        await stop.wait()
+        log.info("shutting down: finishing in-flight activities")
+
+
+if __name__ == "__main__":
+    from infra.exit import run_and_exit
+
+    run_and_exit(main)
