@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 KAFKA_UNAVAILABLE = "KafkaUnavailable"
 
 _POLL_SECONDS = 0.1
+_RECONNECT_BACKOFF_MAX_MS = 1000
 # A full local queue drains as the broker acknowledges; past this wait the broker is not keeping up.
 _QUEUE_FULL_WAIT_SECONDS = 5.0
 _QUEUE_FULL_BACKOFF_SECONDS = 0.05
@@ -323,6 +324,9 @@ class EventPublisher:
             "acks": "all",
             "linger.ms": self._settings.kafka_linger_ms,
             "message.timeout.ms": self._settings.kafka_message_timeout_ms,
+            # librdkafka backs off reconnects up to 10 s; a restarted broker should be found
+            # again well within one message timeout.
+            "reconnect.backoff.max.ms": _RECONNECT_BACKOFF_MAX_MS,
             "error_cb": on_error,
             "logger": log,
         }

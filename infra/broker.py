@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from domain.events import ALL_TOPICS
 from infra.process import ManagedProcess, StackError, tcp_answers, wait_until
@@ -47,7 +47,7 @@ class EmbeddedBroker:
         self.process.start()
         wait_until(
             lambda: (
-                (self.process is not None and self.process.ensure_alive() is None)
+                (self.process is not None and self.process.alive_or_raise())
                 and tcp_answers("127.0.0.1", self.port)
             ),
             f"Kafka broker on port {self.port}",

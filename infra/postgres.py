@@ -118,8 +118,7 @@ class EmbeddedPostgres:
         self.process.start()
         wait_until(
             lambda: (
-                (self.process is not None and self.process.ensure_alive() is None)
-                and self._answers()
+                (self.process is not None and self.process.alive_or_raise()) and self._answers()
             ),
             f"PostgreSQL on port {self.port}",
             timeout,

@@ -112,10 +112,12 @@ class ManagedProcess:
     def running(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
 
-    def ensure_alive(self) -> None:
+    def alive_or_raise(self) -> bool:
+        """True while running; a StackError with the log's tail once it has died."""
         if self.popen is not None and self.popen.poll() is not None:
             tail = "\n".join(self.log_path.read_text(errors="replace").splitlines()[-20:])
             raise StackError(f"{self.name} exited with {self.popen.returncode}:\n{tail}")
+        return self.popen is not None
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.popen is None or self.popen.poll() is not None:

@@ -92,7 +92,7 @@ class TemporalDevServer:
         self.process.start()
         wait_until(
             lambda: (
-                (self.process is not None and self.process.ensure_alive() is None)
+                (self.process is not None and self.process.alive_or_raise())
                 and tcp_answers("127.0.0.1", self.port)
             ),
             f"Temporal on port {self.port}",

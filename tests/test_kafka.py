@@ -194,7 +194,7 @@ async def test_unreachable_broker_fails_the_activity_retryably_within_the_timeou
     assert elapsed < 5
     assert failure.value.type == KAFKA_UNAVAILABLE
     assert not failure.value.non_retryable
-    message = str(failure.value)
+    message = failure.value.message
     assert message.startswith(f"kafka publish of payments.confirmed for {payment_id} failed: ")
     assert message.endswith("(attempt 3); will retry")
     assert "timed out" in message

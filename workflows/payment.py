@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypedDict
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributePair, TypedSearchAttributes
@@ -64,15 +64,23 @@ _INFRA_RETRY = RetryPolicy(
     maximum_interval=timedelta(seconds=10),
     non_retryable_error_types=list(NON_RETRYABLE),
 )
-_FRAUD = {"start_to_close_timeout": timedelta(seconds=10), "retry_policy": _INFRA_RETRY}
-_KAFKA = {"start_to_close_timeout": timedelta(seconds=60), "retry_policy": _INFRA_RETRY}
-_LEDGER = {"start_to_close_timeout": timedelta(seconds=30), "retry_policy": _INFRA_RETRY}
+
+
+class _Options(TypedDict, total=False):
+    start_to_close_timeout: timedelta
+    schedule_to_close_timeout: timedelta
+    retry_policy: RetryPolicy
+
+
+_FRAUD = _Options(start_to_close_timeout=timedelta(seconds=10), retry_policy=_INFRA_RETRY)
+_KAFKA = _Options(start_to_close_timeout=timedelta(seconds=60), retry_policy=_INFRA_RETRY)
+_LEDGER = _Options(start_to_close_timeout=timedelta(seconds=30), retry_policy=_INFRA_RETRY)
 # A CRM that stays down for a day leaves the money alone: CrmSync=failed, replay later.
-_CRM = {
-    "start_to_close_timeout": timedelta(seconds=30),
-    "schedule_to_close_timeout": timedelta(hours=24),
-    "retry_policy": _INFRA_RETRY,
-}
+_CRM = _Options(
+    start_to_close_timeout=timedelta(seconds=30),
+    schedule_to_close_timeout=timedelta(hours=24),
+    retry_policy=_INFRA_RETRY,
+)
 
 
 class PaymentCanceled(Exception):
