@@ -324,7 +324,7 @@ class FraudActivities:
             (scored - loaded) * 1000,
             len(assessment.reasons),
         )
-        return assessment
+        return assessment.model_copy(update={"elapsed_ms": round((scored - started) * 1000, 3)})
 
     async def assess(self, request: PaymentRequest, history: CustomerHistory) -> FraudAssessment:
         """The sidecar's verdict when one is configured and answers sensibly, else the rules'."""

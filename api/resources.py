@@ -97,6 +97,7 @@ class PaymentResource(BaseModel):
     amount_refundable: int
     fraud_score: float | None
     fraud_reasons: list[str]
+    fraud_scoring_ms: float | None
     crm_sync: CrmSync
     waiting_for: str
     failure_reason: str | None
@@ -128,6 +129,7 @@ class PaymentResource(BaseModel):
             amount_refundable=max(state.refundable, 0),
             fraud_score=state.fraud.score if state.fraud else None,
             fraud_reasons=state.fraud.reasons if state.fraud else [],
+            fraud_scoring_ms=state.fraud.elapsed_ms if state.fraud else None,
             crm_sync=state.crm_sync,
             waiting_for=state.waiting_for,
             failure_reason=state.failure_reason,

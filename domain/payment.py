@@ -175,6 +175,8 @@ class FraudAssessment(BaseModel):
     score: float
     reasons: list[str]
     scorer: str = "rules"
+    # Time spent loading the customer's history and scoring: the < 50 ms p99 budget.
+    elapsed_ms: float | None = None
 
 
 class ReviewDecision(BaseModel):

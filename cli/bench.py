@@ -1,0 +1,438 @@
+"""`paysaga bench`: drive the REST API of a running system and print what it sustains.
+
+Completion is observed the way a downstream consumer sees it: the `payments.confirmed` event
+arriving on Kafka. No polling load is added to the system under test while it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import psutil
+import typer
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from domain.events import EventKind
+from workflows.floor import LOCAL, REGULAR, FloorWorkflow, floor_step
+
+console = Console(stderr=True)
+
+
+def percentile(values: list[float], pct: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(pct / 100 * len(ordered) + 0.5) - 1))
+    return ordered[rank]
+
+
+def summarize(values: list[float]) -> dict[str, float | None]:
+    return {
+        "p50": percentile(values, 50),
+        "p90": percentile(values, 90),
+        "p99": percentile(values, 99),
+        "max": max(values) if values else None,
+    }
+
+
+@dataclass
+class PaymentTiming:
+    payment_id: str
+    sent_at: float
+    answered_at: float
+    confirmed_at: float | None = None
+
+
+@dataclass
+class BenchResult:
+    payments: int
+    concurrency: int | None
+    rate: float | None
+    succeeded: int
+    duration_s: float
+    throughput_per_s: float
+    post_latency_ms: dict[str, float | None]
+    confirm_latency_ms: dict[str, float | None]
+    fraud_scoring_ms: dict[str, float | None]
+    errors: dict[str, int]
+    peak_rss_mb: dict[str, float]
+    shape: list[str] = field(default_factory=list)
+    floor_throughput_per_s: float | None = None
+    floor_ratio: float | None = None
+
+
+class ConfirmationWatcher:
+    """Reads payments.confirmed from the beginning (no consumer group: tansu's JoinGroup delay and
+    wrong high watermarks make groups a poor fit) and timestamps each wanted payment."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self.confirmed: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": f"paysaga-bench-{uuid.uuid4().hex}",
+                "enable.auto.commit": False,
+                "fetch.wait.max.ms": 10,
+            }
+        )
+        topic = EventKind.CONFIRMED.topic
+        metadata = self._consumer.list_topics(topic, timeout=10)
+        partitions = metadata.topics[topic].partitions
+        self._consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        self._thread = threading.Thread(target=self._run, name="bench-confirmations", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for message in self._consumer.consume(num_messages=1000, timeout=0.05):
+                if message.error() is None and message.key():
+                    self.confirmed.setdefault(message.key().decode(), time.monotonic())  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._consumer.close()
+
+
+class RssSampler:
+    """Peak resident memory of the API (found by its listening port) and the worker processes."""
+
+    def __init__(self, api_port: int | None) -> None:
+        self.peak: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._processes = self._find(api_port)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _find(api_port: int | None) -> dict[str, list[psutil.Process]]:
+        found: dict[str, list[psutil.Process]] = {"api": [], "worker": []}
+        for proc in psutil.process_iter(["cmdline"]):
+            cmdline = " ".join(proc.info.get("cmdline") or [])
+            if "api.app:app_from_environment" in cmdline and (
+                api_port is None or f"--port {api_port}" in cmdline
+            ):
+                found["api"].append(proc)
+            elif "-m worker" in cmdline or cmdline.endswith("worker.py"):
+                found["worker"].append(proc)
+        return found
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for role, processes in self._processes.items():
+                try:
+                    rss = sum(p.memory_info().rss for p in processes) / 2**20
+                except psutil.Error:
+                    continue
+                if processes:
+                    self.peak[role] = max(self.peak.get(role, 0.0), round(rss, 1))
+            self._stop.wait(0.5)
+
+    def close(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join(2)
+        return self.peak
+
+
+def _body(i: int) -> dict[str, Any]:
+    # Returning customers with small amounts: the rules score them well below review.
+    return {
+        "amount": 1000 + i % 500,
+        "currency": "USD",
+        "customer_id": f"cus_bench_{i % 997}",
+        "merchant_id": f"mer_bench_{i % 13}",
+        "payment_method": "pm_bench_token_0001",
+        "description": "bench",
+    }
+
+
+async def _post(
+    http: httpx.AsyncClient, run_id: str, i: int, timings: list[PaymentTiming], errors: Counter[str]
+) -> None:
+    sent = time.monotonic()
+    try:
+        response = await http.post(
+            "/v1/payments", json=_body(i), headers={"Idempotency-Key": f"bench-{run_id}-{i}"}
+        )
+    except httpx.HTTPError as exc:
+        errors[f"transport:{type(exc).__name__}"] += 1
+        return
+    answered = time.monotonic()
+    if response.status_code != 201:
+        code = response.json().get("error", {}).get("code", "") if response.content else ""
+        errors[f"http_{response.status_code}:{code}"] += 1
+        return
+    timings.append(PaymentTiming(response.json()["id"], sent, answered))
+
+
+async def _drive(
+    http: httpx.AsyncClient,
+    payments: int,
+    concurrency: int | None,
+    rate: float | None,
+    timings: list[PaymentTiming],
+    errors: Counter[str],
+    progress: Progress,
+    task: Any,
+) -> None:
+    run_id = uuid.uuid4().hex[:8]
+    if rate:  # open loop: send on schedule whatever the system's pace
+        start = time.monotonic()
+        pending = []
+        for i in range(payments):
+            delay = start + i / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            pending.append(asyncio.create_task(_post(http, run_id, i, timings, errors)))
+        await asyncio.gather(*pending)
+        return
+    gate = asyncio.Semaphore(concurrency or 50)
+
+    async def one(i: int) -> None:
+        async with gate:
+            await _post(http, run_id, i, timings, errors)
+            progress.advance(task, 0)
+
+    await asyncio.gather(*(one(i) for i in range(payments)))
+
+
+async def _shape_of(client: Client, payment_id: str) -> list[str]:
+    """The kinds of activities a real payment ran, read from its history."""
+    shape = []
+    async for event in client.get_workflow_handle(payment_id).fetch_history_events():
+        if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+            shape.append(REGULAR)
+        elif (
+            event.event_type == EventType.EVENT_TYPE_MARKER_RECORDED
+            and event.marker_recorded_event_attributes.marker_name == "core_local_activity"
+        ):
+            shape.append(LOCAL)
+    return shape
+
+
+async def run_floor(client: Client, shape: list[str], workflows: int, concurrency: int) -> float:
+    queue = f"bench-floor-{uuid.uuid4().hex[:8]}"
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> None:
+        async with gate:
+            await client.execute_workflow(
+                FloorWorkflow.run, shape, id=f"floor-{queue}-{i}", task_queue=queue
+            )
+
+    async with Worker(
+        client,
+        task_queue=queue,
+        workflows=[FloorWorkflow],
+        activities=[floor_step],
+        max_concurrent_activities=200,
+        max_concurrent_workflow_tasks=100,
+    ):
+        started = time.monotonic()
+        await asyncio.gather(*(one(i) for i in range(workflows)))
+        return workflows / (time.monotonic() - started)
+
+
+async def _fraud_timings(
+    http: httpx.AsyncClient, ids: list[str]
+) -> tuple[list[float], Counter[str]]:
+    """After the run: each payment's final status and the scorer's own timing."""
+    scoring: list[float] = []
+    statuses: Counter[str] = Counter()
+    gate = asyncio.Semaphore(20)
+
+    async def one(pid: str) -> None:
+        async with gate:
+            response = await http.get(f"/v1/payments/{pid}")
+            if response.status_code != 200:
+                statuses[f"get_{response.status_code}"] += 1
+                return
+            payment = response.json()
+            statuses[payment["status"]] += 1
+            if payment.get("fraud_scoring_ms") is not None:
+                scoring.append(float(payment["fraud_scoring_ms"]))
+
+    await asyncio.gather(*(one(pid) for pid in ids))
+    return scoring, statuses
+
+
+async def bench(
+    api_url: str,
+    api_key: str,
+    kafka: str,
+    temporal_address: str,
+    namespace: str,
+    payments: int,
+    concurrency: int | None,
+    rate: float | None,
+    floor: bool,
+    completion_timeout: float,
+) -> BenchResult:
+    timings: list[PaymentTiming] = []
+    errors: Counter[str] = Counter()
+    watcher = ConfirmationWatcher(kafka)
+    sampler = RssSampler(httpx.URL(api_url).port)
+    limits = httpx.Limits(max_connections=(concurrency or 200) + 10)
+    async with httpx.AsyncClient(
+        base_url=api_url,
+        headers={"Authorization": f"Bearer {api_key}"},
+        timeout=60,
+        limits=limits,
+    ) as http:
+        with Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        ) as progress:
+            task = progress.add_task("confirmed", total=payments)
+            first_post = time.monotonic()
+            driver = asyncio.create_task(
+                _drive(http, payments, concurrency, rate, timings, errors, progress, task)
+            )
+            deadline = None
+            while True:
+                await asyncio.sleep(0.2)
+                done = sum(1 for t in timings if t.payment_id in watcher.confirmed)
+                progress.update(task, completed=done)
+                if driver.done():
+                    if deadline is None:
+                        deadline = time.monotonic() + completion_timeout
+                    if done >= len(timings) or time.monotonic() > deadline:
+                        break
+            await driver
+        for timing in timings:
+            timing.confirmed_at = watcher.confirmed.get(timing.payment_id)
+        watcher.close()
+        peak = sampler.close()
+        confirmed = [t for t in timings if t.confirmed_at is not None]
+        last = max((t.confirmed_at for t in confirmed if t.confirmed_at), default=time.monotonic())
+        duration = last - first_post
+        scoring, statuses = await _fraud_timings(http, [t.payment_id for t in timings])
+    for status, count in statuses.items():
+        if status != "succeeded":
+            errors[f"status:{status}"] += count
+    missing = len(timings) - len(confirmed)
+    if missing:
+        errors["not_confirmed_in_time"] += missing
+    result = BenchResult(
+        payments=payments,
+        concurrency=None if rate else concurrency,
+        rate=rate,
+        succeeded=statuses.get("succeeded", 0),
+        duration_s=round(duration, 2),
+        throughput_per_s=round(len(confirmed) / duration, 2) if duration > 0 else 0.0,
+        post_latency_ms=summarize([(t.answered_at - t.sent_at) * 1000 for t in timings]),
+        confirm_latency_ms=summarize(
+            [((t.confirmed_at or 0) - t.sent_at) * 1000 for t in confirmed]
+        ),
+        fraud_scoring_ms=summarize(scoring),
+        errors=dict(errors),
+        peak_rss_mb=peak,
+    )
+    if floor and confirmed:
+        client = await Client.connect(temporal_address, namespace=namespace)
+        result.shape = await _shape_of(client, confirmed[0].payment_id)
+        with console.status("measuring the floor: same shape, empty bodies"):
+            floor_rate = await run_floor(client, result.shape, payments, concurrency or 50)
+        result.floor_throughput_per_s = round(floor_rate, 2)
+        result.floor_ratio = round(result.throughput_per_s / floor_rate, 3) if floor_rate else None
+    return result
+
+
+def _render(result: BenchResult) -> None:
+    table = Table(title="paysaga bench", show_header=True)
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+
+    def ms(values: dict[str, float | None]) -> str:
+        return " / ".join(f"{v:.0f}" if v is not None else "–" for v in values.values())
+
+    mode = f"open loop at {result.rate}/s" if result.rate else f"concurrency {result.concurrency}"
+    table.add_row("payments", f"{result.payments} ({mode})")
+    table.add_row("succeeded", str(result.succeeded))
+    table.add_row("throughput (first POST → last confirmed)", f"{result.throughput_per_s} /s")
+    table.add_row("POST response p50/p90/p99/max ms", ms(result.post_latency_ms))
+    table.add_row("POST → confirmed p50/p90/p99/max ms", ms(result.confirm_latency_ms))
+    table.add_row("fraud scoring p50/p90/p99/max ms", ms(result.fraud_scoring_ms))
+    table.add_row("errors", ", ".join(f"{k}: {v}" for k, v in result.errors.items()) or "0")
+    table.add_row(
+        "peak RSS MiB", ", ".join(f"{k} {v}" for k, v in result.peak_rss_mb.items()) or "–"
+    )
+    if result.floor_throughput_per_s is not None:
+        table.add_row("payment shape", ", ".join(result.shape))
+        table.add_row("floor (same shape, empty bodies)", f"{result.floor_throughput_per_s} /s")
+        table.add_row("paysaga / floor", f"{result.floor_ratio}")
+    Console().print(table)
+
+
+def _default_key() -> str:
+    key = os.environ.get("PAYSAGA_API_KEY")
+    if key:
+        return key
+    home = Path(os.environ.get("PAYSAGA_HOME", ".paysaga"))
+    path = home / "dev-api-key"
+    if path.exists():
+        return path.read_text().strip()
+    raise typer.BadParameter("no API key: pass --api-key or run `make run` first")
+
+
+def main(
+    payments: Annotated[int, typer.Option(help="How many payments (closed loop).")] = 2000,
+    concurrency: Annotated[int, typer.Option(help="Payments in flight at once.")] = 50,
+    rate: Annotated[float | None, typer.Option(help="Open loop: payments per second.")] = None,
+    duration: Annotated[float, typer.Option(help="Open loop: seconds to send for.")] = 60.0,
+    floor: Annotated[bool, typer.Option(help="Also measure the floor workflow.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+    api_url: Annotated[str, typer.Option(envvar="PAYSAGA_API_URL")] = "http://127.0.0.1:8000",
+    api_key: Annotated[str | None, typer.Option(envvar="PAYSAGA_API_KEY")] = None,
+    kafka: Annotated[
+        str, typer.Option(envvar="PAYSAGA_KAFKA_BOOTSTRAP_SERVERS")
+    ] = "127.0.0.1:9092",
+    temporal: Annotated[str, typer.Option(envvar="PAYSAGA_TEMPORAL_ADDRESS")] = "127.0.0.1:7233",
+    namespace: Annotated[str, typer.Option(envvar="PAYSAGA_TEMPORAL_NAMESPACE")] = "default",
+    completion_timeout: Annotated[
+        float, typer.Option(help="Seconds to wait after the last POST.")
+    ] = 300.0,
+) -> None:
+    """Measure throughput and latency of a running paysaga, side by side with the floor."""
+    total = int(rate * duration) if rate else payments
+    result = asyncio.run(
+        bench(
+            api_url,
+            api_key or _default_key(),
+            kafka,
+            temporal,
+            namespace,
+            total,
+            concurrency,
+            rate,
+            floor,
+            completion_timeout,
+        )
+    )
+    if as_json:
+        print(json.dumps(asdict(result), indent=2))
+    else:
+        _render(result)
+    if result.errors:
+        raise typer.Exit(1)

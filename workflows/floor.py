@@ -1,0 +1,35 @@
+"""The benchmark's floor: a workflow with the same shape as a payment and empty bodies.
+
+`paysaga bench` runs it on the same Temporal server in the same run, so the ratio
+paysaga / floor says how much of the server's capacity the payment logic itself costs.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from temporalio import activity, workflow
+
+REGULAR = "regular"
+LOCAL = "local"
+
+
+@activity.defn(name="floor_step")
+async def floor_step() -> None:
+    return None
+
+
+@workflow.defn(name="FloorWorkflow")
+class FloorWorkflow:
+    @workflow.run
+    async def run(self, shape: list[str]) -> int:
+        for kind in shape:
+            if kind == LOCAL:
+                await workflow.execute_local_activity(
+                    floor_step, start_to_close_timeout=timedelta(seconds=10)
+                )
+            else:
+                await workflow.execute_activity(
+                    floor_step, start_to_close_timeout=timedelta(seconds=10)
+                )
+        return len(shape)
