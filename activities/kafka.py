@@ -5,10 +5,12 @@
 binary mode (`ce_*` headers), so this wraps the sync `Producer`: a daemon thread serves its
 delivery reports and each report resolves the asyncio future of the publish that sent it.
 
-An idempotent producer can hit a *fatal* error, after which it refuses every message. Against
-the embedded broker that happens on every restart: its memory storage forgets producer ids, so
-the next batch is answered UNKNOWN_PRODUCER_ID. The publisher then replaces the producer with a
-fresh one instead of staying broken until the worker restarts.
+An idempotent producer breaks for good when the broker forgets its producer id, which the
+embedded broker does on every restart (memory storage). librdkafka then either raises a fatal
+error (the partition had earlier messages: UNKNOWN_PRODUCER_ID cannot be retried safely) or
+keeps bumping its epoch and resending until the message times out (a partition it had not
+written to yet). Both are detected here, and the producer is replaced by a fresh one that gets
+a new producer id, instead of failing every publish until the worker restarts.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -37,15 +38,19 @@ log = logging.getLogger(__name__)
 KAFKA_UNAVAILABLE = "KafkaUnavailable"
 
 _POLL_SECONDS = 0.1
+# librdkafka backs reconnects off up to 10 s; a restarted broker should be found again well
+# within one message timeout.
 _RECONNECT_BACKOFF_MAX_MS = 1000
 # A full local queue drains as the broker acknowledges; past this wait the broker is not keeping up.
 _QUEUE_FULL_WAIT_SECONDS = 5.0
 _QUEUE_FULL_BACKOFF_SECONDS = 0.05
-# Sending again after a fatal error is safe because consumers deduplicate by event id and a
-# payment's events are published one at a time, so a resend cannot overtake a later event.
-_RESENDS_AFTER_FATAL_ERROR = 1
+# Sending again on a fresh producer is safe: consumers deduplicate by event id, and a payment's
+# events are published one at a time, so a resend cannot overtake a later event of its payment.
+_RESENDS_ON_A_FRESH_PRODUCER = 1
 # Delivery reports arrive within message.timeout.ms; this margin only guards against a lost one.
 _REPORT_GRACE_SECONDS = 5.0
+# librdkafka's log facility for "the broker does not know this producer id" (debug context eos).
+_UNKNOWN_PRODUCER_ID_FACILITY = "UNKPID"
 
 
 class KafkaPublishError(Exception):
@@ -70,21 +75,21 @@ class _Delivered:
 @dataclass(frozen=True)
 class _Undelivered:
     reason: str
-    producer_broken: bool = False
+    producer_broken: bool = False  # the producer was replaced: sending again may succeed
 
 
 _Outcome = _Delivered | _Undelivered
 
 
 def _resolve(future: asyncio.Future[_Outcome], outcome: _Outcome) -> None:
-    # The publish may have been cancelled (activity cancelled, worker shutting down).
+    # The publish may have been cancelled meanwhile (activity cancelled, worker shutting down).
     if not future.done():
         future.set_result(outcome)
 
 
 @dataclass(eq=False)
 class _PendingDelivery:
-    """One produced message whose delivery report the publisher awaits."""
+    """One produced message whose delivery report a publish awaits."""
 
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[_Outcome]
@@ -98,12 +103,12 @@ class _PendingDelivery:
 
 @dataclass(eq=False)
 class _ProducerHandle:
-    """A producer plus what must be settled if it breaks."""
+    """One producer, the deliveries it owes, and why it must be replaced (if it must)."""
 
     generation: int
     producer: Producer = field(init=False)
     pending: set[_PendingDelivery] = field(default_factory=set)
-    fatal_reason: str | None = None
+    broken_reason: str | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def track(self, delivery: _PendingDelivery) -> None:
@@ -120,14 +125,26 @@ class _ProducerHandle:
             self.pending.clear()
         return taken
 
-    def flag_fatal(self, reason: str) -> None:
-        if self.fatal_reason is None:
-            self.fatal_reason = reason
+    def flag_broken(self, reason: str) -> None:
+        if self.broken_reason is None:
+            self.broken_reason = reason
             log.error(
-                "kafka producer #%d hit a fatal error and will be replaced: %s",
-                self.generation,
-                reason,
+                "kafka producer #%d is broken and will be replaced: %s", self.generation, reason
             )
+
+
+class _LibrdkafkaLog:
+    """librdkafka's log lines (the `logger` setting) go to our logger; on the way, the one that
+    says the broker forgot our producer id marks the producer broken: librdkafka itself would
+    only bump the epoch and resend, forever, to a broker that rejects that id."""
+
+    def __init__(self, handle: _ProducerHandle) -> None:
+        self._handle = handle
+
+    def log(self, level: int, fmt: str, *args: Any) -> None:
+        if args and args[0] == _UNKNOWN_PRODUCER_ID_FACILITY:
+            self._handle.flag_broken("the broker does not know this producer id (restarted?)")
+        log.log(level, fmt, *args)
 
 
 def _headers(event: PaymentEvent) -> list[tuple[str, str | bytes | None]]:
@@ -144,7 +161,10 @@ def _is_fatal(err: KafkaError) -> bool:
 
 class EventPublisher:
     """Publishes `PaymentEvent`s: topic per kind, key = payment id (one partition per payment,
-    so its events keep their order), JSON body, CloudEvents attributes as headers."""
+    so its events keep their order), compact JSON body, CloudEvents attributes as headers.
+
+    Build it once per worker (outside or inside an event loop) and `close()` it on shutdown.
+    """
 
     def __init__(self, bootstrap_servers: str, settings: Settings | None = None) -> None:
         self._bootstrap_servers = bootstrap_servers
@@ -163,12 +183,13 @@ class EventPublisher:
     # -- public API -------------------------------------------------------------------------
 
     async def publish(self, event: PaymentEvent) -> DeliveryReceipt:
-        """Send one event and wait for the broker's acknowledgement (acks=all)."""
+        """Send one event and wait for the broker's acknowledgement (acks=all). Raises
+        `KafkaPublishError` within about `kafka_message_timeout_ms` if it cannot."""
         if self._closed:
             raise KafkaPublishError("the event publisher is closed")
         value = to_json(event.body())
         started = time.monotonic()
-        for resend in range(_RESENDS_AFTER_FATAL_ERROR + 1):
+        for resend in range(_RESENDS_ON_A_FRESH_PRODUCER + 1):
             outcome = await self._deliver(event, value)
             if isinstance(outcome, _Delivered):
                 return DeliveryReceipt(
@@ -178,10 +199,10 @@ class EventPublisher:
                     event_id=event.id,
                     latency_ms=round((time.monotonic() - started) * 1000, 3),
                 )
-            if not outcome.producer_broken or resend == _RESENDS_AFTER_FATAL_ERROR:
+            if not outcome.producer_broken or resend == _RESENDS_ON_A_FRESH_PRODUCER:
                 raise KafkaPublishError(outcome.reason)
             log.warning(
-                "resending event %s for %s on a fresh producer after: %s",
+                "resending event %s of %s on a fresh producer after: %s",
                 event.id,
                 event.payment_id,
                 outcome.reason,
@@ -192,13 +213,14 @@ class EventPublisher:
         """Readiness: the broker answers a metadata request within `timeout` seconds."""
         try:
             self._handle.producer.list_topics(timeout=timeout)
-        except KafkaException as exc:
+        except (KafkaException, RuntimeError) as exc:  # RuntimeError: closed while retired
             log.warning("kafka broker %s not reachable: %s", self._bootstrap_servers, exc)
             return False
         return True
 
     def close(self, timeout: float = 10.0) -> int:
-        """Flush what is queued, stop the poll thread; returns how many messages were left."""
+        """Deliver what is queued (up to `timeout` seconds) and stop the poll thread. Returns
+        how many messages were still undelivered."""
         if self._closed:
             return 0
         self._closed = True
@@ -210,7 +232,8 @@ class EventPublisher:
         except Exception as exc:  # a fatal error surfaces here too; nothing left to save
             log.warning("kafka producer flush on close failed: %s", exc)
             left = len(handle.pending)
-        self._retire(handle, "the event publisher closed")
+        handle.broken_reason = handle.broken_reason or "the event publisher closed"
+        self._dispose(handle)
         for retired in self._take_retired():
             self._dispose(retired)
         return left
@@ -241,11 +264,16 @@ class EventPublisher:
         self, event: PaymentEvent, value: bytes, delivery: _PendingDelivery
     ) -> _ProducerHandle:
         deadline = time.monotonic() + _QUEUE_FULL_WAIT_SECONDS
-        replaced = 0
+        replacements = 0
         while True:
+            if self._closed:
+                raise KafkaPublishError("the event publisher is closed")
             handle = self._handle
-            if handle.fatal_reason is not None:  # the poll thread has not swapped it yet
-                self._replace(handle)
+            if handle.broken_reason is not None:
+                if replacements > _RESENDS_ON_A_FRESH_PRODUCER:
+                    raise KafkaPublishError(f"the producer keeps breaking: {handle.broken_reason}")
+                self._replace(handle)  # the poll thread has not swapped it yet
+                replacements += 1
                 continue
             # Tracked before produce(): the report can arrive before produce() returns here.
             handle.track(delivery)
@@ -267,14 +295,18 @@ class EventPublisher:
                     ) from None
                 # The poll thread drains delivery reports meanwhile; don't block the event loop.
                 await asyncio.sleep(_QUEUE_FULL_BACKOFF_SECONDS)
+            except RuntimeError:
+                handle.forget(delivery)
+                # Retired and closed by the poll thread between reading self._handle and
+                # produce(): go round again with its successor.
+                if handle.broken_reason is None:
+                    raise
             except KafkaException as exc:
                 handle.forget(delivery)
                 err: KafkaError = exc.args[0]
-                if not _is_fatal(err) or replaced >= _RESENDS_AFTER_FATAL_ERROR:
+                if not _is_fatal(err):
                     raise KafkaPublishError(err.str()) from None
-                handle.flag_fatal(err.str())
-                self._replace(handle)
-                replaced += 1
+                handle.flag_broken(err.str())
 
     def _on_delivery(
         self,
@@ -291,15 +323,15 @@ class EventPublisher:
                     str(msg.topic()), _number(msg.partition()), _number(msg.offset())
                 )
             else:
-                broken = _is_fatal(err) or handle.fatal_reason is not None
                 if _is_fatal(err):
-                    handle.flag_fatal(err.str())
-                outcome = _Undelivered(err.str(), producer_broken=broken)
+                    handle.flag_broken(err.str())
+                # Purged from a replaced producer, or failed by the fault that broke it.
+                outcome = _Undelivered(err.str(), producer_broken=handle.broken_reason is not None)
         except Exception as exc:
-            # confluent-kafka raises a fatal error inside poll() and then still runs the
-            # delivery callbacks with that exception pending, so any call here fails.
+            # confluent-kafka raises a fatal error inside poll() and then still runs delivery
+            # callbacks with that exception pending, so any call on err or msg fails.
             reason = f"fatal producer error ({type(exc).__name__}: {exc})"
-            handle.flag_fatal(reason)
+            handle.flag_broken(reason)
             outcome = _Undelivered(reason, producer_broken=True)
         handle.forget(delivery)
         delivery.settle(outcome)
@@ -307,7 +339,7 @@ class EventPublisher:
     def _on_error(self, handle: _ProducerHandle, err: KafkaError) -> None:
         """librdkafka's error callback: mostly connection trouble it recovers from itself."""
         if _is_fatal(err):
-            handle.flag_fatal(err.str())
+            handle.flag_broken(err.str())
         elif err.code() == KafkaError._ALL_BROKERS_DOWN:
             log.warning("kafka: all brokers down (%s): %s", self._bootstrap_servers, err.str())
         else:
@@ -316,7 +348,6 @@ class EventPublisher:
     # -- the producer's lifecycle -----------------------------------------------------------
 
     def _producer_config(self, handle: _ProducerHandle) -> dict[str, Any]:
-        on_error: Callable[[KafkaError], None] = partial(self._on_error, handle)
         return {
             "bootstrap.servers": self._bootstrap_servers,
             "client.id": f"paysaga-publisher-{handle.generation}",
@@ -324,11 +355,12 @@ class EventPublisher:
             "acks": "all",
             "linger.ms": self._settings.kafka_linger_ms,
             "message.timeout.ms": self._settings.kafka_message_timeout_ms,
-            # librdkafka backs off reconnects up to 10 s; a restarted broker should be found
-            # again well within one message timeout.
             "reconnect.backoff.max.ms": _RECONNECT_BACKOFF_MAX_MS,
-            "error_cb": on_error,
-            "logger": log,
+            "error_cb": partial(self._on_error, handle),
+            "logger": _LibrdkafkaLog(handle),
+            # Idempotence state changes only (a handful per producer, none per message): the
+            # unknown-producer-id line is the only signal of the resend loop described above.
+            "debug": "eos",
         }
 
     def _new_handle(self, generation: int) -> _ProducerHandle:
@@ -342,7 +374,7 @@ class EventPublisher:
         return handle
 
     def _replace(self, broken: _ProducerHandle) -> None:
-        """Swap in a fresh producer once per broken one, whichever thread notices first."""
+        """Swap in a fresh producer, once per broken one, whichever thread notices first."""
         with self._lock:
             if self._handle is not broken or self._closed:
                 return
@@ -353,13 +385,8 @@ class EventPublisher:
             "kafka producer #%d replaced by #%d after: %s",
             broken.generation,
             broken.generation + 1,
-            broken.fatal_reason,
+            broken.broken_reason,
         )
-
-    def _retire(self, handle: _ProducerHandle, reason: str) -> None:
-        handle.fatal_reason = handle.fatal_reason or reason
-        with self._lock:
-            self._retired.append(handle)
 
     def _take_retired(self) -> list[_ProducerHandle]:
         with self._lock:
@@ -367,15 +394,20 @@ class EventPublisher:
         return taken
 
     def _dispose(self, handle: _ProducerHandle) -> None:
-        """Fail whatever the old producer still holds so its publishers resend or retry."""
+        """Fail whatever a retired producer still holds, so those publishes send again, and
+        close it: a dropped producer lingers (its callbacks form a cycle) with its sockets."""
         try:
-            handle.producer.purge(in_queue=True, in_flight=True, blocking=False)
-            handle.producer.poll(0)  # delivers the purge reports (marked producer_broken)
+            handle.producer.purge(in_queue=True, in_flight=True)
+            handle.producer.poll(0)  # serves the purge reports (marked producer_broken)
         except Exception as exc:
-            log.debug("disposing kafka producer #%d: %s", handle.generation, exc)
-        reason = f"producer #{handle.generation} was replaced ({handle.fatal_reason})"
+            log.debug("purging kafka producer #%d: %s", handle.generation, exc)
+        reason = f"producer #{handle.generation} was retired ({handle.broken_reason})"
         for delivery in handle.take_pending():
             delivery.settle(_Undelivered(reason, producer_broken=True))
+        try:
+            handle.producer.close()
+        except Exception as exc:
+            log.debug("closing kafka producer #%d: %s", handle.generation, exc)
 
     def _serve_delivery_reports(self) -> None:
         while not self._stopping.is_set():
@@ -384,8 +416,8 @@ class EventPublisher:
                 handle.producer.poll(_POLL_SECONDS)
             except Exception as exc:
                 # poll() raises only for a fatal error (or a callback's pending one).
-                handle.flag_fatal(f"{type(exc).__name__}: {exc}")
-            if handle.fatal_reason is not None:
+                handle.flag_broken(f"{type(exc).__name__}: {exc}")
+            if handle.broken_reason is not None:
                 self._replace(handle)
             for retired in self._take_retired():
                 self._dispose(retired)
@@ -393,8 +425,8 @@ class EventPublisher:
 
 class KafkaActivities:
     """The `publish_payment_event` activity. Register
-    `KafkaActivities(publisher).publish_payment_event` on the worker; close the publisher on
-    shutdown. Give the activity a start-to-close timeout above `kafka_message_timeout_ms`."""
+    `KafkaActivities(publisher).publish_payment_event` on the worker. Its start-to-close
+    timeout must exceed `kafka_message_timeout_ms` (plus ~1 s for a producer replacement)."""
 
     def __init__(self, publisher: EventPublisher) -> None:
         self._publisher = publisher
@@ -420,5 +452,5 @@ class KafkaActivities:
 
 
 def _activity_log(level: int, message: str) -> None:
-    # activity.logger adds the workflow/activity ids, but only exists inside an activity.
+    # activity.logger adds the workflow and activity ids, but only exists inside an activity.
     (activity.logger if activity.in_activity() else log).log(level, message)

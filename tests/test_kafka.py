@@ -16,6 +16,7 @@ import pytest
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
+from activities import kafka as kafka_activities
 from activities.kafka import (
     KAFKA_UNAVAILABLE,
     EventPublisher,
@@ -50,6 +51,10 @@ def _event(
         time=datetime.now(UTC),
         data={"amount": 1250, "currency": "EUR", **data},
     )
+
+
+def _refund(payment_id: str, n: int) -> PaymentEvent:
+    return _event(payment_id, EventKind.REFUNDED, f"rf_{n}", seq=n)
 
 
 def _of_payment(payment_id: str, events: list[ConsumedEvent]) -> list[ConsumedEvent]:
@@ -137,7 +142,7 @@ async def test_events_of_one_payment_keep_their_order_in_one_partition(
     stack: Stack, publisher: EventPublisher
 ) -> None:
     payment_id = _payment_id()
-    events = [_event(payment_id, EventKind.REFUNDED, f"rf_{n}", seq=n) for n in range(40)]
+    events = [_refund(payment_id, n) for n in range(40)]
 
     # All in flight at once: ordering must come from the key and the idempotent producer,
     # not from waiting for each acknowledgement.
@@ -178,6 +183,21 @@ async def test_events_of_other_kinds_go_to_their_own_topics(
     }
 
 
+async def test_closing_delivers_what_is_in_flight_and_refuses_more(stack: Stack) -> None:
+    payment_id = _payment_id()
+    publisher = EventPublisher(stack.kafka_bootstrap_servers, _settings())
+    events = [_refund(payment_id, n) for n in range(20)]
+    in_flight = [asyncio.ensure_future(publisher.publish(e)) for e in events]
+    await asyncio.sleep(0)  # each publish has handed its message to the producer
+
+    assert publisher.close(timeout=10) == 0
+
+    receipts = await asyncio.gather(*in_flight)
+    assert [r.event_id for r in receipts] == [e.id for e in events]
+    with pytest.raises(KafkaPublishError, match="closed"):
+        await publisher.publish(_refund(payment_id, 20))
+
+
 async def test_unreachable_broker_fails_the_activity_retryably_within_the_timeout(
     activity_env: ActivityEnvironment,
 ) -> None:
@@ -212,25 +232,57 @@ def own_broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
 
 
 @pytest.mark.slow
-async def test_publishing_recovers_after_the_broker_restarts(own_broker: EmbeddedBroker) -> None:
+@pytest.mark.parametrize("detected_by", ["unknown producer id log", "fatal error"])
+async def test_publishing_recovers_after_the_broker_restarts(
+    own_broker: EmbeddedBroker, monkeypatch: pytest.MonkeyPatch, detected_by: str
+) -> None:
+    if detected_by == "fatal error":
+        # The log line comes first; without it, the fatal error alone must suffice.
+        monkeypatch.setattr(kafka_activities, "_UNKNOWN_PRODUCER_ID_FACILITY", "(ignored)")
     payment_id = _payment_id()
     with EventPublisher(own_broker.bootstrap_servers, _settings(MESSAGE_TIMEOUT_MS)) as publisher:
-        await publisher.publish(_event(payment_id, EventKind.RAW))
+        before = await publisher.publish(_refund(payment_id, 0))
 
         own_broker.kill()
         started = time.monotonic()
         with pytest.raises(KafkaPublishError, match="timed out"):
-            await publisher.publish(_event(payment_id, EventKind.CONFIRMED))
+            await publisher.publish(_refund(payment_id, 1))
         assert time.monotonic() - started < MESSAGE_TIMEOUT_MS / 1000 + 2
 
         # Memory storage: the restarted broker has no topics and no producer ids; start()
-        # recreates the topics, and the producer's old id draws a fatal error it must survive.
+        # recreates the topics. After a timed-out message, an unknown producer id on the same
+        # partition is fatal to the producer (librdkafka cannot rule out a duplicate).
         own_broker.start()
-        after = [_event(payment_id, EventKind.REFUNDED, f"rf_{n}", seq=n) for n in range(3)]
-        for event in after:
-            receipt = await publisher.publish(event)
-            assert receipt.event_id == event.id
-        assert publisher.ensure_connected(timeout=5)
+        after = [await publisher.publish(_refund(payment_id, n)) for n in (2, 3, 4)]
 
-    records = consume_events(own_broker.bootstrap_servers, ["payments.refunded"], timeout=10)
-    assert [r.body["data"]["seq"] for r in _of_payment(payment_id, records)] == [0, 1, 2]
+        assert publisher.producers_replaced == 1
+        assert publisher.ensure_connected(timeout=5)
+    assert {before.partition} == {r.partition for r in after}
+    records = _of_payment(
+        payment_id, consume_events(own_broker.bootstrap_servers, ["payments.refunded"])
+    )
+    assert [r.body["data"]["seq"] for r in records] == [2, 3, 4]
+
+
+@pytest.mark.slow
+async def test_a_clean_broker_restart_does_not_stall_publishing(
+    own_broker: EmbeddedBroker,
+) -> None:
+    payment_id = _payment_id()
+    with EventPublisher(own_broker.bootstrap_servers, _settings(MESSAGE_TIMEOUT_MS)) as publisher:
+        await publisher.publish(_refund(payment_id, 0))
+        own_broker.kill()
+        own_broker.start()
+
+        # Nothing was lost in flight, so librdkafka answers the unknown producer id by bumping
+        # its epoch and resending, forever; only replacing the producer gets the event through
+        # (within the message timeout, or this would raise).
+        second = await publisher.publish(_refund(payment_id, 1))
+        third = await publisher.publish(_refund(payment_id, 2))
+
+        assert publisher.producers_replaced == 1
+    records = _of_payment(
+        payment_id, consume_events(own_broker.bootstrap_servers, ["payments.refunded"])
+    )
+    # The restart wiped the first record; the later two arrive exactly once each, in order.
+    assert [(r.id, r.offset) for r in records] == [(second.event_id, 0), (third.event_id, 1)]
