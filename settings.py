@@ -11,12 +11,16 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-Scope = Literal["payments:read", "payments:write", "refunds:write", "disputes:write", "admin"]
+# `codec`: decrypt/encrypt Temporal payloads through /codec (operators' tooling; no payment powers).
+Scope = Literal[
+    "payments:read", "payments:write", "refunds:write", "disputes:write", "codec", "admin"
+]
 ALL_SCOPES: tuple[Scope, ...] = (
     "payments:read",
     "payments:write",
     "refunds:write",
     "disputes:write",
+    "codec",
     "admin",
 )
 
@@ -78,6 +82,11 @@ class Settings(BaseSettings):
     kafka_message_timeout_ms: int = 20_000
     kafka_linger_ms: int = 2
     kafka_session_timeout_ms: int = 6000
+    # Topic creation (`python -m infra.provision topics`); tansu and a one-node Kafka take 1.
+    kafka_topic_partitions: int = 6
+    kafka_replication_factor: int = 1
+    # The consumer group of the payments.requests intake (intake.py).
+    kafka_intake_group: str = "paysaga-intake"
 
     # Database
     db_pool_size: int = 10
@@ -97,6 +106,9 @@ class Settings(BaseSettings):
     # Temporal payload encryption (AES-GCM). The first key encrypts; all keys decrypt.
     encryption_keys: Annotated[list[EncryptionKey], NoDecode] = Field(default_factory=list)
     codec_cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Dev only (`paysaga run`): /codec answers without an API key when the caller is on loopback,
+    # came through no proxy and sends an Origin in codec_cors_origins (the local Temporal UI).
+    codec_trust_local_ui: bool = False
 
     # Worker
     max_concurrent_activities: int = 200
@@ -106,7 +118,12 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
     log_json: bool = True
+    # OTLP/HTTP collector base URL (e.g. http://otel-collector:4318); unset: no tracing at all.
     otlp_endpoint: str | None = None
+    # Prometheus: the worker's /metrics and the Temporal SDK's own; 0 turns either off.
+    metrics_host: str = "127.0.0.1"
+    worker_metrics_port: int = 9464
+    temporal_metrics_port: int = 9465
 
     @field_validator("api_keys", "encryption_keys", mode="before")
     @classmethod

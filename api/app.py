@@ -12,12 +12,13 @@ from sqlalchemy import text
 from temporalio.client import Client
 
 from activities.ledger import Ledger
-from api import payments
+from api import codec, payments
 from api.errors import install_error_handlers
 from api.limits import install_body_limit
 from infra.broker import broker_answers
 from infra.database import make_engine
 from infra.logs import configure_logging
+from infra.observability import configure_tracing, install_api_observability
 from infra.temporal_client import connect_client
 from settings import Settings, get_settings
 
@@ -46,7 +47,9 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
     app.state.settings = settings
     install_error_handlers(app)
     install_body_limit(app, settings.max_body_bytes)
+    install_api_observability(app)  # /metrics, request metrics, server spans
     app.include_router(payments.router)
+    app.include_router(codec.router)
 
     @app.get("/healthz", tags=["health"], summary="The process is up")
     async def healthz() -> dict[str, str]:
@@ -88,4 +91,5 @@ def app_from_environment() -> FastAPI:
     """`uvicorn --factory api.app:app_from_environment`."""
     settings = get_settings()
     configure_logging(settings)
+    configure_tracing(settings, "paysaga-api")
     return create_app(settings)
