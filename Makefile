@@ -11,6 +11,15 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@# The Temporal UI test drives headless Chromium (Debian package); it skips only without it.
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && apt-get install -y -qq chromium) \
+	      || echo "note: could not install chromium; tests/test_temporal_ui.py will skip"; \
+	  else \
+	    echo "note: chromium is missing (as root: apt-get install -y chromium);" \
+	         "tests/test_temporal_ui.py will skip"; \
+	  fi; }
 	@touch $(STAMP)
 
 run: $(STAMP)

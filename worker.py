@@ -9,7 +9,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import timedelta
 
 from temporalio.client import Client
@@ -21,6 +21,7 @@ from activities.kafka import EventPublisher, KafkaActivities
 from activities.ledger import Ledger, LedgerActivities
 from infra.database import make_engine
 from infra.logs import configure_logging
+from infra.observability import PaymentMetricsInterceptor, temporal_runtime, worker_telemetry
 from infra.temporal_client import connect_client
 from settings import Settings, get_settings
 from workflows.payment import PaymentWorkflow
@@ -54,6 +55,8 @@ async def payment_worker(settings: Settings, client: Client) -> AsyncIterator[Wo
         max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
         max_cached_workflows=settings.max_cached_workflows,
         graceful_shutdown_timeout=timedelta(seconds=10),
+        # Tracing, when configured, comes with the client (infra.temporal_client).
+        interceptors=[PaymentMetricsInterceptor()],
     )
     try:
         async with worker:
@@ -67,15 +70,22 @@ async def payment_worker(settings: Settings, client: Client) -> AsyncIterator[Wo
 async def main() -> None:
     settings = get_settings()
     configure_logging(settings)
-    client = await connect_client(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with payment_worker(settings, client):
-        log.info("worker polling task queue %s", settings.task_queue)
-        await stop.wait()
-        log.info("shutting down: finishing in-flight activities")
+    with worker_telemetry(settings):
+        runtime = temporal_runtime(settings, "paysaga-worker")
+        client = await connect_client(settings, runtime=runtime)
+        async with AsyncExitStack() as running:
+            await running.enter_async_context(payment_worker(settings, client))
+            if settings.kafka_intake_enabled:
+                from intake import running_intake
+
+                await running.enter_async_context(running_intake(settings, client))
+            log.info("worker polling task queue %s", settings.task_queue)
+            await stop.wait()
+            log.info("shutting down: finishing in-flight activities")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ key (payment id, kind, reference) makes a retried posting a no-op that returns t
 from __future__ import annotations
 
 import uuid
+from collections import defaultdict
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from pydantic import BaseModel
@@ -35,6 +36,7 @@ accounts = sa.Table(
     sa.Column("type", sa.String),
     sa.Column("currency", sa.String),
     sa.Column("status", sa.String),
+    sa.Column("max_balance", sa.BigInteger),  # migration 0002; NULL: no limit
 )
 payments = sa.Table(
     "payments",
@@ -217,7 +219,9 @@ class Ledger:
             assert row is not None
             return LedgerReceipt(transaction_id=str(existing), duplicate=True, payment=row)
 
-        account_ids = await _open_accounts(conn, [e.account for e in txn.entries])
+        opened = await _open_accounts(conn, [e.account for e in txn.entries])
+        await _hold_within_limits(conn, txn, opened)
+        account_ids = {code: account.id for code, account in opened.items()}
         now = datetime.now(UTC)
         await self._update_register(conn, posting, now)
         txn_id = uuid.uuid4()
@@ -326,6 +330,28 @@ class Ledger:
 
         await run_serializable(self.engine, work, max_attempts=self.max_attempts)
 
+    async def set_account_limit(self, account: Account, max_balance: int | None) -> None:
+        """Cap what `account` may hold (its credit balance), opening it if need be; None lifts
+        the cap. Postings that would pass it are refused with MerchantOverLimit."""
+        if max_balance is not None and max_balance < 0:
+            raise ValueError("an account limit is a non-negative amount of minor units")
+
+        async def work(conn: AsyncConnection) -> None:
+            statement = insert(accounts).values(
+                code=account.code,
+                type=account.type.value,
+                currency=account.currency,
+                status="open",
+                max_balance=max_balance,
+            )
+            await conn.execute(
+                statement.on_conflict_do_update(
+                    index_elements=["code"], set_={"max_balance": max_balance}
+                )
+            )
+
+        await run_serializable(self.engine, work, max_attempts=self.max_attempts)
+
     async def close_account(self, code: str) -> None:
         async def work(conn: AsyncConnection) -> None:
             await conn.execute(
@@ -344,7 +370,12 @@ async def _register(conn: AsyncConnection, payment_id: str) -> RegisterRow | Non
     return RegisterRow.model_validate(dict(row)) if row is not None else None
 
 
-async def _open_accounts(conn: AsyncConnection, wanted: list[Account]) -> dict[str, uuid.UUID]:
+class _OpenAccount(NamedTuple):
+    id: uuid.UUID
+    max_balance: int | None
+
+
+async def _open_accounts(conn: AsyncConnection, wanted: list[Account]) -> dict[str, _OpenAccount]:
     """Create accounts on first use; refuse a posting to a closed one."""
     unique = {a.code: a for a in wanted}
     await conn.execute(
@@ -359,15 +390,43 @@ async def _open_accounts(conn: AsyncConnection, wanted: list[Account]) -> dict[s
     )
     rows = (
         await conn.execute(
-            sa.select(accounts.c.id, accounts.c.code, accounts.c.status).where(
-                accounts.c.code.in_(unique)
-            )
+            sa.select(
+                accounts.c.id, accounts.c.code, accounts.c.status, accounts.c.max_balance
+            ).where(accounts.c.code.in_(unique))
         )
     ).all()
     for row in rows:
         if row.status != "open":
             raise LedgerRejected(FailureType.ACCOUNT_CLOSED, f"account {row.code} is closed")
-    return {row.code: row.id for row in rows}
+    return {row.code: _OpenAccount(row.id, row.max_balance) for row in rows}
+
+
+async def _hold_within_limits(
+    conn: AsyncConnection, txn: LedgerTransaction, opened: dict[str, _OpenAccount]
+) -> None:
+    """Refuse a posting that takes a limited account's credit balance past its limit.
+
+    The balance is read inside the posting's SERIALIZABLE transaction: two postings to the same
+    limited account that both read it conflict (40001) and one is run again, so concurrent
+    postings can never overshoot the limit together. Unlimited accounts cost no extra read."""
+    raised: dict[str, int] = defaultdict(int)
+    for entry in txn.entries:
+        raised[entry.account.code] -= entry.amount  # a credit (negative) raises what it holds
+    for code, increase in raised.items():
+        limit = opened[code].max_balance
+        if limit is None or increase <= 0:
+            continue
+        debits_minus_credits = await conn.scalar(
+            sa.select(sa.func.coalesce(sa.func.sum(ledger_entries.c.amount), 0)).where(
+                ledger_entries.c.account_id == opened[code].id
+            )
+        )
+        held_after = -int(debits_minus_credits or 0) + increase
+        if held_after > limit:
+            raise LedgerRejected(
+                FailureType.MERCHANT_OVER_LIMIT,
+                f"account {code} would hold {held_after} minor units, over its limit of {limit}",
+            )
 
 
 class LedgerActivities:

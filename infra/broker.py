@@ -70,10 +70,14 @@ def ensure_topics(
     topics: tuple[str, ...] = ALL_TOPICS,
     partitions: int = DEFAULT_PARTITIONS,
     timeout: float = 30.0,
+    replication_factor: int = 1,
 ) -> None:
     admin = AdminClient({"bootstrap.servers": bootstrap_servers, "socket.timeout.ms": 5000})
     existing = set(admin.list_topics(timeout=timeout).topics)
-    wanted = [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in topics]
+    wanted = [
+        NewTopic(t, num_partitions=partitions, replication_factor=replication_factor)
+        for t in topics
+    ]
     missing = [t for t in wanted if t.topic not in existing]
     if not missing:
         return

@@ -20,6 +20,8 @@ from sqlalchemy import create_engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from infra.metrics import LEDGER_SERIALIZATION_RETRIES
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -53,7 +55,8 @@ def make_engine(url: str, pool_size: int = 10) -> AsyncEngine:
 
 
 class RetryStats:
-    """Counts 40001 retries; exported as a metric and asserted on by the contention test."""
+    """Counts 40001/40003 retries in this process. The same count is exported as the
+    `paysaga_ledger_serialization_retries_total` metric (by SQLSTATE)."""
 
     serialization_retries = 0
 
@@ -76,6 +79,7 @@ async def run_serializable(
             if state not in RETRYABLE_SQLSTATES:
                 raise
             RetryStats.serialization_retries += 1
+            LEDGER_SERIALIZATION_RETRIES.labels(state).inc()
             if attempt == max_attempts:
                 raise TooMuchContention(
                     f"ledger transaction still conflicting (SQLSTATE {state}) after "

@@ -19,8 +19,11 @@ def data_converter(settings: Settings) -> DataConverter:
     if settings.encryption_keys:
         from infra.codec import EncryptionCodec
 
+        # Failure messages can quote a CRM's answer: encode them too, not only payloads.
         converter = dataclasses.replace(
-            converter, payload_codec=EncryptionCodec.from_settings(settings)
+            converter,
+            payload_codec=EncryptionCodec.from_settings(settings),
+            failure_converter_class=DefaultFailureConverterWithEncodedAttributes,
         )
     return converter
 

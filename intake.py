@@ -1,0 +1,407 @@
+"""Kafka intake: billing systems and agents request payments by producing to `payments.requests`.
+
+    python -m intake      # its own process; or PAYSAGA_KAFKA_INTAKE_ENABLED=true in the worker
+
+A message is the REST API's JSON body; headers carry `idempotency-key` (required) and
+`client-id` (optional, default "kafka-intake"; payment ids are scoped by it as API keys scope
+them over REST). Delivery is at least once and starting is idempotent, so:
+
+- a valid message starts the payment's workflow, and its offset is committed only after
+  Temporal accepted the start (or said this key already started the same payment);
+- a replayed message (same key, same body) starts nothing new;
+- an invalid message (bad JSON, schema error, card data, missing key, key reused with another
+  body) is copied to `payments.requests.dlq` with `dlq-reason` / `dlq-error-code` headers and
+  the original key and headers, then committed: it cannot succeed by being read again;
+- when Temporal does not accept a start, nothing from that message on is committed: the
+  partition is rewound to it and read again after a pause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import signal
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+from pydantic import ValidationError
+from temporalio.client import Client
+
+from domain.cards import contains_card_number
+from domain.events import REQUESTS_DLQ_TOPIC, REQUESTS_TOPIC
+from domain.payment import PaymentRequest
+from infra.metrics import INTAKE_MESSAGES
+from settings import Settings, get_settings
+from workflows.starter import IdempotencyKeyReused, start_payment
+
+log = logging.getLogger("paysaga.intake")
+
+IDEMPOTENCY_KEY_HEADER = "idempotency-key"
+CLIENT_ID_HEADER = "client-id"
+DEFAULT_CLIENT_ID = "kafka-intake"
+DLQ_REASON_HEADER = "dlq-reason"
+DLQ_ERROR_CODE_HEADER = "dlq-error-code"
+
+# The REST API's rules for the same values (api/payments.py IdempotencyKey).
+_IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9_\-:.]{8,255}$")
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+_MAX_REASON_CHARS = 500
+_BATCH_SIZE = 100
+_POLL_SECONDS = 0.5
+_RETRY_PAUSE_SECONDS = 1.0
+
+Outcome = Literal["started", "replayed", "dead_lettered"]
+
+
+class Refused(Exception):
+    """This message can never start a payment: it goes to the dead-letter topic."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason[:_MAX_REASON_CHARS]
+
+
+@dataclass(frozen=True)
+class PaymentOrder:
+    """A message that passed every check: who asks, under which key, for what."""
+
+    client_id: str
+    idempotency_key: str
+    body: PaymentRequest
+
+
+def _header_text(value: str | bytes | None) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return value or ""
+
+
+def message_headers(message: Message) -> list[tuple[str, bytes]]:
+    raw = message.headers() or []
+    pairs = raw.items() if isinstance(raw, dict) else raw
+    return [(name, _header_text(value).encode()) for name, value in pairs]
+
+
+def _header(headers: Sequence[tuple[str, bytes]], name: str) -> str | None:
+    for key, value in headers:
+        if key.lower() == name:
+            return value.decode("utf-8", errors="replace")
+    return None
+
+
+def _schema_reason(error: ValidationError) -> tuple[str, str]:
+    """An error code and a message built from locations and rules, never from the values."""
+    problems = error.errors(include_input=False, include_url=False)
+    if any(p["type"] == "card_data_not_allowed" for p in problems):
+        return "card_data_not_allowed", "card numbers are not accepted; send a pm_… token"
+    if any(p["type"] == "json_invalid" for p in problems):
+        return "invalid_json", "the message value is not valid JSON"
+    parts = [f"{'.'.join(str(x) for x in p['loc']) or 'body'}: {p['msg']}" for p in problems[:5]]
+    return "invalid_request", "; ".join(parts)
+
+
+def read_payment_order(
+    value: bytes | None, headers: Sequence[tuple[str, bytes]], max_bytes: int
+) -> PaymentOrder:
+    """Check a `payments.requests` message as the REST API checks a request; `Refused` says
+    why not."""
+    key = _header(headers, IDEMPOTENCY_KEY_HEADER)
+    if key is None or not key:
+        raise Refused("idempotency_key_missing", f"the {IDEMPOTENCY_KEY_HEADER} header is missing")
+    if not _IDEMPOTENCY_KEY.match(key):
+        raise Refused(
+            "idempotency_key_invalid",
+            f"{IDEMPOTENCY_KEY_HEADER} must be 8-255 characters of A-Z a-z 0-9 _ - : .",
+        )
+    client_id = _header(headers, CLIENT_ID_HEADER) or DEFAULT_CLIENT_ID
+    if not _CLIENT_ID.match(client_id):
+        raise Refused("client_id_invalid", f"{CLIENT_ID_HEADER} must match {_CLIENT_ID.pattern}")
+    if not value:
+        raise Refused("invalid_json", "the message has no value")
+    if len(value) > max_bytes:
+        raise Refused("request_too_large", f"the message value exceeds {max_bytes} bytes")
+    try:
+        body = PaymentRequest.model_validate_json(value)
+    except ValidationError as exc:
+        raise Refused(*_schema_reason(exc)) from None
+    return PaymentOrder(client_id=client_id, idempotency_key=key, body=body)
+
+
+def dead_letter_headers(
+    message: Message, headers: Sequence[tuple[str, bytes]], refusal: Refused
+) -> list[tuple[str, str | bytes | None]]:
+    """The original headers plus why and where from. A message refused for card data gets any
+    card-shaped header value redacted too (keys are hashed, never stored: a long numeric
+    invoice number is a fine idempotency key and is kept otherwise)."""
+    card_refused = refusal.code == "card_data_not_allowed"
+    kept = [
+        (
+            name,
+            b"[redacted]"
+            if card_refused and contains_card_number(value.decode(errors="replace"))
+            else value,
+        )
+        for name, value in headers
+    ]
+    return [
+        *kept,
+        (DLQ_REASON_HEADER, refusal.reason.encode()),
+        (DLQ_ERROR_CODE_HEADER, refusal.code.encode()),
+        ("dlq-source-topic", str(message.topic()).encode()),
+        ("dlq-source-partition", str(message.partition()).encode()),
+        ("dlq-source-offset", str(message.offset()).encode()),
+    ]
+
+
+class _NotAccepted(Exception):
+    """Temporal (or the DLQ) did not take the message: don't commit it; read it again."""
+
+
+class PaymentIntake:
+    """Consumes `payments.requests` in batches. Each batch's starts run concurrently; then, per
+    partition, offsets are committed up to the first message that was not accepted, and the
+    partition is rewound to it. A redelivered message is harmless: starts are idempotent."""
+
+    def __init__(
+        self, settings: Settings, temporal: Client, *, group_id: str | None = None
+    ) -> None:
+        assert settings.kafka_bootstrap_servers, "PAYSAGA_KAFKA_BOOTSTRAP_SERVERS is not set"
+        self._settings = settings
+        self._temporal = temporal
+        self._group_id = group_id or settings.kafka_intake_group
+        # librdkafka handles are not for concurrent use: every call goes through this thread.
+        self._kafka_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="intake")
+        self._consumer = Consumer(self._consumer_config())
+        self._dead_letters = Producer(
+            {
+                "bootstrap.servers": settings.kafka_bootstrap_servers,
+                "client.id": "paysaga-intake-dlq",
+                "enable.idempotence": True,
+                "acks": "all",
+                "linger.ms": settings.kafka_linger_ms,
+                "message.timeout.ms": settings.kafka_message_timeout_ms,
+            }
+        )
+
+    def _consumer_config(self) -> dict[str, Any]:
+        session_ms = self._settings.kafka_session_timeout_ms
+        return {
+            "bootstrap.servers": self._settings.kafka_bootstrap_servers,
+            "group.id": self._group_id,
+            "client.id": "paysaga-intake",
+            # Offsets are committed by hand, only once Temporal accepted the start.
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            # tansu answers ListOffsets LATEST wrongly; a new group must read from the start.
+            "auto.offset.reset": "earliest",
+            "session.timeout.ms": session_ms,
+            "heartbeat.interval.ms": max(session_ms // 3, 100),
+            "fetch.wait.max.ms": 100,
+        }
+
+    async def _kafka(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._kafka_thread, fn, *args)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume until `stop` is set, then leave the group cleanly."""
+        await self._kafka(self._consumer.subscribe, [REQUESTS_TOPIC])
+        log.info("intake consuming %s as group %s", REQUESTS_TOPIC, self._group_id)
+        try:
+            while not stop.is_set():
+                batch: list[Message] = await self._kafka(
+                    self._consumer.consume, _BATCH_SIZE, _POLL_SECONDS
+                )
+                messages = [m for m in batch if not self._is_error(m)]
+                if messages and not await self.take(messages):
+                    await _pause(stop, _RETRY_PAUSE_SECONDS)
+        finally:
+            await self._kafka(self._dead_letters.flush, 10.0)
+            await self._kafka(self._consumer.close)
+            self._kafka_thread.shutdown(wait=False)
+
+    def _is_error(self, message: Message) -> bool:
+        error = message.error()
+        if error is None:
+            return False
+        if error.code() != KafkaError._PARTITION_EOF:
+            log.warning("intake: consumer error: %s", error.str())
+        return True
+
+    async def take(self, messages: Sequence[Message]) -> bool:
+        """Start every message's payment; commit what was accepted. False if some were not."""
+        results = await asyncio.gather(
+            *(self._start_or_refuse(m) for m in messages), return_exceptions=True
+        )
+        dead_lettered = [m for m, r in zip(messages, results, strict=True) if r == "dead_lettered"]
+        if dead_lettered and not await self._dead_letters_delivered():
+            # Not on the DLQ for sure: treat them as not accepted, they will be refused again.
+            results = [
+                _NotAccepted("dead letter not acknowledged") if r == "dead_lettered" else r
+                for r in results
+            ]
+        accepted = [not isinstance(r, BaseException) for r in results]
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, _NotAccepted):
+                raise result  # a bug, not an outage: let the process supervisor see it
+        await self._commit_accepted(messages, accepted)
+        return all(accepted)
+
+    async def _start_or_refuse(self, message: Message) -> Outcome:
+        headers = message_headers(message)
+        try:
+            order = read_payment_order(message.value(), headers, self._settings.max_body_bytes)
+            _, replayed = await start_payment(
+                self._temporal,
+                self._settings,
+                order.client_id,
+                order.idempotency_key,
+                order.body,
+                source="kafka",
+            )
+        except Refused as refusal:
+            return self._dead_letter(message, headers, refusal)
+        except IdempotencyKeyReused:
+            reused = Refused(
+                "idempotency_key_reused",
+                "this idempotency-key already started a payment with a different body",
+            )
+            return self._dead_letter(message, headers, reused)
+        except Exception as exc:
+            INTAKE_MESSAGES.labels("retried").inc()
+            log.warning(
+                "intake: Temporal did not accept the start from %s[%s]@%s, will retry: %s",
+                message.topic(),
+                message.partition(),
+                message.offset(),
+                exc,
+            )
+            raise _NotAccepted(str(exc)) from exc
+        outcome: Outcome = "replayed" if replayed else "started"
+        INTAKE_MESSAGES.labels(outcome).inc()
+        return outcome
+
+    def _dead_letter(
+        self, message: Message, headers: Sequence[tuple[str, bytes]], refusal: Refused
+    ) -> Outcome:
+        # A refused card-bearing value is not copied anywhere: the DLQ must stay PAN-free.
+        value = None if refusal.code == "card_data_not_allowed" else message.value()
+        try:
+            self._dead_letters.produce(
+                REQUESTS_DLQ_TOPIC,
+                value=value,
+                key=message.key(),
+                headers=dead_letter_headers(message, headers, refusal),
+            )
+        except (BufferError, KafkaException) as exc:
+            raise _NotAccepted(f"dead letter not queued: {exc}") from exc
+        INTAKE_MESSAGES.labels("dead_lettered").inc()
+        log.warning(
+            "intake: %s[%s]@%s dead-lettered: %s (%s)",
+            message.topic(),
+            message.partition(),
+            message.offset(),
+            refusal.code,
+            refusal.reason,
+        )
+        return "dead_lettered"
+
+    async def _dead_letters_delivered(self) -> bool:
+        remaining = await self._kafka(
+            self._dead_letters.flush, self._settings.kafka_message_timeout_ms / 1000
+        )
+        return int(remaining) == 0
+
+    async def _commit_accepted(self, messages: Sequence[Message], accepted: Sequence[bool]) -> None:
+        """Per partition: commit past the accepted prefix; rewind to the first refusal."""
+        prefix_end: dict[tuple[str, int], int] = {}
+        rewind_to: dict[tuple[str, int], int] = {}
+        for message, ok in sorted(
+            zip(messages, accepted, strict=True), key=lambda pair: _number(pair[0].offset())
+        ):
+            where = (str(message.topic()), _number(message.partition()))
+            if where in rewind_to:
+                continue
+            if ok:
+                prefix_end[where] = _number(message.offset()) + 1
+            else:
+                rewind_to[where] = _number(message.offset())
+        commits = [TopicPartition(t, p, offset) for (t, p), offset in prefix_end.items()]
+        if commits:
+            try:
+                await self._kafka(
+                    lambda: self._consumer.commit(offsets=commits, asynchronous=False)
+                )
+            except Exception as exc:
+                # e.g. the partition was reassigned meanwhile: its new owner re-reads and the
+                # starts are idempotent.
+                log.warning("intake: commit failed, messages will be redelivered: %s", exc)
+        for (topic, partition), offset in rewind_to.items():
+            try:
+                await self._kafka(self._consumer.seek, TopicPartition(topic, partition, offset))
+            except Exception as exc:
+                log.warning("intake: cannot rewind %s[%d] to %d: %s", topic, partition, offset, exc)
+
+
+def _number(value: int | None) -> int:
+    return -1 if value is None else value
+
+
+async def _pause(stop: asyncio.Event, seconds: float) -> None:
+    with suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+def _report_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("intake stopped consuming", exc_info=task.exception())
+
+
+@asynccontextmanager
+async def running_intake(
+    settings: Settings, temporal: Client, *, group_id: str | None = None
+) -> AsyncIterator[PaymentIntake]:
+    """Run the intake in this event loop until the block exits."""
+    intake = PaymentIntake(settings, temporal, group_id=group_id)
+    stop = asyncio.Event()
+    task = asyncio.create_task(intake.run(stop), name="payments-intake")
+    task.add_done_callback(_report_crash)
+    try:
+        yield intake
+    finally:
+        stop.set()
+        await task
+
+
+async def main() -> None:
+    from infra.logs import configure_logging
+    from infra.observability import worker_telemetry
+    from infra.temporal_client import connect_client
+
+    settings = get_settings()
+    configure_logging(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    with worker_telemetry(settings, "paysaga-intake"):
+        client = await connect_client(settings)
+        await PaymentIntake(settings, client).run(stop)
+
+
+if __name__ == "__main__":
+    from infra.exit import run_and_exit
+
+    run_and_exit(main)
