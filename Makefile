@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.paysaga-installed
+BROWSER_STAMP := $(VENV)/.browser-checked
 
 .PHONY: run test test-fast test-slow lint bench check clean
 
@@ -11,7 +12,10 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	@# The Temporal UI test drives headless Chromium (Debian package); it skips only without it.
+	@touch $(STAMP)
+
+# The Temporal UI test drives headless Chromium (a Debian package); it skips only without it.
+$(BROWSER_STAMP):
 	@command -v chromium >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    (apt-get update -qq && apt-get install -y -qq chromium) \
@@ -20,18 +24,18 @@ $(STAMP): pyproject.toml
 	    echo "note: chromium is missing (as root: apt-get install -y chromium);" \
 	         "tests/test_temporal_ui.py will skip"; \
 	  fi; }
-	@touch $(STAMP)
+	@touch $(BROWSER_STAMP)
 
 run: $(STAMP)
 	$(BIN)/paysaga run
 
-test: $(STAMP)
+test: $(STAMP) $(BROWSER_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(BROWSER_STAMP)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-slow: $(STAMP)
