@@ -1,0 +1,1 @@
+"""The `paysaga` command: `run` starts the whole system; the others talk to its REST API."""
