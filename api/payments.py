@@ -6,10 +6,13 @@ import asyncio
 import base64
 import binascii
 import hashlib
+import hmac
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
+from pydantic import AfterValidator
+from pydantic_core import PydanticCustomError
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
@@ -26,6 +29,7 @@ from api.resources import (
     PaymentResource,
     RefundResource,
 )
+from domain.cards import contains_card_number
 from domain.events import EventKind
 from domain.payment import (
     CancelSignal,
@@ -240,6 +244,43 @@ async def get_payment(
     return PaymentResource.of(await load_payment(request, payment_id, client))
 
 
+def _no_card_number(value: str | None) -> str | None:
+    """A filter is a string field too: a card number searched for would reach query logs."""
+    if value is not None and contains_card_number(value):
+        raise PydanticCustomError(
+            "card_data_not_allowed",
+            "Card numbers are not accepted; send a payment-method token (pm_…) instead.",
+        )
+    return value
+
+
+# A cursor is Temporal's page token plus a check over it and the client it was issued to. Temporal
+# cannot tell a mangled token from a fault of its own (it answers "something went wrong" after
+# the client's retries, i.e. a slow 500); checked here, any cursor we did not issue is a 400.
+_CURSOR_CHECK_BYTES = 8
+
+
+def _cursor_check(client_id: str, token: bytes) -> bytes:
+    digest = hashlib.sha256(b"paysaga-cursor\x1f" + client_id.encode() + b"\x1f" + token)
+    return digest.digest()[:_CURSOR_CHECK_BYTES]
+
+
+def _cursor(client_id: str, token: bytes) -> str:
+    return base64.urlsafe_b64encode(_cursor_check(client_id, token) + token).decode()
+
+
+def _page_token(client_id: str, cursor: str) -> bytes | None:
+    """The page token inside a cursor we issued to this client, else None."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor.encode("ascii"))
+    except (binascii.Error, ValueError):
+        return None
+    check, token = raw[:_CURSOR_CHECK_BYTES], raw[_CURSOR_CHECK_BYTES:]
+    if not token or not hmac.compare_digest(check, _cursor_check(client_id, token)):
+        return None
+    return token
+
+
 def _quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -253,7 +294,11 @@ def _quote(value: str) -> str:
 async def list_payments(
     request: Request,
     status: PaymentStatus | None = None,
-    customer_id: Annotated[str | None, Query(max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")] = None,
+    customer_id: Annotated[
+        str | None,
+        Query(max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$"),
+        AfterValidator(_no_card_number),
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[str | None, Query(max_length=2048)] = None,
     client: ApiClient = Depends(require_scope("payments:read")),
@@ -268,12 +313,9 @@ async def list_payments(
         clauses.append(f"CustomerId = {_quote(customer_id)}")
     token: bytes | None = None
     if cursor:
-        try:
-            token = base64.urlsafe_b64decode(cursor.encode())
-        except (binascii.Error, ValueError):
-            raise ApiError(
-                400, "invalid_request_error", "cursor_invalid", "Bad cursor.", "cursor"
-            ) from None
+        token = _page_token(client.client_id, cursor)
+        if token is None:
+            raise ApiError(400, "invalid_request_error", "cursor_invalid", "Bad cursor.", "cursor")
     iterator = _temporal(request).list_workflows(
         " AND ".join(clauses), page_size=limit, next_page_token=token
     )
@@ -304,7 +346,7 @@ async def list_payments(
     return PaymentList(
         data=items,
         has_more=bool(next_token),
-        next_cursor=base64.urlsafe_b64encode(next_token).decode() if next_token else None,
+        next_cursor=_cursor(client.client_id, next_token) if next_token else None,
     )
 
 
@@ -322,8 +364,13 @@ def _running(request: Request, state: PaymentState) -> WorkflowHandle[Any, Any]:
 
 async def _ensure_open(request: Request, state: PaymentState) -> WorkflowHandle[Any, Any]:
     handle = _running(request, state)
-    described = await handle.describe()
-    if described.status != WorkflowExecutionStatus.RUNNING:
+    try:
+        status = (await handle.describe()).status
+    except RPCError as exc:
+        if exc.status != RPCStatusCode.NOT_FOUND:
+            raise
+        status = None  # closed long ago: only the ledger remembers it
+    if status != WorkflowExecutionStatus.RUNNING:
         raise ApiError(
             409,
             "invalid_request_error",
@@ -360,6 +407,14 @@ async def create_refund(
             RefundSignal(refund_id=refund_id, amount=body.amount, reason=body.reason),
         )
     else:
+        if body.amount is not None and body.amount != existing.amount:
+            raise ApiError(
+                409,
+                "idempotency_error",
+                "idempotency_key_reused",
+                "This Idempotency-Key was already used for a refund of another amount.",
+                "Idempotency-Key",
+            )
         response.headers["Idempotent-Replayed"] = "true"
         handle = _running(request, state)
 
@@ -511,21 +566,20 @@ async def close_dispute(
     response_model=PaymentResource,
     responses=error_responses(401, 403, 404, 409, 422),
     summary="Cancel a payment before it is posted to the ledger",
+    description="200 once canceled; 202 when the cancel was accepted but the payment is still "
+    "finishing the step under way (poll it); 409 once it is posted: refund it instead.",
 )
 async def cancel_payment(
     payment_id: PaymentId,
     request: Request,
+    response: Response,
     wait: Wait = 10,
     client: ApiClient = Depends(require_scope("payments:write")),
 ) -> PaymentResource:
     state = await load_payment(request, payment_id, client)
     if state.status == PaymentStatus.CANCELED:
         return PaymentResource.of(state)
-    if state.ledger_posted or state.status not in (
-        PaymentStatus.RECEIVED,
-        PaymentStatus.REQUIRES_REVIEW,
-        PaymentStatus.PROCESSING,
-    ):
+    if state.ledger_posted or state.status not in _CANCELABLE:
         raise _cannot_cancel(state)
     handle = await _ensure_open(request, state)
     await handle.signal(PaymentWorkflow.cancel, CancelSignal(reason="requested_by_customer"))
@@ -535,9 +589,17 @@ async def cancel_payment(
         lambda s: s.status == PaymentStatus.CANCELED or s.cancel_refused is not None,
     )
     final = final or state
-    if final.status != PaymentStatus.CANCELED:
+    if final.status == PaymentStatus.CANCELED:
+        return PaymentResource.of(final)
+    if final.cancel_refused is not None or final.status not in _CANCELABLE:
         raise _cannot_cancel(final)
+    # Accepted, not yet carried out (e.g. payments.raw is still being published): the
+    # workflow stops before the ledger posting.
+    response.status_code = 202
     return PaymentResource.of(final)
+
+
+_CANCELABLE = (PaymentStatus.RECEIVED, PaymentStatus.REQUIRES_REVIEW, PaymentStatus.PROCESSING)
 
 
 def _cannot_cancel(state: PaymentState) -> ApiError:

@@ -14,13 +14,15 @@ reverse: reverse the posting, void payments.raw (payments.failed / payments.canc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
+from collections.abc import Awaitable
 from datetime import timedelta
 from typing import Any, TypedDict
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributePair, TypedSearchAttributes
-from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
+from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
     from activities.crm import CrmActivities, CrmNotification, CrmTarget
@@ -109,20 +111,23 @@ class PaymentWorkflow:
         self.review_approved = False
         self.cancel_requested: CancelSignal | None = None
         self.posting_started = self.state.ledger_posted
+        self.posting_reversed = False
 
     # ── the saga ──────────────────────────────────────────────────────────────────────────
     @workflow.run
     async def run(self, input: PaymentWorkflowInput) -> PaymentState:
-        if input.carried_state is None:
-            taken = await self.take_payment()
-            if not taken:
+        try:
+            if input.carried_state is None and not await self.take_payment():
                 await self.record_outcome()
                 return self.state
-        try:
             await self.serve_follow_ups_until_window_closes()
-        except asyncio.CancelledError:
-            # Canceling a succeeded payment only closes its follow-up window: money stays.
-            await self.record_outcome()
+        except (asyncio.CancelledError, ActivityError) as stop:
+            if not is_cancelled_exception(stop):
+                raise
+            # An operator pressed Cancel in the Temporal UI. Whatever was under way has run to
+            # its end or been compensated by now; a succeeded payment keeps its money and only
+            # loses its follow-up window.
+            await self.close_after_operator_cancel()
             raise
         await self.record_outcome()
         return self.state
@@ -138,35 +143,42 @@ class PaymentWorkflow:
         if assessment.score >= self.policy.review_threshold and not await self.await_review():
             await self.end_without_capture(PaymentStatus.DECLINED, EventKind.REJECTED, "declined")
             return False
+        if self.cancel_requested is not None:
+            # Canceled while it was being assessed: nothing was published or posted yet.
+            await self.end_without_capture(PaymentStatus.CANCELED, EventKind.CANCELED, "")
+            return False
 
+        # Each do-step runs to its end even if the workflow is canceled meanwhile: its undo
+        # must know whether it took effect (a capture committing after the workflow gave up
+        # on it would never be reversed; a payments.confirmed landing after payments.canceled
+        # would un-void the payment for consumers).
         saga = Compensations()
         try:
-            self.stop_if_canceled()
             self.set_status(PaymentStatus.PROCESSING, "publishing payments.raw to Kafka")
             saga.add("void payments.raw", self.void_raw_event)
-            await self.publish(EventKind.RAW)
+            await _run_to_completion(self.publish(EventKind.RAW))
 
             self.stop_if_canceled()
             self.posting_started = True
             self.set_status(PaymentStatus.PROCESSING, "posting the ledger transaction")
             saga.add("reverse the ledger posting", self.reverse_posting)
-            await self.post_capture()
+            await _run_to_completion(self.post_capture())
 
             self.set_status(PaymentStatus.PROCESSING, "publishing payments.confirmed to Kafka")
-            await self.publish(EventKind.CONFIRMED)
+            await _run_to_completion(self.publish(EventKind.CONFIRMED))
             saga.clear()
         except PaymentCanceled:
             await saga.unwind()
             self.set_status(PaymentStatus.CANCELED, "", note=self.cancel_note())
             return False
         except ActivityError as failure:
-            if not isinstance(failure.cause, CancelledError):
-                self.state.failure_reason = _failure_message(failure)
-                await saga.unwind()
-                self.set_status(PaymentStatus.FAILED, "", note=self.state.failure_reason)
-                return False
-            await self.compensate_operator_cancel(saga)
-            raise
+            if is_cancelled_exception(failure):
+                await self.compensate_operator_cancel(saga)
+                raise
+            self.state.failure_reason = _failure_message(failure)
+            await saga.unwind()
+            self.set_status(PaymentStatus.FAILED, "", note=self.state.failure_reason)
+            return False
         except asyncio.CancelledError:
             await self.compensate_operator_cancel(saga)
             raise
@@ -176,10 +188,29 @@ class PaymentWorkflow:
         return True
 
     async def compensate_operator_cancel(self, saga: Compensations) -> None:
-        """An operator pressed Cancel in the Temporal UI before the payment was confirmed."""
-        self.cancel_requested = CancelSignal(reason="workflow canceled by an operator")
+        """An operator pressed Cancel in the Temporal UI before the payment was confirmed:
+        reverse the posting, void payments.raw with payments.canceled, then tell the CRM."""
+        self.cancel_requested = CancelSignal(reason=_OPERATOR_CANCEL)
         await saga.unwind()
         self.set_status(PaymentStatus.CANCELED, "", note=self.cancel_note())
+        if self.posting_reversed:
+            await self.notify_crm(EventKind.CANCELED)
+
+    async def close_after_operator_cancel(self) -> None:
+        if self.state.status in (PaymentStatus.RECEIVED, PaymentStatus.REQUIRES_REVIEW):
+            # Canceled while being assessed or reviewed: consumers still hear that it ended.
+            self.cancel_requested = CancelSignal(reason=_OPERATOR_CANCEL)
+            await _run_to_completion(
+                self.end_without_capture(PaymentStatus.CANCELED, EventKind.CANCELED, "")
+            )
+        why = "the payment's workflow was canceled before this was carried out"
+        for refund in self.state.refunds:
+            if refund.status == FollowUpStatus.PENDING:
+                refund.status, refund.failure_reason = FollowUpStatus.FAILED, why
+        for dispute in self.state.disputes:
+            if dispute.status == "pending":
+                dispute.status, dispute.failure_reason = "failed", why
+        self.follow_ups.clear()
         await self.record_outcome()
 
     async def assess(self) -> FraudAssessment:
@@ -207,6 +238,7 @@ class PaymentWorkflow:
             )
         except TimeoutError:
             self.review = ReviewDecision(reviewer="system", note="review timed out: auto-declined")
+            self.state.review = self.review
         if self.cancel_requested is not None:
             return False
         return self.review_approved
@@ -215,17 +247,22 @@ class PaymentWorkflow:
         if self.cancel_requested is not None:
             status, kind, why = PaymentStatus.CANCELED, EventKind.CANCELED, self.cancel_note()
         self.set_status(status, f"publishing payments.{kind.value}", note=why)
-        await self.publish(kind)
+        await _run_to_completion(self.publish(kind))
         self.set_status(status, "", note=why)
 
     # ── compensations ─────────────────────────────────────────────────────────────────────
     async def void_raw_event(self) -> None:
-        canceled = self.cancel_requested is not None
-        await self.publish(EventKind.CANCELED if canceled else EventKind.FAILED)
+        """Downstream consumers void payments.raw on payments.failed / payments.canceled, which
+        share its key and so its partition: they always read the void after the raw event."""
+        kind = EventKind.CANCELED if self.cancel_requested is not None else EventKind.FAILED
+        # The status the payment ends with, not the `processing` it still shows while unwinding.
+        await self.publish(kind, data={"status": kind.value})
 
     async def reverse_posting(self) -> None:
+        """Idempotent: the ledger keys the reversal by (payment, kind), so a retried or replayed
+        reversal posts once."""
         if not self.state.ledger_posted:
-            return
+            return  # the capture never committed (the posting ran to completion: we know)
         request = self.state.request
         await self.post(
             entries.reversal_transaction(
@@ -237,43 +274,64 @@ class PaymentWorkflow:
             ),
             self.state.captured,
             EventKind.CANCELED,
+            data={"status": PaymentStatus.CANCELED.value},
         )
         self.state.captured = 0
         self.state.ledger_posted = False
-        await self.notify_crm(EventKind.CANCELED)
+        self.posting_reversed = True
 
     # ── follow-ups: refunds and disputes, until the dispute window closes ─────────────────
     async def serve_follow_ups_until_window_closes(self) -> None:
+        """Run refunds and disputes in arrival order until the dispute window closes. A dispute
+        still open then keeps the workflow until it is closed: its funds are held."""
         closes_at = self.state.created_at + timedelta(seconds=self.policy.dispute_window_seconds)
         while True:
-            self.describe_waiting(
-                f"refunds or disputes until the window closes at {closes_at:%Y-%m-%d %H:%M} UTC"
-            )
             remaining = (closes_at - workflow.now()).total_seconds()
-            if remaining <= 0 and not self.follow_ups:
+            if remaining > 0:
+                self.describe_waiting(
+                    f"refunds or disputes until the window closes at {closes_at:%Y-%m-%d %H:%M} UTC"
+                )
+            elif self.follow_ups or self.holds_disputed_funds():
+                self.describe_waiting("the open disputes to close (the dispute window has closed)")
+            else:
+                self.describe_waiting("")
                 return
             try:
+                # Signals that queue nothing (duplicates, refused ones) still grow the history.
                 await workflow.wait_condition(
-                    lambda: bool(self.follow_ups), timeout=timedelta(seconds=max(remaining, 0.001))
+                    lambda: bool(self.follow_ups) or self.history_is_long(),
+                    timeout=timedelta(seconds=remaining) if remaining > 0 else None,
                 )
             except TimeoutError:
-                if not self.follow_ups:
-                    return
+                continue
             while self.follow_ups:
-                await self.run_follow_up(self.follow_ups.popleft())
-            if workflow.info().is_continue_as_new_suggested() or (
-                workflow.info().get_current_history_length()
-                > self.policy.continue_as_new_after_events
-            ):
-                await workflow.wait_condition(workflow.all_handlers_finished)
-                workflow.continue_as_new(
-                    self.input.model_copy(
-                        update={
-                            "carried_state": self.state,
-                            "pending_follow_ups": list(self.follow_ups),
-                        }
-                    )
-                )
+                # A follow-up that started moving money finishes (ledger, event, CRM) even if
+                # the workflow is canceled meanwhile; the cancellation takes effect after it.
+                await _run_to_completion(self.run_follow_up(self.follow_ups.popleft()))
+                await self.continue_as_new_if_history_is_long()
+            await self.continue_as_new_if_history_is_long()
+
+    def history_is_long(self) -> bool:
+        info = workflow.info()
+        return info.is_continue_as_new_suggested() or (
+            info.get_current_history_length() > self.policy.continue_as_new_after_events
+        )
+
+    def holds_disputed_funds(self) -> bool:
+        return any(d.status in ("pending", "open") for d in self.state.disputes)
+
+    async def continue_as_new_if_history_is_long(self) -> None:
+        """Many refunds or disputes would grow the history without bound: carry the state and
+        the follow-ups not yet run into a fresh run. Signals that arrive meanwhile are either
+        handled before the new run starts (and carried) or delivered to the new run."""
+        if not self.history_is_long():
+            return
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        workflow.continue_as_new(
+            self.input.model_copy(
+                update={"carried_state": self.state, "pending_follow_ups": list(self.follow_ups)}
+            )
+        )
 
     async def run_follow_up(self, follow_up: FollowUp) -> None:
         match follow_up:
@@ -288,6 +346,7 @@ class PaymentWorkflow:
         refund = next(r for r in self.state.refunds if r.id == signal.refund_id)
         request = self.state.request
         self.describe_waiting(f"posting refund {refund.id}")
+        data = {"refund_id": refund.id, "amount": refund.amount}
         try:
             await self.post(
                 entries.refund_transaction(
@@ -297,18 +356,16 @@ class PaymentWorkflow:
                 refund.amount,
                 EventKind.REFUNDED,
                 reference=refund.id,
+                data=data,
             )  # fmt: skip
         except ActivityError as failure:
+            # The ledger refused it (it re-checks refunded + disputed <= captured itself).
             refund.status, refund.failure_reason = FollowUpStatus.FAILED, _failure_message(failure)
             return
         refund.status = FollowUpStatus.SUCCEEDED
         self.state.refunded += refund.amount
         self.set_status(self.status_from_amounts(), f"publishing refund {refund.id}")
-        await self.publish(
-            EventKind.REFUNDED,
-            reference=refund.id,
-            data={"refund_id": refund.id, "amount": refund.amount},
-        )
+        await self.publish(EventKind.REFUNDED, reference=refund.id, data=data)
         await self.notify_crm(
             EventKind.REFUNDED,
             reference=refund.id,
@@ -318,6 +375,11 @@ class PaymentWorkflow:
     async def post_dispute_opened(self, signal: DisputeOpenedSignal) -> None:
         dispute = self.find_dispute(signal.dispute_id)
         request = self.state.request
+        data = {
+            "dispute_id": dispute.id,
+            "amount": dispute.amount,
+            "reason_code": dispute.reason_code,
+        }
         try:
             await self.post(
                 entries.dispute_opened_transaction(
@@ -326,6 +388,7 @@ class PaymentWorkflow:
                 dispute.amount,
                 EventKind.DISPUTE_OPENED,
                 reference=dispute.id,
+                data=data,
             )
         except ActivityError as failure:
             dispute.status, dispute.failure_reason = "failed", _failure_message(failure)
@@ -333,11 +396,6 @@ class PaymentWorkflow:
         dispute.status = "open"
         self.state.disputed += dispute.amount
         self.set_status(self.status_from_amounts(), f"publishing dispute {dispute.id}")
-        data = {
-            "dispute_id": dispute.id,
-            "amount": dispute.amount,
-            "reason_code": dispute.reason_code,
-        }
         await self.publish(EventKind.DISPUTE_OPENED, reference=dispute.id, data=data)
         await self.notify_crm(EventKind.DISPUTE_OPENED, reference=dispute.id, details=data)
 
@@ -359,24 +417,26 @@ class PaymentWorkflow:
                 dispute.amount, fee, request.currency,
             )
         )  # fmt: skip
-        try:
-            await self.post(transaction, dispute.amount, kind, reference=dispute.id)
-        except ActivityError as failure:
-            dispute.failure_reason = _failure_message(failure)
-            return
-        dispute.status = signal.outcome
-        self.state.disputed -= dispute.amount
-        if not won:
-            self.state.dispute_lost += dispute.amount
-        self.set_status(
-            self.status_from_amounts(), f"publishing dispute {dispute.id} {signal.outcome}"
-        )
         data = {
             "dispute_id": dispute.id,
             "amount": dispute.amount,
             "outcome": signal.outcome,
             "fee": fee,
         }
+        try:
+            await self.post(transaction, dispute.amount, kind, reference=dispute.id, data=data)
+        except ActivityError as failure:
+            # The funds stay held (status open); the reason tells the operator why.
+            dispute.failure_reason = _failure_message(failure)
+            return
+        dispute.status = signal.outcome
+        dispute.failure_reason = None
+        self.state.disputed -= dispute.amount
+        if not won:
+            self.state.dispute_lost += dispute.amount
+        self.set_status(
+            self.status_from_amounts(), f"publishing dispute {dispute.id} {signal.outcome}"
+        )
         await self.publish(kind, reference=dispute.id, data=data)
         await self.notify_crm(kind, reference=dispute.id, details=data)
 
@@ -538,6 +598,7 @@ class PaymentWorkflow:
         amount: int,
         kind: EventKind,
         reference: str = "",
+        data: dict[str, Any] | None = None,
     ) -> None:
         request = self.state.request
         posting = LedgerPosting(
@@ -551,7 +612,7 @@ class PaymentWorkflow:
                 merchant_id=request.merchant_id,
                 currency=request.currency,
             ),
-            event=self.event(kind, reference)
+            event=self.event(kind, reference, data)
             if kind.from_ledger or kind == EventKind.CANCELED
             else None,
         )
@@ -641,9 +702,25 @@ class PaymentWorkflow:
         )
 
 
+_OPERATOR_CANCEL = "workflow canceled by an operator"
+
 _ENDED = frozenset(
     {PaymentStatus.REJECTED, PaymentStatus.DECLINED, PaymentStatus.CANCELED, PaymentStatus.FAILED}
 )
+
+
+async def _run_to_completion(step: Awaitable[None]) -> None:
+    """Run `step` to its end even if the workflow is canceled while it runs, then let the
+    cancellation through. Its activities are never abandoned half way, so the code that reacts
+    to the cancellation knows whether the step took effect."""
+    task = asyncio.ensure_future(step)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        # The step's own failure is moot now: the cancellation decides what happens next.
+        with contextlib.suppress(ActivityError, ApplicationError):
+            await task
+        raise
 
 
 def _failure_message(failure: BaseException) -> str:
