@@ -169,6 +169,8 @@ class CrmSync(StrEnum):
     SYNCED = "synced"
     FAILED = "failed"
     NOT_CONFIGURED = "not_configured"
+    # The payment ended before money moved (rejected, declined, canceled early): nothing to tell.
+    SKIPPED = "skipped"
 
 
 class FraudAssessment(BaseModel):
@@ -304,7 +306,10 @@ class PaymentState(BaseModel):
     refunds: list[Refund] = Field(default_factory=list)
     disputes: list[Dispute] = Field(default_factory=list)
     history: list[StatusChange] = Field(default_factory=list)
+    # Each event of this payment gets the next number, once (retries reuse it), so consumers
+    # can order a payment's events across topics: `data.sequence`.
     event_sequence: int = 0
+    event_sequences: dict[str, int] = Field(default_factory=dict)
 
     @property
     def refundable(self) -> int:

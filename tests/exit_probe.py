@@ -34,7 +34,9 @@ async def test_round_trip_then_exit() -> None:
         dev_server_existing_path=temporal_binary(),
         dev_server_extra_args=["--headless", "--log-level", "error"],
     ) as env:
-        async with Worker(env.client, task_queue="probe", workflows=[EchoWorkflow], activities=[echo]):
+        async with Worker(
+            env.client, task_queue="probe", workflows=[EchoWorkflow], activities=[echo]
+        ):
             result = await env.client.execute_workflow(
                 EchoWorkflow.run, "ok", id=f"probe-{uuid.uuid4()}", task_queue="probe"
             )

@@ -546,7 +546,12 @@ class PaymentWorkflow:
         if status != self.state.status:
             self.state.history.append(StatusChange(status=status, at=now, note=note))
             self.state.status = status
-            workflow.upsert_search_attributes([sa.PAYMENT_STATUS.value_set(status.value)])
+            updates = [sa.PAYMENT_STATUS.value_set(status.value)]
+            if status in _ENDED and self.state.crm_sync == CrmSync.PENDING:
+                # Never told, nothing to tell: keeps CrmSync="pending" meaning "still to do".
+                self.state.crm_sync = CrmSync.SKIPPED
+                updates.append(sa.CRM_SYNC.value_set(CrmSync.SKIPPED.value))
+            workflow.upsert_search_attributes(updates)
         self.state.updated_at = now
         self.describe_waiting(waiting_for)
 
@@ -577,8 +582,13 @@ class PaymentWorkflow:
         if self.state.failure_reason and kind == EventKind.FAILED:
             body["failure_reason"] = self.state.failure_reason
         body.update(data or {})
+        the_id = event_id(self.state.id, kind, reference)
+        if the_id not in self.state.event_sequences:
+            self.state.event_sequence += 1
+            self.state.event_sequences[the_id] = self.state.event_sequence
+        body["sequence"] = self.state.event_sequences[the_id]
         return PaymentEvent(
-            id=event_id(self.state.id, kind, reference),
+            id=the_id,
             kind=kind,
             payment_id=self.state.id,
             time=workflow.now(),
