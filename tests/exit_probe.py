@@ -30,15 +30,15 @@ class EchoWorkflow:
 
 
 async def test_round_trip_then_exit() -> None:
-    async with await WorkflowEnvironment.start_local(
-        dev_server_existing_path=temporal_binary(),
-        dev_server_extra_args=["--headless", "--log-level", "error"],
-    ) as env:
-        async with Worker(
-            env.client, task_queue="probe", workflows=[EchoWorkflow], activities=[echo]
-        ):
-            result = await env.client.execute_workflow(
-                EchoWorkflow.run, "ok", id=f"probe-{uuid.uuid4()}", task_queue="probe"
-            )
+    async with (
+        await WorkflowEnvironment.start_local(
+            dev_server_existing_path=temporal_binary(),
+            dev_server_extra_args=["--headless", "--log-level", "error"],
+        ) as env,
+        Worker(env.client, task_queue="probe", workflows=[EchoWorkflow], activities=[echo]),
+    ):
+        result = await env.client.execute_workflow(
+            EchoWorkflow.run, "ok", id=f"probe-{uuid.uuid4()}", task_queue="probe"
+        )
     assert result == "ok"
     assert os.environ.get("PAYSAGA_PROBE_FAIL") != "1", "this run is meant to fail"

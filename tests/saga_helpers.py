@@ -61,9 +61,11 @@ async def ledger_rows(engine: AsyncEngine, payment_id: str) -> list[dict[str, An
     async with engine.connect() as conn:
         rows = await conn.execute(
             text(
-                "SELECT t.kind, t.reference, e.currency, sum(e.amount) AS total, count(*) AS entries "
+                "SELECT t.kind, t.reference, e.currency, sum(e.amount) AS total, "
+                "count(*) AS entries "
                 "FROM ledger_transactions t JOIN ledger_entries e ON e.transaction_id = t.id "
-                "WHERE t.payment_id = :p GROUP BY t.id, t.kind, t.reference, e.currency, t.created_at "
+                "WHERE t.payment_id = :p "
+                "GROUP BY t.id, t.kind, t.reference, e.currency, t.created_at "
                 "ORDER BY t.created_at"
             ),
             {"p": payment_id},

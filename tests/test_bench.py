@@ -28,7 +28,10 @@ async def http_api(
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(app_settings, temporal_client), host="127.0.0.1", port=port, log_level="warning"
+            create_app(app_settings, temporal_client),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
         )
     )
     serving = asyncio.create_task(server.serve())
