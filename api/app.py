@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy import text
 from temporalio.client import Client
 
@@ -21,6 +23,11 @@ from infra.logs import configure_logging
 from infra.observability import configure_tracing, install_api_observability
 from infra.temporal_client import connect_client
 from settings import Settings, get_settings
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "unavailable"]
+    checks: dict[str, bool]
 
 
 def create_app(settings: Settings | None = None, temporal: Client | None = None) -> FastAPI:
@@ -55,7 +62,15 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"], summary="Temporal, the broker and the database answer")
+    @app.get(
+        "/readyz",
+        tags=["health"],
+        summary="Temporal, the broker and the database answer",
+        responses={
+            200: {"model": Readiness},
+            503: {"model": Readiness, "description": "A backing service does not answer."},
+        },
+    )
     async def readyz(request: Request) -> JSONResponse:
         checks = {
             "temporal": await _temporal_ready(request.app.state.temporal),

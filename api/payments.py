@@ -108,6 +108,7 @@ def policy_for(settings: Settings, body: PaymentRequest) -> PaymentPolicy:
         dispute_window_seconds=settings.dispute_window_seconds,
         chargeback_fee_minor=settings.chargeback_fee_minor,
         continue_as_new_after_events=settings.continue_as_new_after_events,
+        local_activities=settings.local_activities,
         crm_targets=[t.value for t in crm_targets_for(settings, probe)],
     )
 
@@ -384,7 +385,7 @@ async def _ensure_open(request: Request, state: PaymentState) -> WorkflowHandle[
     "/payments/{payment_id}/refunds",
     status_code=201,
     response_model=RefundResource,
-    responses=error_responses(400, 401, 403, 404, 409, 422),
+    responses=error_responses(400, 401, 403, 404, 409, 413, 422, 503),
     summary="Refund a payment, in full or in part",
 )
 async def create_refund(
@@ -469,7 +470,7 @@ def _check_refundable(state: PaymentState, amount: int | None) -> None:
     "/payments/{payment_id}/disputes",
     status_code=201,
     response_model=DisputeResource,
-    responses=error_responses(400, 401, 403, 404, 409, 422),
+    responses=error_responses(400, 401, 403, 404, 409, 413, 422, 503),
     summary="Record a dispute (chargeback) opened by the card network",
 )
 async def open_dispute(
@@ -523,7 +524,7 @@ async def _await_dispute(
 @router.post(
     "/payments/{payment_id}/disputes/{dispute_id}/close",
     response_model=DisputeResource,
-    responses=error_responses(400, 401, 403, 404, 409, 422),
+    responses=error_responses(400, 401, 403, 404, 409, 413, 422, 503),
     summary="Close a dispute as won or lost",
 )
 async def close_dispute(
@@ -561,10 +562,16 @@ async def close_dispute(
     return await _await_dispute(request, state, dispute_id, wait, ("won", "lost", "failed"))
 
 
+_CANCEL_ACCEPTED: dict[str, Any] = {
+    "model": PaymentResource,
+    "description": "The cancel was accepted; the payment is finishing the step under way.",
+}
+
+
 @router.post(
     "/payments/{payment_id}/cancel",
     response_model=PaymentResource,
-    responses=error_responses(401, 403, 404, 409, 422),
+    responses={**error_responses(401, 403, 404, 409, 413, 422), 202: _CANCEL_ACCEPTED},
     summary="Cancel a payment before it is posted to the ledger",
     description="200 once canceled; 202 when the cancel was accepted but the payment is still "
     "finishing the step under way (poll it); 409 once it is posted: refund it instead.",
