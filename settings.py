@@ -77,6 +77,8 @@ class Settings(BaseSettings):
     dispute_window_days: float = 120.0
     chargeback_fee_minor: int = 1500
     continue_as_new_after_events: int = 2000
+    # Short forward steps as local activities (docs: README "Performance").
+    local_activities: bool = True
 
     # Kafka
     kafka_message_timeout_ms: int = 20_000

@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 
-from cli import bench
+from cli import bench, check
 from cli.client import (
     DEFAULT_API_URL,
     ApiFailure,
@@ -258,7 +258,7 @@ def cancel(
 
 # ── sub-commands from their own modules: one line each ───────────────────────────────────
 app.command("bench")(bench.main)
-# app.command("check")(check.main)   # cli/check.py
+app.command("check")(check.main)
 
 
 def main() -> None:

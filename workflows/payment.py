@@ -16,9 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import Any, TypedDict
+from typing import Any, TypedDict, TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributePair, TypedSearchAttributes
@@ -66,6 +66,13 @@ _INFRA_RETRY = RetryPolicy(
     maximum_interval=timedelta(seconds=10),
     non_retryable_error_types=list(NON_RETRYABLE),
 )
+
+
+# A step's failure: temporalio wraps a regular activity's in ActivityError but raises a local
+# activity's ApplicationError as it is.
+STEP_FAILURES = (ActivityError, ApplicationError)
+StepInput = TypeVar("StepInput")
+StepResult = TypeVar("StepResult")
 
 
 class _Options(TypedDict, total=False):
@@ -156,7 +163,7 @@ class PaymentWorkflow:
         try:
             self.set_status(PaymentStatus.PROCESSING, "publishing payments.raw to Kafka")
             saga.add("void payments.raw", self.void_raw_event)
-            await _run_to_completion(self.publish(EventKind.RAW))
+            await _run_to_completion(self.publish(EventKind.RAW, local=True))
 
             self.stop_if_canceled()
             self.posting_started = True
@@ -165,13 +172,13 @@ class PaymentWorkflow:
             await _run_to_completion(self.post_capture())
 
             self.set_status(PaymentStatus.PROCESSING, "publishing payments.confirmed to Kafka")
-            await _run_to_completion(self.publish(EventKind.CONFIRMED))
+            await _run_to_completion(self.publish(EventKind.CONFIRMED, local=True))
             saga.clear()
         except PaymentCanceled:
             await saga.unwind()
             self.set_status(PaymentStatus.CANCELED, "", note=self.cancel_note())
             return False
-        except ActivityError as failure:
+        except STEP_FAILURES as failure:
             if is_cancelled_exception(failure):
                 await self.compensate_operator_cancel(saga)
                 raise
@@ -215,8 +222,8 @@ class PaymentWorkflow:
 
     async def assess(self) -> FraudAssessment:
         self.set_status(PaymentStatus.RECEIVED, "validating and scoring the payment for fraud")
-        assessment = await workflow.execute_activity_method(
-            FraudActivities.assess_payment, self.state.request, **_FRAUD
+        assessment = await self.run_step(
+            FraudActivities.assess_payment, self.state.request, _FRAUD, local=True
         )
         self.state.fraud = assessment
         workflow.upsert_search_attributes([sa.FRAUD_SCORE.value_set(assessment.score)])
@@ -358,7 +365,7 @@ class PaymentWorkflow:
                 reference=refund.id,
                 data=data,
             )  # fmt: skip
-        except ActivityError as failure:
+        except STEP_FAILURES as failure:
             # The ledger refused it (it re-checks refunded + disputed <= captured itself).
             refund.status, refund.failure_reason = FollowUpStatus.FAILED, _failure_message(failure)
             return
@@ -390,7 +397,7 @@ class PaymentWorkflow:
                 reference=dispute.id,
                 data=data,
             )
-        except ActivityError as failure:
+        except STEP_FAILURES as failure:
             dispute.status, dispute.failure_reason = "failed", _failure_message(failure)
             return
         dispute.status = "open"
@@ -425,7 +432,7 @@ class PaymentWorkflow:
         }
         try:
             await self.post(transaction, dispute.amount, kind, reference=dispute.id, data=data)
-        except ActivityError as failure:
+        except STEP_FAILURES as failure:
             # The funds stay held (status open); the reason tells the operator why.
             dispute.failure_reason = _failure_message(failure)
             return
@@ -596,10 +603,17 @@ class PaymentWorkflow:
         )
 
     async def publish(
-        self, kind: EventKind, reference: str = "", data: dict[str, Any] | None = None
+        self,
+        kind: EventKind,
+        reference: str = "",
+        data: dict[str, Any] | None = None,
+        local: bool = False,
     ) -> None:
-        await workflow.execute_activity_method(
-            KafkaActivities.publish_payment_event, self.event(kind, reference, data), **_KAFKA
+        await self.run_step(
+            KafkaActivities.publish_payment_event,
+            self.event(kind, reference, data),
+            _KAFKA,
+            local=local,
         )
 
     async def post(
@@ -609,6 +623,7 @@ class PaymentWorkflow:
         kind: EventKind,
         reference: str = "",
         data: dict[str, Any] | None = None,
+        local: bool = False,
     ) -> None:
         request = self.state.request
         posting = LedgerPosting(
@@ -626,9 +641,22 @@ class PaymentWorkflow:
             if kind.from_ledger or kind == EventKind.CANCELED
             else None,
         )
-        await workflow.execute_activity_method(
-            LedgerActivities.post_ledger_transaction, posting, **_LEDGER
-        )
+        await self.run_step(LedgerActivities.post_ledger_transaction, posting, _LEDGER, local=local)
+
+    async def run_step(
+        self,
+        step: Callable[[Any, StepInput], Awaitable[StepResult]],
+        arg: StepInput,
+        options: _Options,
+        *,
+        local: bool = False,
+    ) -> StepResult:
+        """One activity. The short forward steps run as local activities when the payment's
+        policy says so; compensations, follow-ups and the CRM stay regular activities (rare,
+        or slow and remote: their retries belong on the server)."""
+        if local and self.policy.local_activities:
+            return await workflow.execute_local_activity_method(step, arg, **options)
+        return await workflow.execute_activity_method(step, arg, **options)
 
     async def post_capture(self) -> None:
         request = self.state.request
@@ -642,6 +670,7 @@ class PaymentWorkflow:
             ),
             request.amount,
             EventKind.CONFIRMED,
+            local=True,
         )
         self.state.ledger_posted = True
         self.state.captured = request.amount
@@ -686,7 +715,7 @@ class PaymentWorkflow:
             # The money stays where it is: operators find CrmSync="failed" and replay.
             self.state.crm_sync = CrmSync.FAILED
             self.state.crm_error = "; ".join(
-                _failure_message(f) if isinstance(f, ActivityError) else str(f) for f in failures
+                _failure_message(f) if isinstance(f, STEP_FAILURES) else str(f) for f in failures
             )
         elif self.state.crm_sync != CrmSync.FAILED:
             self.state.crm_sync = CrmSync.SYNCED
@@ -734,7 +763,7 @@ async def _run_to_completion(step: Awaitable[None]) -> None:
 
 
 def _failure_message(failure: BaseException) -> str:
-    cause = failure.__cause__
+    cause = failure if isinstance(failure, ApplicationError) else failure.__cause__
     if isinstance(cause, ApplicationError):
         return f"{cause.type}: {cause.message}" if cause.type else cause.message
     return str(cause or failure)
