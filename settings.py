@@ -79,6 +79,12 @@ class Settings(BaseSettings):
     continue_as_new_after_events: int = 2000
     # Short forward steps as local activities (docs: README "Performance").
     local_activities: bool = True
+    # Run workflows in temporalio's sandbox (worker.workflow_runner explains the trade-off).
+    # Off by default for throughput; the test suite runs every workflow sandboxed and replays
+    # recorded histories, which is where nondeterminism is caught.
+    workflow_sandbox: bool = False
+    # Worker processes `paysaga run` starts (each is one Python process on one core).
+    worker_processes: int = 2
 
     # Kafka
     kafka_message_timeout_ms: int = 20_000

@@ -13,7 +13,8 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import timedelta
 
 from temporalio.client import Client
-from temporalio.worker import Worker
+from temporalio.worker import UnsandboxedWorkflowRunner, Worker, WorkflowRunner
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.crm import CrmActivities
 from activities.fraud import FraudActivities
@@ -27,6 +28,20 @@ from settings import Settings, get_settings
 from workflows.payment import PaymentWorkflow
 
 log = logging.getLogger("paysaga.worker")
+
+
+def workflow_runner(settings: Settings) -> WorkflowRunner:
+    """The sandbox re-imports the workflow's modules for every workflow instance it creates;
+    passing our own (deterministic, side-effect free) modules through keeps that cost to the
+    workflow file itself. `workflow_sandbox=false` drops the sandbox altogether for throughput:
+    determinism is then guarded by the replay tests alone (README "Performance")."""
+    if not settings.workflow_sandbox:
+        return UnsandboxedWorkflowRunner()
+    restrictions = SandboxRestrictions.default.with_passthrough_modules(
+        "activities", "domain", "infra", "settings", "pydantic", "pydantic_core", "sqlalchemy",
+        "httpx", "confluent_kafka",
+    )  # fmt: skip
+    return SandboxedWorkflowRunner(restrictions=restrictions)
 
 
 @asynccontextmanager
@@ -55,6 +70,7 @@ async def payment_worker(settings: Settings, client: Client) -> AsyncIterator[Wo
         max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
         max_cached_workflows=settings.max_cached_workflows,
         graceful_shutdown_timeout=timedelta(seconds=10),
+        workflow_runner=workflow_runner(settings),
         # Tracing, when configured, comes with the client (infra.temporal_client).
         interceptors=[PaymentMetricsInterceptor()],
     )

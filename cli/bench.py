@@ -83,6 +83,8 @@ class ConfirmationWatcher:
 
     def __init__(self, bootstrap: str) -> None:
         self.confirmed: dict[str, float] = {}
+        self._waiters: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = {}
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._consumer = Consumer(
             {
@@ -102,13 +104,41 @@ class ConfirmationWatcher:
     def _run(self) -> None:
         while not self._stop.is_set():
             for message in self._consumer.consume(num_messages=1000, timeout=0.05):
-                if message.error() is None and message.key():
-                    self.confirmed.setdefault(message.key().decode(), time.monotonic())  # type: ignore[union-attr]
+                key = message.key()
+                if message.error() is None and key:
+                    self._confirm(key.decode() if isinstance(key, bytes) else key)
+
+    def _confirm(self, payment_id: str) -> None:
+        with self._lock:
+            self.confirmed.setdefault(payment_id, time.monotonic())
+            waiter = self._waiters.pop(payment_id, None)
+        if waiter is not None:
+            loop, future = waiter
+            loop.call_soon_threadsafe(_settle, future)
+
+    async def wait_for(self, payment_id: str, timeout: float) -> bool:
+        """Closed loop: the caller's next payment waits for this one's confirmation."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        with self._lock:
+            if payment_id in self.confirmed:
+                return True
+            self._waiters[payment_id] = (loop, future)
+        try:
+            await asyncio.wait_for(future, timeout)
+            return True
+        except TimeoutError:
+            return False
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(5)
         self._consumer.close()
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class RssSampler:
@@ -165,7 +195,7 @@ def _body(i: int) -> dict[str, Any]:
 
 async def _post(
     http: httpx.AsyncClient, run_id: str, i: int, timings: list[PaymentTiming], errors: Counter[str]
-) -> None:
+) -> str | None:
     sent = time.monotonic()
     try:
         response = await http.post(
@@ -173,24 +203,25 @@ async def _post(
         )
     except httpx.HTTPError as exc:
         errors[f"transport:{type(exc).__name__}"] += 1
-        return
+        return None
     answered = time.monotonic()
     if response.status_code != 201:
         code = response.json().get("error", {}).get("code", "") if response.content else ""
         errors[f"http_{response.status_code}:{code}"] += 1
-        return
-    timings.append(PaymentTiming(response.json()["id"], sent, answered))
+        return None
+    payment_id: str = response.json()["id"]
+    timings.append(PaymentTiming(payment_id, sent, answered))
+    return payment_id
 
 
 async def _drive(
     http: httpx.AsyncClient,
+    watcher: ConfirmationWatcher,
     payments: int,
     concurrency: int | None,
     rate: float | None,
     timings: list[PaymentTiming],
     errors: Counter[str],
-    progress: Progress,
-    task: Any,
 ) -> None:
     run_id = uuid.uuid4().hex[:8]
     if rate:  # open loop: send on schedule whatever the system's pace
@@ -203,14 +234,17 @@ async def _drive(
             pending.append(asyncio.create_task(_post(http, run_id, i, timings, errors)))
         await asyncio.gather(*pending)
         return
-    gate = asyncio.Semaphore(concurrency or 50)
+    # Closed loop: each of `concurrency` clients waits for its payment's confirmation before
+    # paying again, so latency is measured at the load the system actually sustains.
+    next_payment = iter(range(payments))
 
-    async def one(i: int) -> None:
-        async with gate:
-            await _post(http, run_id, i, timings, errors)
-            progress.advance(task, 0)
+    async def client() -> None:
+        for i in next_payment:
+            payment_id = await _post(http, run_id, i, timings, errors)
+            if payment_id is not None:
+                await watcher.wait_for(payment_id, 120)  # late ones are counted at the end
 
-    await asyncio.gather(*(one(i) for i in range(payments)))
+    await asyncio.gather(*(client() for _ in range(concurrency or 50)))
 
 
 async def _shape_of(client: Client, payment_id: str) -> list[str]:
@@ -307,7 +341,7 @@ async def bench(
             task = progress.add_task("confirmed", total=payments)
             first_post = time.monotonic()
             driver = asyncio.create_task(
-                _drive(http, payments, concurrency, rate, timings, errors, progress, task)
+                _drive(http, watcher, payments, concurrency, rate, timings, errors)
             )
             deadline = None
             while True:

@@ -114,11 +114,11 @@ def check_ports(settings: Settings, stack: Stack) -> None:
 class Services:
     """The API and the worker: our own code, run as child processes of `paysaga run`."""
 
-    worker: ManagedProcess
+    workers: list[ManagedProcess]
     api: ManagedProcess
 
     def in_stop_order(self) -> list[ManagedProcess]:
-        return [self.worker, self.api]
+        return [*self.workers, self.api]
 
     def ensure_alive(self) -> None:
         for process in self.in_stop_order():
@@ -147,10 +147,18 @@ def service_env(stack: Stack, key_file: Path) -> dict[str, str]:
 
 def start_services(settings: Settings, home: Path, env: dict[str, str]) -> Services:
     logs = home / "logs"
-    # `-m`: both are installed modules, so this works from any directory.
-    worker = ManagedProcess(
-        "worker", [sys.executable, "-m", "worker"], logs / "worker.log", env=env, cwd=home
-    )
+    # `-m`: both are installed modules, so this works from any directory. Workers scale out:
+    # one Python process is bound to one core, so the default runs two.
+    workers = [
+        ManagedProcess(
+            "worker" if n == 1 else f"worker {n}",
+            [sys.executable, "-m", "worker"],
+            logs / ("worker.log" if n == 1 else f"worker-{n}.log"),
+            env=_worker_env(env, n),
+            cwd=home,
+        )
+        for n in range(1, max(1, settings.worker_processes) + 1)
+    ]
     api = ManagedProcess(
         "API",
         [
@@ -162,11 +170,26 @@ def start_services(settings: Settings, home: Path, env: dict[str, str]) -> Servi
         env=env,
         cwd=home,
     )  # fmt: skip
-    services = Services(worker=worker, api=api)
+    services = Services(workers=workers, api=api)
     for process in services.in_stop_order():
         mark_start(process.log_path)
         process.start()
     return services
+
+
+def _worker_env(env: dict[str, str], n: int) -> dict[str, str]:
+    """Each extra worker serves its metrics on the next ports up."""
+    if n == 1:
+        return env
+    bumped = dict(env)
+    for name, default in (
+        ("PAYSAGA_WORKER_METRICS_PORT", 9464),
+        ("PAYSAGA_TEMPORAL_METRICS_PORT", 9465),
+    ):
+        port = int(env.get(name, default))
+        if port:
+            bumped[name] = str(port + 2 * (n - 1))
+    return bumped
 
 
 def mark_start(log_path: Path) -> None:
@@ -198,7 +221,7 @@ def wait_until_ready(url: str, services: Services, timeout: float) -> None:
             time.sleep(0.3)
     raise StackError(
         f"the API at {url} was not ready within {timeout:.0f}s (last /readyz: {last}); "
-        f"see {services.api.log_path} and {services.worker.log_path}"
+        f"see {services.api.log_path} and {services.workers[0].log_path}"
     )
 
 
@@ -286,7 +309,7 @@ def stop_everything(services: Services | None, stack: Stack) -> None:
         if services is not None:
             for process in services.in_stop_order():
                 if process.running:
-                    timeout = WORKER_STOP_SECONDS if process is services.worker else 10.0
+                    timeout = WORKER_STOP_SECONDS if process in services.workers else 10.0
                     process.stop(timeout=timeout)
                     say(f"stopped {process.name}")
         started = [

@@ -109,6 +109,9 @@ def app_settings(stack: Stack, crm_server: FakeCrmServer) -> Settings:
             "crm_webhook_url": crm_server.url("/hooks/paysaga"),
             "crm_webhook_secret": SecretStr(WEBHOOK_SECRET),
             "crm_timeout_seconds": 2.0,
+            # Every in-process test worker runs workflows in the sandbox, so nondeterministic
+            # workflow code fails here even though production may run unsandboxed.
+            "workflow_sandbox": True,
         }
     )
 

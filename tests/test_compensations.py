@@ -231,7 +231,12 @@ class FlakyLedger(LedgerActivities):
 @pytest.fixture(scope="module")
 async def rig(app_settings: Settings, temporal_client: Client) -> AsyncIterator[Rig]:
     """The real activities on a task queue of this module's own, behind its own API app."""
-    settings = app_settings.model_copy(update={"task_queue": f"comp-{uuid.uuid4().hex[:8]}"})
+    # Regular activities: these tests hold a forward step open and cancel meanwhile. A local
+    # activity runs inside a workflow task, so a cancel reaches the workflow only after that
+    # task's forward steps are done (docs/runbook.md, "Cancel").
+    settings = app_settings.model_copy(
+        update={"task_queue": f"comp-{uuid.uuid4().hex[:8]}", "local_activities": False}
+    )
     assert settings.database_url and settings.kafka_bootstrap_servers
     engine = make_engine(settings.database_url, pool_size=5)
     publisher = EventPublisher(settings.kafka_bootstrap_servers, settings)

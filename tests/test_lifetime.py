@@ -119,7 +119,12 @@ async def skipping(app_settings: Settings) -> AsyncIterator[tuple[Client, Settin
                 },
             )
         )
-        settings = app_settings.model_copy(update={"task_queue": f"skip-{uuid.uuid4().hex[:8]}"})
+        # Regular activities here: the time-skipping test server skips time while a local
+        # activity runs inside a workflow task, which replays as a different timer order (the
+        # real server does not do this; tests/test_replay.py covers local-activity histories).
+        settings = app_settings.model_copy(
+            update={"task_queue": f"skip-{uuid.uuid4().hex[:8]}", "local_activities": False}
+        )
         async with payment_worker(settings, env.client):
             yield env.client, settings
 
