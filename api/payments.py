@@ -14,11 +14,8 @@ from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from pydantic import AfterValidator
 from pydantic_core import PydanticCustomError
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
-from temporalio.common import WorkflowIDReusePolicy
-from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.crm import CrmNotification, crm_targets_for
 from activities.ledger import Ledger
 from api.auth import ApiClient, require_scope
 from api.errors import ApiError, error_responses
@@ -30,7 +27,6 @@ from api.resources import (
     RefundResource,
 )
 from domain.cards import contains_card_number
-from domain.events import EventKind
 from domain.payment import (
     CancelSignal,
     DisputeClosedSignal,
@@ -38,18 +34,16 @@ from domain.payment import (
     DisputeOpenedSignal,
     DisputeRequest,
     FollowUpStatus,
-    PaymentPolicy,
     PaymentRequest,
     PaymentState,
     PaymentStatus,
-    PaymentWorkflowInput,
     RefundRequest,
     RefundSignal,
-    payment_id_for,
 )
 from settings import Settings
 from workflows import search_attributes as sa
-from workflows.payment import PaymentWorkflow, initial_search_attributes
+from workflows.payment import PaymentWorkflow
+from workflows.starter import IdempotencyKeyReused, start_payment
 
 router = APIRouter(prefix="/v1", tags=["payments"])
 
@@ -85,32 +79,6 @@ def _settings(request: Request) -> Settings:
 def _ledger(request: Request) -> Ledger:
     ledger: Ledger = request.app.state.ledger
     return ledger
-
-
-def policy_for(settings: Settings, body: PaymentRequest) -> PaymentPolicy:
-    probe = CrmNotification(
-        event_id="",
-        event_kind=EventKind.CONFIRMED,
-        payment_id="",
-        status="",
-        amount=body.amount,
-        currency=body.currency,
-        customer_id=body.customer_id,
-        merchant_id=body.merchant_id,
-        salesforce_opportunity_id=body.salesforce_opportunity_id,
-        hubspot_deal_id=body.hubspot_deal_id,
-        occurred_at=datetime.now(UTC),
-    )
-    return PaymentPolicy(
-        review_threshold=settings.fraud_review_threshold,
-        reject_threshold=settings.fraud_reject_threshold,
-        review_timeout_seconds=settings.review_timeout_seconds,
-        dispute_window_seconds=settings.dispute_window_seconds,
-        chargeback_fee_minor=settings.chargeback_fee_minor,
-        continue_as_new_after_events=settings.continue_as_new_after_events,
-        local_activities=settings.local_activities,
-        crm_targets=[t.value for t in crm_targets_for(settings, probe)],
-    )
 
 
 def _not_found(payment_id: str) -> ApiError:
@@ -174,42 +142,19 @@ async def create_payment(
     wait: Wait = 0,
     client: ApiClient = Depends(require_scope("payments:write")),
 ) -> PaymentResource:
-    settings = _settings(request)
-    temporal = _temporal(request)
-    payment_id = payment_id_for(client.client_id, idempotency_key)
-    fingerprint = body.fingerprint()
-    workflow_input = PaymentWorkflowInput(
-        payment_id=payment_id,
-        client_id=client.client_id,
-        request=body,
-        fingerprint=fingerprint,
-        policy=policy_for(settings, body),
-    )
-    handle: WorkflowHandle[Any, Any]
     try:
-        handle = await temporal.start_workflow(
-            PaymentWorkflow.run,
-            workflow_input,
-            id=payment_id,
-            task_queue=settings.task_queue,
-            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-            search_attributes=initial_search_attributes(workflow_input),
-            memo={"fingerprint": fingerprint},
-            static_summary=f"{body.amount} {body.currency} minor units from {body.customer_id}",
+        handle, replayed = await start_payment(
+            _temporal(request), _settings(request), client.client_id, idempotency_key, body
         )
-        replayed = False
-    except WorkflowAlreadyStartedError:
-        handle = temporal.get_workflow_handle(payment_id)
-        described = await handle.describe()
-        if await described.memo_value("fingerprint", None) != fingerprint:
-            raise ApiError(
-                409,
-                "idempotency_error",
-                "idempotency_key_reused",
-                "This Idempotency-Key was already used with a different request body.",
-                "Idempotency-Key",
-            ) from None
-        replayed = True
+    except IdempotencyKeyReused:
+        raise ApiError(
+            409,
+            "idempotency_error",
+            "idempotency_key_reused",
+            "This Idempotency-Key was already used with a different request body.",
+            "Idempotency-Key",
+        ) from None
+    payment_id = handle.id
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
     state = None
@@ -222,7 +167,7 @@ async def create_payment(
             id=payment_id,
             client_id=client.client_id,
             request=body,
-            fingerprint=fingerprint,
+            fingerprint=body.fingerprint(),
             created_at=now,
             updated_at=now,
             waiting_for="a worker to pick the payment up",

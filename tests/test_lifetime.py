@@ -22,7 +22,6 @@ from temporalio.testing import WorkflowEnvironment
 
 from activities.fraud import amount_for_limit_share
 from api.app import create_app
-from api.payments import policy_for
 from domain.events import EventKind, event_id
 from domain.payment import (
     FollowUpStatus,
@@ -49,6 +48,7 @@ from tests.saga_helpers import payment_body
 from worker import payment_worker
 from workflows import search_attributes as sa
 from workflows.payment import PaymentWorkflow, initial_search_attributes
+from workflows.starter import payment_policy
 
 CLIENT_ID = "test-client"  # the client TEST_API_KEY belongs to
 
@@ -61,7 +61,7 @@ def _workflow_input(settings: Settings, amount: int, **policy: Any) -> PaymentWo
         client_id=CLIENT_ID,
         request=request,
         fingerprint=request.fingerprint(),
-        policy=policy_for(settings, request).model_copy(update=policy),
+        policy=payment_policy(settings, request).model_copy(update=policy),
     )
 
 

@@ -1,0 +1,557 @@
+"""Record one PaymentWorkflow history per path into tests/histories/, for tests/test_replay.py.
+
+    .venv/bin/python -m tests.record_histories --version v2     # every path: <path>.v2.json
+    .venv/bin/python -m tests.record_histories --version v2 success review_approve
+    .venv/bin/python -m tests.record_histories --overwrite      # re-record <path>.json
+
+Starts a private stack (Temporal, broker, PostgreSQL on free ports), a worker and a fake CRM
+webhook, drives each path with the Temporal client and signals, waits for the path's end state
+and writes `<path>.json` (`WorkflowHistory.to_json()`). Payloads stay unencrypted (no
+encryption keys here) so the replayer reads them without a key; every id is synthetic.
+Re-record only after a deliberate, `workflow.patched()` change: docs/upgrades.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import SecretStr
+from temporalio import activity
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client, WorkflowHandle
+from temporalio.worker import Worker
+
+from activities.crm import CrmActivities
+from activities.fraud import FraudActivities, amount_for_limit_share
+from activities.kafka import DeliveryReceipt, EventPublisher, KafkaActivities
+from activities.ledger import Ledger, LedgerActivities
+from domain.events import EventKind, PaymentEvent
+from domain.payment import (
+    CancelSignal,
+    CrmSync,
+    DisputeClosedSignal,
+    DisputeOpenedSignal,
+    FollowUpStatus,
+    PaymentRequest,
+    PaymentState,
+    PaymentStatus,
+    PaymentWorkflowInput,
+    RefundSignal,
+    ReviewDecision,
+    payment_id_for,
+)
+from infra.database import make_engine
+from infra.process import free_port
+from infra.stack import Stack
+from infra.temporal_client import connect_client
+from settings import Settings
+from tests.fakes import FakeCrmServer
+from worker import payment_worker, workflow_runner
+from workflows.payment import PaymentWorkflow, initial_search_attributes
+from workflows.starter import payment_policy
+
+HISTORIES = Path(__file__).parent / "histories"
+CLIENT_ID = "replay-recorder"
+REVIEW_AMOUNT = amount_for_limit_share("USD", 50)  # a first payment this large: review band
+REJECT_AMOUNT = amount_for_limit_share("USD", 80)  # a first payment this large: rejected
+CONTINUE_AFTER_EVENTS = 40  # a captured payment (~22 events) + one refund (~26) passes it
+IDLE_PREFIX = "refunds or disputes until"  # waiting_for of a succeeded payment with nothing to do
+
+log = logging.getLogger("paysaga.record_histories")
+
+
+@dataclass
+class Recorder:
+    client: Client
+    settings: Settings
+    gated_queue: str
+    gate: GatedKafka
+    ledger: Ledger
+
+    async def start(
+        self,
+        path: str,
+        amount: int = 2500,
+        *,
+        queue: str | None = None,
+        payment_id: str | None = None,
+        **policy: Any,
+    ) -> WorkflowHandle[Any, Any]:
+        """A payment of a first-time customer and a merchant of the path's own, started the way
+        workflows.starter does it (policy from the settings, overridden by `policy`)."""
+        request = PaymentRequest(
+            amount=amount,
+            currency="USD",
+            customer_id=f"cus_replay_{path}",
+            merchant_id=f"mer_replay_{path}",
+            payment_method="pm_card_visa_0001",
+            description=f"replay history: {path}",
+        )
+        payment_id = payment_id or new_payment_id(path)
+        workflow_input = PaymentWorkflowInput(
+            payment_id=payment_id,
+            client_id=CLIENT_ID,
+            request=request,
+            fingerprint=request.fingerprint(),
+            policy=payment_policy(self.settings, request).model_copy(update=policy),
+        )
+        return await self.client.start_workflow(
+            PaymentWorkflow.run,
+            workflow_input,
+            id=payment_id,
+            task_queue=queue or self.settings.task_queue,
+            search_attributes=initial_search_attributes(workflow_input),
+        )
+
+
+def new_payment_id(path: str) -> str:
+    return payment_id_for(CLIENT_ID, f"{path}-{uuid.uuid4().hex}")
+
+
+class GatedKafka(KafkaActivities):
+    """Holds one event kind of chosen payments until released, then publishes it for real: the
+    window between the ledger posting and payments.confirmed, where an operator cancel lands."""
+
+    def __init__(self, publisher: EventPublisher) -> None:
+        super().__init__(publisher)
+        self.held: dict[str, tuple[EventKind, asyncio.Event, asyncio.Event]] = {}
+
+    def hold(self, payment_id: str, kind: EventKind) -> None:
+        self.held[payment_id] = (kind, asyncio.Event(), asyncio.Event())
+
+    async def wait_held(self, payment_id: str) -> None:
+        await asyncio.wait_for(self.held[payment_id][1].wait(), 30)
+
+    def release(self, payment_id: str) -> None:
+        self.held[payment_id][2].set()
+
+    @activity.defn(name="publish_payment_event")
+    async def publish_payment_event(self, event: PaymentEvent) -> DeliveryReceipt:
+        kind, arrived, released = self.held.get(event.payment_id, (None, None, None))
+        if arrived is not None and released is not None and event.kind == kind:
+            arrived.set()
+            await released.wait()
+        return await super().publish_payment_event(event)
+
+
+# ── waiting for a path's end state ───────────────────────────────────────────────────────────
+
+
+async def state_of(handle: WorkflowHandle[Any, Any]) -> PaymentState:
+    state: PaymentState = await handle.query("state", result_type=PaymentState)
+    return state
+
+
+async def wait_until(
+    handle: WorkflowHandle[Any, Any],
+    predicate: Callable[[PaymentState], bool],
+    timeout: float = 30,
+) -> PaymentState:
+    """Poll the state until `predicate` holds and the workflow sits idle (its last event a
+    completed workflow task, no activity pending): the history then ends at a clean point."""
+    deadline = time.monotonic() + timeout
+    state: PaymentState | None = None
+    while time.monotonic() < deadline:
+        state = await state_of(handle)
+        if predicate(state) and await _idle(handle):
+            return state
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"{handle.id} never got there; last state: {state}")
+
+
+async def _idle(handle: WorkflowHandle[Any, Any]) -> bool:
+    described = await handle.describe()
+    if described.raw_description.pending_activities:
+        return False
+    history = await handle.fetch_history()
+    # Commands' events (a timer started, …) follow the completed task: look at tasks only.
+    last_task = next(e for e in reversed(history.events) if e.event_type in _WORKFLOW_TASK)
+    return last_task.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED
+
+
+_WORKFLOW_TASK = frozenset(
+    {
+        EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED,
+        EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED,
+        EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED,
+        EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED,
+        EventType.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT,
+    }
+)
+
+
+async def ended(handle: WorkflowHandle[Any, Any], status: PaymentStatus) -> None:
+    state = PaymentState.model_validate(await asyncio.wait_for(handle.result(), 60))
+    assert state.status == status, (handle.id, state.status, status)
+
+
+async def operator_canceled(handle: WorkflowHandle[Any, Any]) -> None:
+    await handle.cancel()
+    try:
+        await asyncio.wait_for(handle.result(), 60)
+    except Exception as stop:  # WorkflowFailureError(CancelledError): the expected end
+        log.info("%s ended by the operator's cancel: %s", handle.id, stop)
+    else:
+        raise AssertionError(f"{handle.id} completed although canceled")
+
+
+def succeeded_and_synced(state: PaymentState) -> bool:
+    return (
+        state.status == PaymentStatus.SUCCEEDED
+        and state.crm_sync == CrmSync.SYNCED
+        and state.waiting_for.startswith(IDLE_PREFIX)
+    )
+
+
+def follow_ups_settled(status: PaymentStatus) -> Callable[[PaymentState], bool]:
+    def settled(state: PaymentState) -> bool:
+        pending = any(r.status == FollowUpStatus.PENDING for r in state.refunds) or any(
+            d.status == "pending" for d in state.disputes
+        )
+        return state.status == status and not pending and state.waiting_for.startswith(IDLE_PREFIX)
+
+    return settled
+
+
+# ── the paths ────────────────────────────────────────────────────────────────────────────────
+
+
+async def success(r: Recorder) -> WorkflowHandle[Any, Any]:
+    handle = await r.start("success")
+    await wait_until(handle, succeeded_and_synced)
+    return handle
+
+
+async def success_regular_activities(r: Recorder) -> WorkflowHandle[Any, Any]:
+    """The same happy path with the policy's local activities off: every step is scheduled on
+    the server, so this history holds ActivityTaskScheduled where `success` holds markers."""
+    handle = await r.start("success_regular_activities", local_activities=False)
+    await wait_until(handle, succeeded_and_synced)
+    return handle
+
+
+async def fraud_reject(r: Recorder) -> WorkflowHandle[Any, Any]:
+    handle = await r.start("fraud_reject", REJECT_AMOUNT)
+    await ended(handle, PaymentStatus.REJECTED)
+    return handle
+
+
+async def _in_review(r: Recorder, path: str, **policy: Any) -> WorkflowHandle[Any, Any]:
+    handle = await r.start(path, REVIEW_AMOUNT, **policy)
+    await wait_until(handle, lambda s: s.status == PaymentStatus.REQUIRES_REVIEW)
+    return handle
+
+
+async def review_approve(r: Recorder) -> WorkflowHandle[Any, Any]:
+    handle = await _in_review(r, "review_approve")
+    await handle.signal("approve", ReviewDecision(reviewer="analyst-1", note="known customer"))
+    await wait_until(handle, succeeded_and_synced)
+    return handle
+
+
+async def review_decline(r: Recorder) -> WorkflowHandle[Any, Any]:
+    handle = await _in_review(r, "review_decline")
+    await handle.signal("decline", ReviewDecision(reviewer="analyst-1", note="no"))
+    await ended(handle, PaymentStatus.DECLINED)
+    return handle
+
+
+async def review_timeout(r: Recorder) -> WorkflowHandle[Any, Any]:
+    handle = await r.start("review_timeout", REVIEW_AMOUNT, review_timeout_seconds=2)
+    await ended(handle, PaymentStatus.DECLINED)
+    return handle
+
+
+async def refund_partial_then_full(r: Recorder) -> WorkflowHandle[Any, Any]:
+    handle = await r.start("refund", 10_000)
+    await wait_until(handle, succeeded_and_synced)
+    await handle.signal("refund", RefundSignal(refund_id="re_replay_1", amount=3000, reason="x"))
+    await wait_until(handle, follow_ups_settled(PaymentStatus.PARTIALLY_REFUNDED))
+    await handle.signal("refund", RefundSignal(refund_id="re_replay_2"))  # all that remains
+    await wait_until(handle, follow_ups_settled(PaymentStatus.REFUNDED))
+    return handle
+
+
+async def _disputed(
+    r: Recorder, path: str, outcome: Literal["won", "lost"]
+) -> WorkflowHandle[Any, Any]:
+    handle = await r.start(path, 8000)
+    await wait_until(handle, succeeded_and_synced)
+    opened = DisputeOpenedSignal(
+        dispute_id="dp_replay_1", reason_code="fraudulent", network_reference="nr_replay_1"
+    )
+    await handle.signal("dispute_opened", opened)
+    await wait_until(handle, follow_ups_settled(PaymentStatus.DISPUTED))
+    closed = DisputeClosedSignal(dispute_id="dp_replay_1", outcome=outcome)
+    await handle.signal("dispute_closed", closed)
+    await wait_until(
+        handle,
+        lambda s: s.disputes[0].status == outcome and s.waiting_for.startswith(IDLE_PREFIX),
+    )
+    return handle
+
+
+async def dispute_won(r: Recorder) -> WorkflowHandle[Any, Any]:
+    return await _disputed(r, "dispute_won", "won")
+
+
+async def dispute_lost(r: Recorder) -> WorkflowHandle[Any, Any]:
+    return await _disputed(r, "dispute_lost", "lost")
+
+
+async def cancel_before_posting(r: Recorder) -> WorkflowHandle[Any, Any]:
+    """The `cancel` signal while the payment waits for a reviewer: nothing moved yet."""
+    handle = await _in_review(r, "cancel_before_posting")
+    await handle.signal("cancel", CancelSignal(reason="requested_by_customer"))
+    await ended(handle, PaymentStatus.CANCELED)
+    return handle
+
+
+async def operator_cancel_after_posting(r: Recorder) -> WorkflowHandle[Any, Any]:
+    """Cancel from the Temporal UI while payments.confirmed is in flight after the posting:
+    the saga reverses the posting, voids payments.raw with payments.canceled, tells the CRM.
+    Regular activities (as tests/test_compensations.py): local ones all run inside one workflow
+    task, which sees the cancel request only after payments.confirmed."""
+    payment_id = new_payment_id("operator_cancel_after_posting")
+    r.gate.hold(payment_id, EventKind.CONFIRMED)
+    handle = await r.start(
+        "operator_cancel_after_posting",
+        4200,
+        queue=r.gated_queue,
+        payment_id=payment_id,
+        local_activities=False,
+    )
+    await r.gate.wait_held(handle.id)
+    await handle.cancel()
+    await asyncio.sleep(0.5)  # the cancel request lands while the confirmation is held
+    r.gate.release(handle.id)
+    try:
+        await asyncio.wait_for(handle.result(), 60)
+    except Exception as stop:
+        log.info("%s ended by the operator's cancel: %s", handle.id, stop)
+    state = await state_of(handle)
+    assert state.status == PaymentStatus.CANCELED and state.captured == 0, state
+    return handle
+
+
+async def operator_cancel_succeeded(r: Recorder) -> WorkflowHandle[Any, Any]:
+    """Cancel from the UI after success: the money stays, only the follow-up window closes."""
+    handle = await r.start("operator_cancel_succeeded", 2200)
+    await wait_until(handle, succeeded_and_synced)
+    await operator_canceled(handle)
+    return handle
+
+
+async def ledger_refusal(r: Recorder) -> WorkflowHandle[Any, Any]:
+    """The ledger refuses the capture (merchant account closed): raw voided, payment failed."""
+    first = await r.start("ledger_refusal", 1000)
+    await wait_until(first, succeeded_and_synced)  # opens the merchant's account
+    await r.ledger.close_account("merchant:mer_replay_ledger_refusal:USD")
+    handle = await r.start("ledger_refusal", 1500)
+    await ended(handle, PaymentStatus.FAILED)
+    return handle
+
+
+async def window_closes(r: Recorder) -> WorkflowHandle[Any, Any]:
+    """The dispute window closes with nothing open: the workflow records its outcome, ends."""
+    handle = await r.start("window_closes", dispute_window_seconds=4)
+    await ended(handle, PaymentStatus.SUCCEEDED)
+    return handle
+
+
+async def _refund_until_continued(r: Recorder, path: str) -> WorkflowHandle[Any, Any]:
+    """A refund grows the history past the policy's limit: the run continues as new."""
+    handle = await r.start(path, 10_000, continue_as_new_after_events=CONTINUE_AFTER_EVENTS)
+    await wait_until(handle, succeeded_and_synced)
+    await handle.signal("refund", RefundSignal(refund_id="re_replay_1", amount=4000))
+    latest = r.client.get_workflow_handle(handle.id)  # follows the run chain
+    await wait_until(latest, follow_ups_settled(PaymentStatus.PARTIALLY_REFUNDED))
+    assert (await latest.describe()).run_id != handle.result_run_id, "never continued as new"
+    return handle
+
+
+async def refund_continues_as_new(r: Recorder) -> WorkflowHandle[Any, Any]:
+    """The first run: ends with ContinueAsNew, carrying its state."""
+    handle = await _refund_until_continued(r, "refund_continues_as_new")
+    return r.client.get_workflow_handle(handle.id, run_id=handle.result_run_id)
+
+
+async def continued_as_new(r: Recorder) -> WorkflowHandle[Any, Any]:
+    """The carried run (input with carried_state) serving one more refund."""
+    handle = await _refund_until_continued(r, "continued_as_new")
+    latest = r.client.get_workflow_handle(handle.id)
+    await latest.signal("refund", RefundSignal(refund_id="re_replay_2"))
+    await wait_until(latest, follow_ups_settled(PaymentStatus.REFUNDED))
+    return latest
+
+
+PATHS: dict[str, Callable[[Recorder], Awaitable[WorkflowHandle[Any, Any]]]] = {
+    "success": success,
+    "success_regular_activities": success_regular_activities,
+    "fraud_reject": fraud_reject,
+    "review_approve": review_approve,
+    "review_decline": review_decline,
+    "review_timeout": review_timeout,
+    "refund_partial_then_full": refund_partial_then_full,
+    "dispute_won": dispute_won,
+    "dispute_lost": dispute_lost,
+    "cancel_before_posting": cancel_before_posting,
+    "operator_cancel_after_posting": operator_cancel_after_posting,
+    "operator_cancel_succeeded": operator_cancel_succeeded,
+    "ledger_refusal": ledger_refusal,
+    "window_closes": window_closes,
+    "refund_continues_as_new": refund_continues_as_new,
+    "continued_as_new": continued_as_new,
+}
+
+
+# ── the private stack and workers ────────────────────────────────────────────────────────────
+
+
+def recording_settings(home: Path) -> Settings:
+    # Explicit values: a developer's PAYSAGA_* environment must not leak in (least of all
+    # encryption keys: the stored histories must be readable without one).
+    return Settings(
+        home=home,
+        temporal_address=None,
+        kafka_bootstrap_servers=None,
+        database_url=None,
+        temporal_port=free_port(),
+        temporal_ui_port=free_port(),
+        kafka_port=free_port(),
+        postgres_port=free_port(),
+        kafka_session_timeout_ms=2000,
+        log_json=False,
+        encryption_keys=[],
+        workflow_sandbox=True,
+        otlp_endpoint=None,
+    )
+
+
+@asynccontextmanager
+async def gated_worker(settings: Settings, client: Client) -> AsyncIterator[GatedKafka]:
+    """The real activities with GatedKafka, on the settings' task queue."""
+    assert settings.database_url and settings.kafka_bootstrap_servers
+    engine = make_engine(settings.database_url, pool_size=5)
+    publisher = EventPublisher(settings.kafka_bootstrap_servers, settings)
+    crm = CrmActivities(settings)
+    kafka = GatedKafka(publisher)
+    ledger = LedgerActivities(Ledger(engine))
+    worker = Worker(
+        client,
+        task_queue=settings.task_queue,
+        workflows=[PaymentWorkflow],
+        activities=[
+            FraudActivities(engine, settings).assess_payment,
+            kafka.publish_payment_event,
+            ledger.post_ledger_transaction,
+            ledger.record_payment_outcome,
+            crm.notify_crm,
+        ],
+        workflow_runner=workflow_runner(settings),
+        graceful_shutdown_timeout=timedelta(seconds=5),
+    )
+    try:
+        async with worker:
+            yield kafka
+    finally:
+        await crm.aclose()
+        await asyncio.to_thread(publisher.close, 10.0)
+        await engine.dispose()
+
+
+async def record(targets: dict[str, Path]) -> None:
+    """Record each path named in `targets` into its file."""
+    HISTORIES.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="paysaga-replay-") as tmp, FakeCrmServer() as crm:
+        home = Path(tmp)
+        stack = Stack(recording_settings(home), home=home, temporal_ui=False)
+        await asyncio.to_thread(stack.start)
+        try:
+            settings = stack.service_settings().model_copy(
+                update={
+                    "task_queue": "replay-recorder",
+                    "crm_webhook_url": crm.url("/hooks/paysaga"),
+                    # Signs the webhooks only; never part of a history.
+                    "crm_webhook_secret": SecretStr(f"whsec_{uuid.uuid4().hex}"),
+                    "crm_timeout_seconds": 2.0,
+                }
+            )
+            gated = settings.model_copy(update={"task_queue": "replay-recorder-gated"})
+            client = await connect_client(settings)
+            engine = make_engine(stack.database_url, pool_size=2)
+            try:
+                async with (
+                    payment_worker(settings, client),
+                    gated_worker(gated, client) as gate,
+                ):
+                    recorder = Recorder(client, settings, gated.task_queue, gate, Ledger(engine))
+                    await asyncio.gather(
+                        *(_record_one(recorder, name, file) for name, file in targets.items())
+                    )
+            finally:
+                await engine.dispose()
+        finally:
+            await asyncio.to_thread(stack.stop)
+
+
+async def _record_one(recorder: Recorder, name: str, target: Path) -> None:
+    handle = await PATHS[name](recorder)
+    history = await handle.fetch_history()
+    target.write_text(history.to_json() + "\n")
+    print(f"tests/histories/{target.name}: {len(history.events)} events")
+
+
+def history_file(name: str, version: str | None) -> Path:
+    """`success.json`, or `success.v2.json` for a history of a later workflow version."""
+    return HISTORIES / (f"{name}.{version}.json" if version else f"{name}.json")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.record_histories", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("paths", nargs="*", metavar="PATH", help="default: all of them")
+    parser.add_argument("--version", help="suffix for a new workflow version: success.v2.json")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace existing files (only for histories not yet committed)",
+    )
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.paths) - set(PATHS))
+    if unknown:
+        parser.error(f"unknown paths {unknown}; known: {', '.join(PATHS)}")
+    return args
+
+
+async def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # The ledger refusal path fails an activity on purpose: no traceback for it.
+    logging.getLogger("temporalio.activity").setLevel(logging.ERROR)
+    args = parse_args(sys.argv[1:])
+    targets = {name: history_file(name, args.version) for name in args.paths or PATHS}
+    existing = [f.name for f in targets.values() if f.exists()]
+    if existing and not args.overwrite:
+        # Old histories are what running payments look like: keep them, add a --version.
+        print(f"{', '.join(existing)} exist: use --version vN (or --overwrite)", file=sys.stderr)
+        raise SystemExit(2)
+    await record(targets)
+
+
+if __name__ == "__main__":
+    from infra.exit import run_and_exit
+
+    run_and_exit(main)

@@ -1,0 +1,236 @@
+"""Safe deploys: every recorded PaymentWorkflow history replays against today's workflow code.
+
+A payment's workflow lives for months (the dispute window), so a deploy meets histories that
+older code wrote. Each file under tests/histories/ is one path of the saga, recorded by
+`python -m tests.record_histories`; replaying it with temporalio's Replayer re-runs today's
+workflow against the commands the old code issued. A change that would break running payments
+(a step added, removed or reordered without `workflow.patched()`) fails here, before the
+deploy. docs/upgrades.md explains how to change the workflow and when to re-record.
+
+Replay uses the sandboxed runner, as the tests' workers do, so non-deterministic calls in
+workflow code (time, randomness, I/O) fail here even where production runs unsandboxed.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from temporalio import workflow
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import WorkflowHistory
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Replayer
+
+from domain.events import EventKind
+from domain.payment import FraudAssessment, PaymentState, PaymentWorkflowInput
+from settings import Settings
+from worker import workflow_runner
+from workflows.payment import PaymentWorkflow
+
+HISTORIES = Path(__file__).parent / "histories"
+
+# One history per path of the saga (docs/upgrades.md: new versions add `<path>.v2.json`, …).
+PATHS = {
+    "success",  # local activities on: the policy's default
+    "success_regular_activities",  # local activities off
+    "fraud_reject",
+    "review_approve",
+    "review_decline",
+    "review_timeout",
+    "refund_partial_then_full",
+    "dispute_won",
+    "dispute_lost",
+    "cancel_before_posting",  # the cancel signal while waiting for review
+    "operator_cancel_after_posting",  # compensation: reversal, payments.canceled, CRM
+    "operator_cancel_succeeded",  # a succeeded payment only loses its follow-up window
+    "ledger_refusal",  # compensation: payments.raw voided, payment failed
+    "window_closes",  # the dispute window closes: outcome recorded, workflow completes
+    "refund_continues_as_new",  # a run ending in ContinueAsNew, carrying its state
+    "continued_as_new",  # the carried run serving one more refund
+}
+
+# Payload encodings of an unencrypted history (the codec's would be binary/encrypted).
+PLAIN_ENCODINGS = {"json/plain", "binary/null"}
+
+
+def _history_files() -> list[Path]:
+    return sorted(HISTORIES.glob("*.json"))
+
+
+def _path_of(file: Path) -> str:
+    """`refund_partial_then_full.v2.json` → `refund_partial_then_full`."""
+    return file.name.split(".")[0]
+
+
+def _load(file: Path) -> WorkflowHistory:
+    return WorkflowHistory.from_json(file.stem, file.read_text())
+
+
+def _replayer(*workflows: type) -> Replayer:
+    return Replayer(
+        workflows=list(workflows) or [PaymentWorkflow],
+        data_converter=pydantic_data_converter,
+        workflow_runner=workflow_runner(Settings(workflow_sandbox=True)),
+    )
+
+
+def test_every_path_has_a_recorded_history() -> None:
+    recorded = {_path_of(f) for f in _history_files()}
+    assert not PATHS - recorded, f"missing histories: {sorted(PATHS - recorded)}"
+
+
+@pytest.mark.parametrize("file", _history_files(), ids=lambda f: f.name)
+async def test_recorded_history_replays_without_nondeterminism(file: Path) -> None:
+    # Raises the replay failure (NondeterminismError, or the workflow task's own error).
+    result = await _replayer().replay_workflow(_load(file))
+    assert result.replay_failure is None
+
+
+def test_histories_cover_local_and_regular_activities() -> None:
+    """The forward steps leave local-activity markers in one mode, scheduled activities in the
+    other: replay must accept both, since the policy is fixed per payment at its creation."""
+    local = _load(HISTORIES / "success.json")
+    regular = _load(HISTORIES / "success_regular_activities.json")
+    assert "assess_payment" in _local_activity_markers(local)
+    assert "assess_payment" not in _scheduled_activities(local)
+    assert {"assess_payment", "publish_payment_event", "post_ledger_transaction"} <= set(
+        _scheduled_activities(regular)
+    )
+    assert _local_activity_markers(regular) == []
+
+
+def test_histories_cover_continue_as_new_from_both_sides() -> None:
+    ended = _load(HISTORIES / "refund_continues_as_new.json").events[-1]
+    assert ended.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW
+    carried = _load(HISTORIES / "continued_as_new.json").events[0]
+    start = carried.workflow_execution_started_event_attributes
+    assert start.continued_execution_run_id  # a run that another one continued into
+    workflow_input = json.loads(start.input.payloads[0].data)
+    assert workflow_input["carried_state"]["refunded"] == 4000
+
+
+def test_histories_are_unencrypted_and_hold_no_secrets() -> None:
+    """The replayer decodes them without a key; nothing in them may be a credential."""
+    for file in _history_files():
+        payloads = list(_payloads(json.loads(file.read_text())))
+        assert payloads, file.name
+        for payload in payloads:
+            encoding = base64.b64decode(payload["metadata"]["encoding"]).decode()
+            assert encoding in PLAIN_ENCODINGS, (file.name, encoding)
+            data = base64.b64decode(payload.get("data", "")).decode()
+            for secret_marker in ("whsec_", "psk_", "key_b64", "Bearer "):
+                assert secret_marker not in data, (file.name, secret_marker)
+
+
+# ── the guard itself: a breaking change must fail replay ────────────────────────────────────
+
+
+@workflow.defn(name="PaymentWorkflow")
+class PaymentWorkflowWithEarlyStep(PaymentWorkflow):
+    """A careless change: payments.raw published before the fraud assessment, unpatched."""
+
+    @workflow.run
+    async def run(self, input: PaymentWorkflowInput) -> PaymentState:
+        return await super().run(input)
+
+    async def assess(self) -> FraudAssessment:
+        await workflow.execute_activity(
+            "publish_payment_event",
+            self.event(EventKind.RAW),
+            start_to_close_timeout=timedelta(seconds=10),
+        )
+        return await super().assess()
+
+
+@workflow.defn(name="PaymentWorkflow")
+class PaymentWorkflowWithPatchedStep(PaymentWorkflow):
+    """The same change behind `workflow.patched()`: old histories take the old branch."""
+
+    @workflow.run
+    async def run(self, input: PaymentWorkflowInput) -> PaymentState:
+        return await super().run(input)
+
+    async def assess(self) -> FraudAssessment:
+        if workflow.patched("publish-raw-before-assessment"):
+            await workflow.execute_activity(
+                "publish_payment_event",
+                self.event(EventKind.RAW),
+                start_to_close_timeout=timedelta(seconds=10),
+            )
+        return await super().assess()
+
+
+@workflow.defn(name="PaymentWorkflow")
+class PaymentWorkflowReadingTheClock(PaymentWorkflow):
+    """Non-deterministic code the commands alone would not betray: the sandbox refuses it."""
+
+    @workflow.run
+    async def run(self, input: PaymentWorkflowInput) -> PaymentState:
+        return await super().run(input)
+
+    async def assess(self) -> FraudAssessment:
+        assessment = await super().assess()
+        if datetime.now(UTC).hour == 25:  # never true: only the call itself matters
+            assessment.reasons.append("night")
+        return assessment
+
+
+@pytest.mark.parametrize("name", ["success.json", "success_regular_activities.json"])
+async def test_an_unpatched_new_step_fails_replay_with_nondeterminism(name: str) -> None:
+    history = _load(HISTORIES / name)
+    result = await _replayer(PaymentWorkflowWithEarlyStep).replay_workflow(
+        history, raise_on_replay_failure=False
+    )
+    assert isinstance(result.replay_failure, workflow.NondeterminismError), result.replay_failure
+
+
+@pytest.mark.parametrize("name", ["success.json", "success_regular_activities.json"])
+async def test_the_same_step_behind_patched_replays(name: str) -> None:
+    history = _load(HISTORIES / name)
+    result = await _replayer(PaymentWorkflowWithPatchedStep).replay_workflow(history)
+    assert result.replay_failure is None
+
+
+async def test_the_sandbox_fails_replay_of_a_workflow_reading_the_wall_clock() -> None:
+    history = _load(HISTORIES / "success.json")
+    result = await _replayer(PaymentWorkflowReadingTheClock).replay_workflow(
+        history, raise_on_replay_failure=False
+    )
+    assert "Cannot access datetime.datetime.now" in str(result.replay_failure)
+
+
+# ── reading histories ────────────────────────────────────────────────────────────────────────
+
+
+def _local_activity_markers(history: WorkflowHistory) -> list[str]:
+    types = []
+    for event in history.events:
+        if event.event_type == EventType.EVENT_TYPE_MARKER_RECORDED:
+            data = event.marker_recorded_event_attributes.details["data"].payloads[0].data
+            types.append(json.loads(data)["activity_type"])
+    return types
+
+
+def _scheduled_activities(history: WorkflowHistory) -> list[str]:
+    return [
+        e.activity_task_scheduled_event_attributes.activity_type.name
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+    ]
+
+
+def _payloads(node: Any) -> Any:
+    """Every payload (a dict with `metadata.encoding`) anywhere in a history's JSON."""
+    if isinstance(node, dict):
+        if "encoding" in node.get("metadata", {}):
+            yield node
+        for value in node.values():
+            yield from _payloads(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _payloads(item)
