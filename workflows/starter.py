@@ -57,6 +57,7 @@ def payment_policy(settings: Settings, body: PaymentRequest) -> PaymentPolicy:
         dispute_window_seconds=settings.dispute_window_seconds,
         chargeback_fee_minor=settings.chargeback_fee_minor,
         continue_as_new_after_events=settings.continue_as_new_after_events,
+        local_activities=settings.local_activities,
         crm_targets=[t.value for t in crm_targets_for(settings, probe)],
     )
 
