@@ -7,7 +7,6 @@ import os
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -17,11 +16,11 @@ from temporalio.client import Client
 
 from api.app import create_app
 from infra.database import make_engine
-from infra.process import free_port
 from infra.stack import Stack
 from infra.temporal_client import connect_client
 from settings import ApiKey, Settings
 from tests.fakes import FakeCrmServer
+from tests.private_stack import private_stack_settings
 from worker import payment_worker
 
 _exit_status: int | None = None
@@ -44,26 +43,10 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     os._exit(_exit_status)
 
 
-def _test_settings(home: Path) -> Settings:
-    # Explicit values: a developer's PAYSAGA_* environment must not redirect the tests.
-    return Settings(
-        home=home,
-        temporal_address=None,
-        kafka_bootstrap_servers=None,
-        database_url=None,
-        temporal_port=free_port(),
-        temporal_ui_port=free_port(),
-        kafka_port=free_port(),
-        postgres_port=free_port(),
-        kafka_session_timeout_ms=2000,
-        log_json=False,
-    )
-
-
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     home = tmp_path_factory.mktemp("stack")
-    stack = Stack(_test_settings(home), home=home, temporal_ui=True)
+    stack = Stack(private_stack_settings(home), home=home, temporal_ui=True)
     stack.start()
     try:
         yield stack

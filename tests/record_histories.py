@@ -53,11 +53,11 @@ from domain.payment import (
     payment_id_for,
 )
 from infra.database import make_engine
-from infra.process import free_port
 from infra.stack import Stack
 from infra.temporal_client import connect_client
 from settings import Settings
 from tests.fakes import FakeCrmServer
+from tests.private_stack import private_stack_settings
 from worker import payment_worker, workflow_runner
 from workflows.payment import PaymentWorkflow, initial_search_attributes
 from workflows.starter import payment_policy
@@ -421,22 +421,9 @@ PATHS: dict[str, Callable[[Recorder], Awaitable[WorkflowHandle[Any, Any]]]] = {
 
 
 def recording_settings(home: Path) -> Settings:
-    # Explicit values: a developer's PAYSAGA_* environment must not leak in (least of all
-    # encryption keys: the stored histories must be readable without one).
-    return Settings(
-        home=home,
-        temporal_address=None,
-        kafka_bootstrap_servers=None,
-        database_url=None,
-        temporal_port=free_port(),
-        temporal_ui_port=free_port(),
-        kafka_port=free_port(),
-        postgres_port=free_port(),
-        kafka_session_timeout_ms=2000,
-        log_json=False,
-        encryption_keys=[],
-        workflow_sandbox=True,
-        otlp_endpoint=None,
+    # No encryption keys: the stored histories must be readable without one.
+    return private_stack_settings(
+        home, encryption_keys=[], workflow_sandbox=True, otlp_endpoint=None
     )
 
 

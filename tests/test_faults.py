@@ -35,12 +35,13 @@ from temporalio.service import RPCError
 from api.app import create_app
 from domain.events import EventKind, event_id
 from infra.database import make_engine
-from infra.process import ManagedProcess, free_port
+from infra.process import ManagedProcess
 from infra.stack import Stack
 from infra.temporal_client import connect_client
 from settings import ApiKey, Settings
 from tests.fakes import FakeCrmServer
 from tests.kafka_helpers import ConsumedEvent, consume_events, dedupe_by_id
+from tests.private_stack import private_stack_settings
 from tests.saga_helpers import create_payment, ledger_rows, payment_body, wait_for_payment
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,23 +67,6 @@ SETTLED = (SUCCEEDED, "CrmSync = 'synced'")
 
 
 # ── the private rig ──────────────────────────────────────────────────────────────────────────
-
-
-def _fault_stack_settings(home: Path) -> Settings:
-    # Like conftest._test_settings: explicit values, so a developer's PAYSAGA_* environment
-    # cannot point the fault tests at a real service they would then kill.
-    return Settings(
-        home=home,
-        temporal_address=None,
-        kafka_bootstrap_servers=None,
-        database_url=None,
-        temporal_port=free_port(),
-        temporal_ui_port=free_port(),
-        kafka_port=free_port(),
-        postgres_port=free_port(),
-        kafka_session_timeout_ms=2000,
-        log_json=False,
-    )
 
 
 @dataclass
@@ -160,7 +144,7 @@ def _worker_env(stack: Stack, settings: Settings) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     home = tmp_path_factory.mktemp("faults")
-    stack = Stack(_fault_stack_settings(home), home=home, temporal_ui=False)
+    stack = Stack(private_stack_settings(home), home=home, temporal_ui=False)
     stack.start()
     try:
         yield stack
