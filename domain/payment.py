@@ -332,7 +332,7 @@ class PaymentPolicy(BaseModel):
     # Run the short forward steps (scoring, raw and confirmed events, the capture posting) as
     # local activities: one server round trip fewer per step. Every step is idempotent, so the
     # re-execution a local activity gets after a worker crash is harmless.
-    local_activities: bool = True
+    local_activities: bool = False
     # CRM systems told about this payment ("webhook", "salesforce", "hubspot"): chosen from the
     # configuration and the request's CRM references when the payment is created.
     crm_targets: list[str] = Field(default_factory=list)
