@@ -14,11 +14,11 @@ from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client
 
-from api.app import create_app
 from infra.database import make_engine
 from infra.stack import Stack
 from infra.temporal_client import connect_client
 from settings import ApiKey, Settings
+from tests.api_client import api_client
 from tests.fakes import FakeCrmServer
 from tests.private_stack import private_stack_settings
 from worker import payment_worker
@@ -114,13 +114,5 @@ async def worker(app_settings: Settings, temporal_client: Client) -> AsyncIterat
 async def api(
     app_settings: Settings, temporal_client: Client, worker: None
 ) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(app_settings, temporal_client)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(
-            transport=transport,
-            base_url="http://paysaga.test",
-            headers={"Authorization": f"Bearer {TEST_API_KEY}"},
-            timeout=60,
-        ) as client:
-            yield client
+    async with api_client(app_settings, temporal_client, TEST_API_KEY) as client:
+        yield client

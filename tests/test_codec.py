@@ -39,6 +39,7 @@ from infra.codec import (
 from infra.stack import Stack
 from infra.temporal_client import connect_client, data_converter
 from settings import ApiKey, EncryptionKey, Settings
+from tests.api_client import api_client
 from tests.conftest import READONLY_API_KEY, TEST_API_KEY, WEBHOOK_SECRET
 from tests.saga_helpers import create_payment, payment_body, wait_for_payment
 from worker import payment_worker
@@ -228,16 +229,9 @@ async def keyed_client(keyed_settings: Settings) -> Client:
 async def keyed_api(
     keyed_settings: Settings, keyed_client: Client
 ) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(keyed_settings, keyed_client)
     async with (
         payment_worker(keyed_settings, keyed_client),
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app),
-            base_url="http://paysaga.test",
-            headers={"Authorization": f"Bearer {TEST_API_KEY}"},
-            timeout=60,
-        ) as client,
+        api_client(keyed_settings, keyed_client, TEST_API_KEY) as client,
     ):
         yield client
 

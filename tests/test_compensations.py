@@ -28,13 +28,13 @@ from activities.crm import CrmActivities
 from activities.fraud import FraudActivities, amount_for_limit_share
 from activities.kafka import DeliveryReceipt, EventPublisher, KafkaActivities
 from activities.ledger import Ledger, LedgerActivities, LedgerPosting, LedgerReceipt
-from api.app import create_app
 from domain.events import EventKind, PaymentEvent, event_id
 from domain.ledger import TransactionKind
 from domain.payment import CancelSignal, PaymentState, payment_id_for
 from infra.database import make_engine
 from infra.stack import Stack
 from settings import Settings
+from tests.api_client import api_client
 from tests.conftest import TEST_API_KEY
 from tests.fakes import FakeCrmServer
 from tests.followup_helpers import (
@@ -256,18 +256,8 @@ async def rig(app_settings: Settings, temporal_client: Client) -> AsyncIterator[
         ],
         graceful_shutdown_timeout=timedelta(seconds=5),
     )
-    app = create_app(settings, temporal_client)
     try:
-        async with (
-            worker,
-            app.router.lifespan_context(app),
-            httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app),
-                base_url="http://paysaga.test",
-                headers={"Authorization": f"Bearer {TEST_API_KEY}"},
-                timeout=60,
-            ) as client,
-        ):
+        async with worker, api_client(settings, temporal_client, TEST_API_KEY) as client:
             yield Rig(settings, client, kafka, ledger)
     finally:
         await crm.aclose()

@@ -32,7 +32,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client
 from temporalio.service import RPCError
 
-from api.app import create_app
 from domain.events import EventKind, event_id
 from infra.checker import CheckScope, run_checks
 from infra.database import make_engine
@@ -40,6 +39,7 @@ from infra.process import ManagedProcess
 from infra.stack import Stack
 from infra.temporal_client import connect_client
 from settings import ApiKey, Settings
+from tests.api_client import api_client
 from tests.fakes import FakeCrmServer
 from tests.kafka_helpers import ConsumedEvent, consume_events, dedupe_by_id
 from tests.private_stack import private_stack_settings
@@ -179,16 +179,9 @@ async def rig(fault_stack: Stack) -> AsyncIterator[FaultRig]:
         try:
             await worker.start()
             temporal = await connect_client(settings)
-            app = create_app(settings, temporal)
-            async with (
-                app.router.lifespan_context(app),
-                httpx.AsyncClient(
-                    transport=httpx.ASGITransport(app=app),
-                    base_url="http://paysaga.faults",
-                    headers={"Authorization": f"Bearer {FAULT_API_KEY}"},
-                    timeout=60,
-                ) as api,
-            ):
+            async with api_client(
+                settings, temporal, FAULT_API_KEY, base_url="http://paysaga.faults"
+            ) as api:
                 yield FaultRig(fault_stack, settings, worker, crm, api, temporal, engine)
         finally:
             await engine.dispose()

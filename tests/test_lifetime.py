@@ -21,7 +21,6 @@ from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 
 from activities.fraud import amount_for_limit_share
-from api.app import create_app
 from domain.events import EventKind, event_id
 from domain.payment import (
     FollowUpStatus,
@@ -35,6 +34,7 @@ from domain.payment import (
 from infra import temporal as temporal_server
 from infra.stack import Stack
 from settings import Settings
+from tests.api_client import api_client
 from tests.conftest import OTHER_CLIENT_KEY, TEST_API_KEY
 from tests.followup_helpers import (
     assert_ledger_balanced,
@@ -261,16 +261,7 @@ async def short_history_api(
 ) -> AsyncIterator[httpx.AsyncClient]:
     """The API with payments whose history continues as new after 60 events."""
     settings = app_settings.model_copy(update={"continue_as_new_after_events": 60})
-    app = create_app(settings, temporal_client)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app),
-            base_url="http://paysaga.test",
-            headers={"Authorization": f"Bearer {TEST_API_KEY}"},
-            timeout=60,
-        ) as client,
-    ):
+    async with api_client(settings, temporal_client, TEST_API_KEY) as client:
         yield client
 
 

@@ -28,7 +28,6 @@ from temporalio.service import RPCError
 
 from activities.crm import CRM_UNAVAILABLE
 from activities.fraud import amount_for_limit_share
-from api.app import create_app
 from domain.payment import PaymentRequest
 from infra.logs import REDACTED, JsonFormatter
 from infra.metrics import serve_metrics
@@ -41,6 +40,7 @@ from infra.observability import (
 from infra.process import free_port
 from infra.temporal_client import connect_client
 from settings import Settings
+from tests.api_client import api_client
 from tests.conftest import TEST_API_KEY
 from tests.fakes import FakeCrmServer
 from tests.saga_helpers import create_payment, payment_body
@@ -259,16 +259,9 @@ async def traced_api(
     config = temporal_client.config()
     config["interceptors"] = [tracing_interceptor(tracer)]
     traced = Client(**config)
-    app = create_app(settings, traced)
     async with (
         payment_worker(settings, traced),
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app),
-            base_url="http://paysaga.test",
-            headers={"Authorization": f"Bearer {TEST_API_KEY}"},
-            timeout=60,
-        ) as client,
+        api_client(settings, traced, TEST_API_KEY) as client,
     ):
         yield client
 

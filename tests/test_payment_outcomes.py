@@ -25,7 +25,6 @@ from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 
 from activities.crm import verify_webhook
 from activities.fraud import amount_for_limit_share
-from api.app import create_app
 from domain.events import EventKind, event_id
 from domain.payment import (
     PaymentPolicy,
@@ -37,6 +36,7 @@ from domain.payment import (
 )
 from infra.stack import Stack
 from settings import Settings
+from tests.api_client import api_client
 from tests.conftest import TEST_API_KEY, WEBHOOK_SECRET
 from tests.fakes import FakeCrmServer
 from tests.fakes.crm_server import RecordedRequest
@@ -279,16 +279,9 @@ async def crm_rig(
                 "crm_webhook_url": crm.url(WEBHOOK_PATH),
             }
         )
-        app = create_app(settings, temporal_client)
         async with (
             payment_worker(settings, temporal_client),
-            app.router.lifespan_context(app),
-            httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app),
-                base_url="http://paysaga.test",
-                headers={"Authorization": f"Bearer {TEST_API_KEY}"},
-                timeout=60,
-            ) as api,
+            api_client(settings, temporal_client, TEST_API_KEY) as api,
         ):
             yield CrmRig(crm=crm, api=api)
 
