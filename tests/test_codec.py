@@ -205,10 +205,27 @@ def test_the_dev_key_is_created_once_and_private(tmp_path: Path) -> None:
 # ── a real payment: nothing readable in Temporal's history without the key ─────────────────
 
 
-@pytest.fixture(scope="module")
-def keyed_settings(app_settings: Settings) -> Settings:
+# What temporalio records about a local activity in its marker, besides the encrypted result.
+LOCAL_ACTIVITY_MARKER_FIELDS = {
+    "seq",
+    "activation_index",
+    "attempt",
+    "activity_id",
+    "activity_type",
+    "complete_time",
+    "backoff",
+    "original_schedule_time",
+}
+
+
+@pytest.fixture(
+    scope="module", params=[False, True], ids=["regular-activities", "local-activities"]
+)
+def keyed_settings(app_settings: Settings, request: pytest.FixtureRequest) -> Settings:
+    """Both modes of the forward steps: a local activity's result lands in a marker event."""
     return app_settings.model_copy(
         update={
+            "local_activities": request.param,
             "task_queue": f"codec-{uuid.uuid4().hex[:8]}",
             "encryption_keys": [_key("k-new", NEW_KEY), _key("k-old", OLD_KEY)],
             "codec_cors_origins": [UI_ORIGIN],
@@ -297,7 +314,7 @@ async def test_customer_data_in_history_is_ciphertext_without_the_key(
     events = list((await keyless.get_workflow_handle(pid).fetch_history()).events)
     assert len(events) > 10  # the whole saga ran: activities, signals of its own, CRM
 
-    encrypted = 0
+    encrypted = marker_results = 0
     for event in events:
         raw = event.SerializeToString()
         assert marker.encode() not in raw, f"event {event.event_id} holds customer data"
@@ -308,10 +325,18 @@ async def test_customer_data_in_history_is_ciphertext_without_the_key(
         for path, payload in _payloads(event):
             if "search_attributes" in path or "header" in path:
                 continue  # indexed by the server / SDK context: never passed to codecs
+            if path == "marker_recorded_event_attributes.details[data].payloads[0]":
+                # A local activity's marker: the SDK's own bookkeeping, never user data (its
+                # result, under details[result], goes through the codec like any other).
+                assert set(json.loads(payload.data)) <= LOCAL_ACTIVITY_MARKER_FIELDS
+                continue
             assert payload.metadata["encoding"] == ENCODING, f"{event.event_type} {path}"
             assert payload.metadata[KEY_ID_METADATA] == b"k-new"
             encrypted += 1
+            marker_results += path.startswith("marker_recorded_event_attributes.details[result]")
     assert encrypted >= 8  # workflow input, activity inputs and results, memo
+    # Fraud, payments.raw, ledger, payments.confirmed: each result sealed in its marker.
+    assert marker_results == (4 if keyed_settings.local_activities else 0)
 
     # The customer id is a search attribute, searchable in clear by design (see infra/codec.py).
     started = events[0].workflow_execution_started_event_attributes

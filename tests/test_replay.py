@@ -204,6 +204,50 @@ async def test_the_sandbox_fails_replay_of_a_workflow_reading_the_wall_clock() -
     assert "Cannot access datetime.datetime.now" in str(result.replay_failure)
 
 
+# ── a live/replay time difference: the window must close at the same instant ───────────────
+
+# Recorded live (not by tests.record_histories: it depends on timing) from a payment with local
+# activities whose first workflow task completed with no command while the fraud assessment ran.
+# Replay gives that task's activation the *next* task's time (temporalio 1.35), so a window
+# measured from workflow.now() in __init__ closed ~30 ms later in replay than live, and the
+# replayed workflow started another timer where the history holds record_payment_outcome.
+EMPTY_FIRST_TASK = HISTORIES / "window_closes_empty_first_task.json"
+
+
+@workflow.defn(name="PaymentWorkflow")
+class PaymentWorkflowWindowFromFirstTaskTime(PaymentWorkflow):
+    """The earlier code: created_at (the window's start) read from workflow.now()."""
+
+    @workflow.init
+    def __init__(self, input: PaymentWorkflowInput) -> None:
+        super().__init__(input)
+        self.state.created_at = workflow.now()
+
+    @workflow.run
+    async def run(self, input: PaymentWorkflowInput) -> PaymentState:
+        return await super().run(input)
+
+
+def test_the_empty_first_task_history_has_that_shape() -> None:
+    events = _load(EMPTY_FIRST_TASK).events
+    kinds = [e.event_type for e in events[:5]]
+    assert kinds[1:] == [
+        EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED,
+        EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED,
+        EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED,
+        EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED,  # nothing between: the task was empty
+    ]
+    assert "assess_payment" in _local_activity_markers(_load(EMPTY_FIRST_TASK))
+    assert events[-1].event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED
+
+
+async def test_a_window_measured_from_the_first_task_time_fails_that_replay() -> None:
+    result = await _replayer(PaymentWorkflowWindowFromFirstTaskTime).replay_workflow(
+        _load(EMPTY_FIRST_TASK), raise_on_replay_failure=False
+    )
+    assert isinstance(result.replay_failure, workflow.NondeterminismError), result.replay_failure
+
+
 # ── reading histories ────────────────────────────────────────────────────────────────────────
 
 

@@ -102,7 +102,11 @@ class PaymentWorkflow:
     def __init__(self, input: PaymentWorkflowInput) -> None:
         self.input = input
         self.policy = input.policy
-        now = workflow.now()
+        # The start event's time, not workflow.now(): with local activities, temporalio 1.35
+        # can replay a first workflow task that completed empty with the *next* task's time,
+        # and the dispute window (created_at + window) must close at the same instant in
+        # replay as it did live (tests/histories/window_closes_local_activities.json).
+        now = workflow.info().workflow_start_time
         self.state: PaymentState = input.carried_state or PaymentState(
             id=input.payment_id,
             client_id=input.client_id,
