@@ -72,6 +72,7 @@ class BenchResult:
     fraud_scoring_ms: dict[str, float | None]
     errors: dict[str, int]
     peak_rss_mb: dict[str, float]
+    peak_in_flight: int = 0  # accepted (201) and not yet confirmed, at the same moment
     shape: list[str] = field(default_factory=list)
     floor_throughput_per_s: float | None = None
     floor_ratio: float | None = None
@@ -327,7 +328,8 @@ async def bench(
     async with httpx.AsyncClient(
         base_url=api_url,
         headers={"Authorization": f"Bearer {api_key}"},
-        timeout=60,
+        # Open loop queues its POSTs in the client when the API falls behind: no pool timeout.
+        timeout=httpx.Timeout(60, pool=None),
         limits=limits,
     ) as http:
         with Progress(
@@ -344,10 +346,12 @@ async def bench(
                 _drive(http, watcher, payments, concurrency, rate, timings, errors)
             )
             deadline = None
+            peak_in_flight = 0
             while True:
                 await asyncio.sleep(0.2)
                 done = sum(1 for t in timings if t.payment_id in watcher.confirmed)
                 progress.update(task, completed=done)
+                peak_in_flight = max(peak_in_flight, len(timings) - done)
                 if driver.done():
                     if deadline is None:
                         deadline = time.monotonic() + completion_timeout
@@ -382,6 +386,7 @@ async def bench(
         fraud_scoring_ms=summarize(scoring),
         errors=dict(errors),
         peak_rss_mb=peak,
+        peak_in_flight=peak_in_flight,
     )
     if floor and confirmed:
         client = await Client.connect(temporal_address, namespace=namespace)
@@ -408,6 +413,7 @@ def _render(result: BenchResult) -> None:
     table.add_row("POST response p50/p90/p99/max ms", ms(result.post_latency_ms))
     table.add_row("POST → confirmed p50/p90/p99/max ms", ms(result.confirm_latency_ms))
     table.add_row("fraud scoring p50/p90/p99/max ms", ms(result.fraud_scoring_ms))
+    table.add_row("peak payments in flight (accepted, not confirmed)", str(result.peak_in_flight))
     table.add_row("errors", ", ".join(f"{k}: {v}" for k, v in result.errors.items()) or "0")
     table.add_row(
         "peak RSS MiB", ", ".join(f"{k} {v}" for k, v in result.peak_rss_mb.items()) or "–"

@@ -58,6 +58,7 @@ async def test_a_small_bench_run_reports_every_figure(http_api: str, stack: Stac
     assert result["succeeded"] == 30
     assert result["errors"] == {}
     assert result["throughput_per_s"] > 0
+    assert 1 <= result["peak_in_flight"] <= 30
     for figure in ("post_latency_ms", "confirm_latency_ms", "fraud_scoring_ms"):
         assert set(result[figure]) == {"p50", "p90", "p99", "max"}
         assert all(value is not None and value >= 0 for value in result[figure].values())
