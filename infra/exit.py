@@ -9,6 +9,8 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import uvloop
+
 
 def hard_exit(status: int) -> None:
     """Leave without running interpreter finalizers, after flushing what we wrote: temporalio
@@ -20,9 +22,12 @@ def hard_exit(status: int) -> None:
 
 
 def run_and_exit(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run `main` on uvloop (libuv: a fraction of asyncio's per-callback cost, which a worker
+    pays on every activity, database round trip and Kafka acknowledgement), then hard-exit."""
     status = 0
     try:
-        asyncio.run(main())
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(main())
     except KeyboardInterrupt:
         status = 130
     except SystemExit as exc:
