@@ -16,8 +16,9 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
-import httpx
+import aiohttp
 import psutil
 import typer
 import uvloop
@@ -196,28 +197,33 @@ def _body(i: int) -> dict[str, Any]:
 
 
 async def _post(
-    http: httpx.AsyncClient, run_id: str, i: int, timings: list[PaymentTiming], errors: Counter[str]
+    http: aiohttp.ClientSession,
+    run_id: str,
+    i: int,
+    timings: list[PaymentTiming],
+    errors: Counter[str],
 ) -> str | None:
     sent = time.monotonic()
     try:
-        response = await http.post(
+        async with http.post(
             "/v1/payments", json=_body(i), headers={"Idempotency-Key": f"bench-{run_id}-{i}"}
-        )
-    except httpx.HTTPError as exc:
+        ) as response:
+            body = await response.read()
+    except (aiohttp.ClientError, TimeoutError) as exc:
         errors[f"transport:{type(exc).__name__}"] += 1
         return None
     answered = time.monotonic()
-    if response.status_code != 201:
-        code = response.json().get("error", {}).get("code", "") if response.content else ""
-        errors[f"http_{response.status_code}:{code}"] += 1
+    if response.status != 201:
+        code = json.loads(body).get("error", {}).get("code", "") if body else ""
+        errors[f"http_{response.status}:{code}"] += 1
         return None
-    payment_id: str = response.json()["id"]
+    payment_id: str = json.loads(body)["id"]
     timings.append(PaymentTiming(payment_id, sent, answered))
     return payment_id
 
 
 async def _drive(
-    http: httpx.AsyncClient,
+    http: aiohttp.ClientSession,
     watcher: ConfirmationWatcher,
     payments: int,
     concurrency: int | None,
@@ -287,7 +293,7 @@ async def run_floor(client: Client, shape: list[str], workflows: int, concurrenc
 
 
 async def _fraud_timings(
-    http: httpx.AsyncClient, ids: list[str]
+    http: aiohttp.ClientSession, ids: list[str]
 ) -> tuple[list[float], Counter[str]]:
     """After the run: each payment's final status and the scorer's own timing."""
     scoring: list[float] = []
@@ -296,11 +302,11 @@ async def _fraud_timings(
 
     async def one(pid: str) -> None:
         async with gate:
-            response = await http.get(f"/v1/payments/{pid}")
-            if response.status_code != 200:
-                statuses[f"get_{response.status_code}"] += 1
-                return
-            payment = response.json()
+            async with http.get(f"/v1/payments/{pid}") as response:
+                if response.status != 200:
+                    statuses[f"get_{response.status}"] += 1
+                    return
+                payment = await response.json()
             statuses[payment["status"]] += 1
             if payment.get("fraud_scoring_ms") is not None:
                 scoring.append(float(payment["fraud_scoring_ms"]))
@@ -324,14 +330,16 @@ async def bench(
     timings: list[PaymentTiming] = []
     errors: Counter[str] = Counter()
     watcher = ConfirmationWatcher(kafka)
-    sampler = RssSampler(httpx.URL(api_url).port)
-    limits = httpx.Limits(max_connections=(concurrency or 200) + 10)
-    async with httpx.AsyncClient(
+    sampler = RssSampler(urlsplit(api_url).port)
+    # aiohttp rather than httpx: at these rates httpx's own CPU (~10 ms a request, its pool
+    # scanning every connection) was taken from the system under test on the same machine.
+    async with aiohttp.ClientSession(
         base_url=api_url,
         headers={"Authorization": f"Bearer {api_key}"},
-        # Open loop queues its POSTs in the client when the API falls behind: no pool timeout.
-        timeout=httpx.Timeout(60, pool=None),
-        limits=limits,
+        # Open loop queues its POSTs in the client when the API falls behind: no limit on the
+        # wait for a connection, 60 s on each request once sent.
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=60, sock_read=60),
+        connector=aiohttp.TCPConnector(limit=(concurrency or 200) + 10),
     ) as http:
         with Progress(
             TextColumn("[bold]{task.description}"),
