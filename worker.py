@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import timedelta
 
@@ -45,16 +45,22 @@ def workflow_runner(settings: Settings) -> WorkflowRunner:
 
 
 @asynccontextmanager
-async def payment_worker(settings: Settings, client: Client) -> AsyncIterator[Worker]:
-    """A worker with its own clients (database pool, Kafka producer, HTTP), closed on exit."""
+async def payment_worker(
+    settings: Settings,
+    client: Client,
+    *,
+    kafka_activities: Callable[[EventPublisher], KafkaActivities] = KafkaActivities,
+    ledger_activities: Callable[[Ledger], LedgerActivities] = LedgerActivities,
+) -> AsyncIterator[Worker]:
+    """A worker with its own clients (database pool, Kafka producer, HTTP), closed on exit.
+    Tests pass subclasses of the Kafka or ledger activities to hold or fail a step."""
     assert settings.database_url and settings.kafka_bootstrap_servers
     engine = make_engine(settings.database_url, pool_size=settings.db_pool_size)
-    ledger = Ledger(engine, max_attempts=settings.db_max_retries)
     publisher = EventPublisher(settings.kafka_bootstrap_servers, settings)
     crm = CrmActivities(settings)
     fraud = FraudActivities(engine, settings)
-    ledger_activities = LedgerActivities(ledger)
-    kafka = KafkaActivities(publisher)
+    ledger = ledger_activities(Ledger(engine, max_attempts=settings.db_max_retries))
+    kafka = kafka_activities(publisher)
     worker = Worker(
         client,
         task_queue=settings.task_queue,
@@ -62,8 +68,8 @@ async def payment_worker(settings: Settings, client: Client) -> AsyncIterator[Wo
         activities=[
             fraud.assess_payment,
             kafka.publish_payment_event,
-            ledger_activities.post_ledger_transaction,
-            ledger_activities.record_payment_outcome,
+            ledger.post_ledger_transaction,
+            ledger.record_payment_outcome,
             crm.notify_crm,
         ],
         max_concurrent_activities=settings.max_concurrent_activities,

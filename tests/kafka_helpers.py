@@ -7,6 +7,7 @@ reads has no use for group coordination or commits.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -15,7 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
+from temporalio import activity
 
+from activities.kafka import DeliveryReceipt, EventPublisher, KafkaActivities
+from domain.events import EventKind, PaymentEvent
 from infra.broker import DEFAULT_PARTITIONS
 
 
@@ -148,3 +152,29 @@ def _json_object(value: bytes) -> dict[str, Any]:
 
 def _number(value: int | None) -> int:
     return -1 if value is None else value
+
+
+class GatedKafka(KafkaActivities):
+    """The real publishing activity, holding one event kind of chosen payments until released:
+    the window between two steps where a test cancels, or an operator's cancel lands."""
+
+    def __init__(self, publisher: EventPublisher) -> None:
+        super().__init__(publisher)
+        self.held: dict[str, tuple[EventKind, asyncio.Event, asyncio.Event]] = {}
+
+    def hold(self, payment_id: str, kind: EventKind) -> None:
+        self.held[payment_id] = (kind, asyncio.Event(), asyncio.Event())
+
+    async def wait_held(self, payment_id: str, timeout: float = 30) -> None:
+        await asyncio.wait_for(self.held[payment_id][1].wait(), timeout)
+
+    def release(self, payment_id: str) -> None:
+        self.held[payment_id][2].set()
+
+    @activity.defn(name="publish_payment_event")
+    async def publish_payment_event(self, event: PaymentEvent) -> DeliveryReceipt:
+        kind, arrived, released = self.held.get(event.payment_id, (None, None, None))
+        if arrived is not None and released is not None and event.kind == kind:
+            arrived.set()
+            await released.wait()
+        return await super().publish_payment_event(event)

@@ -23,21 +23,17 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import SecretStr
-from temporalio import activity
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowHandle
-from temporalio.worker import Worker
 
-from activities.crm import CrmActivities
-from activities.fraud import FraudActivities, amount_for_limit_share
-from activities.kafka import DeliveryReceipt, EventPublisher, KafkaActivities
-from activities.ledger import Ledger, LedgerActivities
-from domain.events import EventKind, PaymentEvent
+from activities.fraud import amount_for_limit_share
+from activities.kafka import EventPublisher
+from activities.ledger import Ledger
+from domain.events import EventKind
 from domain.payment import (
     CancelSignal,
     CrmSync,
@@ -57,8 +53,9 @@ from infra.stack import Stack
 from infra.temporal_client import connect_client
 from settings import Settings
 from tests.fakes import FakeCrmServer
+from tests.kafka_helpers import GatedKafka
 from tests.private_stack import private_stack_settings
-from worker import payment_worker, workflow_runner
+from worker import payment_worker
 from workflows.payment import PaymentWorkflow, initial_search_attributes
 from workflows.starter import payment_policy
 
@@ -118,32 +115,6 @@ class Recorder:
 
 def new_payment_id(path: str) -> str:
     return payment_id_for(CLIENT_ID, f"{path}-{uuid.uuid4().hex}")
-
-
-class GatedKafka(KafkaActivities):
-    """Holds one event kind of chosen payments until released, then publishes it for real: the
-    window between the ledger posting and payments.confirmed, where an operator cancel lands."""
-
-    def __init__(self, publisher: EventPublisher) -> None:
-        super().__init__(publisher)
-        self.held: dict[str, tuple[EventKind, asyncio.Event, asyncio.Event]] = {}
-
-    def hold(self, payment_id: str, kind: EventKind) -> None:
-        self.held[payment_id] = (kind, asyncio.Event(), asyncio.Event())
-
-    async def wait_held(self, payment_id: str) -> None:
-        await asyncio.wait_for(self.held[payment_id][1].wait(), 30)
-
-    def release(self, payment_id: str) -> None:
-        self.held[payment_id][2].set()
-
-    @activity.defn(name="publish_payment_event")
-    async def publish_payment_event(self, event: PaymentEvent) -> DeliveryReceipt:
-        kind, arrived, released = self.held.get(event.payment_id, (None, None, None))
-        if arrived is not None and released is not None and event.kind == kind:
-            arrived.set()
-            await released.wait()
-        return await super().publish_payment_event(event)
 
 
 # ── waiting for a path's end state ───────────────────────────────────────────────────────────
@@ -430,33 +401,14 @@ def recording_settings(home: Path) -> Settings:
 @asynccontextmanager
 async def gated_worker(settings: Settings, client: Client) -> AsyncIterator[GatedKafka]:
     """The real activities with GatedKafka, on the settings' task queue."""
-    assert settings.database_url and settings.kafka_bootstrap_servers
-    engine = make_engine(settings.database_url, pool_size=5)
-    publisher = EventPublisher(settings.kafka_bootstrap_servers, settings)
-    crm = CrmActivities(settings)
-    kafka = GatedKafka(publisher)
-    ledger = LedgerActivities(Ledger(engine))
-    worker = Worker(
-        client,
-        task_queue=settings.task_queue,
-        workflows=[PaymentWorkflow],
-        activities=[
-            FraudActivities(engine, settings).assess_payment,
-            kafka.publish_payment_event,
-            ledger.post_ledger_transaction,
-            ledger.record_payment_outcome,
-            crm.notify_crm,
-        ],
-        workflow_runner=workflow_runner(settings),
-        graceful_shutdown_timeout=timedelta(seconds=5),
-    )
-    try:
-        async with worker:
-            yield kafka
-    finally:
-        await crm.aclose()
-        await asyncio.to_thread(publisher.close, 10.0)
-        await engine.dispose()
+    made: list[GatedKafka] = []
+
+    def gated(publisher: EventPublisher) -> GatedKafka:
+        made.append(GatedKafka(publisher))
+        return made[-1]
+
+    async with payment_worker(settings, client, kafka_activities=gated):
+        yield made[0]
 
 
 async def record(targets: dict[str, Path]) -> None:

@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -22,16 +22,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio import activity
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
 from temporalio.exceptions import CancelledError
-from temporalio.worker import Worker
 
-from activities.crm import CrmActivities
-from activities.fraud import FraudActivities, amount_for_limit_share
-from activities.kafka import DeliveryReceipt, EventPublisher, KafkaActivities
+from activities.fraud import amount_for_limit_share
+from activities.kafka import EventPublisher
 from activities.ledger import Ledger, LedgerActivities, LedgerPosting, LedgerReceipt
-from domain.events import EventKind, PaymentEvent, event_id
+from domain.events import EventKind, event_id
 from domain.ledger import TransactionKind
 from domain.payment import CancelSignal, PaymentState, payment_id_for
-from infra.database import make_engine
 from infra.stack import Stack
 from settings import Settings
 from tests.api_client import api_client
@@ -45,9 +42,9 @@ from tests.followup_helpers import (
     payment_events,
     register_row,
 )
-from tests.kafka_helpers import ConsumedEvent
+from tests.kafka_helpers import ConsumedEvent, GatedKafka
 from tests.saga_helpers import account_balance, create_payment, payment_body, wait_for_payment
-from workflows.payment import PaymentWorkflow
+from worker import payment_worker
 
 
 def _error_code(response: httpx.Response) -> str:
@@ -186,30 +183,6 @@ class Rig:
     ledger: FlakyLedger
 
 
-class GatedKafka(KafkaActivities):
-    """Holds one chosen event of chosen payments until released; then publishes it for real."""
-
-    def __init__(self, publisher: EventPublisher) -> None:
-        super().__init__(publisher)
-        self.gated: dict[str, tuple[EventKind, asyncio.Event]] = {}
-        self.waiting: dict[str, asyncio.Event] = {}
-
-    def gate(self, payment_id: str, kind: EventKind) -> None:
-        self.gated[payment_id] = (kind, asyncio.Event())
-        self.waiting[payment_id] = asyncio.Event()
-
-    def release(self, payment_id: str) -> None:
-        self.gated[payment_id][1].set()
-
-    @activity.defn(name="publish_payment_event")
-    async def publish_payment_event(self, event: PaymentEvent) -> DeliveryReceipt:
-        kind, release = self.gated.get(event.payment_id, (None, None))
-        if release is not None and event.kind == kind:
-            self.waiting[event.payment_id].set()
-            await release.wait()
-        return await super().publish_payment_event(event)
-
-
 class FlakyLedger(LedgerActivities):
     """Fails the first attempt of a chosen payment's reversal, as a database blip would."""
 
@@ -237,32 +210,22 @@ async def rig(app_settings: Settings, temporal_client: Client) -> AsyncIterator[
     settings = app_settings.model_copy(
         update={"task_queue": f"comp-{uuid.uuid4().hex[:8]}", "local_activities": False}
     )
-    assert settings.database_url and settings.kafka_bootstrap_servers
-    engine = make_engine(settings.database_url, pool_size=5)
-    publisher = EventPublisher(settings.kafka_bootstrap_servers, settings)
-    crm = CrmActivities(settings)
-    kafka = GatedKafka(publisher)
-    ledger = FlakyLedger(Ledger(engine))
-    worker = Worker(
-        temporal_client,
-        task_queue=settings.task_queue,
-        workflows=[PaymentWorkflow],
-        activities=[
-            FraudActivities(engine, settings).assess_payment,
-            kafka.publish_payment_event,
-            ledger.post_ledger_transaction,
-            ledger.record_payment_outcome,
-            crm.notify_crm,
-        ],
-        graceful_shutdown_timeout=timedelta(seconds=5),
-    )
-    try:
-        async with worker, api_client(settings, temporal_client, TEST_API_KEY) as client:
-            yield Rig(settings, client, kafka, ledger)
-    finally:
-        await crm.aclose()
-        await asyncio.to_thread(publisher.close, 10.0)
-        await engine.dispose()
+    kafka: list[GatedKafka] = []
+    ledger: list[FlakyLedger] = []
+
+    def gated(publisher: EventPublisher) -> GatedKafka:
+        kafka.append(GatedKafka(publisher))
+        return kafka[0]
+
+    def flaky(real: Ledger) -> FlakyLedger:
+        ledger.append(FlakyLedger(real))
+        return ledger[0]
+
+    async with (
+        payment_worker(settings, temporal_client, kafka_activities=gated, ledger_activities=flaky),
+        api_client(settings, temporal_client, TEST_API_KEY) as client,
+    ):
+        yield Rig(settings, client, kafka[0], ledger[0])
 
 
 async def _held_at(rig: Rig, kind: EventKind) -> tuple[str, dict[str, Any]]:
@@ -270,10 +233,10 @@ async def _held_at(rig: Rig, kind: EventKind) -> tuple[str, dict[str, Any]]:
     key = f"key-{uuid.uuid4().hex}"
     body = payment_body(amount=4200, merchant_id=new_merchant())
     pid = payment_id_for("test-client", key)
-    rig.kafka.gate(pid, kind)
+    rig.kafka.hold(pid, kind)
     created = await create_payment(rig.api, body, key=key, wait=0)
     assert created.status_code == 201, created.text
-    await asyncio.wait_for(rig.kafka.waiting[pid].wait(), 20)
+    await rig.kafka.wait_held(pid, timeout=20)
     return pid, body
 
 
