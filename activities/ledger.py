@@ -274,51 +274,39 @@ class Ledger:
         if txn.kind == TransactionKind.PAYMENT:
             if posting.parties is None:
                 raise ValueError("a capture posting names its parties")
-            created = (
-                (
-                    await conn.execute(
-                        insert(payments)
-                        .values(
-                            payment_id=txn.payment_id,
-                            amount=posting.amount,
-                            captured=posting.amount,
-                            refunded=0,
-                            disputed=0,
-                            dispute_lost=0,
-                            status=PaymentStatus.SUCCEEDED.value,
-                            created_at=now,
-                            updated_at=now,
-                            **posting.parties.model_dump(),
-                        )
-                        .on_conflict_do_nothing(index_elements=["payment_id"])
-                        .returning(*payments.c)
-                    )
+            row = await _register_row(
+                conn,
+                insert(payments)
+                .values(
+                    payment_id=txn.payment_id,
+                    amount=posting.amount,
+                    captured=posting.amount,
+                    refunded=0,
+                    disputed=0,
+                    dispute_lost=0,
+                    status=PaymentStatus.SUCCEEDED.value,
+                    created_at=now,
+                    updated_at=now,
+                    **posting.parties.model_dump(),
                 )
-                .mappings()
-                .first()
+                .on_conflict_do_nothing(index_elements=["payment_id"])
+                .returning(*payments.c),
             )
-            row = RegisterRow.model_validate(dict(created)) if created else None
         else:
             changes = _register_after(txn, posting.amount, await _register(conn, txn.payment_id))
-            updated = (
-                (
-                    await conn.execute(
-                        payments.update()
-                        .where(payments.c.payment_id == txn.payment_id)
-                        .values(
-                            updated_at=now,
-                            **{
-                                k: (v.value if isinstance(v, PaymentStatus) else v)
-                                for k, v in changes.items()
-                            },
-                        )
-                        .returning(*payments.c)
-                    )
+            row = await _register_row(
+                conn,
+                payments.update()
+                .where(payments.c.payment_id == txn.payment_id)
+                .values(
+                    updated_at=now,
+                    **{
+                        k: (v.value if isinstance(v, PaymentStatus) else v)
+                        for k, v in changes.items()
+                    },
                 )
-                .mappings()
-                .first()
+                .returning(*payments.c),
             )
-            row = RegisterRow.model_validate(dict(updated)) if updated else None
         if row is None:  # a capture of a payment registered before (say, its outcome)
             row = await _register(conn, txn.payment_id)
         assert row is not None
@@ -389,11 +377,12 @@ class Ledger:
 
 
 async def _register(conn: AsyncConnection, payment_id: str) -> RegisterRow | None:
-    row = (
-        (await conn.execute(sa.select(payments).where(payments.c.payment_id == payment_id)))
-        .mappings()
-        .first()
-    )
+    return await _register_row(conn, sa.select(payments).where(payments.c.payment_id == payment_id))
+
+
+async def _register_row(conn: AsyncConnection, statement: sa.Executable) -> RegisterRow | None:
+    """The register row a SELECT, or an INSERT/UPDATE ... RETURNING, gives back (if any)."""
+    row = (await conn.execute(statement)).mappings().first()
     return RegisterRow.model_validate(dict(row)) if row is not None else None
 
 
