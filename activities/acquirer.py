@@ -453,10 +453,13 @@ class AcquirerActivities:
     def __init__(self, settings: Settings, connector: AcquirerConnector | None = None) -> None:
         self._settings = settings
         self._connector = connector
+        self._owns_connector = connector is None
 
     async def aclose(self) -> None:
-        if self._connector is not None:
+        """Closes the connector this object built; one passed in belongs to the caller."""
+        if self._owns_connector and self._connector is not None:
             await self._connector.aclose()
+            self._connector = None
 
     def _acquirer(self, operation: Operation, reference: str) -> AcquirerConnector:
         if self._connector is None:

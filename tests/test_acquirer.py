@@ -729,6 +729,19 @@ async def test_an_answer_breaking_money_invariants_is_not_believed(
             await _against(url, request)
 
 
+async def test_a_404_from_somewhere_else_is_never_read_as_never_authorized() -> None:
+    # A wrong base URL answers 404 too; only the acquirer's own "no such authorization" means
+    # the reference was never authorized. Anything else would invite a second authorization.
+    async with _far_side(_http("404 Not Found", b"<h1>Not Found</h1>")) as url:
+        connector = HttpAcquirer(url, SecretStr(API_KEY))
+        try:
+            with pytest.raises(AcquirerRejected) as refused:
+                await connector.status(_ref())
+        finally:
+            await connector.aclose()
+    assert (refused.value.code, refused.value.http_status) == ("http_404", 404)
+
+
 async def test_rate_limiting_is_not_done_and_says_when_to_retry() -> None:
     async with _far_side(_http("429 Too Many Requests", b"{}", "Retry-After: 7")) as url:
         with pytest.raises(AcquirerNotReached) as caught:
