@@ -71,7 +71,7 @@ DOCS = Path(__file__).resolve().parent.parent / "docs" / "acquirer.md"
 DECLINING = [m for m in TEST_PAYMENT_METHODS if m.behaviour is Behaviour.DECLINE]
 
 
-class SandboxAcquirer:
+class SandboxProcess:
     """`python -m sandboxes.acquirer` in its own process, on a free port."""
 
     def __init__(self, data_dir: Path, api_key: str | None) -> None:
@@ -137,22 +137,22 @@ class SandboxAcquirer:
 
 
 @pytest.fixture(scope="module")
-def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxAcquirer]:
-    server = SandboxAcquirer(tmp_path_factory.mktemp("acquirer"), API_KEY)
+def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxProcess]:
+    server = SandboxProcess(tmp_path_factory.mktemp("acquirer"), API_KEY)
     server.start()
     yield server
     server.stop()
 
 
 @pytest.fixture
-async def acquirer(sandbox: SandboxAcquirer) -> AsyncIterator[HttpAcquirer]:
+async def acquirer(sandbox: SandboxProcess) -> AsyncIterator[HttpAcquirer]:
     connector = sandbox.connector()
     yield connector
     await connector.aclose()
 
 
 @pytest.fixture
-async def impatient(sandbox: SandboxAcquirer) -> AsyncIterator[HttpAcquirer]:
+async def impatient(sandbox: SandboxProcess) -> AsyncIterator[HttpAcquirer]:
     """A client whose timeout is far shorter than pm_card_timeout's hang."""
     connector = sandbox.connector(timeout=IMPATIENT_SECONDS)
     yield connector
@@ -235,7 +235,7 @@ async def test_an_id_holding_a_luhn_valid_digit_run_is_not_mistaken_for_a_card_n
 
 @pytest.mark.parametrize("method", DECLINING, ids=[m.token for m in DECLINING])
 async def test_each_declining_token_declines_with_its_network_code(
-    acquirer: HttpAcquirer, sandbox: SandboxAcquirer, method: Any
+    acquirer: HttpAcquirer, sandbox: SandboxProcess, method: Any
 ) -> None:
     request = _authorization(method.token)
     result = await acquirer.authorize(request)
@@ -295,7 +295,7 @@ async def test_approve_after_delay_answers_once_the_delay_has_passed(
 
 
 async def test_a_client_that_gives_up_during_the_delay_retries_into_one_authorization(
-    impatient: HttpAcquirer, acquirer: HttpAcquirer, sandbox: SandboxAcquirer
+    impatient: HttpAcquirer, acquirer: HttpAcquirer, sandbox: SandboxProcess
 ) -> None:
     request = _authorization("pm_card_approve_after_delay")
     with pytest.raises(AcquirerOutcomeUnknown):
@@ -309,7 +309,7 @@ async def test_a_client_that_gives_up_during_the_delay_retries_into_one_authoriz
 
 
 async def test_a_timeout_is_ambiguous_the_authorization_happened_and_a_retry_never_repeats_it(
-    impatient: HttpAcquirer, acquirer: HttpAcquirer, sandbox: SandboxAcquirer
+    impatient: HttpAcquirer, acquirer: HttpAcquirer, sandbox: SandboxProcess
 ) -> None:
     request = _authorization("pm_card_timeout", amount=4_200)
     with pytest.raises(AcquirerOutcomeUnknown, match="no answer within"):
@@ -343,7 +343,7 @@ async def test_a_timeout_is_ambiguous_the_authorization_happened_and_a_retry_nev
 
 
 async def test_error_once_fails_each_operation_once_without_doing_it(
-    acquirer: HttpAcquirer, sandbox: SandboxAcquirer
+    acquirer: HttpAcquirer, sandbox: SandboxProcess
 ) -> None:
     request = _authorization("pm_card_error_once", amount=9_000)
     with pytest.raises(AcquirerOutcomeUnknown, match="answered 500"):
@@ -387,7 +387,7 @@ async def _succeed_after_one_fault(first: Any, second: Any) -> Any:
 
 
 async def test_partial_capture_captures_once_and_releases_the_rest(
-    acquirer: HttpAcquirer, sandbox: SandboxAcquirer
+    acquirer: HttpAcquirer, sandbox: SandboxProcess
 ) -> None:
     request = _authorization(amount=10_000)
     await acquirer.authorize(request)
@@ -443,7 +443,7 @@ async def test_void_releases_the_whole_hold_and_nothing_can_be_captured_after(
 
 
 async def test_refunds_never_exceed_what_was_captured(
-    acquirer: HttpAcquirer, sandbox: SandboxAcquirer
+    acquirer: HttpAcquirer, sandbox: SandboxProcess
 ) -> None:
     request = _authorization(amount=8_000)
     await acquirer.authorize(request)
@@ -502,7 +502,7 @@ async def test_status_of_an_unknown_reference_is_none_and_instructions_on_it_are
 
 
 async def test_captures_and_refunds_are_recorded_for_settlement_with_their_fee(
-    acquirer: HttpAcquirer, sandbox: SandboxAcquirer
+    acquirer: HttpAcquirer, sandbox: SandboxProcess
 ) -> None:
     request = _authorization(amount=12_345, currency="JPY")
     authorized = await acquirer.authorize(request)
@@ -546,7 +546,7 @@ def test_the_capture_fee_rule() -> None:
 
 
 async def test_without_the_key_nothing_is_done(
-    sandbox: SandboxAcquirer, acquirer: HttpAcquirer
+    sandbox: SandboxProcess, acquirer: HttpAcquirer
 ) -> None:
     request = _authorization()
     for wrong in ("sk_test_wrong", DEFAULT_API_KEY):
@@ -572,7 +572,7 @@ async def test_without_the_key_nothing_is_done(
 
 
 async def test_the_sandbox_keeps_its_state_across_a_restart(tmp_path: Path) -> None:
-    server = SandboxAcquirer(tmp_path, api_key=None)  # the documented test key
+    server = SandboxProcess(tmp_path, api_key=None)  # the documented test key
     server.start()
     try:
         before = server.connector()
@@ -610,7 +610,7 @@ async def test_the_sandbox_keeps_its_state_across_a_restart(tmp_path: Path) -> N
 
 
 async def test_health_and_the_operations_page(
-    sandbox: SandboxAcquirer, acquirer: HttpAcquirer
+    sandbox: SandboxProcess, acquirer: HttpAcquirer
 ) -> None:
     request = _authorization("pm_card_decline_insufficient_funds")
     await acquirer.authorize(request)
@@ -626,7 +626,7 @@ async def test_health_and_the_operations_page(
     assert API_KEY not in page.text  # a configured key is never shown
 
 
-async def test_bad_requests_get_structured_errors_never_500s(sandbox: SandboxAcquirer) -> None:
+async def test_bad_requests_get_structured_errors_never_500s(sandbox: SandboxProcess) -> None:
     headers = {"Authorization": f"Bearer {sandbox.api_key}"}
     pan = "4242424242424242"
     bodies: list[Any] = [
@@ -710,7 +710,7 @@ async def test_an_unreadable_success_is_ambiguous_not_believed() -> None:
 
 
 async def test_an_answer_breaking_money_invariants_is_not_believed(
-    sandbox: SandboxAcquirer, acquirer: HttpAcquirer
+    sandbox: SandboxProcess, acquirer: HttpAcquirer
 ) -> None:
     request = _authorization(amount=1_000)
     await acquirer.authorize(request)
@@ -763,7 +763,7 @@ async def _activity_failure(call: Any, *args: Any) -> ApplicationError:
 
 
 @pytest.fixture
-async def activities(sandbox: SandboxAcquirer) -> AsyncIterator[AcquirerActivities]:
+async def activities(sandbox: SandboxProcess) -> AsyncIterator[AcquirerActivities]:
     acts = AcquirerActivities(sandbox.settings())
     yield acts
     await acts.aclose()
@@ -802,7 +802,7 @@ async def test_activities_a_decline_is_a_result_and_the_lifecycle_runs(
 
 
 async def test_activities_ambiguous_outcomes_are_a_named_retryable_error(
-    sandbox: SandboxAcquirer, activities: AcquirerActivities
+    sandbox: SandboxProcess, activities: AcquirerActivities
 ) -> None:
     impatient = AcquirerActivities(sandbox.settings(acquirer_timeout_seconds=IMPATIENT_SECONDS))
     try:
@@ -861,7 +861,7 @@ async def test_activities_refusals_are_non_retryable_and_carry_the_acquirer_code
 
 
 async def test_activities_misconfiguration_is_non_retryable_and_never_leaks_the_key(
-    sandbox: SandboxAcquirer,
+    sandbox: SandboxProcess,
 ) -> None:
     secret = "sk_live_not_this_acquirers_key_77"
     for settings in (
