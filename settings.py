@@ -113,6 +113,16 @@ class Settings(BaseSettings):
     hubspot_token: SecretStr = SecretStr("")
     crm_timeout_seconds: float = 5.0
 
+    # The card acquirer (docs/acquirer.md). Unset URL: the sandbox acquirer `paysaga run` starts.
+    acquirer_url: str | None = None
+    acquirer_api_key: SecretStr = SecretStr("")
+    # Whole-request budget. Past it the outcome is ambiguous and is resolved by asking the
+    # acquirer for the status of our reference, never by authorizing again.
+    acquirer_timeout_seconds: float = 10.0
+    # Connecting is bounded separately: a refused or unanswered connect means nothing was
+    # sent, which is the one failure that is safe to retry blindly.
+    acquirer_connect_timeout_seconds: float = 3.0
+
     # Temporal payload encryption (AES-GCM). The first key encrypts; all keys decrypt.
     encryption_keys: Annotated[list[EncryptionKey], NoDecode] = Field(default_factory=list)
     codec_cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)

@@ -16,6 +16,7 @@ from temporalio.client import Client
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker, WorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
+from activities.acquirer import AcquirerActivities
 from activities.crm import CrmActivities
 from activities.fraud import FraudActivities
 from activities.kafka import EventPublisher, KafkaActivities
@@ -58,6 +59,8 @@ async def payment_worker(
     engine = make_engine(settings.database_url, pool_size=settings.db_pool_size)
     publisher = EventPublisher(settings.kafka_bootstrap_servers, settings)
     crm = CrmActivities(settings)
+    # Registered ahead of the saga's acquirer steps; it connects on first use only.
+    acquirer = AcquirerActivities(settings)
     fraud = FraudActivities(engine, settings)
     ledger = ledger_activities(Ledger(engine, max_attempts=settings.db_max_retries))
     kafka = kafka_activities(publisher)
@@ -71,6 +74,11 @@ async def payment_worker(
             ledger.post_ledger_transaction,
             ledger.record_payment_outcome,
             crm.notify_crm,
+            acquirer.authorize_payment,
+            acquirer.capture_payment,
+            acquirer.void_authorization,
+            acquirer.refund_payment,
+            acquirer.acquirer_status,
         ],
         max_concurrent_activities=settings.max_concurrent_activities,
         max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
@@ -85,6 +93,7 @@ async def payment_worker(
             yield worker
     finally:
         await crm.aclose()
+        await acquirer.aclose()
         await asyncio.to_thread(publisher.close, 10.0)
         await engine.dispose()
 

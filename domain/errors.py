@@ -13,6 +13,10 @@ class FailureType(StrEnum):
     REFUND_EXCEEDS_CAPTURED = "RefundExceedsCaptured"
     CRM_REJECTED = "CrmRejected"
     FRAUD_SIDECAR_INVALID = "FraudSidecarInvalid"
+    # The acquirer refused an instruction (bad state, amount, credentials); nothing happened.
+    ACQUIRER_REJECTED = "AcquirerRejected"
+    # We built an instruction the acquirer must never see (checked before sending).
+    INVALID_ACQUIRER_REQUEST = "InvalidAcquirerRequest"
 
 
 NON_RETRYABLE: tuple[str, ...] = tuple(t.value for t in FailureType)
