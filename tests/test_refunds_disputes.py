@@ -85,7 +85,7 @@ async def test_partial_and_multiple_refunds_until_fully_refunded(
     payment = await wait_for_payment(api, pid, lambda p: len(p["refunds"]) == 4)
     too_late = payment["refunds"][-1]
     assert (too_late["id"], too_late["status"]) == ("re_too_late", "failed")
-    assert "exceeds the 0 still refundable" in too_late["failure_reason"]
+    assert "Nothing is left to refund" in too_late["failure_reason"]
     assert payment["amount_refunded"] == 10_000
 
     # Ledger: the capture and one reversing transaction per refund, each balanced; the
