@@ -401,6 +401,8 @@ _REFUSAL_STATUS = {
 # the API asks again, for at least this long.
 _BUSY_PATIENCE_SECONDS = 10.0
 _BUSY_PAUSE_SECONDS = 0.2
+# How long `wait=0` still listens for the workflow's refusal, which comes back at once.
+_REFUSAL_SECONDS = 0.05
 _PAYMENT_CLOSED = "The payment's dispute window has closed; it accepts no more changes."
 
 
@@ -436,17 +438,17 @@ async def _ask_workflow(
             asked = await handle.start_update(
                 update, arg, id=update_id, wait_for_stage=WorkflowUpdateStage.ACCEPTED
             )
-            break
-        except WorkflowUpdateFailedError as exc:
-            refused = exc.cause
-            if (
-                isinstance(refused, ApplicationError)
-                and refused.type == Refusal.BUSY
-                and loop.time() < patience
-            ):
-                await asyncio.sleep(_BUSY_PAUSE_SECONDS)
-                continue
-            raise _refusal(refused, refusal_param) from None
+        except WorkflowUpdateRPCTimeoutOrCancelledError:
+            # Not accepted in time: Temporal bounds the Updates in flight per workflow (10 by
+            # default), and a burst on one payment waits for slots. Asking again with the same
+            # key is safe: the follow-up's id is the Update's id.
+            raise ApiError(
+                503,
+                "api_error",
+                "payment_busy",
+                "The payment is busy with other requests; retry with the same Idempotency-Key.",
+                headers={"Retry-After": "1"},
+            ) from None
         except RPCError as exc:
             if exc.status != RPCStatusCode.NOT_FOUND:
                 raise
@@ -457,15 +459,20 @@ async def _ask_workflow(
             raise ApiError(
                 409, "invalid_request_error", "payment_closed", _PAYMENT_CLOSED
             ) from None
-    if wait <= 0:
-        return _ACCEPTED
-    try:
-        return await asyncio.wait_for(asked.result(), timeout=wait)
-    except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):
-        # temporalio turns the poll's cancellation by wait_for into its own error.
-        return _ACCEPTED
-    except WorkflowUpdateFailedError as exc:
-        raise _refusal(exc.cause, refusal_param) from None
+        try:
+            # A refusal comes back at once, as an Update completed with a failure.
+            return await asyncio.wait_for(asked.result(), timeout=max(wait, _REFUSAL_SECONDS))
+        except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):
+            # Accepted, still under way. (temporalio turns the poll's cancellation by wait_for
+            # into its own error.)
+            return _ACCEPTED
+        except WorkflowUpdateFailedError as exc:
+            refused = exc.cause
+            busy = isinstance(refused, ApplicationError) and refused.type == Refusal.BUSY
+            if busy and loop.time() < patience:
+                await asyncio.sleep(_BUSY_PAUSE_SECONDS)
+                continue
+            raise _refusal(refused, refusal_param) from None
 
 
 async def _is_running(handle: WorkflowHandle[Any, Any]) -> bool:

@@ -214,7 +214,8 @@ class PaymentWorkflow:
     async def finish(self) -> None:
         """Stop taking anything, let every handler finish, record the outcome for after the
         history is gone."""
-        self.shut_the_door(Taking.NOTHING, "The payment has ended; it accepts no more changes.")
+        if self.door.taking != Taking.NOTHING:
+            self.shut_the_door(Taking.NOTHING, "The payment has ended; it accepts no more changes.")
         self.fail_what_was_never_carried_out()
         await workflow.wait_condition(workflow.all_handlers_finished)
         await self.record_outcome()
@@ -310,11 +311,7 @@ class PaymentWorkflow:
             await _run_to_completion(
                 self.end_without_capture(PaymentStatus.CANCELED, EventKind.CANCELED, "")
             )
-        self.shut_the_door(
-            Taking.DISPUTE_CLOSES,
-            "The payment's workflow was canceled by an operator; it takes no new refunds or "
-            "disputes (open disputes can still be closed).",
-        )
+        self.shut_for_cancel()
         if (self.follow_ups or self.holds_disputed_funds()) and workflow.patched(
             PATCH_CANCEL_FINISHES_FOLLOW_UPS
         ):
@@ -442,8 +439,11 @@ class PaymentWorkflow:
                 continue
             while self.follow_ups:
                 # A follow-up that started moving money finishes (ledger, event, CRM) even if
-                # the workflow is canceled meanwhile; the cancellation takes effect after it.
-                await _run_to_completion(self.run_follow_up(self.follow_ups.popleft()))
+                # the workflow is canceled meanwhile; the cancellation takes effect after it,
+                # and the payment takes nothing new from the moment it is seen.
+                await _run_to_completion(
+                    self.run_follow_up(self.follow_ups.popleft()), on_cancel=self.shut_for_cancel
+                )
                 await self.continue_as_new_if_history_is_long()
             await self.continue_as_new_if_history_is_long()
 
@@ -483,7 +483,9 @@ class PaymentWorkflow:
             # Only what is queued now (Updates' callers wait for it): signals arriving during
             # the drain are carried, so a steady stream of them cannot hold the run open.
             for _ in range(len(self.follow_ups)):
-                await _run_to_completion(self.run_follow_up(self.follow_ups.popleft()))
+                await _run_to_completion(
+                    self.run_follow_up(self.follow_ups.popleft()), on_cancel=self.shut_for_cancel
+                )
         await workflow.wait_condition(workflow.all_handlers_finished)
         workflow.continue_as_new(
             self.input.model_copy(
@@ -651,13 +653,13 @@ class PaymentWorkflow:
     @workflow.update(name="refund")
     async def refund_payment(self, request: RefundSignal) -> Refund:
         """The refund once the ledger posted it (`succeeded`) or refused it (`failed`)."""
-        refund = self.take_refund(request, self.door)
+        refund = self.take_refund(request, self.current_door())
         await workflow.wait_condition(lambda: refund.status != FollowUpStatus.PENDING)
         return refund
 
     @refund_payment.validator
     def _refund_allowed(self, request: RefundSignal) -> None:
-        self.refuse(refund_refusal(self.state, request, self.door))
+        self.refuse(refund_refusal(self.state, request, self.current_door()))
 
     @workflow.signal
     def refund(self, signal: RefundSignal) -> None:
@@ -669,13 +671,13 @@ class PaymentWorkflow:
     @workflow.update(name="dispute_opened")
     async def open_dispute(self, request: DisputeOpenedSignal) -> Dispute:
         """The dispute once its funds are held (`open`) or the ledger refused it (`failed`)."""
-        dispute = self.take_dispute_opened(request, self.door)
+        dispute = self.take_dispute_opened(request, self.current_door())
         await workflow.wait_condition(lambda: dispute.status != "pending")
         return dispute
 
     @open_dispute.validator
     def _dispute_allowed(self, request: DisputeOpenedSignal) -> None:
-        self.refuse(dispute_opened_refusal(self.state, request, self.door))
+        self.refuse(dispute_opened_refusal(self.state, request, self.current_door()))
 
     @workflow.signal
     def dispute_opened(self, signal: DisputeOpenedSignal) -> None:
@@ -698,7 +700,7 @@ class PaymentWorkflow:
 
     @close_dispute.validator
     def _close_allowed(self, request: DisputeClosedSignal) -> None:
-        self.refuse(dispute_closed_refusal(self.state, request, self.door))
+        self.refuse(dispute_closed_refusal(self.state, request, self.current_door()))
 
     @workflow.signal
     def dispute_closed(self, signal: DisputeClosedSignal) -> None:
@@ -750,8 +752,26 @@ class PaymentWorkflow:
             self.door_before_busy = self.door
         self.door = Door(taking, why)
 
+    def shut_for_cancel(self) -> None:
+        self.shut_the_door(
+            Taking.DISPUTE_CLOSES,
+            "The payment's workflow was canceled by an operator; it takes no new refunds or "
+            "disputes (open disputes can still be closed).",
+        )
+
+    def current_door(self, door: Door | None = None) -> Door:
+        """The door as of this activation's time: the window closes at its instant, even while
+        the loop is still busy with a backlog and has not looked at the clock yet."""
+        door = door or self.door
+        if door.taking == Taking.EVERYTHING and workflow.now() >= self.window_closes_at():
+            return self.window_closed_door(open_disputes=True)
+        return door
+
     def door_for_signals(self) -> Door:
-        return self.door_before_busy if self.door.taking == Taking.BUSY else self.door
+        """While the run hands over (BUSY), signals are judged by the door before it: they are
+        carried to the next run, not refused."""
+        busy = self.door.taking == Taking.BUSY
+        return self.current_door(self.door_before_busy if busy else self.door)
 
     def take_refund(self, request: RefundSignal, door: Door) -> Refund:
         """Record the refund and queue it, or record it failed with the reason it was refused.
@@ -1189,14 +1209,19 @@ def _bounded_decision(decision: ReviewDecision) -> ReviewDecision:
     )
 
 
-async def _run_to_completion(step: Awaitable[None]) -> None:
+async def _run_to_completion(
+    step: Awaitable[None], on_cancel: Callable[[], None] | None = None
+) -> None:
     """Run `step` to its end even if the workflow is canceled while it runs, then let the
     cancellation through. Its activities are never abandoned half way, so the code that reacts
-    to the cancellation knows whether the step took effect."""
+    to the cancellation knows whether the step took effect. `on_cancel` runs as soon as the
+    cancellation is seen, before the step ends."""
     task = asyncio.ensure_future(step)
     try:
         await asyncio.shield(task)
     except asyncio.CancelledError:
+        if on_cancel is not None:
+            on_cancel()
         # The step's own failure is moot now: the cancellation decides what happens next.
         with contextlib.suppress(ActivityError, ApplicationError):
             await task
