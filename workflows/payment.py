@@ -911,6 +911,7 @@ class PaymentWorkflow:
         """Until every failed compensation is done or settled by hand. A cancellation does not
         end the wait: the money would stay stranded."""
         while self.state.attention is not None:
+            self.describe_waiting(self.attention_details())
             try:
                 await workflow.wait_condition(lambda: bool(self.resolutions))
                 await _run_to_completion(self.apply_resolution(self.resolutions.popleft()))
