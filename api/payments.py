@@ -190,7 +190,7 @@ async def _wait_until(
     "/payments",
     status_code=201,
     response_model=PaymentResource,
-    responses=error_responses(400, 401, 403, 409, 413, 422),
+    responses=error_responses(400, 401, 403, 409, 413, 422, 503),
     summary="Create a payment",
 )
 async def create_payment(
@@ -671,7 +671,7 @@ _CANCEL_ACCEPTED: dict[str, Any] = {
 @router.post(
     "/payments/{payment_id}/cancel",
     response_model=PaymentResource,
-    responses={**error_responses(401, 403, 404, 409, 413, 422), 202: _CANCEL_ACCEPTED},
+    responses={**error_responses(401, 403, 404, 409, 413, 422, 503), 202: _CANCEL_ACCEPTED},
     summary="Cancel a payment before it is posted to the ledger",
     description="200 once canceled; 202 when the cancel was accepted but the payment is still "
     "finishing the step under way (poll it); 409 once it is posted: refund it instead.",

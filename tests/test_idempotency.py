@@ -26,6 +26,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from activities.fraud import amount_for_limit_share
 from domain.events import REQUESTS_DLQ_TOPIC, REQUESTS_TOPIC
 from domain.payment import PaymentRequest, PaymentState, PaymentWorkflowInput, payment_id_for
+from infra.checker import CheckScope, run_checks
 from infra.database import migrate
 from infra.idempotency import IdempotencyRegister
 from infra.stack import Stack
@@ -114,6 +115,7 @@ class ForgottenPayments:
     in_review: Forgotten  # created through the API, terminated while in review: no record
     legacy: Forgotten  # started without a register row (before migration 0003)
     by_intake: Forgotten  # requested over Kafka
+    while_running: Forgotten  # captured, deleted while still open for refunds (no summary)
     intake_offset: tuple[int, int]  # (partition, offset) of the intake's original message
 
 
@@ -136,6 +138,11 @@ async def forgotten(
         handle = temporal_client.get_workflow_handle(in_review.payment_id)
         await handle.terminate(reason="test: removed by an operator")
 
+    async with api_client(app_settings, temporal_client, TEST_API_KEY) as api:
+        while_running = _forgotten(CLIENT, amount=1700)  # the default 120-day window
+        created = await create_payment(api, while_running.body, key=while_running.key, wait=10)
+        assert created.json()["status"] == "succeeded", created.text
+
     legacy = _forgotten(CLIENT, amount=1500)
     await _start_without_register(temporal_client, settings, legacy)
 
@@ -147,10 +154,9 @@ async def forgotten(
 
     for closing in (by_api, legacy, by_intake):
         assert (await _closed(temporal_client, closing.payment_id)).status == "succeeded"
-    await asyncio.gather(
-        *(_forget(temporal_client, f.payment_id) for f in (by_api, in_review, legacy, by_intake))
-    )
-    return ForgottenPayments(by_api, in_review, legacy, by_intake, where)
+    deleted = (by_api, in_review, legacy, by_intake, while_running)
+    await asyncio.gather(*(_forget(temporal_client, f.payment_id) for f in deleted))
+    return ForgottenPayments(by_api, in_review, legacy, by_intake, while_running, where)
 
 
 def _forgotten(client_id: str, amount: int) -> Forgotten:
@@ -228,6 +234,34 @@ async def test_a_payment_removed_before_it_recorded_anything_is_never_started_ag
     assert replay.json()["error"]["code"] == "payment_record_missing"
     await _never_runs_again(temporal_client, payment.payment_id)
     assert await ledger_rows(engine, payment.payment_id) == []
+
+
+async def test_a_payment_deleted_while_running_is_never_started_again_and_is_flagged(
+    forgotten: ForgottenPayments,
+    api: httpx.AsyncClient,
+    temporal_client: Client,
+    engine: AsyncEngine,
+    app_settings: Settings,
+) -> None:
+    """Deleted while open for refunds: no summary was recorded, but the capture was. The key
+    answers with what the ledger knows, never runs again, and `paysaga check` names it."""
+    payment = forgotten.while_running
+    replay = await create_payment(api, payment.body, key=payment.key, wait=0)
+    assert replay.status_code == 201 and replay.headers["Idempotent-Replayed"] == "true"
+    answered = replay.json()
+    assert (answered["status"], answered["amount_captured"]) == ("succeeded", 1700)
+    assert "removed" in answered["waiting_for"]
+    await _never_runs_again(temporal_client, payment.payment_id)
+    assert (await api.get(f"/v1/payments/{payment.payment_id}")).status_code == 404
+    report = await run_checks(
+        app_settings,
+        scope=CheckScope(payment_ids=frozenset({payment.payment_id})),
+        engine=engine,
+        temporal=temporal_client,
+    )
+    flagged = report.violations("workflow-agrees-with-ledger")
+    assert [v.payment_id for v in flagged] == [payment.payment_id]
+    assert "no outcome was recorded" in flagged[0].detail
 
 
 async def test_payments_started_before_the_register_register_when_they_end(

@@ -399,6 +399,35 @@ async def test_operators_signal_refunds_with_plain_json(
     ]
 
 
+async def test_operators_refund_by_update_with_the_cli_and_get_the_answer(
+    api: httpx.AsyncClient, engine: AsyncEngine, stack: Stack
+) -> None:
+    """The copy-paste commands of docs/signals.md: the Update answers with the refund once the
+    ledger posted it, and a refused one names its reason and enters no history."""
+    payment = await captured_payment(api, 2000)
+    pid = payment["id"]
+    made = await _temporal_cli(
+        stack, "update", "execute", "--workflow-id", pid, "--name", "refund",
+        "--update-id", "re_manual_1", "--output", "json",
+        "--input", json.dumps({"refund_id": "re_manual_1", "amount": 500, "reason": "goodwill"}),
+    )  # fmt: skip
+    assert _find_key(json.loads(made), "status") == "succeeded"
+    assert (await api.get(f"/v1/payments/{pid}")).json()["amount_refunded"] == 500
+
+    argv = [
+        temporal_binary(), "workflow", "update", "execute", "--address", stack.temporal_address,
+        "--workflow-id", pid, "--name", "refund", "--update-id", "re_manual_2",
+        "--input", json.dumps({"refund_id": "re_manual_2", "amount": 99_000}),
+    ]  # fmt: skip
+    refused = await asyncio.to_thread(
+        subprocess.run, argv, capture_output=True, text=True, timeout=30
+    )
+    assert refused.returncode != 0
+    assert "exceeds the 1500 minor units still refundable" in refused.stdout + refused.stderr
+    rows = await assert_ledger_balanced(engine, pid)
+    assert [r["reference"] for r in rows if r["kind"] == "refund"] == ["re_manual_1"]
+
+
 async def _temporal_cli(stack: Stack, *args: str) -> str:
     """`temporal workflow …` against the test stack, off the event loop (the worker that
     answers queries runs on it)."""
