@@ -141,6 +141,26 @@ def migrate(url: str, revision: str = "head") -> None:
         engine.dispose()
 
 
+def head_revision() -> str:
+    """The newest migration this code brings (what `migrate` upgrades to)."""
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head()
+    assert head is not None
+    return head
+
+
+def revision_before(revision: str) -> str | None:
+    """The migration `revision` follows."""
+    from alembic.script import ScriptDirectory
+
+    found = ScriptDirectory(str(MIGRATIONS_DIR)).get_revision(revision)
+    assert found is not None
+    down = found.down_revision
+    assert down is None or isinstance(down, str), "not a merge revision"
+    return down
+
+
 def current_revision(url: str) -> str | None:
     from alembic.runtime.migration import MigrationContext
 

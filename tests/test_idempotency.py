@@ -27,7 +27,7 @@ from activities.fraud import amount_for_limit_share
 from domain.events import REQUESTS_DLQ_TOPIC, REQUESTS_TOPIC
 from domain.payment import PaymentRequest, PaymentState, PaymentWorkflowInput, payment_id_for
 from infra.checker import CheckScope, run_checks
-from infra.database import migrate
+from infra.database import migrate, revision_before
 from infra.idempotency import IdempotencyRegister
 from infra.stack import Stack
 from intake import DEFAULT_CLIENT_ID, running_intake
@@ -322,7 +322,9 @@ def test_the_migration_registers_the_payments_that_already_ended(stack: Stack) -
         conn.execute(sa.text(f'CREATE DATABASE "{database}"'))
     url = sa.make_url(stack.database_url).set(database=database).render_as_string(False)
     try:
-        migrate(url, "0002")
+        before = revision_before("0003")  # the idempotency register's migration
+        assert before is not None
+        migrate(url, before)
         engine = sa.create_engine(url)
         with engine.begin() as conn:
             conn.execute(
