@@ -8,7 +8,8 @@ them over REST). Delivery is at least once and starting is idempotent, so:
 
 - a valid message starts the payment's workflow, and its offset is committed only after
   Temporal accepted the start (or said this key already started the same payment);
-- a replayed message (same key, same body) starts nothing new;
+- a replayed message (same key, same body) starts nothing new, even after Temporal forgot the
+  payment (the idempotency register in the database remembers every key: infra/idempotency.py);
 - an invalid message (bad JSON, schema error, card data, missing key, key reused with another
   body) is copied to `payments.requests.dlq` with `dlq-reason` / `dlq-error-code` headers and
   the original key and headers, then committed: it cannot succeed by being read again;
