@@ -283,12 +283,21 @@ async def test_the_checker_reports_a_payment_waiting_for_an_operator_without_fai
     assert report.passed, report.model_dump_json(indent=2)
     notes = report.result("workflow-agrees-with-ledger").notes
     assert any("require attention" in note for note in notes), notes
-    # Resolve it, so the module leaves nothing waiting.
+    # Resolve it (two operators at once: the second finds nothing left), so the module leaves
+    # nothing waiting.
     await _reopen(engine, f"merchant:{body['merchant_id']}:USD")
-    await rig.temporal.get_workflow_handle(pid).signal(
-        "resolve_attention", AttentionResolution(action="retry", operator="carol")
+    handle = rig.temporal.get_workflow_handle(pid)
+    await asyncio.gather(
+        handle.signal("resolve_attention", AttentionResolution(action="retry", operator="carol")),
+        handle.signal("resolve_attention", AttentionResolution(action="retry", operator="dave")),
     )
-    await _canceled(rig.temporal.get_workflow_handle(pid))
+    await _canceled(handle)
+    state = await _state(handle)
+    assert [r.resolved for r in state.resolutions] == [True, True]
+    assert [r["kind"] for r in await assert_ledger_balanced(engine, pid)] == [
+        "payment",
+        "payment_reversal",
+    ]
 
 
 async def test_nothing_to_resolve_is_refused_before_it_enters_the_history(

@@ -917,6 +917,24 @@ class PaymentWorkflow:
                 await _run_to_completion(self.apply_resolution(self.resolutions.popleft()))
             except asyncio.CancelledError:
                 workflow.logger.warning("cancel requested while waiting for an operator")
+        # Resolutions sent together with the one that settled it: nothing is left for them.
+        while self.resolutions:
+            self.record_resolution(self.resolutions.popleft(), resolved=True, remaining=[])
+
+    def record_resolution(
+        self, resolution: AttentionResolution, *, resolved: bool, remaining: list[UndoFailure]
+    ) -> None:
+        self.state.resolutions.append(
+            ResolutionRecord(
+                action=resolution.action,
+                operator=clipped_text(resolution.operator, ID_MAX),
+                reason=clipped_text(resolution.reason),
+                at=workflow.now(),
+                resolved=resolved,
+                remaining=remaining,
+            )
+        )
+        self.resolutions_done += 1
 
     async def apply_resolution(self, resolution: AttentionResolution) -> None:
         attention = self.state.attention
@@ -940,17 +958,9 @@ class PaymentWorkflow:
             )
             for f in still_failing
         ]
-        self.state.resolutions.append(
-            ResolutionRecord(
-                action=resolution.action,
-                operator=clipped_text(resolution.operator, ID_MAX),
-                reason=clipped_text(resolution.reason),
-                at=workflow.now(),
-                resolved=not still_failing,
-                remaining=list(attention.failures),
-            )
+        self.record_resolution(
+            resolution, resolved=not still_failing, remaining=list(attention.failures)
         )
-        self.resolutions_done += 1
         if still_failing:
             self.set_status(PaymentStatus.REQUIRES_ATTENTION, self.attention_details())
             return
