@@ -283,8 +283,8 @@ async def test_the_checker_reports_a_payment_waiting_for_an_operator_without_fai
     assert report.passed, report.model_dump_json(indent=2)
     notes = report.result("workflow-agrees-with-ledger").notes
     assert any("require attention" in note for note in notes), notes
-    # Resolve it (two operators at once: the second finds nothing left), so the module leaves
-    # nothing waiting.
+    # Resolve it (two operators at once: one settles it; the other, if it arrived in time,
+    # is answered with nothing left), so the module leaves nothing waiting.
     await _reopen(engine, f"merchant:{body['merchant_id']}:USD")
     handle = rig.temporal.get_workflow_handle(pid)
     await asyncio.gather(
@@ -293,7 +293,7 @@ async def test_the_checker_reports_a_payment_waiting_for_an_operator_without_fai
     )
     await _canceled(handle)
     state = await _state(handle)
-    assert [r.resolved for r in state.resolutions] == [True, True]
+    assert len(state.resolutions) in (1, 2) and all(r.resolved for r in state.resolutions)
     assert [r["kind"] for r in await assert_ledger_balanced(engine, pid)] == [
         "payment",
         "payment_reversal",
