@@ -8,7 +8,8 @@ them over REST). Delivery is at least once and starting is idempotent, so:
 
 - a valid message starts the payment's workflow, and its offset is committed only after
   Temporal accepted the start (or said this key already started the same payment);
-- a replayed message (same key, same body) starts nothing new;
+- a replayed message (same key, same body) starts nothing new, even after Temporal forgot the
+  payment (the idempotency register in the database remembers every key: infra/idempotency.py);
 - an invalid message (bad JSON, schema error, card data, missing key, key reused with another
   body) is copied to `payments.requests.dlq` with `dlq-reason` / `dlq-error-code` headers and
   the original key and headers, then committed: it cannot succeed by being read again;
@@ -39,9 +40,12 @@ from confluent_kafka import (
 from pydantic import ValidationError
 from temporalio.client import Client
 
+from domain.bounds import ID_MAX, IDEMPOTENCY_KEY_MAX, IDEMPOTENCY_KEY_MIN, TEXT_MAX
 from domain.cards import contains_card_number
 from domain.events import REQUESTS_DLQ_TOPIC, REQUESTS_TOPIC
 from domain.payment import PaymentRequest
+from infra.database import make_engine
+from infra.idempotency import IdempotencyRegister
 from infra.metrics import INTAKE_MESSAGES
 from settings import Settings, get_settings
 from workflows.starter import IdempotencyKeyReused, start_payment
@@ -54,10 +58,11 @@ DEFAULT_CLIENT_ID = "kafka-intake"
 DLQ_REASON_HEADER = "dlq-reason"
 DLQ_ERROR_CODE_HEADER = "dlq-error-code"
 
-# The REST API's rules for the same values (api/payments.py IdempotencyKey).
-_IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9_\-:.]{8,255}$")
-_CLIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
-_MAX_REASON_CHARS = 500
+# The REST API's rules for the same values (api/payments.py IdempotencyKey), bounded by what
+# the schema stores (domain/bounds.py).
+_IDEMPOTENCY_KEY = re.compile(rf"^[A-Za-z0-9_\-:.]{{{IDEMPOTENCY_KEY_MIN},{IDEMPOTENCY_KEY_MAX}}}$")
+_CLIENT_ID = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9_.:-]{{0,{ID_MAX - 1}}}$")
+_MAX_REASON_CHARS = TEXT_MAX
 _BATCH_SIZE = 100
 _POLL_SECONDS = 0.5
 _RETRY_PAUSE_SECONDS = 1.0
@@ -124,7 +129,8 @@ def read_payment_order(
     if not _IDEMPOTENCY_KEY.match(key):
         raise Refused(
             "idempotency_key_invalid",
-            f"{IDEMPOTENCY_KEY_HEADER} must be 8-255 characters of A-Z a-z 0-9 _ - : .",
+            f"{IDEMPOTENCY_KEY_HEADER} must be {IDEMPOTENCY_KEY_MIN}-{IDEMPOTENCY_KEY_MAX} "
+            "characters of A-Z a-z 0-9 _ - : .",
         )
     client_id = _header(headers, CLIENT_ID_HEADER) or DEFAULT_CLIENT_ID
     if not _CLIENT_ID.match(client_id):
@@ -179,9 +185,14 @@ class PaymentIntake:
         self, settings: Settings, temporal: Client, *, group_id: str | None = None
     ) -> None:
         assert settings.kafka_bootstrap_servers, "PAYSAGA_KAFKA_BOOTSTRAP_SERVERS is not set"
+        assert settings.database_url, "PAYSAGA_DATABASE_URL is not set"
         self._settings = settings
         self._temporal = temporal
         self._group_id = group_id or settings.kafka_intake_group
+        # The idempotency register: a message read again after Temporal forgot its payment
+        # (an offset reset, a re-sent batch) finds the payment and starts nothing.
+        self._engine = make_engine(settings.database_url, pool_size=2)
+        self._register = IdempotencyRegister(self._engine, max_attempts=settings.db_max_retries)
         # librdkafka handles are not for concurrent use: every call goes through this thread.
         self._kafka_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="intake")
         self._consumer = Consumer(self._consumer_config())
@@ -231,6 +242,7 @@ class PaymentIntake:
             await self._kafka(self._dead_letters.flush, 10.0)
             await self._kafka(self._consumer.close)
             self._kafka_thread.shutdown(wait=False)
+            await self._engine.dispose()
 
     def _is_error(self, message: Message) -> bool:
         error = message.error()
@@ -263,8 +275,9 @@ class PaymentIntake:
         headers = message_headers(message)
         try:
             order = read_payment_order(message.value(), headers, self._settings.max_body_bytes)
-            _, replayed = await start_payment(
+            started = await start_payment(
                 self._temporal,
+                self._register,
                 self._settings,
                 order.client_id,
                 order.idempotency_key,
@@ -289,7 +302,7 @@ class PaymentIntake:
                 exc,
             )
             raise _NotAccepted(str(exc)) from exc
-        outcome: Outcome = "replayed" if replayed else "started"
+        outcome: Outcome = "replayed" if started.replayed else "started"
         INTAKE_MESSAGES.labels(outcome).inc()
         return outcome
 

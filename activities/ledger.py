@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import sqlalchemy as sa
 from pydantic import BaseModel
 from sqlalchemy.dialects.postgresql import JSONB, UUID, insert
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -23,7 +24,8 @@ from domain.errors import FailureType
 from domain.events import PaymentEvent
 from domain.ledger import Account, LedgerTransaction, TransactionKind
 from domain.payment import PaymentStatus, status_from_amounts
-from infra.database import run_serializable
+from infra.database import is_data_error, run_serializable, sqlstate
+from infra.idempotency import record_started
 
 metadata = sa.MetaData()
 accounts = sa.Table(
@@ -232,8 +234,10 @@ class Ledger:
                     ledger_transactions.c.reference == txn.reference,
                 )
             )
+            assert existing is not None
+            await _same_as_posted(conn, existing, txn)
             row = await _register(conn, txn.payment_id)
-            assert existing is not None and row is not None
+            assert row is not None
             return LedgerReceipt(transaction_id=str(existing), duplicate=True, payment=row)
 
         opened = await _open_accounts(conn, [e.account for e in txn.entries])
@@ -342,6 +346,13 @@ class Ledger:
                     set_={"summary": statement.excluded.summary, "updated_at": now},
                 )
             )
+            # Payments started before the idempotency register existed register here, so
+            # their key still finds them once Temporal has forgotten them.
+            fingerprint = outcome.summary.get("fingerprint")
+            if isinstance(fingerprint, str):
+                await record_started(
+                    conn, outcome.payment_id, outcome.parties.client_id, fingerprint
+                )
 
         await run_serializable(self.engine, work, max_attempts=self.max_attempts)
 
@@ -384,6 +395,31 @@ async def _register_row(conn: AsyncConnection, statement: sa.Executable) -> Regi
     """The register row a SELECT, or an INSERT/UPDATE ... RETURNING, gives back (if any)."""
     row = (await conn.execute(statement)).mappings().first()
     return RegisterRow.model_validate(dict(row)) if row is not None else None
+
+
+async def _same_as_posted(
+    conn: AsyncConnection, transaction_id: uuid.UUID, txn: LedgerTransaction
+) -> None:
+    """A retry finds its own posting: the same entries. Anything else in that slot (another
+    amount, currency or account: a second run of a payment the first one already posted, a
+    refund id reused for another amount) is refused, never reported as a harmless duplicate."""
+    rows = await conn.execute(
+        sa.select(accounts.c.code, ledger_entries.c.amount, ledger_entries.c.currency)
+        .join(accounts, accounts.c.id == ledger_entries.c.account_id)
+        .where(ledger_entries.c.transaction_id == transaction_id)
+    )
+    posted = sorted((r.code, int(r.amount), r.currency) for r in rows)
+    asked = sorted((e.account.code, e.amount, e.account.currency) for e in txn.entries)
+    if posted != asked:
+        raise LedgerRejected(
+            FailureType.POSTING_CONFLICT,
+            f"{txn.kind} {txn.reference or ''} of {txn.payment_id} was already posted with other "
+            f"entries ({_describe(posted)}); refusing a different one ({_describe(asked)})",
+        )
+
+
+def _describe(entries: list[tuple[str, int, str]]) -> str:
+    return ", ".join(f"{code} {amount:+d} {ccy}" for code, amount, ccy in entries)
 
 
 class _OpenAccount(NamedTuple):
@@ -463,7 +499,25 @@ class LedgerActivities:
                 type=exc.failure.value,
                 non_retryable=True,
             ) from exc
+        except DBAPIError as exc:
+            raise _classified(exc, f"{txn.kind} for {txn.payment_id}") from exc
 
     @activity.defn(name="record_payment_outcome")
     async def record_payment_outcome(self, outcome: PaymentOutcome) -> None:
-        await self.ledger.record_outcome(outcome)
+        try:
+            await self.ledger.record_outcome(outcome)
+        except DBAPIError as exc:
+            raise _classified(exc, f"the outcome of {outcome.payment_id}") from exc
+
+
+def _classified(exc: DBAPIError, what: str) -> Exception:
+    """A data error fails the step for good, with a name (a 22001 retried forever would wedge
+    every later follow-up of the payment); anything else is retried by Temporal."""
+    if not is_data_error(exc):
+        return exc
+    first_line = str(getattr(exc, "orig", exc)).strip().splitlines()[0][:300]
+    return ApplicationError(
+        f"the database refused {what} (SQLSTATE {sqlstate(exc)}): {first_line}",
+        type=FailureType.DATA_REJECTED.value,
+        non_retryable=True,
+    )

@@ -19,6 +19,7 @@ from api.errors import install_error_handlers
 from api.limits import install_body_limit
 from infra.broker import broker_answers
 from infra.database import make_engine
+from infra.idempotency import IdempotencyRegister
 from infra.logs import configure_logging
 from infra.observability import configure_tracing, install_api_observability
 from infra.temporal_client import connect_client
@@ -40,6 +41,7 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
         engine = make_engine(settings.database_url, pool_size=5)
         app.state.engine = engine
         app.state.ledger = Ledger(engine, max_attempts=settings.db_max_retries)
+        app.state.idempotency = IdempotencyRegister(engine, max_attempts=settings.db_max_retries)
         try:
             yield
         finally:

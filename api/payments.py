@@ -1,4 +1,4 @@
-"""Payment routes. Thin: validate, start or signal or query a workflow, shape the answer."""
+"""Payment routes. Thin: validate, start a workflow or ask it (Updates), shape the answer."""
 
 from __future__ import annotations
 
@@ -7,13 +7,23 @@ import base64
 import binascii
 import hashlib
 import hmac
+import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from pydantic import AfterValidator
 from pydantic_core import PydanticCustomError
-from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
+from sqlalchemy.exc import DBAPIError
+from temporalio.client import (
+    Client,
+    WorkflowExecutionStatus,
+    WorkflowHandle,
+    WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
+    WorkflowUpdateStage,
+)
+from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.ledger import Ledger
@@ -26,9 +36,12 @@ from api.resources import (
     PaymentResource,
     RefundResource,
 )
+from domain.bounds import IDEMPOTENCY_KEY_MAX, IDEMPOTENCY_KEY_MIN
 from domain.cards import contains_card_number
+from domain.follow_ups import Refusal
 from domain.payment import (
     CancelSignal,
+    Dispute,
     DisputeClosedSignal,
     DisputeCloseRequest,
     DisputeOpenedSignal,
@@ -37,9 +50,11 @@ from domain.payment import (
     PaymentRequest,
     PaymentState,
     PaymentStatus,
+    Refund,
     RefundRequest,
     RefundSignal,
 )
+from infra.idempotency import IdempotencyRegister
 from settings import Settings
 from workflows import search_attributes as sa
 from workflows.payment import PaymentWorkflow
@@ -51,8 +66,8 @@ IdempotencyKey = Annotated[
     str,
     Header(
         alias="Idempotency-Key",
-        min_length=8,
-        max_length=255,
+        min_length=IDEMPOTENCY_KEY_MIN,
+        max_length=IDEMPOTENCY_KEY_MAX,
         pattern=r"^[A-Za-z0-9_\-:.]+$",
         description="Unique per payment attempt; retries with the same key never pay twice.",
     ),
@@ -81,6 +96,11 @@ def _ledger(request: Request) -> Ledger:
     return ledger
 
 
+def _register(request: Request) -> IdempotencyRegister:
+    register: IdempotencyRegister = request.app.state.idempotency
+    return register
+
+
 def _not_found(payment_id: str) -> ApiError:
     return ApiError(404, "invalid_request_error", "resource_missing", "No such payment.", "id")
 
@@ -98,13 +118,52 @@ async def load_payment(request: Request, payment_id: str, client: ApiClient) -> 
     except RPCError as exc:
         if exc.status not in (RPCStatusCode.NOT_FOUND, RPCStatusCode.FAILED_PRECONDITION):
             raise
-        row = await _ledger(request).payment(payment_id)
-        if row is None or row.summary is None:
+        recorded = await _recorded_state(request, payment_id)
+        if recorded is None:
             raise _not_found(payment_id) from None
-        state = PaymentState.model_validate(row.summary)
+        state = recorded
     if state.client_id != client.client_id:
         raise _not_found(payment_id)  # another client's payment does not exist for you
     return state
+
+
+async def _recorded_state(
+    request: Request, payment_id: str, body: PaymentRequest | None = None
+) -> PaymentState | None:
+    """The payment as the payments register knows it once Temporal has forgotten it: the
+    workflow's last word (its recorded summary), with the amounts the ledger's postings left.
+
+    Without a summary (the workflow was removed before it ended), the register row alone still
+    says what the ledger moved; with the original request `body` (an idempotent replay, whose
+    fingerprint matched) that is enough to describe the payment."""
+    row = await _ledger(request).payment(payment_id)
+    if row is None:
+        return None
+    if row.summary is not None:
+        state = PaymentState.model_validate(row.summary)
+    elif body is not None:
+        state = PaymentState(
+            id=payment_id,
+            client_id=row.client_id,
+            request=body,
+            fingerprint=body.fingerprint(),
+            status=row.status,
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+            ledger_posted=row.captured > 0,
+            waiting_for="an operator: the payment's workflow was removed before it ended "
+            "(docs/runbook.md, a payment removed from Temporal)",
+        )
+    else:
+        return None
+    return state.model_copy(
+        update={
+            "captured": row.captured,
+            "refunded": row.refunded,
+            "disputed": row.disputed,
+            "dispute_lost": row.dispute_lost,
+        }
+    )
 
 
 async def _wait_until(
@@ -131,7 +190,7 @@ async def _wait_until(
     "/payments",
     status_code=201,
     response_model=PaymentResource,
-    responses=error_responses(400, 401, 403, 409, 413, 422),
+    responses=error_responses(400, 401, 403, 409, 413, 422, 503),
     summary="Create a payment",
 )
 async def create_payment(
@@ -143,8 +202,13 @@ async def create_payment(
     client: ApiClient = Depends(require_scope("payments:write")),
 ) -> PaymentResource:
     try:
-        handle, replayed = await start_payment(
-            _temporal(request), _settings(request), client.client_id, idempotency_key, body
+        started = await start_payment(
+            _temporal(request),
+            _register(request),
+            _settings(request),
+            client.client_id,
+            idempotency_key,
+            body,
         )
     except IdempotencyKeyReused:
         raise ApiError(
@@ -154,12 +218,35 @@ async def create_payment(
             "This Idempotency-Key was already used with a different request body.",
             "Idempotency-Key",
         ) from None
-    payment_id = handle.id
-    if replayed:
+    except DBAPIError:
+        # The key could not be checked against the register: nothing was started.
+        raise ApiError(
+            503,
+            "api_error",
+            "database_unavailable",
+            "The payment could not be recorded; retry with the same Idempotency-Key.",
+        ) from None
+    payment_id = started.payment_id
+    if started.replayed:
         response.headers["Idempotent-Replayed"] = "true"
+    response.headers["Location"] = f"/v1/payments/{payment_id}"
+    if started.handle is None:
+        # Temporal has forgotten the payment: the payments register answers, and nothing runs.
+        recorded = await _recorded_state(request, payment_id, body)
+        if recorded is None:
+            raise ApiError(
+                409,
+                "idempotency_error",
+                "payment_record_missing",
+                "This Idempotency-Key already started a payment whose record is gone (its "
+                "workflow was removed before it recorded anything); it is never started twice. "
+                "Use a new key.",
+                "Idempotency-Key",
+            )
+        return PaymentResource.of(recorded)
     state = None
-    if wait > 0 or replayed:
-        state = await _wait_until(handle, wait, lambda s: s.status.settled_for_wait)
+    if wait > 0 or started.replayed:
+        state = await _wait_until(started.handle, wait, lambda s: s.status.settled_for_wait)
     if state is None:
         # The workflow has not answered yet: describe what was accepted.
         now = datetime.now(UTC)
@@ -172,7 +259,6 @@ async def create_payment(
             updated_at=now,
             waiting_for="a worker to pick the payment up",
         )
-    response.headers["Location"] = f"/v1/payments/{payment_id}"
     return PaymentResource.of(state)
 
 
@@ -296,7 +382,28 @@ async def list_payments(
     )
 
 
-# ── follow-ups: refunds, disputes, cancel (issue 4) ──────────────────────────────────────
+# ── follow-ups: refunds, disputes, cancel, as Updates of the payment's workflow ──────────
+#
+# The workflow answers: its validator refuses what it cannot honour (nothing is written to its
+# history; the reason comes back as the error), and the Update's result is the outcome (the
+# refund once the ledger posted or refused it). `wait` bounds how long the API waits for that
+# outcome; past it the answer is the accepted follow-up, still `pending`, which the workflow
+# carries out whatever happens (it never ends or continues as new before that).
+
+# Refusals that are the request's fault (400) or name a missing resource (404); the rest: 409.
+_REFUSAL_STATUS = {
+    Refusal.AMOUNT_TOO_LARGE: 400,
+    Refusal.AMOUNT_INVALID: 400,
+    Refusal.INVALID: 400,
+    Refusal.DISPUTE_MISSING: 404,
+}
+# A payment handing its history over to a fresh run refuses follow-ups for a moment ("busy"):
+# the API asks again, for at least this long.
+_BUSY_PATIENCE_SECONDS = 10.0
+_BUSY_PAUSE_SECONDS = 0.2
+# How long `wait=0` still listens for the workflow's refusal, which comes back at once.
+_REFUSAL_SECONDS = 0.05
+_PAYMENT_CLOSED = "The payment's dispute window has closed; it accepts no more changes."
 
 
 def _follow_up_id(prefix: str, payment_id: str, key: str) -> str:
@@ -304,26 +411,91 @@ def _follow_up_id(prefix: str, payment_id: str, key: str) -> str:
     return f"{prefix}_{digest[:24]}"
 
 
-def _running(request: Request, state: PaymentState) -> WorkflowHandle[Any, Any]:
-    return _temporal(request).get_workflow_handle(state.id)
+class _Accepted:
+    """The follow-up was accepted but not carried out within `wait`."""
 
 
-async def _ensure_open(request: Request, state: PaymentState) -> WorkflowHandle[Any, Any]:
-    handle = _running(request, state)
+_ACCEPTED = _Accepted()
+
+
+async def _ask_workflow(
+    request: Request,
+    payment_id: str,
+    update: Any,
+    arg: Any,
+    update_id: str,
+    wait: float,
+    *,
+    refusal_param: str | None = None,
+) -> Any:
+    """Send the follow-up Update; its result once carried out within `wait`, else _ACCEPTED.
+    Raises ApiError with the workflow's reason when refused, or when the payment is closed."""
+    handle = _temporal(request).get_workflow_handle(payment_id)
+    loop = asyncio.get_running_loop()
+    patience = loop.time() + max(wait, _BUSY_PATIENCE_SECONDS)
+    while True:
+        try:
+            asked = await handle.start_update(
+                update, arg, id=update_id, wait_for_stage=WorkflowUpdateStage.ACCEPTED
+            )
+        except WorkflowUpdateRPCTimeoutOrCancelledError:
+            # Not accepted in time: Temporal bounds the Updates in flight per workflow (10 by
+            # default), and a burst on one payment waits for slots. Asking again with the same
+            # key is safe: the follow-up's id is the Update's id.
+            raise ApiError(
+                503,
+                "api_error",
+                "payment_busy",
+                "The payment is busy with other requests; retry with the same Idempotency-Key.",
+                headers={"Retry-After": "1"},
+            ) from None
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND:
+                raise
+            # Completed (its window closed), or continued as new under the request.
+            if await _is_running(handle) and loop.time() < patience:
+                await asyncio.sleep(_BUSY_PAUSE_SECONDS)
+                continue
+            raise ApiError(
+                409, "invalid_request_error", "payment_closed", _PAYMENT_CLOSED
+            ) from None
+        try:
+            # A refusal comes back at once, as an Update completed with a failure.
+            return await asyncio.wait_for(asked.result(), timeout=max(wait, _REFUSAL_SECONDS))
+        except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):
+            # Accepted, still under way. (temporalio turns the poll's cancellation by wait_for
+            # into its own error.)
+            return _ACCEPTED
+        except WorkflowUpdateFailedError as exc:
+            refused = exc.cause
+            busy = isinstance(refused, ApplicationError) and refused.type == Refusal.BUSY
+            if busy and loop.time() < patience:
+                await asyncio.sleep(_BUSY_PAUSE_SECONDS)
+                continue
+            raise _refusal(refused, refusal_param) from None
+
+
+async def _is_running(handle: WorkflowHandle[Any, Any]) -> bool:
     try:
-        status = (await handle.describe()).status
-    except RPCError as exc:
-        if exc.status != RPCStatusCode.NOT_FOUND:
-            raise
-        status = None  # closed long ago: only the ledger remembers it
-    if status != WorkflowExecutionStatus.RUNNING:
-        raise ApiError(
-            409,
-            "invalid_request_error",
-            "payment_closed",
-            "The payment's dispute window has closed; it accepts no more changes.",
-        )
-    return handle
+        return (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
+    except RPCError:
+        return False
+
+
+def _refusal(cause: BaseException, param: str | None) -> ApiError:
+    known = {r.value for r in Refusal}
+    if not isinstance(cause, ApplicationError) or cause.type not in known:
+        return ApiError(409, "invalid_request_error", "follow_up_failed", "The payment refused it.")
+    code = Refusal(str(cause.type))
+    status = _REFUSAL_STATUS.get(code, 409)
+    error_type: Any = "idempotency_error" if code == Refusal.KEY_REUSED else "invalid_request_error"
+    param = "Idempotency-Key" if code == Refusal.KEY_REUSED else param
+    return ApiError(status, error_type, code.value, cause.message, param)
+
+
+async def _pending_record(request: Request, payment_id: str) -> PaymentState:
+    """The payment as it is now, to show an accepted follow-up that is still under way."""
+    return await _query_state(_temporal(request).get_workflow_handle(payment_id))
 
 
 @router.post(
@@ -332,6 +504,10 @@ async def _ensure_open(request: Request, state: PaymentState) -> WorkflowHandle[
     response_model=RefundResource,
     responses=error_responses(400, 401, 403, 404, 409, 413, 422, 503),
     summary="Refund a payment, in full or in part",
+    description="201 with the refund once the ledger posted it (`succeeded`), or, past `wait`, "
+    "accepted and still `pending` (the payment carries it out whatever happens). 409 with the "
+    "payment's reason when it cannot be honoured (nothing is recorded), or when the ledger "
+    "refused it (`refund_failed`: recorded failed).",
 )
 async def create_refund(
     payment_id: PaymentId,
@@ -344,34 +520,30 @@ async def create_refund(
 ) -> RefundResource:
     state = await load_payment(request, payment_id, client)
     refund_id = _follow_up_id("re", payment_id, idempotency_key)
-    existing = next((r for r in state.refunds if r.id == refund_id), None)
-    if existing is None:
-        _check_refundable(state, body.amount)
-        handle = await _ensure_open(request, state)
-        await handle.signal(
-            PaymentWorkflow.refund,
-            RefundSignal(refund_id=refund_id, amount=body.amount, reason=body.reason),
-        )
-    else:
-        if body.amount is not None and body.amount != existing.amount:
-            raise ApiError(
-                409,
-                "idempotency_error",
-                "idempotency_key_reused",
-                "This Idempotency-Key was already used for a refund of another amount.",
-                "Idempotency-Key",
-            )
+    known = next((r for r in state.refunds if r.id == refund_id), None)
+    if known is not None:
         response.headers["Idempotent-Replayed"] = "true"
-        handle = _running(request, state)
-
-    def settled(s: PaymentState) -> bool:
-        found = next((r for r in s.refunds if r.id == refund_id), None)
-        return found is not None and found.status != FollowUpStatus.PENDING
-
-    final = await _wait_until(handle, wait, settled) or state
-    refund = next((r for r in final.refunds if r.id == refund_id), None)
-    if refund is None:
-        raise ApiError(503, "api_error", "refund_not_acknowledged", "Try again with the same key.")
+    refund = known
+    if known is None or known.status == FollowUpStatus.PENDING:
+        asked = RefundSignal(refund_id=refund_id, amount=body.amount, reason=body.reason)
+        result = await _ask_workflow(
+            request, payment_id, PaymentWorkflow.refund_payment, asked, refund_id, wait,
+            refusal_param="amount",
+        )  # fmt: skip
+        if isinstance(result, Refund):
+            refund = result
+        else:
+            state = await _pending_record(request, payment_id)
+            refund = next(r for r in state.refunds if r.id == refund_id)
+    assert refund is not None
+    if body.amount is not None and body.amount != refund.amount:
+        raise ApiError(
+            409,
+            "idempotency_error",
+            "idempotency_key_reused",
+            "This Idempotency-Key was already used for a refund of another amount.",
+            "Idempotency-Key",
+        )
     if refund.status == FollowUpStatus.FAILED:
         raise ApiError(
             409,
@@ -380,35 +552,7 @@ async def create_refund(
             f"The refund was not made: {refund.failure_reason}",
             "amount",
         )
-    return RefundResource.of(refund, final)
-
-
-def _check_refundable(state: PaymentState, amount: int | None) -> None:
-    if not state.ledger_posted or state.status in (
-        PaymentStatus.REJECTED,
-        PaymentStatus.DECLINED,
-        PaymentStatus.CANCELED,
-        PaymentStatus.FAILED,
-    ):
-        raise ApiError(
-            409,
-            "invalid_request_error",
-            "payment_not_captured",
-            f"The payment is {state.status}; there is nothing captured to return.",
-        )
-    available = state.refundable
-    if available <= 0:
-        raise ApiError(
-            409, "invalid_request_error", "charge_already_refunded", "Nothing is left to refund."
-        )
-    if amount is not None and amount > available:
-        raise ApiError(
-            400,
-            "invalid_request_error",
-            "amount_too_large",
-            f"Amount exceeds the {available} minor units still refundable.",
-            "amount",
-        )
+    return RefundResource.of(refund, state)
 
 
 @router.post(
@@ -427,34 +571,24 @@ async def open_dispute(
 ) -> DisputeResource:
     state = await load_payment(request, payment_id, client)
     dispute_id = _follow_up_id("dp", payment_id, body.network_reference)
-    if not any(d.id == dispute_id for d in state.disputes):
-        _check_refundable(state, body.amount)
-        handle = await _ensure_open(request, state)
-        await handle.signal(
-            PaymentWorkflow.dispute_opened,
-            DisputeOpenedSignal(
-                dispute_id=dispute_id,
-                amount=body.amount,
-                reason_code=body.reason_code,
-                network_reference=body.network_reference,
-            ),
+    dispute = next((d for d in state.disputes if d.id == dispute_id), None)
+    if dispute is None or dispute.status == "pending":
+        asked = DisputeOpenedSignal(
+            dispute_id=dispute_id,
+            amount=body.amount,
+            reason_code=body.reason_code,
+            network_reference=body.network_reference,
         )
-    final = await _await_dispute(
-        request, state, dispute_id, wait, ("open", "failed", "won", "lost")
-    )
-    return final
-
-
-async def _await_dispute(
-    request: Request, state: PaymentState, dispute_id: str, wait: float, statuses: tuple[str, ...]
-) -> DisputeResource:
-    def settled(s: PaymentState) -> bool:
-        return any(d.id == dispute_id and d.status in statuses for d in s.disputes)
-
-    final = await _wait_until(_running(request, state), wait, settled) or state
-    dispute = next((d for d in final.disputes if d.id == dispute_id), None)
-    if dispute is None:
-        raise ApiError(503, "api_error", "dispute_not_acknowledged", "Try again.")
+        result = await _ask_workflow(
+            request, payment_id, PaymentWorkflow.open_dispute, asked, dispute_id, wait,
+            refusal_param="amount",
+        )  # fmt: skip
+        if isinstance(result, Dispute):
+            dispute = result
+        else:
+            state = await _pending_record(request, payment_id)
+            dispute = next(d for d in state.disputes if d.id == dispute_id)
+    assert dispute is not None
     if dispute.status == "failed":
         raise ApiError(
             409,
@@ -463,7 +597,7 @@ async def _await_dispute(
             f"The dispute was not recorded: {dispute.failure_reason}",
             "amount",
         )
-    return DisputeResource.of(dispute, final)
+    return DisputeResource.of(dispute, state)
 
 
 @router.post(
@@ -499,12 +633,33 @@ async def close_dispute(
         raise ApiError(
             409, "invalid_request_error", "dispute_failed", "The dispute was never opened."
         )
-    handle = await _ensure_open(request, state)
-    await handle.signal(
-        PaymentWorkflow.dispute_closed,
-        DisputeClosedSignal(dispute_id=dispute_id, outcome=body.outcome),
+    # A close may be retried after the ledger refused it: each request is its own Update (the
+    # workflow itself makes a repeated close one close).
+    update_id = f"{dispute_id}-{body.outcome}-{uuid.uuid4().hex[:12]}"
+    asked = DisputeClosedSignal(dispute_id=dispute_id, outcome=body.outcome)
+    result = await _ask_workflow(
+        request, payment_id, PaymentWorkflow.close_dispute, asked, update_id, wait
     )
-    return await _await_dispute(request, state, dispute_id, wait, ("won", "lost", "failed"))
+    if isinstance(result, Dispute):
+        dispute = result
+    else:
+        state = await _pending_record(request, payment_id)
+        dispute = next(d for d in state.disputes if d.id == dispute_id)
+    if dispute.status in ("won", "lost") and dispute.status != body.outcome:
+        raise ApiError(
+            409,
+            "invalid_request_error",
+            "dispute_closed",
+            f"The dispute was already {dispute.status}.",
+        )
+    if isinstance(result, Dispute) and dispute.status == "open" and dispute.failure_reason:
+        raise ApiError(
+            409,
+            "invalid_request_error",
+            "dispute_close_failed",
+            f"The dispute was not closed: {dispute.failure_reason}",
+        )
+    return DisputeResource.of(dispute, state)
 
 
 _CANCEL_ACCEPTED: dict[str, Any] = {
@@ -516,7 +671,7 @@ _CANCEL_ACCEPTED: dict[str, Any] = {
 @router.post(
     "/payments/{payment_id}/cancel",
     response_model=PaymentResource,
-    responses={**error_responses(401, 403, 404, 409, 413, 422), 202: _CANCEL_ACCEPTED},
+    responses={**error_responses(401, 403, 404, 409, 413, 422, 503), 202: _CANCEL_ACCEPTED},
     summary="Cancel a payment before it is posted to the ledger",
     description="200 once canceled; 202 when the cancel was accepted but the payment is still "
     "finishing the step under way (poll it); 409 once it is posted: refund it instead.",
@@ -531,35 +686,32 @@ async def cancel_payment(
     state = await load_payment(request, payment_id, client)
     if state.status == PaymentStatus.CANCELED:
         return PaymentResource.of(state)
-    if state.ledger_posted or state.status not in _CANCELABLE:
-        raise _cannot_cancel(state)
-    handle = await _ensure_open(request, state)
-    await handle.signal(PaymentWorkflow.cancel, CancelSignal(reason="requested_by_customer"))
-    final = await _wait_until(
-        handle,
-        wait,
-        lambda s: s.status == PaymentStatus.CANCELED or s.cancel_refused is not None,
-    )
-    final = final or state
-    if final.status == PaymentStatus.CANCELED:
-        return PaymentResource.of(final)
-    if final.cancel_refused is not None or final.status not in _CANCELABLE:
-        raise _cannot_cancel(final)
+    try:
+        result = await _ask_workflow(
+            request,
+            payment_id,
+            PaymentWorkflow.cancel_payment,
+            CancelSignal(reason="requested_by_customer"),
+            f"cancel-{payment_id}",
+            wait,
+        )
+    except ApiError as refused:
+        if refused.code == "payment_closed":
+            raise _cannot_cancel(f"the payment is already {state.status}") from None
+        if refused.code != Refusal.NOT_CANCELABLE:
+            raise
+        raise _cannot_cancel(refused.message) from None
+    if isinstance(result, PaymentState):
+        if result.status != PaymentStatus.CANCELED:
+            raise _cannot_cancel(f"the payment is already {result.status}")
+        return PaymentResource.of(result)
     # Accepted, not yet carried out (e.g. payments.raw is still being published): the
     # workflow stops before the ledger posting.
     response.status_code = 202
-    return PaymentResource.of(final)
+    return PaymentResource.of(await _pending_record(request, payment_id))
 
 
-_CANCELABLE = (PaymentStatus.RECEIVED, PaymentStatus.REQUIRES_REVIEW, PaymentStatus.PROCESSING)
-
-
-def _cannot_cancel(state: PaymentState) -> ApiError:
-    why = state.cancel_refused or (
-        "the payment is already posted to the ledger; refund it instead"
-        if state.ledger_posted
-        else f"the payment is already {state.status}"
-    )
+def _cannot_cancel(why: str) -> ApiError:
     return ApiError(
         409, "invalid_request_error", "payment_not_cancelable", f"Cannot cancel: {why}."
     )

@@ -40,6 +40,7 @@ STATUS_STYLE = {
     "declined": "red",
     "canceled": "red",
     "failed": "red",
+    "requires_attention": "bold red",
     "pending": "yellow",
     "open": "magenta",
     "won": "green",

@@ -17,6 +17,12 @@ class FailureType(StrEnum):
     ACQUIRER_REJECTED = "AcquirerRejected"
     # We built an instruction the acquirer must never see (checked before sending).
     INVALID_ACQUIRER_REQUEST = "InvalidAcquirerRequest"
+    # The (payment, kind, reference) slot already holds a posting that moved other amounts,
+    # currency or accounts: never a harmless duplicate, and never worth retrying.
+    POSTING_CONFLICT = "PostingConflict"
+    # The database refused the data itself (SQLSTATE class 22 or 23: a value too long, out of
+    # range, a constraint): the same input would fail on every retry.
+    DATA_REJECTED = "DataRejected"
 
 
 NON_RETRYABLE: tuple[str, ...] = tuple(t.value for t in FailureType)

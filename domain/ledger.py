@@ -20,6 +20,9 @@ class AccountType(StrEnum):
     MERCHANT_PAYABLE = "merchant_payable"
     DISPUTES = "disputes"
     FEE_REVENUE = "fee_revenue"
+    # Platform money an operator still has to recover or place: a manual resolution of a
+    # reversal the merchant's account refused is posted against it (docs/runbook.md).
+    SUSPENSE = "suspense"
 
 
 class TransactionKind(StrEnum):
@@ -56,6 +59,10 @@ def disputes_account(ccy: str) -> Account:
 
 def fees_account(ccy: str) -> Account:
     return Account(code=f"fees:chargeback:{ccy}", type=AccountType.FEE_REVENUE, currency=ccy)
+
+
+def suspense_account(ccy: str) -> Account:
+    return Account(code=f"suspense:{ccy}", type=AccountType.SUSPENSE, currency=ccy)
 
 
 class Entry(BaseModel, frozen=True):
@@ -132,6 +139,22 @@ def reversal_transaction(
         entries=transfer(
             merchant_account(merchant_id, ccy), customer_account(customer_id, ccy), amount
         ),
+        event_kind=EventKind.CANCELED,
+    )
+
+
+def manual_reversal_transaction(
+    payment_id: str, customer_id: str, amount: int, ccy: str, description: str
+) -> LedgerTransaction:
+    """An operator's resolution of a reversal the ledger refused (the merchant's account closed
+    or over its limit): the customer is made whole from the suspense account, whose balance is
+    what operations still has to recover from the merchant. It takes the reversal's own slot
+    (payment, `payment_reversal`, ''), so the payment can never be reversed twice."""
+    return LedgerTransaction(
+        payment_id=payment_id,
+        kind=TransactionKind.PAYMENT_REVERSAL,
+        description=description,
+        entries=transfer(suspense_account(ccy), customer_account(customer_id, ccy), amount),
         event_kind=EventKind.CANCELED,
     )
 

@@ -19,18 +19,20 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from domain.bounds import ID_MAX, REASON_CODE_MAX, TEXT_MAX
 from domain.cards import contains_card_number
 from domain.money import CURRENCIES, MAX_INT64
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 Identifier = Annotated[
-    str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
+    str,
+    StringConstraints(min_length=1, max_length=ID_MAX, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$"),
 ]
 PaymentMethodToken = Annotated[
     str, StringConstraints(min_length=11, max_length=64, pattern=r"^pm_[A-Za-z0-9_]{8,61}$")
 ]
-FreeText = Annotated[str, StringConstraints(max_length=500)]
+FreeText = Annotated[str, StringConstraints(max_length=TEXT_MAX)]
 MetadataKey = Annotated[
     str, StringConstraints(min_length=1, max_length=40, pattern=r"^[A-Za-z0-9_.-]+$")
 ]
@@ -143,6 +145,9 @@ class PaymentStatus(StrEnum):
     DECLINED = "declined"
     CANCELED = "canceled"
     FAILED = "failed"
+    # A compensation could not complete (the ledger refused a reversal): the payment waits for
+    # an operator's `resolve_attention` (docs/runbook.md).
+    REQUIRES_ATTENTION = "requires_attention"
 
     @property
     def settled_for_wait(self) -> bool:
@@ -200,8 +205,8 @@ class RefundRequest(StrictRequest):
 
 class DisputeRequest(StrictRequest):
     amount: int | None = Field(default=None, description="Minor units; default all that remains.")
-    reason_code: Annotated[str, StringConstraints(min_length=1, max_length=32)]
-    network_reference: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    reason_code: Annotated[str, StringConstraints(min_length=1, max_length=REASON_CODE_MAX)]
+    network_reference: Annotated[str, StringConstraints(min_length=1, max_length=ID_MAX)]
 
     @field_validator("amount")
     @classmethod
@@ -274,6 +279,48 @@ class Dispute(BaseModel):
     created_at: datetime
 
 
+class UndoFailure(BaseModel):
+    """A compensation step that failed for good (the ledger refused the reversal, …)."""
+
+    step: str
+    error: str
+    attempts: int = 1
+
+
+class Attention(BaseModel):
+    """Why a payment is `requires_attention` and what ends it: the compensations that could not
+    complete, and the status the payment takes once an operator resolves them."""
+
+    since: datetime
+    ends_as: PaymentStatus
+    failures: list[UndoFailure]
+    what_to_do: str
+
+
+class AttentionResolution(BaseModel):
+    """An operator's answer to `requires_attention` (update or signal `resolve_attention`).
+
+    `retry` runs the failed compensations again (after the cause was fixed: the account
+    reopened, the limit raised). `manual` settles them by hand: a reversal the ledger refused is
+    posted against the platform's `suspense:<CCY>` account instead of the merchant's (the
+    customer is made whole; the suspense balance is what operations still has to recover), and
+    the operator's reason is kept with the ledger transaction and the payment."""
+
+    action: Literal["retry", "manual"]
+    operator: str
+    reason: str = ""
+
+
+class ResolutionRecord(BaseModel):
+    action: str
+    operator: str
+    reason: str
+    at: datetime
+    resolved: bool
+    # What is still failing after this attempt (empty once resolved).
+    remaining: list[UndoFailure] = Field(default_factory=list)
+
+
 class StatusChange(BaseModel):
     status: PaymentStatus
     at: datetime
@@ -306,6 +353,9 @@ class PaymentState(BaseModel):
     refunds: list[Refund] = Field(default_factory=list)
     disputes: list[Dispute] = Field(default_factory=list)
     history: list[StatusChange] = Field(default_factory=list)
+    # Set while the payment is `requires_attention`; every operator resolution is kept.
+    attention: Attention | None = None
+    resolutions: list[ResolutionRecord] = Field(default_factory=list)
     # Each event of this payment gets the next number, once (retries reuse it), so consumers
     # can order a payment's events across topics: `data.sequence`.
     event_sequence: int = 0

@@ -825,7 +825,7 @@ def check_workflows_agree(
 ) -> CheckResult:
     findings = _Findings(WORKFLOW_AGREES, max_examples)
     by_id = {p.payment_id: p for p in payments}
-    in_flight = terminated = recorded_only = 0
+    in_flight = terminated = recorded_only = attention = 0
     for payment_id in sorted(set(by_id) | set(workflows)):
         findings.checked(1)
         verdict = _judge(by_id.get(payment_id), workflows.get(payment_id))
@@ -835,6 +835,8 @@ def check_workflows_agree(
             terminated += 1
         elif verdict is _RECORDED_ONLY:
             recorded_only += 1
+        elif verdict is _NEEDS_ATTENTION:
+            attention += 1
         elif isinstance(verdict, str):
             findings.violation(payment_id, verdict)
     if in_flight:
@@ -843,6 +845,11 @@ def check_workflows_agree(
         findings.note(f"{recorded_only} payment(s) judged by their recorded outcome (history gone)")
     if terminated:
         findings.note(f"{terminated} workflow(s) terminated before capture by an operator")
+    if attention:
+        findings.note(
+            f"{attention} payment(s) require attention: a compensation could not complete; "
+            'an operator resolves it (docs/runbook.md, PaymentStatus="requires_attention")'
+        )
     return findings.result
 
 
@@ -851,10 +858,11 @@ class _Verdict:
         self.name = name
 
 
-_IN_FLIGHT, _TERMINATED, _RECORDED_ONLY, _AGREES = (
+_IN_FLIGHT, _TERMINATED, _RECORDED_ONLY, _NEEDS_ATTENTION, _AGREES = (
     _Verdict("in flight"),
     _Verdict("terminated"),
     _Verdict("recorded only"),
+    _Verdict("requires attention"),
     _Verdict("agrees"),
 )
 
@@ -876,6 +884,9 @@ def _judge(p: PaymentLedger | None, wf: WorkflowView | None) -> _Verdict | str:
         return _TERMINATED if status not in CAPTURED else f"workflow {closed} says {status}"
     if wf.running and status in IN_FLIGHT:
         return _IN_FLIGHT
+    if wf.running and status == PaymentStatus.REQUIRES_ATTENTION:
+        # Waiting for an operator, by design and in plain sight: reported, not a violation.
+        return _NEEDS_ATTENTION
     agreeing = p.workflow_statuses_that_agree()
     if status not in agreeing:
         implied = " or ".join(sorted(agreeing)) or "nothing"

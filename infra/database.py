@@ -34,6 +34,41 @@ RETRYABLE_SQLSTATES = frozenset({SERIALIZATION_FAILURE, AMBIGUOUS_RESULT})
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 
+# What a failed statement means for the step that ran it (SQLSTATE classes, PostgreSQL and
+# CockroachDB alike):
+# - data errors, class 22 (a value too long, out of range, malformed) and class 23 (a
+#   constraint refused the row): the same input fails every time, so the step fails at once
+#   with a named, non-retryable reason (the idempotent claims never raise 23505: they are
+#   ON CONFLICT DO NOTHING);
+# - everything else is transient or operational and is retried with backoff: connection
+#   errors (class 08, or no SQLSTATE at all: the socket went away), serialization failures and
+#   ambiguous commits (40001, 40003), deadlocks (40P01), an administrator or crash shutdown
+#   (57P01, 57P02, 57P03), resources exhausted (class 53), and schema errors (class 42, e.g. a
+#   migration not yet applied: the step resumes once the operator migrates).
+DATA_ERROR_CLASSES = frozenset({"22", "23"})
+TRANSIENT_SQLSTATES = frozenset({SERIALIZATION_FAILURE, AMBIGUOUS_RESULT, "40P01"})
+TRANSIENT_CLASSES = frozenset({"08", "53", "57"})
+
+
+def is_data_error(exc: BaseException) -> bool:
+    """The database refused the data itself: retrying the same statement cannot help."""
+    state = sqlstate(exc)
+    return state is not None and state[:2] in DATA_ERROR_CLASSES
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Connection trouble, contention or a server going down: worth retrying as it is."""
+    state = sqlstate(exc)
+    if state is None:
+        return (isinstance(exc, DBAPIError) and exc.connection_invalidated) or _no_server(exc)
+    return state in TRANSIENT_SQLSTATES or state[:2] in TRANSIENT_CLASSES
+
+
+def _no_server(exc: BaseException) -> bool:
+    orig = getattr(exc, "orig", exc)
+    return type(orig).__name__ in ("OperationalError", "InterfaceError")
+
+
 class TooMuchContention(RuntimeError):
     """The transaction kept conflicting; the caller (a Temporal activity) retries later."""
 
@@ -104,6 +139,26 @@ def migrate(url: str, revision: str = "head") -> None:
             command.upgrade(config, revision)
     finally:
         engine.dispose()
+
+
+def head_revision() -> str:
+    """The newest migration this code brings (what `migrate` upgrades to)."""
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head()
+    assert head is not None
+    return head
+
+
+def revision_before(revision: str) -> str | None:
+    """The migration `revision` follows."""
+    from alembic.script import ScriptDirectory
+
+    found = ScriptDirectory(str(MIGRATIONS_DIR)).get_revision(revision)
+    assert found is not None
+    down = found.down_revision
+    assert down is None or isinstance(down, str), "not a merge revision"
+    return down
 
 
 def current_revision(url: str) -> str | None:

@@ -27,14 +27,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import SecretStr
+from sqlalchemy import text
 from temporalio.api.enums.v1 import EventType
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
 
 from activities.fraud import amount_for_limit_share
 from activities.kafka import EventPublisher
 from activities.ledger import Ledger
 from domain.events import EventKind
 from domain.payment import (
+    AttentionResolution,
     CancelSignal,
     CrmSync,
     DisputeClosedSignal,
@@ -44,7 +46,9 @@ from domain.payment import (
     PaymentState,
     PaymentStatus,
     PaymentWorkflowInput,
+    Refund,
     RefundSignal,
+    ResolutionRecord,
     ReviewDecision,
     payment_id_for,
 )
@@ -368,6 +372,141 @@ async def continued_as_new(r: Recorder) -> WorkflowHandle[Any, Any]:
     return latest
 
 
+# ── follow-ups as Updates, their rules for signals, requires_attention ───────────────────────
+
+
+async def refund_by_update(r: Recorder) -> WorkflowHandle[Any, Any]:
+    """A refund through the Update (its result is the refund once posted), one refused by its
+    validator (never in the history), and an operator's signal refused by the same rules
+    (recorded failed)."""
+    handle = await r.start("refund_by_update", 6000)
+    await wait_until(handle, succeeded_and_synced)
+    made = await handle.execute_update(
+        "refund", RefundSignal(refund_id="re_replay_1", amount=2500), id="re_replay_1",
+        result_type=Refund,
+    )  # fmt: skip
+    assert made.status == FollowUpStatus.SUCCEEDED, made
+    try:
+        await handle.execute_update(
+            "refund", RefundSignal(refund_id="re_replay_2", amount=99_000), id="re_replay_2"
+        )
+    except WorkflowUpdateFailedError:
+        pass  # amount_too_large: refused before entering the history
+    else:
+        raise AssertionError("a refund over the captured amount was accepted")
+    await handle.signal("refund", RefundSignal(refund_id="re_replay_3", amount=99_000))
+    await wait_until(handle, follow_ups_settled(PaymentStatus.PARTIALLY_REFUNDED))
+    return handle
+
+
+async def requires_attention_resolved(r: Recorder) -> WorkflowHandle[Any, Any]:
+    """Canceled in the UI between posting and confirmation while the merchant's account was
+    closed: the reversal is refused, payments.raw voided, the CRM told, the payment waits in
+    requires_attention; the account reopened, an operator's retry reverses it: canceled."""
+    payment_id = new_payment_id("requires_attention_resolved")
+    merchant_account = "merchant:mer_replay_requires_attention_resolved:USD"
+    r.gate.hold(payment_id, EventKind.CONFIRMED)
+    handle = await r.start(
+        "requires_attention_resolved",
+        4300,
+        queue=r.gated_queue,
+        payment_id=payment_id,
+        local_activities=False,
+    )
+    await r.gate.wait_held(handle.id)
+    await r.ledger.close_account(merchant_account)
+    await handle.cancel()
+    await asyncio.sleep(0.5)
+    r.gate.release(handle.id)
+    await wait_until(handle, lambda s: s.status == PaymentStatus.REQUIRES_ATTENTION)
+    async with r.ledger.engine.begin() as conn:
+        await conn.execute(
+            text("UPDATE accounts SET status = 'open' WHERE code = :c"), {"c": merchant_account}
+        )
+    resolved = await handle.execute_update(
+        "resolve_attention",
+        AttentionResolution(action="retry", operator="replay", reason="account reopened"),
+        id="resolve-1",
+        result_type=ResolutionRecord,
+    )
+    assert resolved.resolved, resolved
+    try:
+        await asyncio.wait_for(handle.result(), 60)
+    except Exception as stop:  # WorkflowFailureError(CancelledError): the expected end
+        log.info("%s ended by the operator's cancel: %s", handle.id, stop)
+    state = await state_of(handle)
+    assert state.status == PaymentStatus.CANCELED and state.captured == 0, state
+    return handle
+
+
+async def _disputed_by_update(r: Recorder, path: str, **policy: Any) -> WorkflowHandle[Any, Any]:
+    handle = await r.start(path, 7000, **policy)
+    await wait_until(handle, succeeded_and_synced)
+    opened = DisputeOpenedSignal(
+        dispute_id="dp_replay_1", amount=3000, reason_code="fraudulent",
+        network_reference="nr_replay_1",
+    )  # fmt: skip
+    await handle.execute_update("dispute_opened", opened, id="dp_replay_1")
+    return handle
+
+
+async def window_closes_with_open_dispute(r: Recorder) -> WorkflowHandle[Any, Any]:
+    """The window closes while a dispute is open: the payment takes only that dispute's close
+    (a refund signalled now is recorded failed), then completes."""
+    handle = await _disputed_by_update(
+        r, "window_closes_with_open_dispute", dispute_window_seconds=4
+    )
+    await wait_until(
+        handle,
+        lambda s: s.waiting_for.startswith("the open disputes to close"),
+        timeout=30,
+    )
+    await handle.signal("refund", RefundSignal(refund_id="re_replay_late", amount=100))
+    closed = DisputeClosedSignal(dispute_id="dp_replay_1", outcome="won")
+    await handle.execute_update("dispute_closed", closed, id="dp_replay_1-won")
+    await ended(handle, PaymentStatus.SUCCEEDED)
+    return handle
+
+
+async def operator_cancel_with_open_dispute(r: Recorder) -> WorkflowHandle[Any, Any]:
+    """Canceled in the UI with a dispute open: the payment waits for the dispute to close."""
+    handle = await _disputed_by_update(r, "operator_cancel_with_open_dispute")
+    await handle.cancel()
+    await wait_until(handle, lambda s: s.waiting_for.startswith("the open disputes to close"))
+    closed = DisputeClosedSignal(dispute_id="dp_replay_1", outcome="lost")
+    await handle.execute_update("dispute_closed", closed, id="dp_replay_1-lost")
+    await operator_canceled_already(handle)
+    return handle
+
+
+async def operator_canceled_already(handle: WorkflowHandle[Any, Any]) -> None:
+    try:
+        await asyncio.wait_for(handle.result(), 60)
+    except Exception as stop:  # WorkflowFailureError(CancelledError): the expected end
+        log.info("%s ended by the operator's cancel: %s", handle.id, stop)
+    else:
+        raise AssertionError(f"{handle.id} completed although canceled")
+
+
+async def refund_drained_before_continue_as_new(r: Recorder) -> WorkflowHandle[Any, Any]:
+    """Two refunds queued together in a run whose history grows past the limit: the second
+    is carried out before the run continues as new (an Update's caller waits for it)."""
+    handle = await r.start(
+        "refund_drained_before_continue_as_new",
+        10_000,
+        continue_as_new_after_events=CONTINUE_AFTER_EVENTS,
+    )
+    await wait_until(handle, succeeded_and_synced)
+    await asyncio.gather(
+        handle.signal("refund", RefundSignal(refund_id="re_replay_1", amount=1000)),
+        handle.signal("refund", RefundSignal(refund_id="re_replay_2", amount=2000)),
+    )
+    latest = r.client.get_workflow_handle(handle.id)
+    await wait_until(latest, follow_ups_settled(PaymentStatus.PARTIALLY_REFUNDED))
+    assert (await latest.describe()).run_id != handle.result_run_id, "never continued as new"
+    return r.client.get_workflow_handle(handle.id, run_id=handle.result_run_id)
+
+
 PATHS: dict[str, Callable[[Recorder], Awaitable[WorkflowHandle[Any, Any]]]] = {
     "success": success,
     "success_regular_activities": success_regular_activities,
@@ -385,6 +524,11 @@ PATHS: dict[str, Callable[[Recorder], Awaitable[WorkflowHandle[Any, Any]]]] = {
     "window_closes": window_closes,
     "refund_continues_as_new": refund_continues_as_new,
     "continued_as_new": continued_as_new,
+    "refund_by_update": refund_by_update,
+    "requires_attention_resolved": requires_attention_resolved,
+    "window_closes_with_open_dispute": window_closes_with_open_dispute,
+    "operator_cancel_with_open_dispute": operator_cancel_with_open_dispute,
+    "refund_drained_before_continue_as_new": refund_drained_before_continue_as_new,
 }
 
 

@@ -449,19 +449,40 @@ async def test_postgres_stopped_for_30s_then_every_payment_posts_once(
     rig = healthy_rig
     assert rig.stack.postgres is not None
     merchant = _merchant("postgres")
-    before = await submit_payments(rig.api, merchant, 20)
+    # A payment is accepted only once its key is in the idempotency register (the database),
+    # so the payments in flight during the outage are accepted before it: queued in Temporal
+    # while no worker runs, then picked up with the database gone.
+    await rig.worker.stop()
+    ids = await submit_payments(rig.api, merchant, PAYMENTS_PER_FAULT)
 
     await asyncio.to_thread(rig.stack.postgres.stop)
     back_at = time.monotonic() + OUTAGE_SECONDS
+    await rig.worker.start()
     # Fraud scoring reads the customer's history and the posting writes the ledger: all of
     # these wait for the database, retrying.
-    during = await submit_payments(rig.api, merchant, PAYMENTS_PER_FAULT - 20, first=20)
     in_flight = PAYMENTS_PER_FAULT - await count_payments(rig.temporal, merchant, *SETTLED)
     assert in_flight >= 100, f"only {in_flight} payments were in flight"
+    # A new payment meanwhile is refused, not half-accepted: nothing starts, and the client
+    # retries with the same key.
+    late_key = f"{merchant}-late"
+    refused = await rig.api.post(
+        "/v1/payments",
+        json=payment_body(amount=999, merchant_id=merchant),
+        headers={"Idempotency-Key": late_key},
+    )
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["error"]["code"] == "database_unavailable"
+    assert await count_payments(rig.temporal, merchant) == PAYMENTS_PER_FAULT
     await sleep_until(back_at)
     await asyncio.to_thread(rig.stack.postgres.start)
 
-    ids = before + during
+    retried = await rig.api.post(
+        "/v1/payments",
+        json=payment_body(amount=999, merchant_id=merchant),
+        headers={"Idempotency-Key": late_key},
+    )
+    assert retried.status_code == 201, retried.text
+    ids.append(retried.json()["id"])
     await wait_for_count(rig.temporal, merchant, SETTLED, len(ids), SETTLE_SECONDS)
     await assert_invariants(rig, ids)
 

@@ -10,8 +10,18 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
 
-from activities.ledger import Ledger, LedgerPosting, LedgerRejected, PaymentParties
+from activities.ledger import (
+    Ledger,
+    LedgerActivities,
+    LedgerPosting,
+    LedgerRejected,
+    PaymentParties,
+)
+from domain.bounds import ID_MAX
+from domain.errors import FailureType
 from domain.events import EventKind, PaymentEvent, event_id
 from domain.ledger import (
     Entry,
@@ -22,7 +32,13 @@ from domain.ledger import (
     payment_transaction,
     refund_transaction,
 )
-from infra.database import RetryStats, run_serializable
+from infra.database import (
+    RetryStats,
+    is_data_error,
+    is_transient,
+    run_serializable,
+    sqlstate,
+)
 
 
 def _capture(payment_id: str, amount: int = 1000, ccy: str = "USD") -> LedgerPosting:
@@ -211,3 +227,125 @@ async def test_a_closed_account_refuses_postings(engine: AsyncEngine) -> None:
     refund = refund_transaction(pid, "re_x", f"cus_{pid}", f"mer_{pid}", 100, "USD")
     with pytest.raises(LedgerRejected, match="closed"):
         await ledger.post(LedgerPosting(transaction=refund, amount=100))
+
+
+# ── a claimed slot holding another posting; errors the database refuses for good ──────────
+
+
+async def test_a_different_posting_in_a_claimed_slot_is_refused_not_a_duplicate(
+    engine: AsyncEngine,
+) -> None:
+    """A second run of a payment (or a refund id reused for another amount) reaching the ledger
+    must not be told "already done" while its own amounts never moved."""
+    ledger = Ledger(engine)
+    pid = f"pay_{uuid.uuid4().hex[:12]}"
+    first = await ledger.post(_capture(pid, amount=1000))
+    again = await ledger.post(_capture(pid, amount=1000))
+    assert again.duplicate and again.transaction_id == first.transaction_id
+
+    with pytest.raises(LedgerRejected, match="already posted with other entries") as other_amount:
+        await ledger.post(_capture(pid, amount=2000))
+    assert other_amount.value.failure == FailureType.POSTING_CONFLICT
+    elsewhere = _capture(pid, amount=1000)
+    moved = payment_transaction(pid, f"cus_{pid}", "mer_someone_else", 1000, "USD")
+    with pytest.raises(LedgerRejected) as other_merchant:
+        await ledger.post(elsewhere.model_copy(update={"transaction": moved}))
+    assert other_merchant.value.failure == FailureType.POSTING_CONFLICT
+
+    refund = refund_transaction(pid, "re_once", f"cus_{pid}", f"mer_{pid}", 300, "USD")
+    await ledger.post(LedgerPosting(transaction=refund, amount=300))
+    assert (await ledger.post(LedgerPosting(transaction=refund, amount=300))).duplicate
+    bigger = refund_transaction(pid, "re_once", f"cus_{pid}", f"mer_{pid}", 500, "USD")
+    with pytest.raises(LedgerRejected) as reused:
+        await ledger.post(LedgerPosting(transaction=bigger, amount=500))
+    assert reused.value.failure == FailureType.POSTING_CONFLICT
+
+    # Nothing of the refused postings was written: one capture, one refund of 300.
+    row = await ledger.payment(pid)
+    assert row is not None and (row.captured, row.refunded) == (1000, 300)
+    assert (
+        await _scalar(engine, "SELECT count(*) FROM ledger_transactions WHERE payment_id=:p", p=pid)
+        == 2
+    )
+    await _ledger_sums_to_zero(engine)
+
+
+async def test_the_activity_names_a_conflicting_posting_and_never_retries_it(
+    engine: AsyncEngine,
+) -> None:
+    activities = LedgerActivities(Ledger(engine))
+    pid = f"pay_{uuid.uuid4().hex[:12]}"
+    env = ActivityEnvironment()
+    await env.run(activities.post_ledger_transaction, _capture(pid, amount=1000))
+    with pytest.raises(ApplicationError) as refused:
+        await env.run(activities.post_ledger_transaction, _capture(pid, amount=1500))
+    assert refused.value.type == FailureType.POSTING_CONFLICT
+    assert refused.value.non_retryable
+
+
+async def test_a_value_too_long_for_its_column_fails_the_step_for_good(
+    engine: AsyncEngine,
+) -> None:
+    """SQLSTATE 22001 is the same on every retry: the step fails with a name instead of
+    retrying forever (which would wedge every later follow-up of the payment)."""
+    activities = LedgerActivities(Ledger(engine))
+    pid = f"pay_{uuid.uuid4().hex[:12]}"
+    env = ActivityEnvironment()
+    await env.run(activities.post_ledger_transaction, _capture(pid))
+    too_long = "re_" + "x" * ID_MAX  # the ledger's reference column holds ID_MAX characters
+    refund = refund_transaction(pid, too_long, f"cus_{pid}", f"mer_{pid}", 100, "USD")
+    with pytest.raises(ApplicationError) as refused:
+        await env.run(
+            activities.post_ledger_transaction, LedgerPosting(transaction=refund, amount=100)
+        )
+    assert refused.value.type == FailureType.DATA_REJECTED
+    assert refused.value.non_retryable
+    assert "22001" in refused.value.message
+    row = await Ledger(engine).payment(pid)
+    assert row is not None and row.refunded == 0
+
+
+async def test_database_errors_are_told_apart_by_sqlstate(engine: AsyncEngine) -> None:
+    """Real errors from the real server: data errors are final, the rest is worth a retry."""
+    ledger = Ledger(engine)
+    pid = f"pay_{uuid.uuid4().hex[:12]}"
+    await ledger.post(_capture(pid))
+
+    async def error_of(sql: str, **params: object) -> DBAPIError:
+        with pytest.raises(DBAPIError) as caught:
+            async with engine.begin() as conn:
+                await conn.execute(text(sql), params)
+        return caught.value
+
+    too_long = await error_of(
+        "UPDATE payments SET client_id = :v WHERE payment_id = :p", v="c" * 65, p=pid
+    )
+    duplicate = await error_of(
+        "INSERT INTO ledger_transactions (id, payment_id, kind, reference) "
+        "VALUES (gen_random_uuid(), :p, 'payment', '')",
+        p=pid,
+    )
+    over_refunded = await error_of(
+        "UPDATE payments SET refunded = captured + 1 WHERE payment_id = :p", p=pid
+    )
+    for error, state in ((too_long, "22001"), (duplicate, "23505"), (over_refunded, "23514")):
+        assert sqlstate(error) == state
+        assert is_data_error(error) and not is_transient(error), state
+
+    # An administrator terminating the session (57P01) and the connection it leaves behind.
+    async with engine.connect() as victim:
+        backend = await victim.scalar(text("SELECT pg_backend_pid()"))
+        async with engine.begin() as admin:
+            await admin.execute(text("SELECT pg_terminate_backend(:b)"), {"b": backend})
+        with pytest.raises(DBAPIError) as terminated:
+            await victim.execute(text("SELECT 1"))
+    assert is_transient(terminated.value) and not is_data_error(terminated.value)
+
+    conflict = DBAPIError("UPDATE …", {}, _WithSqlstate("40001"))
+    assert is_transient(conflict) and not is_data_error(conflict)
+
+
+class _WithSqlstate(Exception):
+    def __init__(self, state: str) -> None:
+        super().__init__(state)
+        self.sqlstate = state

@@ -23,12 +23,14 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client
 from temporalio.service import RPCError
 
 from activities.crm import CRM_UNAVAILABLE
 from activities.fraud import amount_for_limit_share
 from domain.payment import PaymentRequest
+from infra.idempotency import IdempotencyRegister
 from infra.logs import REDACTED, JsonFormatter
 from infra.metrics import serve_metrics
 from infra.observability import (
@@ -187,7 +189,7 @@ def test_tracing_is_off_unless_an_otlp_endpoint_is_configured(app_settings: Sett
 
 
 async def test_the_worker_serves_temporal_sdk_metrics(
-    app_settings: Settings, temporal_client: Client
+    app_settings: Settings, temporal_client: Client, engine: AsyncEngine
 ) -> None:
     port = free_port()
     settings = app_settings.model_copy(
@@ -197,10 +199,15 @@ async def test_the_worker_serves_temporal_sdk_metrics(
     assert runtime is not None
     client = await connect_client(settings, runtime=runtime)
     async with payment_worker(settings, client):
-        handle, _ = await start_payment(
-            client, settings, "test-client", f"sdk-{uuid.uuid4().hex}", _request()
+        started = await start_payment(
+            client,
+            IdempotencyRegister(engine),
+            settings,
+            "test-client",
+            f"sdk-{uuid.uuid4().hex}",
+            _request(),
         )
-        await _until_status(handle, "succeeded")
+        await _until_status(started.handle, "succeeded")
     async with httpx.AsyncClient() as http:
         text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
     queue = settings.task_queue

@@ -85,7 +85,7 @@ async def test_partial_and_multiple_refunds_until_fully_refunded(
     payment = await wait_for_payment(api, pid, lambda p: len(p["refunds"]) == 4)
     too_late = payment["refunds"][-1]
     assert (too_late["id"], too_late["status"]) == ("re_too_late", "failed")
-    assert "exceeds the 0 still refundable" in too_late["failure_reason"]
+    assert "Nothing is left to refund" in too_late["failure_reason"]
     assert payment["amount_refunded"] == 10_000
 
     # Ledger: the capture and one reversing transaction per refund, each balanced; the
@@ -397,6 +397,35 @@ async def test_operators_signal_refunds_with_plain_json(
         "re_ops_1",
         "re_cli_1",
     ]
+
+
+async def test_operators_refund_by_update_with_the_cli_and_get_the_answer(
+    api: httpx.AsyncClient, engine: AsyncEngine, stack: Stack
+) -> None:
+    """The copy-paste commands of docs/signals.md: the Update answers with the refund once the
+    ledger posted it, and a refused one names its reason and enters no history."""
+    payment = await captured_payment(api, 2000)
+    pid = payment["id"]
+    made = await _temporal_cli(
+        stack, "update", "execute", "--workflow-id", pid, "--name", "refund",
+        "--update-id", "re_manual_1", "--output", "json",
+        "--input", json.dumps({"refund_id": "re_manual_1", "amount": 500, "reason": "goodwill"}),
+    )  # fmt: skip
+    assert _find_key(json.loads(made), "status") == "succeeded"
+    assert (await api.get(f"/v1/payments/{pid}")).json()["amount_refunded"] == 500
+
+    argv = [
+        temporal_binary(), "workflow", "update", "execute", "--address", stack.temporal_address,
+        "--workflow-id", pid, "--name", "refund", "--update-id", "re_manual_2",
+        "--input", json.dumps({"refund_id": "re_manual_2", "amount": 99_000}),
+    ]  # fmt: skip
+    refused = await asyncio.to_thread(
+        subprocess.run, argv, capture_output=True, text=True, timeout=30
+    )
+    assert refused.returncode != 0
+    assert "exceeds the 1500 minor units still refundable" in refused.stdout + refused.stderr
+    rows = await assert_ledger_balanced(engine, pid)
+    assert [r["reference"] for r in rows if r["kind"] == "refund"] == ["re_manual_1"]
 
 
 async def _temporal_cli(stack: Stack, *args: str) -> str:

@@ -30,6 +30,7 @@ from domain.events import EventKind
 from domain.payment import FraudAssessment, PaymentState, PaymentWorkflowInput
 from settings import Settings
 from worker import workflow_runner
+from workflows import payment as payment_workflow
 from workflows.payment import PaymentWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
@@ -52,6 +53,11 @@ PATHS = {
     "window_closes",  # the dispute window closes: outcome recorded, workflow completes
     "refund_continues_as_new",  # a run ending in ContinueAsNew, carrying its state
     "continued_as_new",  # the carried run serving one more refund
+    "refund_by_update",  # a refund Update, one refused by its validator, a refused signal
+    "requires_attention_resolved",  # a refused reversal waits for an operator's retry
+    "window_closes_with_open_dispute",  # only the dispute's close is taken after the window
+    "operator_cancel_with_open_dispute",  # canceled, kept until the dispute closes
+    "refund_drained_before_continue_as_new",  # queued refunds run before the hand-over
 }
 
 # Payload encodings of an unencrypted history (the codec's would be binary/encrypted).
@@ -112,6 +118,28 @@ def test_histories_cover_continue_as_new_from_both_sides() -> None:
     assert start.continued_execution_run_id  # a run that another one continued into
     workflow_input = json.loads(start.input.payloads[0].data)
     assert workflow_input["carried_state"]["refunded"] == 4000
+
+
+def test_histories_cover_updates_and_every_patch() -> None:
+    """Each `workflow.patched()` branch of PaymentWorkflow is pinned by a recorded history, and
+    the follow-ups' Updates are in some: replay re-runs their handlers too."""
+    patches: set[str] = set()
+    updates = 0
+    for file in _history_files():
+        for event in _load(file).events:
+            if event.event_type == EventType.EVENT_TYPE_MARKER_RECORDED:
+                attributes = event.marker_recorded_event_attributes
+                if attributes.marker_name == "core_patch":
+                    data = attributes.details["patch-data"].payloads[0].data
+                    patches.add(json.loads(data)["id"])
+            updates += event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED
+    assert patches == {
+        payment_workflow.PATCH_FOLLOW_UP_RULES,
+        payment_workflow.PATCH_DRAIN_BEFORE_CONTINUE,
+        payment_workflow.PATCH_CANCEL_FINISHES_FOLLOW_UPS,
+        payment_workflow.PATCH_UNDO_FAILURE_NEEDS_ATTENTION,
+    }
+    assert updates >= 5
 
 
 def test_histories_are_unencrypted_and_hold_no_secrets() -> None:

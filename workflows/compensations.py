@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from temporalio import workflow
+from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
 Undo = Callable[[], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class FailedUndo:
+    """An undo step that failed for good (its activity's retries are for outages only, so this
+    is a business refusal such as the ledger refusing a reversal): it waits for an operator."""
+
+    name: str
+    undo: Undo
+    failure: BaseException
 
 
 class Compensations:
@@ -25,16 +37,28 @@ class Compensations:
     def __bool__(self) -> bool:
         return bool(self._steps)
 
-    async def unwind(self) -> None:
+    async def unwind(self, keep_going: Callable[[], bool] = lambda: False) -> list[FailedUndo]:
         """Run the undo steps in reverse order, shielded so that a second cancellation of the
         workflow cannot interrupt them half way. Each step is an idempotent activity with its
-        own retry policy, so a step that fails transiently is retried, not skipped."""
+        own retry policy, so a step that fails transiently is retried, not skipped.
+
+        A step that fails for good: if `keep_going()` says so, the remaining steps still run
+        (one refusal must not leave the others undone) and the failed ones are returned for an
+        operator; otherwise the failure propagates."""
         steps, self._steps = list(reversed(self._steps)), []
+        failed: list[FailedUndo] = []
 
         async def run_all() -> None:
             for name, undo in steps:
                 workflow.logger.info("compensating: %s", name)
-                await undo()
+                try:
+                    await undo()
+                except (ActivityError, ApplicationError) as failure:
+                    if is_cancelled_exception(failure) or not keep_going():
+                        raise
+                    workflow.logger.error("compensation %s failed for good: %s", name, failure)
+                    failed.append(FailedUndo(name, undo, failure))
+                    continue
                 self.ran.append(name)
 
         task = asyncio.ensure_future(run_all())
@@ -46,3 +70,4 @@ class Compensations:
                     raise
                 workflow.logger.warning("cancellation requested while compensating; continuing")
         task.result()
+        return failed

@@ -5,10 +5,18 @@
                                      ▼
     publish payments.raw → post ledger transaction → publish payments.confirmed → notify CRM
                                      ▼
-    succeeded: serve refunds and disputes (signals) until the dispute window closes
+    succeeded: serve refunds and disputes (updates, or operators' signals) until the dispute
+    window closes; disputes still open then keep the payment until they close
 
 A non-retryable failure or a cancellation before confirmation unwinds the compensations in
 reverse: reverse the posting, void payments.raw (payments.failed / payments.canceled), tell the CRM.
+A compensation that cannot complete leaves the payment `requires_attention` until an operator
+resolves it (`resolve_attention`): money is never left stranded by a failed workflow.
+
+Follow-ups (refund, dispute_opened, dispute_closed, cancel) exist twice under one name: as an
+Update, whose validator refuses what the payment cannot honour before it enters the history and
+whose result is the follow-up's outcome, and as a signal for operators, whose refusal is
+recorded on the refund or dispute. Both go through the same rules (domain/follow_ups.py).
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, TypedDict, TypeVar
 
 from temporalio import workflow
@@ -35,9 +43,25 @@ with workflow.unsafe.imports_passed_through():
         PaymentParties,
     )
     from domain import ledger as entries
+    from domain.bounds import ID_MAX, TEXT_MAX, clipped_text
     from domain.errors import NON_RETRYABLE, FailureType
     from domain.events import EventKind, PaymentEvent, event_id
+    from domain.follow_ups import (
+        ENDED,
+        Door,
+        Refused,
+        Taking,
+        cancel_refusal,
+        dispute_closed_refusal,
+        dispute_opened_refusal,
+        not_cancelable_reason,
+        refund_refusal,
+        resolution_refusal,
+    )
+    from domain.money import MAX_INT64
     from domain.payment import (
+        Attention,
+        AttentionResolution,
         CancelSignal,
         CrmSync,
         Dispute,
@@ -51,12 +75,14 @@ with workflow.unsafe.imports_passed_through():
         PaymentWorkflowInput,
         Refund,
         RefundSignal,
+        ResolutionRecord,
         ReviewDecision,
         StatusChange,
+        UndoFailure,
         status_from_amounts,
     )
     from workflows import search_attributes as sa
-    from workflows.compensations import Compensations
+    from workflows.compensations import Compensations, FailedUndo
 
 # Retry bounds: infrastructure outages (Kafka, database) are waited out, never given up on;
 # business refusals (NON_RETRYABLE types) fail at once.
@@ -92,8 +118,33 @@ _CRM = _Options(
 )
 
 
+# Patches (docs/upgrades.md): payments whose history was written before follow-ups became
+# Updates keep issuing the commands they recorded; new payments, and older ones reaching one of
+# these points for the first time, take the new branch.
+# Signals are judged by domain/follow_ups.py (bounded ids and texts, refused once the payment
+# stops taking them: recorded failed, never queued for a loop that has ended).
+PATCH_FOLLOW_UP_RULES = "follow-up-rules-for-signals"
+# Before continuing as new, carry out every accepted follow-up (an Update's caller waits for it).
+PATCH_DRAIN_BEFORE_CONTINUE = "drain-follow-ups-before-continue-as-new"
+# An operator cancel carries out what was accepted and keeps the payment until open disputes
+# close (instead of failing queued follow-ups and leaving disputed funds held).
+PATCH_CANCEL_FINISHES_FOLLOW_UPS = "operator-cancel-finishes-follow-ups"
+# A compensation that fails for good waits for an operator instead of failing the workflow.
+PATCH_UNDO_FAILURE_NEEDS_ATTENTION = "undo-failure-needs-attention"
+
+REVERSE_POSTING = "reverse the ledger posting"
+VOID_RAW = "void payments.raw"
+
+
 class PaymentCanceled(Exception):
-    """A `cancel` signal arrived before the ledger posting."""
+    """A `cancel` arrived before the ledger posting."""
+
+
+class FollowUpRefused(ApplicationError):
+    """An Update's validator refusing a follow-up: `type` is the REST API's error code."""
+
+    def __init__(self, refused: Refused) -> None:
+        super().__init__(refused.message, type=refused.code.value, non_retryable=True)
 
 
 @workflow.defn(name="PaymentWorkflow")
@@ -123,25 +174,51 @@ class PaymentWorkflow:
         self.cancel_requested: CancelSignal | None = None
         self.posting_started = self.state.ledger_posted
         self.posting_reversed = False
+        # What the payment takes right now (domain/follow_ups.py): it only narrows, and always
+        # before the workflow stops serving what it took.
+        self.door = Door(Taking.NOT_YET)
+        if input.carried_state is not None:
+            # A continued run serves from its first activation: signals carried with it or sent
+            # meanwhile may be handled before `run` starts.
+            self.door = Door(Taking.EVERYTHING)
+            if workflow.info().workflow_start_time >= self.window_closes_at():
+                self.door = self.window_closed_door(open_disputes=True)
+        self.door_before_busy = self.door
+        # Dispute closes carried out in this run (their Updates' callers wait for them).
+        self.closes_done: set[str] = set()
+        # Compensations that failed for good, and operators' resolutions waiting to be applied.
+        self.undo_left: list[FailedUndo] = []
+        self.resolutions: deque[AttentionResolution] = deque()
+        self.resolutions_done = 0
+        self.resolutions_taken = 0
 
     # ── the saga ──────────────────────────────────────────────────────────────────────────
     @workflow.run
     async def run(self, input: PaymentWorkflowInput) -> PaymentState:
         try:
             if input.carried_state is None and not await self.take_payment():
-                await self.record_outcome()
+                await self.finish()
                 return self.state
             await self.serve_follow_ups_until_window_closes()
         except (asyncio.CancelledError, ActivityError) as stop:
             if not is_cancelled_exception(stop):
                 raise
             # An operator pressed Cancel in the Temporal UI. Whatever was under way has run to
-            # its end or been compensated by now; a succeeded payment keeps its money and only
-            # loses its follow-up window.
+            # its end or been compensated by now; a succeeded payment keeps its money, carries
+            # out the follow-ups it accepted and takes no new ones.
             await self.close_after_operator_cancel()
             raise
-        await self.record_outcome()
+        await self.finish()
         return self.state
+
+    async def finish(self) -> None:
+        """Stop taking anything, let every handler finish, record the outcome for after the
+        history is gone."""
+        if self.door.taking != Taking.NOTHING:
+            self.shut_the_door(Taking.NOTHING, "The payment has ended; it accepts no more changes.")
+        self.fail_what_was_never_carried_out()
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        await self.record_outcome()
 
     async def take_payment(self) -> bool:
         """Returns True once the payment is confirmed; False if it ended without money moving."""
@@ -166,20 +243,20 @@ class PaymentWorkflow:
         saga = Compensations()
         try:
             self.set_status(PaymentStatus.PROCESSING, "publishing payments.raw to Kafka")
-            saga.add("void payments.raw", self.void_raw_event)
+            saga.add(VOID_RAW, self.void_raw_event)
             await _run_to_completion(self.publish(EventKind.RAW, local=True))
 
             self.stop_if_canceled()
             self.posting_started = True
             self.set_status(PaymentStatus.PROCESSING, "posting the ledger transaction")
-            saga.add("reverse the ledger posting", self.reverse_posting)
+            saga.add(REVERSE_POSTING, self.reverse_posting)
             await _run_to_completion(self.post_capture())
 
             self.set_status(PaymentStatus.PROCESSING, "publishing payments.confirmed to Kafka")
             await _run_to_completion(self.publish(EventKind.CONFIRMED, local=True))
             saga.clear()
         except PaymentCanceled:
-            await saga.unwind()
+            await self.undo(saga, ends_as=PaymentStatus.CANCELED)
             self.set_status(PaymentStatus.CANCELED, "", note=self.cancel_note())
             return False
         except STEP_FAILURES as failure:
@@ -187,7 +264,7 @@ class PaymentWorkflow:
                 await self.compensate_operator_cancel(saga)
                 raise
             self.state.failure_reason = _failure_message(failure)
-            await saga.unwind()
+            await self.undo(saga, ends_as=PaymentStatus.FAILED)
             self.set_status(PaymentStatus.FAILED, "", note=self.state.failure_reason)
             return False
         except asyncio.CancelledError:
@@ -195,6 +272,7 @@ class PaymentWorkflow:
             raise
 
         self.set_status(PaymentStatus.SUCCEEDED, "notifying the CRM")
+        self.open_the_door()
         await self.notify_crm(EventKind.CONFIRMED)
         return True
 
@@ -202,10 +280,29 @@ class PaymentWorkflow:
         """An operator pressed Cancel in the Temporal UI before the payment was confirmed:
         reverse the posting, void payments.raw with payments.canceled, then tell the CRM."""
         self.cancel_requested = CancelSignal(reason=_OPERATOR_CANCEL)
-        await saga.unwind()
+        if await self.undo(saga, ends_as=PaymentStatus.CANCELED, tell_crm=True):
+            self.set_status(PaymentStatus.CANCELED, "", note=self.cancel_note())
+            return
         self.set_status(PaymentStatus.CANCELED, "", note=self.cancel_note())
         if self.posting_reversed:
             await self.notify_crm(EventKind.CANCELED)
+
+    async def undo(
+        self, saga: Compensations, ends_as: PaymentStatus, tell_crm: bool = False
+    ) -> bool:
+        """Unwind the saga. A step that fails for good does not stop the others; the payment
+        then waits in `requires_attention` until an operator resolves it. True if it did."""
+        self.undo_left = await saga.unwind(
+            keep_going=lambda: workflow.patched(PATCH_UNDO_FAILURE_NEEDS_ATTENTION)
+        )
+        if not self.undo_left:
+            return False
+        self.require_attention(ends_as)
+        if tell_crm:
+            # The cancel stands: the CRM hears it now; the ledger follows the operator.
+            await self.notify_crm(EventKind.CANCELED)
+        await self.await_resolution()
+        return True
 
     async def close_after_operator_cancel(self) -> None:
         if self.state.status in (PaymentStatus.RECEIVED, PaymentStatus.REQUIRES_REVIEW):
@@ -214,15 +311,35 @@ class PaymentWorkflow:
             await _run_to_completion(
                 self.end_without_capture(PaymentStatus.CANCELED, EventKind.CANCELED, "")
             )
-        why = "the payment's workflow was canceled before this was carried out"
-        for refund in self.state.refunds:
-            if refund.status == FollowUpStatus.PENDING:
-                refund.status, refund.failure_reason = FollowUpStatus.FAILED, why
-        for dispute in self.state.disputes:
-            if dispute.status == "pending":
-                dispute.status, dispute.failure_reason = "failed", why
-        self.follow_ups.clear()
-        await self.record_outcome()
+        self.shut_for_cancel()
+        if (self.follow_ups or self.holds_disputed_funds()) and workflow.patched(
+            PATCH_CANCEL_FINISHES_FOLLOW_UPS
+        ):
+            await self.finish_follow_ups_after_cancel()
+        else:
+            why = "the payment's workflow was canceled before this was carried out"
+            for refund in self.state.refunds:
+                if refund.status == FollowUpStatus.PENDING:
+                    refund.status, refund.failure_reason = FollowUpStatus.FAILED, why
+            for dispute in self.state.disputes:
+                if dispute.status == "pending":
+                    dispute.status, dispute.failure_reason = "failed", why
+            self.follow_ups.clear()
+        await self.finish()
+
+    async def finish_follow_ups_after_cancel(self) -> None:
+        """Carry out what was accepted before the cancel, then keep the payment until its open
+        disputes are closed: their funds are held, and only this workflow can release them."""
+        while True:
+            while self.follow_ups:
+                await self.run_follow_up(self.follow_ups.popleft())
+            if not self.holds_disputed_funds():
+                return
+            self.describe_waiting(
+                "the open disputes to close: the workflow was canceled by an operator and ends "
+                "once they are closed"
+            )
+            await workflow.wait_condition(lambda: bool(self.follow_ups))
 
     async def assess(self) -> FraudAssessment:
         self.set_status(PaymentStatus.RECEIVED, "validating and scoring the payment for fraud")
@@ -294,8 +411,11 @@ class PaymentWorkflow:
     # ── follow-ups: refunds and disputes, until the dispute window closes ─────────────────
     async def serve_follow_ups_until_window_closes(self) -> None:
         """Run refunds and disputes in arrival order until the dispute window closes. A dispute
-        still open then keeps the workflow until it is closed: its funds are held."""
-        closes_at = self.state.created_at + timedelta(seconds=self.policy.dispute_window_seconds)
+        still open then keeps the workflow until it is closed: its funds are held.
+
+        The door narrows before the loop can end, in the same step as the check that decides
+        it: a follow-up is either refused or in the queue, which is emptied before returning."""
+        closes_at = self.window_closes_at()
         while True:
             remaining = (closes_at - workflow.now()).total_seconds()
             if remaining > 0:
@@ -303,8 +423,10 @@ class PaymentWorkflow:
                     f"refunds or disputes until the window closes at {closes_at:%Y-%m-%d %H:%M} UTC"
                 )
             elif self.follow_ups or self.holds_disputed_funds():
+                self.door = self.window_closed_door(open_disputes=True)
                 self.describe_waiting("the open disputes to close (the dispute window has closed)")
             else:
+                self.door = self.window_closed_door(open_disputes=False)
                 self.describe_waiting("")
                 return
             try:
@@ -317,10 +439,28 @@ class PaymentWorkflow:
                 continue
             while self.follow_ups:
                 # A follow-up that started moving money finishes (ledger, event, CRM) even if
-                # the workflow is canceled meanwhile; the cancellation takes effect after it.
-                await _run_to_completion(self.run_follow_up(self.follow_ups.popleft()))
+                # the workflow is canceled meanwhile; the cancellation takes effect after it,
+                # and the payment takes nothing new from the moment it is seen.
+                await _run_to_completion(
+                    self.run_follow_up(self.follow_ups.popleft()), on_cancel=self.shut_for_cancel
+                )
                 await self.continue_as_new_if_history_is_long()
             await self.continue_as_new_if_history_is_long()
+
+    def window_closes_at(self) -> datetime:
+        return self.state.created_at + timedelta(seconds=self.policy.dispute_window_seconds)
+
+    def window_closed_door(self, *, open_disputes: bool) -> Door:
+        closed = (
+            f"The payment's dispute window closed at {self.window_closes_at():%Y-%m-%d %H:%M} UTC"
+        )
+        if open_disputes:
+            return Door(
+                Taking.DISPUTE_CLOSES,
+                f"{closed}; it takes no new refunds or disputes (open disputes can still be "
+                "closed).",
+            )
+        return Door(Taking.NOTHING, f"{closed}; it accepts no more changes.")
 
     def history_is_long(self) -> bool:
         info = workflow.info()
@@ -332,11 +472,20 @@ class PaymentWorkflow:
         return any(d.status in ("pending", "open") for d in self.state.disputes)
 
     async def continue_as_new_if_history_is_long(self) -> None:
-        """Many refunds or disputes would grow the history without bound: carry the state and
-        the follow-ups not yet run into a fresh run. Signals that arrive meanwhile are either
-        handled before the new run starts (and carried) or delivered to the new run."""
+        """Many refunds or disputes would grow the history without bound: carry the state into
+        a fresh run. Updates are refused meanwhile (their callers retry and reach the new run);
+        what was queued is carried out here first, since an Update's caller waits for it.
+        Signals that arrive meanwhile are carried to the new run."""
         if not self.history_is_long():
             return
+        if workflow.patched(PATCH_DRAIN_BEFORE_CONTINUE):
+            self.shut_the_door(Taking.BUSY, "")
+            # Only what is queued now (Updates' callers wait for it): signals arriving during
+            # the drain are carried, so a steady stream of them cannot hold the run open.
+            for _ in range(len(self.follow_ups)):
+                await _run_to_completion(
+                    self.run_follow_up(self.follow_ups.popleft()), on_cancel=self.shut_for_cancel
+                )
         await workflow.wait_condition(workflow.all_handlers_finished)
         workflow.continue_as_new(
             self.input.model_copy(
@@ -411,6 +560,12 @@ class PaymentWorkflow:
         await self.notify_crm(EventKind.DISPUTE_OPENED, reference=dispute.id, details=data)
 
     async def post_dispute_closed(self, signal: DisputeClosedSignal) -> None:
+        try:
+            await self.close_dispute_in_ledger(signal)
+        finally:
+            self.closes_done.add(signal.dispute_id)
+
+    async def close_dispute_in_ledger(self, signal: DisputeClosedSignal) -> None:
         dispute = self.find_dispute(signal.dispute_id)
         if dispute.status != "open":
             return  # its opening failed: there is nothing held to release
@@ -451,86 +606,272 @@ class PaymentWorkflow:
         await self.publish(kind, reference=dispute.id, data=data)
         await self.notify_crm(kind, reference=dispute.id, details=data)
 
-    # ── signals and queries ───────────────────────────────────────────────────────────────
+    # ── updates (the API, the CLI) and signals (operators): one code path ─────────────────
     @workflow.signal
     def approve(self, decision: ReviewDecision) -> None:
         if self.state.status == PaymentStatus.REQUIRES_REVIEW and self.review is None:
-            self.review, self.review_approved = decision, True
-            self.state.review = decision
+            self.review, self.review_approved = _bounded_decision(decision), True
+            self.state.review = self.review
 
     @workflow.signal
     def decline(self, decision: ReviewDecision) -> None:
         if self.state.status == PaymentStatus.REQUIRES_REVIEW and self.review is None:
-            self.review, self.review_approved = decision, False
-            self.state.review = decision
+            self.review, self.review_approved = _bounded_decision(decision), False
+            self.state.review = self.review
+
+    @workflow.update(name="cancel")
+    async def cancel_payment(self, request: CancelSignal) -> PaymentState:
+        """Cancel before the ledger posting; the answer is the canceled payment."""
+        self.take_cancel(request)
+        await workflow.wait_condition(lambda: self.state.status in ENDED)
+        return self.state
+
+    @cancel_payment.validator
+    def _cancel_allowed(self, request: CancelSignal) -> None:
+        self.refuse(
+            cancel_refusal(
+                self.state,
+                request,
+                posting_started=self.posting_started,
+                requested=self.cancel_requested is not None,
+            )
+        )
 
     @workflow.signal
     def cancel(self, signal: CancelSignal) -> None:
-        if self.posting_started or self.state.status in _ENDED:
-            self.state.cancel_refused = (
-                "the payment is already posted to the ledger; refund it instead"
-                if self.posting_started
-                else f"the payment is already {self.state.status}"
+        if self.posting_started or self.state.status in ENDED:
+            self.state.cancel_refused = not_cancelable_reason(
+                self.state, posting_started=self.posting_started
             )
             return
-        self.cancel_requested = signal
+        self.take_cancel(signal)
+
+    def take_cancel(self, request: CancelSignal) -> None:
+        if self.cancel_requested is None:
+            self.cancel_requested = CancelSignal(reason=clipped_text(request.reason))
+
+    @workflow.update(name="refund")
+    async def refund_payment(self, request: RefundSignal) -> Refund:
+        """The refund once the ledger posted it (`succeeded`) or refused it (`failed`)."""
+        refund = self.take_refund(request, self.current_door())
+        await workflow.wait_condition(lambda: refund.status != FollowUpStatus.PENDING)
+        return refund
+
+    @refund_payment.validator
+    def _refund_allowed(self, request: RefundSignal) -> None:
+        self.refuse(refund_refusal(self.state, request, self.current_door()))
 
     @workflow.signal
     def refund(self, signal: RefundSignal) -> None:
-        if any(r.id == signal.refund_id for r in self.state.refunds):
-            return  # the same refund id twice is one refund
-        amount = signal.amount if signal.amount is not None else self.state.refundable
+        if workflow.patched(PATCH_FOLLOW_UP_RULES):
+            self.take_refund(signal, self.door_for_signals())
+        else:
+            self.take_refund_as_before(signal)
+
+    @workflow.update(name="dispute_opened")
+    async def open_dispute(self, request: DisputeOpenedSignal) -> Dispute:
+        """The dispute once its funds are held (`open`) or the ledger refused it (`failed`)."""
+        dispute = self.take_dispute_opened(request, self.current_door())
+        await workflow.wait_condition(lambda: dispute.status != "pending")
+        return dispute
+
+    @open_dispute.validator
+    def _dispute_allowed(self, request: DisputeOpenedSignal) -> None:
+        self.refuse(dispute_opened_refusal(self.state, request, self.current_door()))
+
+    @workflow.signal
+    def dispute_opened(self, signal: DisputeOpenedSignal) -> None:
+        if workflow.patched(PATCH_FOLLOW_UP_RULES):
+            self.take_dispute_opened(signal, self.door_for_signals())
+        else:
+            self.take_dispute_opened_as_before(signal)
+
+    @workflow.update(name="dispute_closed")
+    async def close_dispute(self, request: DisputeClosedSignal) -> Dispute:
+        """The dispute once closed (`won`/`lost`), or still `open` with the ledger's refusal as
+        its `failure_reason`."""
+        dispute = self.find_dispute(request.dispute_id)
+        if dispute.status == "open" or dispute.status == "pending":
+            self.take_dispute_closed(request)
+            await workflow.wait_condition(
+                lambda: dispute.status in ("won", "lost") or request.dispute_id in self.closes_done
+            )
+        return dispute
+
+    @close_dispute.validator
+    def _close_allowed(self, request: DisputeClosedSignal) -> None:
+        self.refuse(dispute_closed_refusal(self.state, request, self.current_door()))
+
+    @workflow.signal
+    def dispute_closed(self, signal: DisputeClosedSignal) -> None:
+        if workflow.patched(PATCH_FOLLOW_UP_RULES):
+            refused = dispute_closed_refusal(self.state, signal, self.door_for_signals())
+            if refused is not None:
+                workflow.logger.warning("dispute_closed signal refused: %s", refused.message)
+                return
+        dispute = next((d for d in self.state.disputes if d.id == signal.dispute_id), None)
+        if dispute is None or dispute.status not in ("pending", "open"):
+            return
+        self.take_dispute_closed(signal)
+
+    @workflow.update(name="resolve_attention")
+    async def resolve_attention(self, resolution: AttentionResolution) -> ResolutionRecord:
+        """An operator's answer to `requires_attention`; the answer is what it achieved."""
+        taken = self.take_resolution(resolution)
+        await workflow.wait_condition(lambda: self.resolutions_done >= taken)
+        return self.state.resolutions[taken - 1]
+
+    @resolve_attention.validator
+    def _resolution_allowed(self, resolution: AttentionResolution) -> None:
+        self.refuse(resolution_refusal(self.state, resolution))
+
+    @workflow.signal(name="resolve_attention")
+    def resolve_attention_signal(self, resolution: AttentionResolution) -> None:
+        refused = resolution_refusal(self.state, resolution)
+        if refused is not None:
+            workflow.logger.warning("resolve_attention signal refused: %s", refused.message)
+            return
+        self.take_resolution(resolution)
+
+    @workflow.query(name="state")
+    def current_state(self) -> PaymentState:
+        return self.state
+
+    # ── taking follow-ups ────────────────────────────────────────────────────────────────
+    def refuse(self, refused: Refused | None) -> None:
+        if refused is not None:
+            raise FollowUpRefused(refused)
+
+    def open_the_door(self) -> None:
+        self.door = Door(Taking.EVERYTHING)
+
+    def shut_the_door(self, taking: Taking, why: str) -> None:
+        """Narrow what the payment takes. While it hands over to a fresh run (BUSY) signals
+        are still judged by what it took before: they are carried to the new run."""
+        if taking == Taking.BUSY:
+            self.door_before_busy = self.door
+        self.door = Door(taking, why)
+
+    def shut_for_cancel(self) -> None:
+        self.shut_the_door(
+            Taking.DISPUTE_CLOSES,
+            "The payment's workflow was canceled by an operator; it takes no new refunds or "
+            "disputes (open disputes can still be closed).",
+        )
+
+    def current_door(self, door: Door | None = None) -> Door:
+        """The door as of this activation's time: the window closes at its instant, even while
+        the loop is still busy with a backlog and has not looked at the clock yet."""
+        door = door or self.door
+        if door.taking == Taking.EVERYTHING and workflow.now() >= self.window_closes_at():
+            return self.window_closed_door(open_disputes=True)
+        return door
+
+    def door_for_signals(self) -> Door:
+        """While the run hands over (BUSY), signals are judged by the door before it: they are
+        carried to the next run, not refused."""
+        busy = self.door.taking == Taking.BUSY
+        return self.current_door(self.door_before_busy if busy else self.door)
+
+    def take_refund(self, request: RefundSignal, door: Door) -> Refund:
+        """Record the refund and queue it, or record it failed with the reason it was refused.
+        An Update reaches here only after its validator accepted the same request."""
+        refund_id = request.refund_id[:ID_MAX]
+        existing = next((r for r in self.state.refunds if r.id == refund_id), None)
+        if existing is not None:
+            return existing  # the same refund id twice is one refund
+        refused = refund_refusal(self.state, request, door)
+        amount = request.amount if request.amount is not None else self.state.refundable
         refund = Refund(
-            id=signal.refund_id,
-            amount=max(amount, 0),
-            reason=signal.reason,
+            id=refund_id,
+            amount=min(max(amount, 0), MAX_INT64),
+            reason=clipped_text(request.reason) if request.reason is not None else None,
             created_at=workflow.now(),
         )
-        problem = self.follow_up_problem(amount)
+        if refused is not None:
+            refund.status, refund.failure_reason = FollowUpStatus.FAILED, refused.message
+        self.state.refunds.append(refund)
+        if refused is None:
+            self.follow_ups.append(request.model_copy(update={"amount": amount}))
+        return refund
+
+    def take_dispute_opened(self, request: DisputeOpenedSignal, door: Door) -> Dispute:
+        dispute_id = request.dispute_id[:ID_MAX]
+        existing = next((d for d in self.state.disputes if d.id == dispute_id), None)
+        if existing is not None:
+            return existing  # the network resent its notice: one dispute
+        refused = dispute_opened_refusal(self.state, request, door)
+        amount = request.amount if request.amount is not None else self.state.refundable
+        dispute = Dispute(
+            id=dispute_id,
+            amount=min(max(amount, 0), MAX_INT64),
+            reason_code=clipped_text(request.reason_code, ID_MAX),
+            network_reference=clipped_text(request.network_reference, ID_MAX),
+            created_at=workflow.now(),
+        )
+        if refused is not None:
+            dispute.status, dispute.failure_reason = "failed", refused.message
+        self.state.disputes.append(dispute)
+        if refused is None:
+            self.follow_ups.append(request.model_copy(update={"amount": amount}))
+        return dispute
+
+    def take_dispute_closed(self, request: DisputeClosedSignal) -> None:
+        if not any(
+            isinstance(f, DisputeClosedSignal) and f.dispute_id == request.dispute_id
+            for f in self.follow_ups
+        ):
+            self.follow_ups.append(request)
+
+    def fail_what_was_never_carried_out(self) -> None:
+        """The payment is ending: anything still pending (a signal queued after its loop ended,
+        under rules older than PATCH_FOLLOW_UP_RULES) is recorded failed, never left pending."""
+        why = "the payment stopped taking follow-ups before this was carried out"
+        for refund in self.state.refunds:
+            if refund.status == FollowUpStatus.PENDING:
+                refund.status, refund.failure_reason = FollowUpStatus.FAILED, why
+        for dispute in self.state.disputes:
+            if dispute.status == "pending":
+                dispute.status, dispute.failure_reason = "failed", why
+        for follow_up in self.follow_ups:
+            if isinstance(follow_up, DisputeClosedSignal):
+                self.closes_done.add(follow_up.dispute_id)
+        self.follow_ups.clear()
+
+    # Signals under the rules their history was written with (before PATCH_FOLLOW_UP_RULES);
+    # retire with the patch (docs/upgrades.md).
+    def take_refund_as_before(self, signal: RefundSignal) -> None:
+        if any(r.id == signal.refund_id for r in self.state.refunds):
+            return
+        amount = signal.amount if signal.amount is not None else self.state.refundable
+        refund = Refund(
+            id=signal.refund_id, amount=max(amount, 0), reason=signal.reason,
+            created_at=workflow.now(),
+        )  # fmt: skip
+        problem = self.follow_up_problem_as_before(amount)
         if problem:
             refund.status, refund.failure_reason = FollowUpStatus.FAILED, problem
         self.state.refunds.append(refund)
         if not problem:
             self.follow_ups.append(signal.model_copy(update={"amount": amount}))
 
-    @workflow.signal
-    def dispute_opened(self, signal: DisputeOpenedSignal) -> None:
+    def take_dispute_opened_as_before(self, signal: DisputeOpenedSignal) -> None:
         if any(d.id == signal.dispute_id for d in self.state.disputes):
             return
         amount = signal.amount if signal.amount is not None else self.state.refundable
         dispute = Dispute(
-            id=signal.dispute_id,
-            amount=max(amount, 0),
-            reason_code=signal.reason_code,
-            network_reference=signal.network_reference,
-            created_at=workflow.now(),
-        )
-        problem = self.follow_up_problem(amount)
+            id=signal.dispute_id, amount=max(amount, 0), reason_code=signal.reason_code,
+            network_reference=signal.network_reference, created_at=workflow.now(),
+        )  # fmt: skip
+        problem = self.follow_up_problem_as_before(amount)
         if problem:
             dispute.status, dispute.failure_reason = "failed", problem
         self.state.disputes.append(dispute)
         if not problem:
             self.follow_ups.append(signal.model_copy(update={"amount": amount}))
 
-    @workflow.signal
-    def dispute_closed(self, signal: DisputeClosedSignal) -> None:
-        dispute = next((d for d in self.state.disputes if d.id == signal.dispute_id), None)
-        if dispute is None or dispute.status not in ("pending", "open"):
-            return
-        if any(
-            isinstance(f, DisputeClosedSignal) and f.dispute_id == signal.dispute_id
-            for f in self.follow_ups
-        ):
-            return
-        self.follow_ups.append(signal)
-
-    @workflow.query(name="state")
-    def current_state(self) -> PaymentState:
-        return self.state
-
-    # ── helpers ───────────────────────────────────────────────────────────────────────────
-    def follow_up_problem(self, amount: int) -> str | None:
-        if self.state.status in _ENDED or not self.state.ledger_posted:
+    def follow_up_problem_as_before(self, amount: int) -> str | None:
+        if self.state.status in ENDED or not self.state.ledger_posted:
             return f"the payment is {self.state.status}: nothing captured to return"
         if amount <= 0:
             return "nothing left to return: the payment is fully refunded or disputed"
@@ -538,6 +879,124 @@ class PaymentWorkflow:
             return f"amount {amount} exceeds the {self.state.refundable} still refundable"
         return None
 
+    # ── requires_attention: a compensation that could not complete ──────────────────────
+    def require_attention(self, ends_as: PaymentStatus) -> None:
+        failures = [
+            UndoFailure(step=f.name, error=_failure_message(f.failure)) for f in self.undo_left
+        ]
+        self.state.attention = Attention(
+            since=workflow.now(),
+            ends_as=ends_as,
+            failures=failures,
+            what_to_do=_WHAT_TO_DO,
+        )
+        workflow.metric_meter().create_counter(
+            "paysaga_payments_requiring_attention",
+            "Payments whose compensation could not complete and that wait for an operator.",
+        ).add(1, {"ends_as": ends_as.value})
+        self.set_status(PaymentStatus.REQUIRES_ATTENTION, self.attention_details())
+
+    def attention_details(self) -> str:
+        attention = self.state.attention
+        assert attention is not None
+        failed = "; ".join(f"{f.step}: {f.error}" for f in attention.failures)
+        return f"an operator: could not {failed}. {attention.what_to_do}"
+
+    def take_resolution(self, resolution: AttentionResolution) -> int:
+        self.resolutions.append(resolution)
+        self.resolutions_taken += 1
+        return self.resolutions_taken
+
+    async def await_resolution(self) -> None:
+        """Until every failed compensation is done or settled by hand. A cancellation does not
+        end the wait: the money would stay stranded."""
+        while self.state.attention is not None:
+            self.describe_waiting(self.attention_details())
+            try:
+                await workflow.wait_condition(lambda: bool(self.resolutions))
+                await _run_to_completion(self.apply_resolution(self.resolutions.popleft()))
+            except asyncio.CancelledError:
+                workflow.logger.warning("cancel requested while waiting for an operator")
+        # Resolutions sent together with the one that settled it: nothing is left for them.
+        while self.resolutions:
+            self.record_resolution(self.resolutions.popleft(), resolved=True, remaining=[])
+
+    def record_resolution(
+        self, resolution: AttentionResolution, *, resolved: bool, remaining: list[UndoFailure]
+    ) -> None:
+        self.state.resolutions.append(
+            ResolutionRecord(
+                action=resolution.action,
+                operator=clipped_text(resolution.operator, ID_MAX),
+                reason=clipped_text(resolution.reason),
+                at=workflow.now(),
+                resolved=resolved,
+                remaining=remaining,
+            )
+        )
+        self.resolutions_done += 1
+
+    async def apply_resolution(self, resolution: AttentionResolution) -> None:
+        attention = self.state.attention
+        assert attention is not None
+        still_failing: list[FailedUndo] = []
+        for failed in self.undo_left:
+            try:
+                if resolution.action == "manual":
+                    await self.settle_by_hand(failed, resolution)
+                else:
+                    await failed.undo()
+            except STEP_FAILURES as failure:
+                if is_cancelled_exception(failure):
+                    raise
+                still_failing.append(FailedUndo(failed.name, failed.undo, failure))
+        attempts = {f.step: f.attempts for f in attention.failures}
+        self.undo_left = still_failing
+        attention.failures = [
+            UndoFailure(
+                step=f.name, error=_failure_message(f.failure), attempts=attempts[f.name] + 1
+            )
+            for f in still_failing
+        ]
+        self.record_resolution(
+            resolution, resolved=not still_failing, remaining=list(attention.failures)
+        )
+        if still_failing:
+            self.set_status(PaymentStatus.REQUIRES_ATTENTION, self.attention_details())
+            return
+        self.state.attention = None
+        self.set_status(
+            attention.ends_as,
+            "",
+            note=f"resolved by {clipped_text(resolution.operator, ID_MAX)} ({resolution.action})",
+        )
+
+    async def settle_by_hand(self, failed: FailedUndo, resolution: AttentionResolution) -> None:
+        """`manual`: a refused reversal is posted against the suspense account instead of the
+        merchant; any other step (an event, a notification) is settled by the operator's word."""
+        if failed.name != REVERSE_POSTING or not self.state.ledger_posted:
+            return
+        request = self.state.request
+        description = clipped_text(
+            f"manual resolution by {resolution.operator}: {resolution.reason}", TEXT_MAX
+        )
+        await self.post(
+            entries.manual_reversal_transaction(
+                self.state.id,
+                request.customer_id,
+                self.state.captured,
+                request.currency,
+                description,
+            ),
+            self.state.captured,
+            EventKind.CANCELED,
+            data={"status": PaymentStatus.CANCELED.value, "manual_resolution": description},
+        )
+        self.state.captured = 0
+        self.state.ledger_posted = False
+        self.posting_reversed = True
+
+    # ── helpers ───────────────────────────────────────────────────────────────────────────
     def find_dispute(self, dispute_id: str) -> Dispute:
         return next(d for d in self.state.disputes if d.id == dispute_id)
 
@@ -558,7 +1017,7 @@ class PaymentWorkflow:
             self.state.history.append(StatusChange(status=status, at=now, note=note))
             self.state.status = status
             updates = [sa.PAYMENT_STATUS.value_set(status.value)]
-            if status in _ENDED and self.state.crm_sync == CrmSync.PENDING:
+            if status in ENDED and self.state.crm_sync == CrmSync.PENDING:
                 # Never told, nothing to tell: keeps CrmSync="pending" meaning "still to do".
                 self.state.crm_sync = CrmSync.SKIPPED
                 updates.append(sa.CRM_SYNC.value_set(CrmSync.SKIPPED.value))
@@ -747,19 +1206,33 @@ class PaymentWorkflow:
 
 _OPERATOR_CANCEL = "workflow canceled by an operator"
 
-_ENDED = frozenset(
-    {PaymentStatus.REJECTED, PaymentStatus.DECLINED, PaymentStatus.CANCELED, PaymentStatus.FAILED}
+_WHAT_TO_DO = (
+    "Fix the cause (reopen the account, raise its limit) and send resolve_attention "
+    '{"action":"retry","operator":"<you>"}; or settle it by hand with '
+    '{"action":"manual","operator":"<you>","reason":"<why>"}: the reversal is then posted '
+    "against suspense:<CCY> instead of the merchant (docs/runbook.md, requires_attention)."
 )
 
 
-async def _run_to_completion(step: Awaitable[None]) -> None:
+def _bounded_decision(decision: ReviewDecision) -> ReviewDecision:
+    return ReviewDecision(
+        reviewer=clipped_text(decision.reviewer, ID_MAX), note=clipped_text(decision.note)
+    )
+
+
+async def _run_to_completion(
+    step: Awaitable[None], on_cancel: Callable[[], None] | None = None
+) -> None:
     """Run `step` to its end even if the workflow is canceled while it runs, then let the
     cancellation through. Its activities are never abandoned half way, so the code that reacts
-    to the cancellation knows whether the step took effect."""
+    to the cancellation knows whether the step took effect. `on_cancel` runs as soon as the
+    cancellation is seen, before the step ends."""
     task = asyncio.ensure_future(step)
     try:
         await asyncio.shield(task)
     except asyncio.CancelledError:
+        if on_cancel is not None:
+            on_cancel()
         # The step's own failure is moot now: the cancellation decides what happens next.
         with contextlib.suppress(ActivityError, ApplicationError):
             await task
@@ -769,8 +1242,10 @@ async def _run_to_completion(step: Awaitable[None]) -> None:
 def _failure_message(failure: BaseException) -> str:
     cause = failure if isinstance(failure, ApplicationError) else failure.__cause__
     if isinstance(cause, ApplicationError):
-        return f"{cause.type}: {cause.message}" if cause.type else cause.message
-    return str(cause or failure)
+        message = f"{cause.type}: {cause.message}" if cause.type else cause.message
+    else:
+        message = str(cause or failure)
+    return clipped_text(message)
 
 
 def initial_search_attributes(input: PaymentWorkflowInput) -> TypedSearchAttributes:

@@ -1,28 +1,37 @@
 """Starting a payment: the one way a PaymentWorkflow comes to exist, shared by the REST API
 (`POST /v1/payments`) and the Kafka intake (`payments.requests`).
 
-The workflow id is the payment id derived from (client id, idempotency key) and ids are never
-reused, so a retried request can only find the payment it started. A key reused with another
-body is the client's bug and is refused rather than answered with someone else's payment.
+The workflow id is the payment id derived from (client id, idempotency key), and the
+idempotency register (infra/idempotency.py) remembers every key with the fingerprint of its
+body before anything starts. So a retried request can only find the payment it started, at any
+later time: while Temporal still holds the workflow, and after it has forgotten it (retention,
+`workflow delete`, a `reset`, the intake reading old messages again), when the payments register
+answers instead and nothing is started a second time. A key reused with another body is the
+client's bug and is refused rather than answered with someone else's payment.
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 from temporalio.client import Client, WorkflowHandle
 from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
 
 from activities.crm import CrmNotification, crm_targets_for
 from domain.events import EventKind
 from domain.payment import PaymentPolicy, PaymentRequest, PaymentWorkflowInput, payment_id_for
+from infra.idempotency import IdempotencyRegister
 from infra.metrics import PAYMENT_STARTS
 from settings import Settings
 from workflows.payment import PaymentWorkflow, initial_search_attributes
 
 StartSource = Literal["api", "kafka"]
+log = logging.getLogger(__name__)
 
 
 class IdempotencyKeyReused(Exception):
@@ -33,6 +42,16 @@ class IdempotencyKeyReused(Exception):
             f"idempotency key already used for {payment_id} with a different request body"
         )
         self.payment_id = payment_id
+
+
+@dataclass(frozen=True)
+class PaymentStart:
+    payment_id: str
+    # The key had already started this payment: nothing new was started.
+    replayed: bool
+    # The payment's workflow, or None when Temporal no longer holds it: then only the payments
+    # register knows the payment (its recorded summary, or its ledger row).
+    handle: WorkflowHandle[Any, Any] | None
 
 
 def payment_policy(settings: Settings, body: PaymentRequest) -> PaymentPolicy:
@@ -64,20 +83,30 @@ def payment_policy(settings: Settings, body: PaymentRequest) -> PaymentPolicy:
 
 async def start_payment(
     temporal: Client,
+    register: IdempotencyRegister,
     settings: Settings,
     client_id: str,
     idempotency_key: str,
     body: PaymentRequest,
     *,
     source: StartSource = "api",
-) -> tuple[WorkflowHandle[Any, Any], bool]:
-    """Start the payment's workflow, or find the one this key already started.
+) -> PaymentStart:
+    """Start the payment's workflow, or find the payment this key already started.
 
-    Returns (handle, replayed). Raises `IdempotencyKeyReused` when the key started a payment
-    with another body; Temporal's own errors (unavailable, …) propagate: nothing was accepted.
+    Raises `IdempotencyKeyReused` when the key started a payment with another body. Errors of
+    the database or of Temporal propagate: then nothing was started, and a retry is safe.
     """
     payment_id = payment_id_for(client_id, idempotency_key)
     fingerprint = body.fingerprint()
+    claim = await register.claim(payment_id, client_id, fingerprint, source)
+    if claim.fingerprint != fingerprint:
+        raise IdempotencyKeyReused(payment_id)
+    if claim.started:
+        # Started once: found in Temporal, or answered from the payments register. Never again.
+        PAYMENT_STARTS.labels(source, "true").inc()
+        return PaymentStart(payment_id, True, await _still_held(temporal, payment_id))
+
+    # New, or claimed by a request that died before Temporal accepted its start.
     workflow_input = PaymentWorkflowInput(
         payment_id=payment_id,
         client_id=client_id,
@@ -97,11 +126,38 @@ async def start_payment(
             static_summary=f"{body.amount} {body.currency} minor units from {body.customer_id}",
         )
     except WorkflowAlreadyStartedError:
+        # A concurrent request with the same key won, or the payment predates the register.
         handle = temporal.get_workflow_handle(payment_id)
         described = await handle.describe()
-        if await described.memo_value("fingerprint", None) != fingerprint:
+        started_with = await described.memo_value("fingerprint", None)
+        if isinstance(started_with, str) and started_with != fingerprint:
+            await register.adopt(payment_id, started_with)
             raise IdempotencyKeyReused(payment_id) from None
+        await _mark_started(register, payment_id)
         PAYMENT_STARTS.labels(source, "true").inc()
-        return handle, True
+        return PaymentStart(payment_id, True, handle)
+    await _mark_started(register, payment_id)
     PAYMENT_STARTS.labels(source, "false").inc()
-    return handle, False
+    return PaymentStart(payment_id, False, handle)
+
+
+async def _mark_started(register: IdempotencyRegister, payment_id: str) -> None:
+    """Best effort: the payment is started whatever happens here. Left unmarked, the next
+    request with the key finds the workflow through Temporal's duplicate check and marks it."""
+    try:
+        await register.mark_started(payment_id)
+    except Exception as exc:
+        log.warning(
+            "payment %s started but not marked in the idempotency register: %s", payment_id, exc
+        )
+
+
+async def _still_held(temporal: Client, payment_id: str) -> WorkflowHandle[Any, Any] | None:
+    handle: WorkflowHandle[Any, Any] = temporal.get_workflow_handle(payment_id)
+    try:
+        await handle.describe()
+    except RPCError as exc:
+        if exc.status != RPCStatusCode.NOT_FOUND:
+            raise
+        return None
+    return handle

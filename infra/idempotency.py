@@ -1,0 +1,159 @@
+"""The idempotency register: every (API client, Idempotency-Key) that ever asked for a payment,
+with the payment id it names and the fingerprint of the body it came with.
+
+Temporal forgets a closed payment (retention, an operator's `workflow delete`, a `reset`), and
+the Kafka intake may read old `payments.requests` again after an offset reset. The register
+does not forget: it is written before a workflow is started and consulted first, so a key
+reused at any later time finds its payment (and never starts a second run of it), and a key
+reused with another body is refused.
+
+The key itself is never stored (a long numeric key may look like a card number): the row is
+keyed by the payment id, which is derived from (client id, key) by `payment_id_for`.
+
+A row goes through two states:
+- *claimed* (`started_at` NULL): written before the start; the process may die before Temporal
+  accepts it. A retry of the key then starts the workflow itself: a claim never blocks the
+  legitimate first start.
+- *started* (`started_at` set): Temporal accepted the start (or the payments register shows
+  that the payment ran). From then on the key never starts anything again, whatever Temporal
+  still remembers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from infra.database import run_serializable
+
+StartSource = Literal["api", "kafka", "recorded"]
+
+metadata = sa.MetaData()
+idempotency_keys = sa.Table(
+    "idempotency_keys",
+    metadata,
+    sa.Column("payment_id", sa.String, primary_key=True),
+    sa.Column("client_id", sa.String),
+    sa.Column("fingerprint", sa.String),
+    sa.Column("source", sa.String),
+    sa.Column("created_at", sa.DateTime(timezone=True)),
+    sa.Column("started_at", sa.DateTime(timezone=True)),
+)
+# The ledger's payments register (activities/ledger.py), read here only to learn whether a
+# payment ever reached the ledger.
+_payments = sa.table("payments", sa.column("payment_id"))
+
+
+@dataclass(frozen=True)
+class KeyClaim:
+    """What the register says about a key after `claim`."""
+
+    payment_id: str
+    fingerprint: str
+    # This call wrote the row: nobody asked with this key before.
+    new: bool
+    # A workflow was started for the key once (it may since be forgotten by Temporal).
+    started: bool
+
+
+class IdempotencyRegister:
+    def __init__(self, engine: AsyncEngine, max_attempts: int = 8) -> None:
+        self.engine = engine
+        self.max_attempts = max_attempts
+
+    async def claim(
+        self, payment_id: str, client_id: str, fingerprint: str, source: StartSource
+    ) -> KeyClaim:
+        """Record the key if it is new; either way, return what the register holds for it.
+        A payment already in the payments register counts as started even without a row
+        (payments from before this register existed)."""
+
+        async def work(conn: AsyncConnection) -> KeyClaim:
+            now = datetime.now(UTC)
+            inserted = await conn.scalar(
+                insert(idempotency_keys)
+                .values(
+                    payment_id=payment_id,
+                    client_id=client_id,
+                    fingerprint=fingerprint,
+                    source=source,
+                    created_at=now,
+                    started_at=None,
+                )
+                .on_conflict_do_nothing(index_elements=["payment_id"])
+                .returning(idempotency_keys.c.payment_id)
+            )
+            row = (
+                await conn.execute(
+                    sa.select(idempotency_keys.c.fingerprint, idempotency_keys.c.started_at).where(
+                        idempotency_keys.c.payment_id == payment_id
+                    )
+                )
+            ).one()
+            started = row.started_at is not None
+            if not started:
+                started = await _in_payments_register(conn, payment_id)
+                if started:
+                    await _mark_started(conn, payment_id, now)
+            return KeyClaim(payment_id, row.fingerprint, new=inserted is not None, started=started)
+
+        return await run_serializable(self.engine, work, max_attempts=self.max_attempts)
+
+    async def mark_started(self, payment_id: str) -> None:
+        async def work(conn: AsyncConnection) -> None:
+            await _mark_started(conn, payment_id, datetime.now(UTC))
+
+        await run_serializable(self.engine, work, max_attempts=self.max_attempts)
+
+    async def adopt(self, payment_id: str, fingerprint: str) -> None:
+        """The workflow Temporal holds for this id is the truth (a payment started before the
+        register existed): its fingerprint replaces a claim made with another body."""
+
+        async def work(conn: AsyncConnection) -> None:
+            await conn.execute(
+                idempotency_keys.update()
+                .where(idempotency_keys.c.payment_id == payment_id)
+                .values(fingerprint=fingerprint, started_at=datetime.now(UTC))
+            )
+
+        await run_serializable(self.engine, work, max_attempts=self.max_attempts)
+
+
+async def record_started(
+    conn: AsyncConnection, payment_id: str, client_id: str, fingerprint: str
+) -> None:
+    """Inside another transaction (the ledger's outcome record): make sure the payment's key is
+    registered as started. A no-op for every payment the starter registered."""
+    now = datetime.now(UTC)
+    await conn.execute(
+        insert(idempotency_keys)
+        .values(
+            payment_id=payment_id,
+            client_id=client_id,
+            fingerprint=fingerprint,
+            source="recorded",
+            created_at=now,
+            started_at=now,
+        )
+        .on_conflict_do_nothing(index_elements=["payment_id"])
+    )
+
+
+async def _mark_started(conn: AsyncConnection, payment_id: str, now: datetime) -> None:
+    await conn.execute(
+        idempotency_keys.update()
+        .where(idempotency_keys.c.payment_id == payment_id, idempotency_keys.c.started_at.is_(None))
+        .values(started_at=now)
+    )
+
+
+async def _in_payments_register(conn: AsyncConnection, payment_id: str) -> bool:
+    found = await conn.scalar(
+        sa.select(_payments.c.payment_id).where(_payments.c.payment_id == payment_id)
+    )
+    return found is not None

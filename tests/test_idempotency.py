@@ -1,0 +1,410 @@
+"""Idempotency that outlives Temporal: a key reused after Temporal forgot its payment (an
+operator's `workflow delete`, retention, the intake reading old messages again) finds the
+payment in the database and never starts a second run; reused with another body, it is refused.
+
+Temporal forgets here the way an operator makes it forget: the closed execution is deleted
+through the operator API (`temporal workflow delete`)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+from temporalio.api.common.v1 import WorkflowExecution
+from temporalio.api.workflowservice.v1 import DeleteWorkflowExecutionRequest
+from temporalio.client import Client, WorkflowHandle
+from temporalio.service import RPCError, RPCStatusCode
+
+from activities.fraud import amount_for_limit_share
+from domain.events import REQUESTS_DLQ_TOPIC, REQUESTS_TOPIC
+from domain.payment import PaymentRequest, PaymentState, PaymentWorkflowInput, payment_id_for
+from infra.checker import CheckScope, run_checks
+from infra.database import migrate, revision_before
+from infra.idempotency import IdempotencyRegister
+from infra.stack import Stack
+from intake import DEFAULT_CLIENT_ID, running_intake
+from settings import Settings
+from tests.api_client import api_client
+from tests.conftest import TEST_API_KEY
+from tests.followup_helpers import new_merchant
+from tests.kafka_helpers import consume_events
+from tests.saga_helpers import create_payment, ledger_rows, payment_body
+from tests.test_intake import produce, request_headers
+from workflows.payment import PaymentWorkflow, initial_search_attributes
+from workflows.starter import payment_policy
+
+CLIENT = "test-client"  # the client TEST_API_KEY belongs to
+WINDOW_SECONDS = 2.0
+CAPTURE = [("payment", 0, 2)]
+
+pytestmark = pytest.mark.usefixtures("worker")
+
+
+def _short_window(settings: Settings) -> Settings:
+    return settings.model_copy(update={"dispute_window_days": WINDOW_SECONDS / 86400})
+
+
+async def _forget(client: Client, payment_id: str) -> None:
+    """What `temporal workflow delete --workflow-id …` does, then wait until it is gone."""
+    await client.workflow_service.delete_workflow_execution(
+        DeleteWorkflowExecutionRequest(
+            namespace=client.namespace,
+            workflow_execution=WorkflowExecution(workflow_id=payment_id),
+        )
+    )
+    deadline = asyncio.get_running_loop().time() + 120
+    while await _exists(client, payment_id):
+        assert asyncio.get_running_loop().time() < deadline, f"{payment_id} never deleted"
+        await asyncio.sleep(0.2)
+
+
+async def _exists(client: Client, payment_id: str) -> bool:
+    try:
+        await client.get_workflow_handle(payment_id).describe()
+    except RPCError as exc:
+        if exc.status == RPCStatusCode.NOT_FOUND:
+            return False
+        raise
+    return True
+
+
+async def _closed(client: Client, payment_id: str) -> PaymentState:
+    handle: WorkflowHandle[Any, Any] = client.get_workflow_handle(payment_id)
+    return PaymentState.model_validate(await asyncio.wait_for(handle.result(), 30))
+
+
+async def _register_row(engine: AsyncEngine, payment_id: str) -> dict[str, Any] | None:
+    async with engine.connect() as conn:
+        row = (
+            await conn.execute(
+                text("SELECT * FROM idempotency_keys WHERE payment_id = :p"), {"p": payment_id}
+            )
+        ).first()
+    return dict(row._mapping) if row is not None else None
+
+
+async def _never_runs_again(client: Client, payment_id: str) -> None:
+    """A start would have created the workflow at once; give a stray one time to show up."""
+    await asyncio.sleep(1.0)
+    assert not await _exists(client, payment_id), "a second run was started"
+
+
+# ── payments Temporal has forgotten ──────────────────────────────────────────────────────────
+
+
+@dataclass(frozen=True)
+class Forgotten:
+    key: str
+    payment_id: str
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ForgottenPayments:
+    """Payments whose closed (or terminated) executions an operator deleted."""
+
+    by_api: Forgotten  # created through the API; its window closed; outcome recorded
+    in_review: Forgotten  # created through the API, terminated while in review: no record
+    legacy: Forgotten  # started without a register row (before migration 0003)
+    by_intake: Forgotten  # requested over Kafka
+    while_running: Forgotten  # captured, deleted while still open for refunds (no summary)
+    intake_offset: tuple[int, int]  # (partition, offset) of the intake's original message
+
+
+@pytest.fixture(scope="module")
+async def forgotten(
+    app_settings: Settings, temporal_client: Client, stack: Stack, worker: None
+) -> ForgottenPayments:
+    """Deleting a closed execution takes the dev server ~30 s (it waits for its task queues'
+    next ack): the module's payments are made first and deleted together."""
+    settings = _short_window(app_settings)
+    async with api_client(settings, temporal_client, TEST_API_KEY) as api:
+        by_api = _forgotten(CLIENT, amount=1234)
+        created = await create_payment(api, by_api.body, key=by_api.key, wait=10)
+        assert created.status_code == 201 and created.json()["id"] == by_api.payment_id
+
+        review_amount = amount_for_limit_share("USD", 60)  # a first payment this large: review
+        in_review = _forgotten(CLIENT, amount=review_amount)
+        created = await create_payment(api, in_review.body, key=in_review.key, wait=10)
+        assert created.json()["status"] == "requires_review", created.text
+        handle = temporal_client.get_workflow_handle(in_review.payment_id)
+        await handle.terminate(reason="test: removed by an operator")
+
+    async with api_client(app_settings, temporal_client, TEST_API_KEY) as api:
+        while_running = _forgotten(CLIENT, amount=1700)  # the default 120-day window
+        created = await create_payment(api, while_running.body, key=while_running.key, wait=10)
+        assert created.json()["status"] == "succeeded", created.text
+
+    legacy = _forgotten(CLIENT, amount=1500)
+    await _start_without_register(temporal_client, settings, legacy)
+
+    by_intake = _forgotten(DEFAULT_CLIENT_ID, amount=2700)
+    group = f"intake-forgets-{uuid.uuid4().hex[:8]}"
+    async with running_intake(settings, temporal_client, group_id=group):
+        where = produce(stack, json.dumps(by_intake.body).encode(), request_headers(by_intake.key))
+        await committed_past_for(stack, group, *where)
+
+    for closing in (by_api, legacy, by_intake):
+        assert (await _closed(temporal_client, closing.payment_id)).status == "succeeded"
+    deleted = (by_api, in_review, legacy, by_intake, while_running)
+    await asyncio.gather(*(_forget(temporal_client, f.payment_id) for f in deleted))
+    return ForgottenPayments(by_api, in_review, legacy, by_intake, while_running, where)
+
+
+def _forgotten(client_id: str, amount: int) -> Forgotten:
+    key = f"forgotten-{uuid.uuid4().hex}"
+    body = payment_body(amount=amount, merchant_id=new_merchant())
+    return Forgotten(key, payment_id_for(client_id, key), body)
+
+
+async def _start_without_register(client: Client, settings: Settings, legacy: Forgotten) -> None:
+    """As the starter did before the register existed: the workflow, and no row."""
+    request = PaymentRequest.model_validate(legacy.body)
+    workflow_input = PaymentWorkflowInput(
+        payment_id=legacy.payment_id,
+        client_id=CLIENT,
+        request=request,
+        fingerprint=request.fingerprint(),
+        policy=payment_policy(settings, request),
+    )
+    await client.start_workflow(
+        PaymentWorkflow.run,
+        workflow_input,
+        id=legacy.payment_id,
+        task_queue=settings.task_queue,
+        search_attributes=initial_search_attributes(workflow_input),
+        memo={"fingerprint": request.fingerprint()},
+    )
+
+
+# ── the REST API ─────────────────────────────────────────────────────────────────────────────
+
+
+async def test_a_key_reused_after_temporal_forgot_the_payment_answers_from_the_register(
+    forgotten: ForgottenPayments,
+    api: httpx.AsyncClient,
+    temporal_client: Client,
+    engine: AsyncEngine,
+) -> None:
+    payment = forgotten.by_api
+    pid = payment.payment_id
+    row = await _register_row(engine, pid)
+    assert row is not None and row["started_at"] is not None
+    assert (row["client_id"], row["source"]) == (CLIENT, "api")
+    assert payment.key not in json.dumps(row, default=str)  # hashed into the id, never stored
+
+    replay = await create_payment(api, payment.body, key=payment.key, wait=5)
+    assert replay.status_code == 201, replay.text
+    assert replay.headers["Idempotent-Replayed"] == "true"
+    assert replay.json()["id"] == pid
+    assert (replay.json()["status"], replay.json()["amount_captured"]) == ("succeeded", 1234)
+    await _never_runs_again(temporal_client, pid)
+
+    other = await create_payment(api, {**payment.body, "amount": 4321}, key=payment.key, wait=5)
+    assert other.status_code == 409, other.text
+    assert other.json()["error"]["code"] == "idempotency_key_reused"
+    await _never_runs_again(temporal_client, pid)
+
+    # The payment still reads from the register, and the ledger holds one posting.
+    read = (await api.get(f"/v1/payments/{pid}")).json()
+    assert (read["status"], read["amount_captured"]) == ("succeeded", 1234)
+    rows = await ledger_rows(engine, pid)
+    assert [(r["kind"], r["total"], r["entries"]) for r in rows] == CAPTURE
+
+
+async def test_a_payment_removed_before_it_recorded_anything_is_never_started_again(
+    forgotten: ForgottenPayments,
+    api: httpx.AsyncClient,
+    temporal_client: Client,
+    engine: AsyncEngine,
+) -> None:
+    """Started (it waited for a reviewer), then terminated and deleted by an operator: no
+    ledger row, no summary. Its key still never starts a second run."""
+    payment = forgotten.in_review
+    replay = await create_payment(api, payment.body, key=payment.key, wait=0)
+    assert replay.status_code == 409, replay.text
+    assert replay.json()["error"]["code"] == "payment_record_missing"
+    await _never_runs_again(temporal_client, payment.payment_id)
+    assert await ledger_rows(engine, payment.payment_id) == []
+
+
+async def test_a_payment_deleted_while_running_is_never_started_again_and_is_flagged(
+    forgotten: ForgottenPayments,
+    api: httpx.AsyncClient,
+    temporal_client: Client,
+    engine: AsyncEngine,
+    app_settings: Settings,
+) -> None:
+    """Deleted while open for refunds: no summary was recorded, but the capture was. The key
+    answers with what the ledger knows, never runs again, and `paysaga check` names it."""
+    payment = forgotten.while_running
+    replay = await create_payment(api, payment.body, key=payment.key, wait=0)
+    assert replay.status_code == 201 and replay.headers["Idempotent-Replayed"] == "true"
+    answered = replay.json()
+    assert (answered["status"], answered["amount_captured"]) == ("succeeded", 1700)
+    assert "removed" in answered["waiting_for"]
+    await _never_runs_again(temporal_client, payment.payment_id)
+    assert (await api.get(f"/v1/payments/{payment.payment_id}")).status_code == 404
+    report = await run_checks(
+        app_settings,
+        scope=CheckScope(payment_ids=frozenset({payment.payment_id})),
+        engine=engine,
+        temporal=temporal_client,
+    )
+    flagged = report.violations("workflow-agrees-with-ledger")
+    assert [v.payment_id for v in flagged] == [payment.payment_id]
+    assert "no outcome was recorded" in flagged[0].detail
+
+
+async def test_payments_started_before_the_register_register_when_they_end(
+    forgotten: ForgottenPayments,
+    api: httpx.AsyncClient,
+    temporal_client: Client,
+    engine: AsyncEngine,
+) -> None:
+    """A workflow started without a register row (before migration 0003) registers its key
+    when it records its outcome, so the key still finds it once Temporal has forgotten it."""
+    payment = forgotten.legacy
+    row = await _register_row(engine, payment.payment_id)
+    fingerprint = PaymentRequest.model_validate(payment.body).fingerprint()
+    assert row is not None and (row["source"], row["fingerprint"]) == ("recorded", fingerprint)
+
+    replay = await create_payment(api, payment.body, key=payment.key, wait=0)
+    assert replay.status_code == 201 and replay.headers["Idempotent-Replayed"] == "true"
+    assert replay.json()["amount_captured"] == 1500
+    other = await create_payment(api, {**payment.body, "amount": 1600}, key=payment.key, wait=0)
+    assert other.status_code == 409
+    await _never_runs_again(temporal_client, payment.payment_id)
+
+
+async def test_a_claim_left_by_a_request_that_died_before_the_start_does_not_block_it(
+    api: httpx.AsyncClient, temporal_client: Client, engine: AsyncEngine
+) -> None:
+    """The row is written before the workflow starts; a process dying in between leaves a
+    claim that the key's next request turns into the first start."""
+    body = payment_body(amount=2100, merchant_id=new_merchant())
+    key = f"crashed-{uuid.uuid4().hex}"
+    pid = payment_id_for(CLIENT, key)
+    request = PaymentRequest.model_validate(body)
+    claim = await IdempotencyRegister(engine).claim(pid, CLIENT, request.fingerprint(), "api")
+    assert claim.new and not claim.started
+    assert not await _exists(temporal_client, pid)
+
+    # The claim holds the body: another one is refused even though nothing runs yet.
+    other = await create_payment(api, {**body, "amount": 2200}, key=key, wait=0)
+    assert other.status_code == 409 and other.json()["error"]["code"] == "idempotency_key_reused"
+
+    retried = await create_payment(api, body, key=key, wait=10)
+    assert retried.status_code == 201, retried.text
+    assert "Idempotent-Replayed" not in retried.headers  # this request started it
+    assert retried.json()["status"] == "succeeded"
+    row = await _register_row(engine, pid)
+    assert row is not None and row["started_at"] is not None
+    rows = await ledger_rows(engine, pid)
+    assert [(r["kind"], r["total"], r["entries"]) for r in rows] == CAPTURE
+
+
+def test_the_migration_registers_the_payments_that_already_ended(stack: Stack) -> None:
+    """Migration 0003 fills the register from the payments register's recorded summaries."""
+    import sqlalchemy as sa
+
+    database = f"migrate_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(stack.database_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{database}"'))
+    url = sa.make_url(stack.database_url).set(database=database).render_as_string(False)
+    try:
+        before = revision_before("0003")  # the idempotency register's migration
+        assert before is not None
+        migrate(url, before)
+        engine = sa.create_engine(url)
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO payments (payment_id, client_id, customer_id, merchant_id, "
+                    "currency, amount, status, summary) VALUES "
+                    "('pay_ended', 'c1', 'cus', 'mer', 'USD', 100, 'succeeded', "
+                    """ '{"fingerprint": "f00d", "status": "succeeded"}'), """
+                    "('pay_running', 'c1', 'cus', 'mer', 'USD', 100, 'succeeded', NULL)"
+                )
+            )
+        migrate(url)
+        with engine.connect() as conn:
+            rows = conn.execute(
+                sa.text(
+                    "SELECT payment_id, client_id, fingerprint, started_at FROM idempotency_keys"
+                )
+            ).all()
+        engine.dispose()
+        assert [(r.payment_id, r.client_id, r.fingerprint) for r in rows] == [
+            ("pay_ended", "c1", "f00d")
+        ]
+        assert rows[0].started_at is not None
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE "{database}" WITH (FORCE)'))
+        admin.dispose()
+
+
+# ── the Kafka intake ─────────────────────────────────────────────────────────────────────────
+
+
+async def test_the_intake_reading_old_messages_after_temporal_forgot_starts_nothing(
+    forgotten: ForgottenPayments,
+    app_settings: Settings,
+    stack: Stack,
+    temporal_client: Client,
+    engine: AsyncEngine,
+) -> None:
+    payment = forgotten.by_intake
+    pid = payment.payment_id
+    # An offset reset: a new consumer group reads payments.requests from the beginning, the
+    # original message included; and the billing system sends it once more for good measure.
+    reread = f"intake-rereads-{uuid.uuid4().hex[:8]}"
+    async with running_intake(_short_window(app_settings), temporal_client, group_id=reread):
+        await committed_past_for(stack, reread, *forgotten.intake_offset)
+        again = produce(stack, json.dumps(payment.body).encode(), request_headers(payment.key))
+        await committed_past_for(stack, reread, *again)
+        await _never_runs_again(temporal_client, pid)
+
+        # The key with another body: dead-lettered as reused, nothing started.
+        kafka_key = f"other-{uuid.uuid4().hex[:8]}"
+        other_body = json.dumps({**payment.body, "amount": 2800}).encode()
+        produce(stack, other_body, request_headers(payment.key), key=kafka_key)
+        letters = await asyncio.to_thread(
+            consume_events,
+            stack.kafka_bootstrap_servers,
+            [REQUESTS_DLQ_TOPIC],
+            until=lambda events: any(e.key == kafka_key for e in events),
+            timeout=30,
+        )
+        [letter] = [e for e in letters if e.key == kafka_key]
+        assert letter.headers["dlq-error-code"] == "idempotency_key_reused"
+    await _never_runs_again(temporal_client, pid)
+    rows = await ledger_rows(engine, pid)
+    assert [(r["kind"], r["total"], r["entries"]) for r in rows] == CAPTURE
+
+
+async def committed_past_for(stack: Stack, group: str, partition: int, offset: int) -> None:
+    """Wait until `group` committed past `offset` on `partition` of payments.requests."""
+
+    def committed() -> int:
+        reader = Consumer({"bootstrap.servers": stack.kafka_bootstrap_servers, "group.id": group})
+        try:
+            [found] = reader.committed([TopicPartition(REQUESTS_TOPIC, partition)], timeout=10)
+            return int(found.offset)
+        finally:
+            reader.close()
+
+    deadline = asyncio.get_running_loop().time() + 60
+    while await asyncio.to_thread(committed) <= offset:
+        assert asyncio.get_running_loop().time() < deadline, f"{group} never committed {offset}"
+        await asyncio.sleep(0.2)
