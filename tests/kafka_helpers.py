@@ -158,8 +158,8 @@ class GatedKafka(KafkaActivities):
     """The real publishing activity, holding one event kind of chosen payments until released:
     the window between two steps where a test cancels, or an operator's cancel lands."""
 
-    def __init__(self, publisher: EventPublisher) -> None:
-        super().__init__(publisher)
+    def __init__(self, publisher: EventPublisher, *recording: Any) -> None:
+        super().__init__(publisher, *recording)
         self.held: dict[str, tuple[EventKind, asyncio.Event, asyncio.Event]] = {}
 
     def hold(self, payment_id: str, kind: EventKind) -> None:

@@ -403,8 +403,8 @@ async def gated_worker(settings: Settings, client: Client) -> AsyncIterator[Gate
     """The real activities with GatedKafka, on the settings' task queue."""
     made: list[GatedKafka] = []
 
-    def gated(publisher: EventPublisher) -> GatedKafka:
-        made.append(GatedKafka(publisher))
+    def gated(publisher: EventPublisher, *recording: Any) -> GatedKafka:
+        made.append(GatedKafka(publisher, *recording))
         return made[-1]
 
     async with payment_worker(settings, client, kafka_activities=gated):

@@ -213,8 +213,8 @@ async def rig(app_settings: Settings, temporal_client: Client) -> AsyncIterator[
     kafka: list[GatedKafka] = []
     ledger: list[FlakyLedger] = []
 
-    def gated(publisher: EventPublisher) -> GatedKafka:
-        kafka.append(GatedKafka(publisher))
+    def gated(publisher: EventPublisher, *recording: Any) -> GatedKafka:
+        kafka.append(GatedKafka(publisher, *recording))
         return kafka[0]
 
     def flaky(real: Ledger) -> FlakyLedger:
