@@ -29,6 +29,7 @@ from api.resources import (
 from domain.cards import contains_card_number
 from domain.payment import (
     CancelSignal,
+    CrmSync,
     DisputeClosedSignal,
     DisputeCloseRequest,
     DisputeOpenedSignal,
@@ -127,6 +128,14 @@ async def _wait_until(
         await asyncio.sleep(_POLL_SECONDS)
 
 
+def _settled_for_wait(state: PaymentState) -> bool:
+    """The client can act on the answer; a succeeded payment also waits (within `wait`) for
+    its CRM step, the saga's last, so the answer says whether the CRM was told."""
+    if state.status == PaymentStatus.SUCCEEDED and state.crm_sync == CrmSync.PENDING:
+        return False
+    return state.status.settled_for_wait
+
+
 @router.post(
     "/payments",
     status_code=201,
@@ -159,7 +168,7 @@ async def create_payment(
         response.headers["Idempotent-Replayed"] = "true"
     state = None
     if wait > 0 or replayed:
-        state = await _wait_until(handle, wait, lambda s: s.status.settled_for_wait)
+        state = await _wait_until(handle, wait, _settled_for_wait)
     if state is None:
         # The workflow has not answered yet: describe what was accepted.
         now = datetime.now(UTC)
