@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timedelta
+from http.server import ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,6 +27,7 @@ from temporalio.client import Client
 
 from activities.crm import verify_webhook
 from domain.events import EventKind, event_id
+from infra.process import free_port
 from settings import ApiKey, Settings
 from tests.api_client import api_client
 from tests.fakes import FakeCrmServer, RecordedRequest
@@ -404,3 +408,53 @@ async def test_a_hanging_endpoint_does_not_hold_back_another_nor_the_payments(
         )
         for endpoint in (hanging, healthy):
             await merchant_b.delete(f"/v1/webhook_endpoints/{endpoint['id']}")
+
+
+async def test_the_documented_receiver_takes_real_deliveries_through_a_rotation(
+    merchant_a: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/webhooks.md's receiver, run as written, behind a real endpoint."""
+    port = free_port()
+    endpoint = await _endpoint(merchant_a, f"http://127.0.0.1:{port}/paysaga")
+    monkeypatch.setenv("PAYSAGA_WEBHOOK_SECRETS", endpoint["secret"])
+    receiver = _documented_receiver()
+    server = ThreadingHTTPServer(("127.0.0.1", port), receiver["PaysagaEvents"])
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    try:
+        first = await _pay(merchant_a)
+        await _handled(receiver, event_id(first, EventKind.CONFIRMED))
+        # Rotate, and deploy only the new secret: the overlap's second signature carries it.
+        rotated = await merchant_a.post(f"/v1/webhook_endpoints/{endpoint['id']}/rotate_secret")
+        receiver["SECRETS"][:] = [rotated.json()["secret"]]
+        second = await _pay(merchant_a)
+        await _handled(receiver, event_id(second, EventKind.CONFIRMED))
+        # A forged delivery is refused and handles nothing.
+        forged = await asyncio.to_thread(
+            httpx.post,
+            f"http://127.0.0.1:{port}/paysaga",
+            content=b'{"id": "x", "type": "payment.confirmed"}',
+            headers={"Paysaga-Signature": f"t={int(time.time())},v1={'0' * 64}"},
+        )
+        assert forged.status_code == 400 and "x" not in receiver["handled"]
+    finally:
+        server.shutdown()
+        server.server_close()
+    log = await _attempts(merchant_a, endpoint["id"], lambda log: len(log) == 2)
+    assert [(a["status_code"], a["succeeded"]) for a in log] == [(204, True), (204, True)]
+
+
+def _documented_receiver() -> dict[str, Any]:
+    document = (Path(__file__).parent.parent / "docs" / "webhooks.md").read_text()
+    section = document.split("### A receiver", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {"__name__": "documented_receiver"}
+    exec(compile(code, "docs/webhooks.md", "exec"), namespace)  # noqa: S102 - our own docs
+    return namespace
+
+
+async def _handled(receiver: dict[str, Any], the_id: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while the_id not in receiver["handled"]:
+        assert time.monotonic() < deadline, f"the documented receiver never handled {the_id}"
+        await asyncio.sleep(0.1)
