@@ -1,4 +1,5 @@
-"""Safe deploys: every recorded PaymentWorkflow history replays against today's workflow code.
+"""Safe deploys: every recorded workflow history (PaymentWorkflow's paths, and the webhook
+deliveries', `webhook_*`) replays against today's workflow code.
 
 A payment's workflow lives for months (the dispute window), so a deploy meets histories that
 older code wrote. Each file under tests/histories/ is one path of the saga, recorded by
@@ -31,6 +32,7 @@ from domain.payment import FraudAssessment, PaymentState, PaymentWorkflowInput
 from settings import Settings
 from worker import workflow_runner
 from workflows.payment import PaymentWorkflow
+from workflows.webhook_delivery import WebhookDeliveryWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
 
@@ -52,6 +54,9 @@ PATHS = {
     "window_closes",  # the dispute window closes: outcome recorded, workflow completes
     "refund_continues_as_new",  # a run ending in ContinueAsNew, carrying its state
     "continued_as_new",  # the carried run serving one more refund
+    "webhook_delivered_after_retries",  # WebhookDeliveryWorkflow: failed twice, backoff, accepted
+    "webhook_gave_up_disabled",  # the retry window passed: gave up, the endpoint disabled
+    "webhook_manual_redelivery",  # one attempt, never disabling
 }
 
 # Payload encodings of an unencrypted history (the codec's would be binary/encrypted).
@@ -73,7 +78,7 @@ def _load(file: Path) -> WorkflowHistory:
 
 def _replayer(*workflows: type) -> Replayer:
     return Replayer(
-        workflows=list(workflows) or [PaymentWorkflow],
+        workflows=list(workflows) or [PaymentWorkflow, WebhookDeliveryWorkflow],
         data_converter=pydantic_data_converter,
         workflow_runner=workflow_runner(Settings(workflow_sandbox=True)),
     )
