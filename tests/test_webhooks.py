@@ -290,7 +290,8 @@ async def test_an_endpoint_failing_for_the_whole_retry_window_is_disabled_with_a
     span = datetime.fromisoformat(log[-1]["attempted_at"]) - datetime.fromisoformat(
         log[0]["attempted_at"]
     )
-    assert span.total_seconds() <= GIVE_UP_AFTER
+    # Attempts only within the retry window (plus the time an attempt takes to be picked up).
+    assert span.total_seconds() <= GIVE_UP_AFTER + 2
 
     events = (await merchant_a.get("/v1/events", params={"type": "webhook_endpoint.*"})).json()
     [disabled] = [e for e in events["data"] if e["data"]["webhook_endpoint_id"] == endpoint["id"]]
