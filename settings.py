@@ -12,14 +12,27 @@ from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # `codec`: decrypt/encrypt Temporal payloads through /codec (operators' tooling; no payment powers).
+# `events:read`: /v1/events. `webhooks:read` / `webhooks:write`: webhook endpoints, their
+# delivery log, and (write) redelivering an event.
 Scope = Literal[
-    "payments:read", "payments:write", "refunds:write", "disputes:write", "codec", "admin"
+    "payments:read",
+    "payments:write",
+    "refunds:write",
+    "disputes:write",
+    "events:read",
+    "webhooks:read",
+    "webhooks:write",
+    "codec",
+    "admin",
 ]
 ALL_SCOPES: tuple[Scope, ...] = (
     "payments:read",
     "payments:write",
     "refunds:write",
     "disputes:write",
+    "events:read",
+    "webhooks:read",
+    "webhooks:write",
     "codec",
     "admin",
 )
@@ -112,6 +125,37 @@ class Settings(BaseSettings):
     hubspot_base_url: str | None = None
     hubspot_token: SecretStr = SecretStr("")
     crm_timeout_seconds: float = 5.0
+    # `paysaga run` starts the local CRM sandbox (sandboxes/crm.py) as the webhook target when
+    # no CRM is configured, so the saga's fifth step runs on the default stack.
+    crm_sandbox: bool = True
+    crm_sandbox_port: int = 8070
+
+    # The outbox relay (infra/relay.py, in the worker): publishes every stored event Kafka has
+    # not acknowledged `relay_grace_seconds` after it was recorded, and republishes everything
+    # once the broker's log is found lost (its epoch marker changed or vanished).
+    relay_enabled: bool = True
+    relay_interval_seconds: float = 1.0
+    relay_grace_seconds: float = 10.0
+    relay_batch_size: int = 500
+    relay_broker_check_seconds: float = 5.0
+    relay_detect_broker_loss: bool = True
+    relay_epoch_topic: str = "paysaga.broker-epoch"
+
+    # Merchant webhooks (docs/webhooks.md): deliveries run on their own task queue with
+    # bounded slots, so no endpoint can slow payments or starve other endpoints.
+    webhook_task_queue: str = "webhooks"
+    webhook_max_concurrent_deliveries: int = 20
+    webhook_max_in_flight_per_endpoint: int = 4
+    webhook_timeout_seconds: float = 10.0
+    webhook_retry_initial_seconds: float = 60.0
+    webhook_retry_backoff: float = 3.0
+    webhook_retry_max_interval_seconds: float = 12 * 3600.0
+    webhook_retry_for_seconds: float = 3 * 86400.0
+    webhook_secret_overlap_seconds: float = 24 * 3600.0
+    # Refuse endpoints on loopback, private, link-local and other non-public addresses (at
+    # creation for literal IPs, at every delivery for resolved names). Off on the dev stack,
+    # where the sandbox and tests listen on 127.0.0.1; turn it on in production.
+    webhook_block_private_networks: bool = False
 
     # The card acquirer (docs/acquirer.md). Unset URL: the sandbox acquirer `paysaga run` starts.
     acquirer_url: str | None = None

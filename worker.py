@@ -1,4 +1,6 @@
-"""The Temporal worker: runs PaymentWorkflow and every activity. Scale out by running more.
+"""The Temporal worker: runs PaymentWorkflow and every activity, webhook deliveries on their own
+task queue, and (with `relay_enabled`) the events store's consumers: the outbox relay and the
+webhook dispatcher. Scale out by running more.
 
 python worker.py        # reads PAYSAGA_* settings; stops gracefully on SIGTERM / Ctrl-C
 """
@@ -18,15 +20,20 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 
 from activities.acquirer import AcquirerActivities
 from activities.crm import CrmActivities
+from activities.event_store import AckRecorder, EventStore
 from activities.fraud import FraudActivities
 from activities.kafka import EventPublisher, KafkaActivities
 from activities.ledger import Ledger, LedgerActivities
+from activities.webhooks import WebhookActivities, WebhookEndpoints
 from infra.database import make_engine
 from infra.logs import configure_logging
 from infra.observability import PaymentMetricsInterceptor, temporal_runtime, worker_telemetry
+from infra.relay import running_relay
 from infra.temporal_client import connect_client
 from settings import Settings, get_settings
 from workflows.payment import PaymentWorkflow
+from workflows.webhook_delivery import WebhookDeliveryWorkflow
+from workflows.webhook_dispatch import running_dispatcher
 
 log = logging.getLogger("paysaga.worker")
 
@@ -50,7 +57,7 @@ async def payment_worker(
     settings: Settings,
     client: Client,
     *,
-    kafka_activities: Callable[[EventPublisher], KafkaActivities] = KafkaActivities,
+    kafka_activities: Callable[..., KafkaActivities] = KafkaActivities,
     ledger_activities: Callable[[Ledger], LedgerActivities] = LedgerActivities,
 ) -> AsyncIterator[Worker]:
     """A worker with its own clients (database pool, Kafka producer, HTTP), closed on exit.
@@ -63,7 +70,9 @@ async def payment_worker(
     acquirer = AcquirerActivities(settings)
     fraud = FraudActivities(engine, settings)
     ledger = ledger_activities(Ledger(engine, max_attempts=settings.db_max_retries))
-    kafka = kafka_activities(publisher)
+    events = EventStore(engine, max_attempts=settings.db_max_retries)
+    acks = AckRecorder(events)
+    kafka = kafka_activities(publisher, events, acks)
     worker = Worker(
         client,
         task_queue=settings.task_queue,
@@ -88,12 +97,51 @@ async def payment_worker(
         # Tracing, when configured, comes with the client (infra.temporal_client).
         interceptors=[PaymentMetricsInterceptor()],
     )
+    acks.start()
     try:
         async with worker:
             yield worker
     finally:
+        await acks.stop()
         await crm.aclose()
         await acquirer.aclose()
+        await asyncio.to_thread(publisher.close, 10.0)
+        await engine.dispose()
+
+
+@asynccontextmanager
+async def event_worker(settings: Settings, client: Client) -> AsyncIterator[Worker]:
+    """Webhook deliveries on their own task queue, with a bounded number of activity slots (a
+    slow merchant endpoint cannot take the payments' slots, nor all of these), and, when
+    `relay_enabled`, the outbox relay and the webhook dispatcher. Its own database pool and
+    Kafka producer: the payments' are never queued behind a relay sweep."""
+    assert settings.database_url and settings.kafka_bootstrap_servers
+    engine = make_engine(settings.database_url, pool_size=4)
+    publisher = EventPublisher(settings.kafka_bootstrap_servers, settings)
+    events = EventStore(engine, max_attempts=settings.db_max_retries)
+    endpoints = WebhookEndpoints(engine, max_attempts=settings.db_max_retries)
+    webhooks = WebhookActivities(endpoints, events, settings)
+    worker = Worker(
+        client,
+        task_queue=settings.webhook_task_queue,
+        workflows=[WebhookDeliveryWorkflow],
+        activities=[webhooks.deliver_webhook, webhooks.give_up_webhook_delivery],
+        max_concurrent_activities=settings.webhook_max_concurrent_deliveries,
+        max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
+        graceful_shutdown_timeout=timedelta(seconds=5),
+        workflow_runner=workflow_runner(settings),
+    )
+    try:
+        async with AsyncExitStack() as running:
+            await running.enter_async_context(worker)
+            if settings.relay_enabled:
+                await running.enter_async_context(running_relay(settings, events, publisher))
+                await running.enter_async_context(
+                    running_dispatcher(settings, events, endpoints, client)
+                )
+            yield worker
+    finally:
+        await webhooks.aclose()
         await asyncio.to_thread(publisher.close, 10.0)
         await engine.dispose()
 
@@ -110,6 +158,7 @@ async def main() -> None:
         client = await connect_client(settings, runtime=runtime)
         async with AsyncExitStack() as running:
             await running.enter_async_context(payment_worker(settings, client))
+            await running.enter_async_context(event_worker(settings, client))
             if settings.kafka_intake_enabled:
                 from intake import running_intake
 

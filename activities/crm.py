@@ -13,6 +13,7 @@ import hmac
 import json
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -93,11 +94,14 @@ def _signature(secret: str, body: bytes, timestamp: int) -> str:
     return hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
 
 
-def sign_webhook(secret: str, body: bytes, timestamp: int) -> str:
-    """The `Paysaga-Signature` header value for `body` sent at `timestamp`."""
-    if not secret:
+def sign_webhook(secret: str | Sequence[str], body: bytes, timestamp: int) -> str:
+    """The `Paysaga-Signature` header value for `body` sent at `timestamp`. Several secrets
+    (a rotation's overlap) give one `v1=` per secret; a receiver accepts any that matches."""
+    secrets = [secret] if isinstance(secret, str) else list(secret)
+    if not secrets or not all(secrets):
         raise ValueError("a webhook cannot be signed with an empty secret")
-    return f"t={timestamp},v1={_signature(secret, body, timestamp)}"
+    signatures = ",".join(f"v1={_signature(s, body, timestamp)}" for s in secrets)
+    return f"t={timestamp},{signatures}"
 
 
 def _parse_signature_header(header: str) -> tuple[int, list[str]] | None:

@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from pydantic import BaseModel
@@ -30,8 +30,11 @@ from pydantic_core import to_json
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from domain.events import PaymentEvent
+from domain.events import EventRecord, PaymentEvent
 from settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from activities.event_store import AckRecorder, EventStore
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +150,7 @@ class _LibrdkafkaLog:
         log.log(level, fmt, *args)
 
 
-def _headers(event: PaymentEvent) -> list[tuple[str, str | bytes | None]]:
+def _headers(event: EventRecord) -> list[tuple[str, str | bytes | None]]:
     return [(name, value) for name, value in event.headers()]
 
 
@@ -182,12 +185,14 @@ class EventPublisher:
 
     # -- public API -------------------------------------------------------------------------
 
-    async def publish(self, event: PaymentEvent) -> DeliveryReceipt:
+    async def publish(self, event: PaymentEvent | EventRecord) -> DeliveryReceipt:
         """Send one event and wait for the broker's acknowledgement (acks=all). Raises
         `KafkaPublishError` within about `kafka_message_timeout_ms` if it cannot."""
         if self._closed:
             raise KafkaPublishError("the event publisher is closed")
-        value = to_json(event.body())
+        if isinstance(event, PaymentEvent):
+            event = event.record()
+        value = to_json(event.body)
         started = time.monotonic()
         for resend in range(_RESENDS_ON_A_FRESH_PRODUCER + 1):
             outcome = await self._deliver(event, value)
@@ -204,7 +209,7 @@ class EventPublisher:
             log.warning(
                 "resending event %s of %s on a fresh producer after: %s",
                 event.id,
-                event.payment_id,
+                event.subject,
                 outcome.reason,
             )
         raise AssertionError("unreachable")  # pragma: no cover
@@ -246,7 +251,7 @@ class EventPublisher:
 
     # -- producing ---------------------------------------------------------------------------
 
-    async def _deliver(self, event: PaymentEvent, value: bytes) -> _Outcome:
+    async def _deliver(self, event: EventRecord, value: bytes) -> _Outcome:
         loop = asyncio.get_running_loop()
         delivery = _PendingDelivery(loop, loop.create_future())
         handle = await self._enqueue(event, value, delivery)
@@ -261,7 +266,7 @@ class EventPublisher:
             handle.forget(delivery)
 
     async def _enqueue(
-        self, event: PaymentEvent, value: bytes, delivery: _PendingDelivery
+        self, event: EventRecord, value: bytes, delivery: _PendingDelivery
     ) -> _ProducerHandle:
         deadline = time.monotonic() + _QUEUE_FULL_WAIT_SECONDS
         replacements = 0
@@ -281,7 +286,7 @@ class EventPublisher:
                 handle.producer.produce(
                     event.kind.topic,
                     value=value,
-                    key=event.payment_id.encode(),
+                    key=event.subject.encode(),
                     headers=_headers(event),
                     on_delivery=partial(self._on_delivery, handle, delivery),
                 )
@@ -425,15 +430,32 @@ class EventPublisher:
 
 class KafkaActivities:
     """The `publish_payment_event` activity. Register
-    `KafkaActivities(publisher).publish_payment_event` on the worker. Its start-to-close
-    timeout must exceed `kafka_message_timeout_ms` (plus ~1 s for a producer replacement)."""
+    `KafkaActivities(publisher, events).publish_payment_event` on the worker. Its start-to-close
+    timeout must exceed `kafka_message_timeout_ms` (plus ~1 s for a producer replacement).
 
-    def __init__(self, publisher: EventPublisher) -> None:
+    With an events store, an event the ledger did not record (payments.raw, rejected, failed,
+    canceled) is recorded there before it is sent, under the same id: the store holds every
+    event of a payment, and the outbox relay owes Kafka whatever Kafka did not acknowledge.
+    Acknowledgements are noted for the relay in batches (`AckRecorder`), off the payment's path.
+    """
+
+    def __init__(
+        self,
+        publisher: EventPublisher,
+        events: EventStore | None = None,
+        acks: AckRecorder | None = None,
+    ) -> None:
         self._publisher = publisher
+        self._events = events
+        self._acks = acks
 
     @activity.defn(name="publish_payment_event")
     async def publish_payment_event(self, event: PaymentEvent) -> DeliveryReceipt:
         attempt = activity.info().attempt if activity.in_activity() else 1
+        if self._events is not None and not event.kind.from_ledger:
+            # Before sending: once Kafka has it, the store must too (the relay and the
+            # events API read from the store).
+            await self._events.record(event.record())
         try:
             receipt = await self._publisher.publish(event)
         except KafkaPublishError as exc:
@@ -443,6 +465,8 @@ class KafkaActivities:
             )
             _activity_log(logging.WARNING, message)
             raise ApplicationError(message, type=KAFKA_UNAVAILABLE) from None
+        if self._acks is not None:
+            self._acks.note(event.id)
         _activity_log(
             logging.INFO,
             f"published {event.kind.topic} for {event.payment_id} (event {event.id}) to "

@@ -89,6 +89,11 @@ outbox_events = sa.Table(
     sa.Column("event_type", sa.String),
     sa.Column("payload", JSONB),
     sa.Column("created_at", sa.DateTime(timezone=True)),
+    # Migration 0005: the outbox is also the events store (activities/event_store.py).
+    sa.Column("client_id", sa.String),
+    sa.Column("subject", sa.String),
+    sa.Column("published_at", sa.DateTime(timezone=True)),
+    sa.Column("dispatched_at", sa.DateTime(timezone=True)),
 )
 
 
@@ -257,11 +262,24 @@ class Ledger:
             ],
         )
         if posting.event is not None:
+            # The event's client, else the capture's parties, else the register's row (events
+            # of payments started before the events carried their client).
+            client_id: Any = posting.event.client_id or (
+                posting.parties.client_id if posting.parties else None
+            )
+            if not client_id:
+                client_id = (
+                    sa.select(payments.c.client_id)
+                    .where(payments.c.payment_id == txn.payment_id)
+                    .scalar_subquery()
+                )
             await conn.execute(
                 outbox_events.insert().values(
                     event_id=uuid.UUID(posting.event.id),
                     transaction_id=txn_id,
                     payment_id=txn.payment_id,
+                    client_id=client_id,
+                    subject=txn.payment_id,
                     topic=posting.event.kind.topic,
                     event_type=posting.event.kind.ce_type,
                     payload=posting.event.body(),

@@ -13,8 +13,10 @@ from pydantic import BaseModel
 from sqlalchemy import text
 from temporalio.client import Client
 
+from activities.event_store import EventStore
 from activities.ledger import Ledger
-from api import codec, payments
+from activities.webhooks import WebhookEndpoints
+from api import codec, events, payments, webhooks
 from api.errors import install_error_handlers
 from api.limits import install_body_limit
 from infra.broker import broker_answers
@@ -42,6 +44,8 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
         app.state.engine = engine
         app.state.ledger = Ledger(engine, max_attempts=settings.db_max_retries)
         app.state.idempotency = IdempotencyRegister(engine, max_attempts=settings.db_max_retries)
+        app.state.events = EventStore(engine, max_attempts=settings.db_max_retries)
+        app.state.webhook_endpoints = WebhookEndpoints(engine, max_attempts=settings.db_max_retries)
         try:
             yield
         finally:
@@ -58,6 +62,8 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
     install_body_limit(app, settings.max_body_bytes)
     install_api_observability(app)  # /metrics, request metrics, server spans
     app.include_router(payments.router)
+    app.include_router(events.router)
+    app.include_router(webhooks.router)
     app.include_router(codec.router)
 
     @app.get("/healthz", tags=["health"], summary="The process is up")

@@ -42,6 +42,7 @@ from domain.follow_ups import Refusal
 from domain.payment import (
     CancelSignal,
     Dispute,
+    CrmSync,
     DisputeClosedSignal,
     DisputeCloseRequest,
     DisputeOpenedSignal,
@@ -186,6 +187,14 @@ async def _wait_until(
         await asyncio.sleep(_POLL_SECONDS)
 
 
+def _settled_for_wait(state: PaymentState) -> bool:
+    """The client can act on the answer; a succeeded payment also waits (within `wait`) for
+    its CRM step, the saga's last, so the answer says whether the CRM was told."""
+    if state.status == PaymentStatus.SUCCEEDED and state.crm_sync == CrmSync.PENDING:
+        return False
+    return state.status.settled_for_wait
+
+
 @router.post(
     "/payments",
     status_code=201,
@@ -246,7 +255,7 @@ async def create_payment(
         return PaymentResource.of(recorded)
     state = None
     if wait > 0 or started.replayed:
-        state = await _wait_until(started.handle, wait, lambda s: s.status.settled_for_wait)
+        state = await _wait_until(started.handle, wait, _settled_for_wait)
     if state is None:
         # The workflow has not answered yet: describe what was accepted.
         now = datetime.now(UTC)

@@ -1,7 +1,9 @@
 """`paysaga bench`: drive the REST API of a running system and print what it sustains.
 
-Completion is observed the way a downstream consumer sees it: the `payments.confirmed` event
-arriving on Kafka. No polling load is added to the system under test while it runs.
+Completion is observed the way the outside world sees it, never by asking the system under
+test: a payment is complete when the CRM sandbox (the saga's fifth and last step, on the
+default stack) has received its confirmation, or, without a sandbox, when its
+`payments.confirmed` event arrives on Kafka. Both are recorded when available.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 import aiohttp
+import httpx
 import psutil
 import typer
 import uvloop
@@ -58,7 +61,11 @@ class PaymentTiming:
     payment_id: str
     sent_at: float
     answered_at: float
-    confirmed_at: float | None = None
+    confirmed_at: float | None = None  # payments.confirmed seen on Kafka
+    crm_at: float | None = None  # the CRM sandbox received the confirmation
+
+    def completed_at(self, completion: str) -> float | None:
+        return self.crm_at if completion == COMPLETION_CRM else self.confirmed_at
 
 
 @dataclass
@@ -74,21 +81,59 @@ class BenchResult:
     fraud_scoring_ms: dict[str, float | None]
     errors: dict[str, int]
     peak_rss_mb: dict[str, float]
-    peak_in_flight: int = 0  # accepted (201) and not yet confirmed, at the same moment
+    peak_in_flight: int = 0  # accepted (201) and not yet complete, at the same moment
+    # What completes a payment here: "crm" (the CRM sandbox got it) or "confirmed" (Kafka).
+    completion: str = "confirmed"
+    crm_latency_ms: dict[str, float | None] = field(default_factory=dict)
     shape: list[str] = field(default_factory=list)
+    shape_steps: list[str] = field(default_factory=list)  # the activity of each step
     floor_throughput_per_s: float | None = None
     floor_ratio: float | None = None
 
 
-class ConfirmationWatcher:
-    """Reads payments.confirmed from the beginning (no consumer group: tansu's JoinGroup delay and
-    wrong high watermarks make groups a poor fit) and timestamps each wanted payment."""
+COMPLETION_CRM = "crm"
+COMPLETION_CONFIRMED = "confirmed"
+DEFAULT_CRM_SANDBOX_URL = f"http://127.0.0.1:{os.environ.get('PAYSAGA_CRM_SANDBOX_PORT') or 8070}"
 
-    def __init__(self, bootstrap: str) -> None:
+
+class _Watcher:
+    """Timestamps payments as a thread sees them complete; closed-loop clients await theirs."""
+
+    def __init__(self) -> None:
         self.confirmed: dict[str, float] = {}
         self._waiters: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+
+    def _confirm(self, payment_id: str) -> None:
+        with self._lock:
+            self.confirmed.setdefault(payment_id, time.monotonic())
+            waiter = self._waiters.pop(payment_id, None)
+        if waiter is not None:
+            loop, future = waiter
+            loop.call_soon_threadsafe(_settle, future)
+
+    async def wait_for(self, payment_id: str, timeout: float) -> bool:
+        """Closed loop: the caller's next payment waits for this one's completion."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        with self._lock:
+            if payment_id in self.confirmed:
+                return True
+            self._waiters[payment_id] = (loop, future)
+        try:
+            await asyncio.wait_for(future, timeout)
+            return True
+        except TimeoutError:
+            return False
+
+
+class ConfirmationWatcher(_Watcher):
+    """Reads payments.confirmed from the beginning (no consumer group: tansu's JoinGroup delay and
+    wrong high watermarks make groups a poor fit) and timestamps each wanted payment."""
+
+    def __init__(self, bootstrap: str) -> None:
+        super().__init__()
         self._consumer = Consumer(
             {
                 "bootstrap.servers": bootstrap,
@@ -111,32 +156,61 @@ class ConfirmationWatcher:
                 if message.error() is None and key:
                     self._confirm(key.decode() if isinstance(key, bytes) else key)
 
-    def _confirm(self, payment_id: str) -> None:
-        with self._lock:
-            self.confirmed.setdefault(payment_id, time.monotonic())
-            waiter = self._waiters.pop(payment_id, None)
-        if waiter is not None:
-            loop, future = waiter
-            loop.call_soon_threadsafe(_settle, future)
-
-    async def wait_for(self, payment_id: str, timeout: float) -> bool:
-        """Closed loop: the caller's next payment waits for this one's confirmation."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        with self._lock:
-            if payment_id in self.confirmed:
-                return True
-            self._waiters[payment_id] = (loop, future)
-        try:
-            await asyncio.wait_for(future, timeout)
-            return True
-        except TimeoutError:
-            return False
-
     def close(self) -> None:
         self._stop.set()
         self._thread.join(5)
         self._consumer.close()
+
+
+class CrmSandboxWatcher(_Watcher):
+    """Follows the CRM sandbox's notification feed (`/api/notifications?after=`): a payment's
+    saga is done when the CRM has verified and recorded its confirmation. The feed is read
+    from where it stands when the run starts, so earlier notifications are not counted."""
+
+    def __init__(self, url: str, poll_seconds: float = 0.05) -> None:
+        super().__init__()
+        self._http = httpx.Client(base_url=url, timeout=5.0)
+        self._poll = poll_seconds
+        self._after = self._end()
+        self._thread = threading.Thread(target=self._run, name="bench-crm", daemon=True)
+        self._thread.start()
+
+    def _end(self) -> int:
+        after = 0
+        while True:
+            page = self._http.get("/api/notifications", params={"after": after, "limit": 1000})
+            page.raise_for_status()
+            if not page.json()["data"]:
+                return after
+            after = int(page.json()["next_after"])
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                page = self._http.get(
+                    "/api/notifications", params={"after": self._after, "limit": 1000}
+                ).json()
+            except (httpx.HTTPError, ValueError):
+                self._stop.wait(0.5)
+                continue
+            for item in page["data"]:
+                if item.get("verified") and item.get("event_kind") == EventKind.CONFIRMED.value:
+                    self._confirm(str(item["payment_id"]))
+            self._after = int(page["next_after"])
+            if not page["data"]:
+                self._stop.wait(self._poll)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._http.close()
+
+
+def crm_sandbox_answers(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=2.0).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def _settle(future: asyncio.Future[None]) -> None:
@@ -224,7 +298,7 @@ async def _post(
 
 async def _drive(
     http: aiohttp.ClientSession,
-    watcher: ConfirmationWatcher,
+    watcher: _Watcher,
     payments: int,
     concurrency: int | None,
     rate: float | None,
@@ -242,7 +316,7 @@ async def _drive(
             pending.append(asyncio.create_task(_post(http, run_id, i, timings, errors)))
         await asyncio.gather(*pending)
         return
-    # Closed loop: each of `concurrency` clients waits for its payment's confirmation before
+    # Closed loop: each of `concurrency` clients waits for its payment to complete before
     # paying again, so latency is measured at the load the system actually sustains.
     next_payment = iter(range(payments))
 
@@ -255,18 +329,22 @@ async def _drive(
     await asyncio.gather(*(client() for _ in range(concurrency or 50)))
 
 
-async def _shape_of(client: Client, payment_id: str) -> list[str]:
-    """The kinds of activities a real payment ran, read from its history."""
-    shape = []
+async def _shape_of(client: Client, payment_id: str) -> tuple[list[str], list[str]]:
+    """The kinds of activities a real payment ran, read from its history, and what each was
+    (a regular activity's type is in the clear; a local one's sits in its encrypted marker)."""
+    shape, steps = [], []
     async for event in client.get_workflow_handle(payment_id).fetch_history_events():
         if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
             shape.append(REGULAR)
+            name = event.activity_task_scheduled_event_attributes.activity_type.name
+            steps.append(f"{REGULAR}:{name}")
         elif (
             event.event_type == EventType.EVENT_TYPE_MARKER_RECORDED
             and event.marker_recorded_event_attributes.marker_name == "core_local_activity"
         ):
             shape.append(LOCAL)
-    return shape
+            steps.append(LOCAL)
+    return shape, steps
 
 
 async def run_floor(client: Client, shape: list[str], workflows: int, concurrency: int) -> float:
@@ -326,10 +404,14 @@ async def bench(
     rate: float | None,
     floor: bool,
     completion_timeout: float,
+    crm_sandbox_url: str | None = None,
 ) -> BenchResult:
     timings: list[PaymentTiming] = []
     errors: Counter[str] = Counter()
-    watcher = ConfirmationWatcher(kafka)
+    confirmations = ConfirmationWatcher(kafka)
+    crm = CrmSandboxWatcher(crm_sandbox_url) if crm_sandbox_url else None
+    completion = COMPLETION_CRM if crm is not None else COMPLETION_CONFIRMED
+    watcher: _Watcher = crm or confirmations
     sampler = RssSampler(urlsplit(api_url).port)
     # aiohttp rather than httpx: the client shares the machine with the system it measures, and
     # httpx (its pool scans every connection per request) cost ~10 ms of CPU per payment there,
@@ -350,7 +432,9 @@ async def bench(
             console=console,
             transient=True,
         ) as progress:
-            task = progress.add_task("confirmed", total=payments)
+            task = progress.add_task(
+                "synced to the CRM" if crm is not None else "confirmed", total=payments
+            )
             first_post = time.monotonic()
             driver = asyncio.create_task(
                 _drive(http, watcher, payments, concurrency, rate, timings, errors)
@@ -369,26 +453,30 @@ async def bench(
                         break
             await driver
         for timing in timings:
-            timing.confirmed_at = watcher.confirmed.get(timing.payment_id)
-        watcher.close()
+            timing.confirmed_at = confirmations.confirmed.get(timing.payment_id)
+            timing.crm_at = crm.confirmed.get(timing.payment_id) if crm is not None else None
+        confirmations.close()
+        if crm is not None:
+            crm.close()
         peak = sampler.close()
         confirmed = [t for t in timings if t.confirmed_at is not None]
-        last = max((t.confirmed_at for t in confirmed if t.confirmed_at), default=time.monotonic())
+        completed = [t for t in timings if t.completed_at(completion) is not None]
+        last = max((t.completed_at(completion) or 0.0 for t in completed), default=time.monotonic())
         duration = last - first_post
         scoring, statuses = await _fraud_timings(http, [t.payment_id for t in timings])
     for status, count in statuses.items():
         if status != "succeeded":
             errors[f"status:{status}"] += count
-    missing = len(timings) - len(confirmed)
+    missing = len(timings) - len(completed)
     if missing:
-        errors["not_confirmed_in_time"] += missing
+        errors[f"not_{'synced_to_the_crm' if crm else 'confirmed'}_in_time"] += missing
     result = BenchResult(
         payments=payments,
         concurrency=None if rate else concurrency,
         rate=rate,
         succeeded=statuses.get("succeeded", 0),
         duration_s=round(duration, 2),
-        throughput_per_s=round(len(confirmed) / duration, 2) if duration > 0 else 0.0,
+        throughput_per_s=round(len(completed) / duration, 2) if duration > 0 else 0.0,
         post_latency_ms=summarize([(t.answered_at - t.sent_at) * 1000 for t in timings]),
         confirm_latency_ms=summarize(
             [((t.confirmed_at or 0) - t.sent_at) * 1000 for t in confirmed]
@@ -397,10 +485,15 @@ async def bench(
         errors=dict(errors),
         peak_rss_mb=peak,
         peak_in_flight=peak_in_flight,
+        completion=completion,
+        crm_latency_ms=summarize([((t.crm_at or 0) - t.sent_at) * 1000 for t in completed])
+        if crm is not None
+        else {},
     )
-    if floor and confirmed:
+    if floor and completed:
         client = await Client.connect(temporal_address, namespace=namespace)
-        result.shape = await _shape_of(client, confirmed[0].payment_id)
+        # The floor copies a finished payment's shape: with a CRM, its regular notify_crm step.
+        result.shape, result.shape_steps = await _shape_of(client, completed[0].payment_id)
         with console.status("measuring the floor: same shape, empty bodies"):
             floor_rate = await run_floor(client, result.shape, payments, concurrency or 50)
         result.floor_throughput_per_s = round(floor_rate, 2)
@@ -419,17 +512,20 @@ def _render(result: BenchResult) -> None:
     mode = f"open loop at {result.rate}/s" if result.rate else f"concurrency {result.concurrency}"
     table.add_row("payments", f"{result.payments} ({mode})")
     table.add_row("succeeded", str(result.succeeded))
-    table.add_row("throughput (first POST → last confirmed)", f"{result.throughput_per_s} /s")
+    done = "synced to the CRM" if result.completion == COMPLETION_CRM else "confirmed"
+    table.add_row(f"throughput (first POST → last {done})", f"{result.throughput_per_s} /s")
     table.add_row("POST response p50/p90/p99/max ms", ms(result.post_latency_ms))
     table.add_row("POST → confirmed p50/p90/p99/max ms", ms(result.confirm_latency_ms))
+    if result.crm_latency_ms:
+        table.add_row("POST → synced to the CRM p50/p90/p99/max ms", ms(result.crm_latency_ms))
     table.add_row("fraud scoring p50/p90/p99/max ms", ms(result.fraud_scoring_ms))
-    table.add_row("peak payments in flight (accepted, not confirmed)", str(result.peak_in_flight))
+    table.add_row(f"peak payments in flight (accepted, not {done})", str(result.peak_in_flight))
     table.add_row("errors", ", ".join(f"{k}: {v}" for k, v in result.errors.items()) or "0")
     table.add_row(
         "peak RSS MiB", ", ".join(f"{k} {v}" for k, v in result.peak_rss_mb.items()) or "–"
     )
     if result.floor_throughput_per_s is not None:
-        table.add_row("payment shape", ", ".join(result.shape))
+        table.add_row("payment shape", ", ".join(result.shape_steps or result.shape))
         table.add_row("floor (same shape, empty bodies)", f"{result.floor_throughput_per_s} /s")
         table.add_row("paysaga / floor", f"{result.floor_ratio}")
     Console().print(table)
@@ -463,9 +559,25 @@ def main(
     completion_timeout: Annotated[
         float, typer.Option(help="Seconds to wait after the last POST.")
     ] = 300.0,
+    crm_sandbox_url: Annotated[
+        str,
+        typer.Option(
+            envvar="PAYSAGA_CRM_SANDBOX_URL",
+            help="A payment is complete when this CRM sandbox has its confirmation (the saga's "
+            "last step); if it does not answer, when payments.confirmed is on Kafka.",
+        ),
+    ] = DEFAULT_CRM_SANDBOX_URL,
+    crm: Annotated[
+        bool, typer.Option(help="Complete payments at the CRM step (--no-crm: at Kafka).")
+    ] = True,
 ) -> None:
     """Measure throughput and latency of a running paysaga, side by side with the floor."""
     total = int(rate * duration) if rate else payments
+    sandbox = crm_sandbox_url if crm and crm_sandbox_answers(crm_sandbox_url) else None
+    if crm and sandbox is None:
+        console.print(
+            f"[yellow]no CRM sandbox at {crm_sandbox_url}: payments complete at payments.confirmed"
+        )
     # uvloop, as the API and workers run: the client's own CPU is taken from the system it
     # measures (one machine), so it should cost as little as it can.
     result = uvloop.run(
@@ -480,6 +592,7 @@ def main(
             rate,
             floor,
             completion_timeout,
+            sandbox,
         )
     )
     if as_json:

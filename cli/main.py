@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 
-from cli import bench, check
+from cli import bench, check, crm, events
 from cli.client import (
     DEFAULT_API_URL,
     ApiFailure,
@@ -259,6 +259,8 @@ def cancel(
 # ── sub-commands from their own modules: one line each ───────────────────────────────────
 app.command("bench")(bench.main)
 app.command("check")(check.main)
+app.add_typer(crm.app, name="crm")
+app.add_typer(events.app, name="events")
 
 
 def main() -> None:

@@ -178,10 +178,11 @@ def start_services(settings: Settings, home: Path, env: dict[str, str]) -> Servi
 
 
 def _worker_env(env: dict[str, str], n: int) -> dict[str, str]:
-    """Each extra worker serves its metrics on the next ports up."""
+    """Each extra worker serves its metrics on the next ports up, and leaves the outbox relay
+    and the webhook dispatcher to the first one (several would only publish twice)."""
     if n == 1:
         return env
-    bumped = dict(env)
+    bumped = {**env, "PAYSAGA_RELAY_ENABLED": "false"}
     for name, default in (
         ("PAYSAGA_WORKER_METRICS_PORT", 9464),
         ("PAYSAGA_TEMPORAL_METRICS_PORT", 9465),
@@ -226,7 +227,7 @@ def wait_until_ready(url: str, services: Services, timeout: float) -> None:
 
 
 def stack_processes(stack: Stack) -> list[ManagedProcess]:
-    parts = (stack.postgres, stack.broker, stack.temporal)
+    parts = (stack.postgres, stack.broker, stack.temporal, stack.crm_sandbox)
     return [p.process for p in parts if p is not None and p.process is not None]
 
 
@@ -252,6 +253,8 @@ def readiness_panel(settings: Settings, stack: Stack, url: str, key: str) -> Pan
     grid.add_row("Temporal", _where(stack.temporal is not None, stack.temporal_address))
     grid.add_row("Kafka", _where(stack.broker is not None, stack.kafka_bootstrap_servers))
     grid.add_row("PostgreSQL", _where(stack.postgres is not None, _without_password(stack)))
+    if stack.crm_sandbox_url is not None:
+        grid.add_row("CRM sandbox", f"{stack.crm_sandbox_url}  (or: paysaga crm tail --follow)")
     grid.add_row("dev API key", Text(key, style="bold yellow"))
     grid.add_row("data", str(home))
     grid.add_row("logs", str(home / "logs"))
@@ -318,6 +321,7 @@ def stop_everything(services: Services | None, stack: Stack) -> None:
                 ("Temporal", stack.temporal),
                 ("Kafka", stack.broker),
                 ("PostgreSQL", stack.postgres),
+                ("CRM sandbox", stack.crm_sandbox),
             )
             if part is not None and part.process is not None and part.process.running
         ]
@@ -335,6 +339,7 @@ def run_system(settings: Settings, temporal_ui: bool = True) -> int:
         home,
         temporal_ui=temporal_ui,
         codec_endpoint=f"http://{settings.api_host}:{settings.api_port}/codec",
+        sandboxes=True,
     )
     try:
         check_ports(settings, stack)
@@ -345,7 +350,7 @@ def run_system(settings: Settings, temporal_ui: bool = True) -> int:
     status = 0
     with shutdown_on_signals():
         try:
-            with out.status("starting the stack (PostgreSQL, Kafka, Temporal)…"):
+            with out.status("starting the stack (PostgreSQL, Kafka, Temporal, sandboxes)…"):
                 stack.start()
             key_file = ensure_dev_api_key(home)
             services = start_services(settings, home, service_env(stack, key_file))

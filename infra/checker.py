@@ -55,7 +55,7 @@ PROMISES: dict[str, str] = {
     WITHIN_CAPTURED: "Refunds + lost and open disputes never exceed what was captured",
     POSTED_ONCE: "Each captured payment has exactly one posting (and at most one reversal)",
     REGISTER_MATCHES: "The payments register agrees with the amounts its ledger entries moved",
-    OUTBOX_IN_KAFKA: "Every outbox event reached Kafka at least once (by event id)",
+    OUTBOX_IN_KAFKA: "Every stored event (the outbox) reached Kafka at least once (by event id)",
     KAFKA_HAS_OUTBOX: "No ledger event in Kafka lacks its outbox row",
     WORKFLOW_AGREES: "Each payment's workflow status agrees with its ledger state",
 }
@@ -684,8 +684,10 @@ def check_outbox_in_kafka(
         findings.note(f"{scan.duplicates} duplicate deliveries (same event id) collapsed")
     if findings.result.violation_count:
         findings.note(
-            "a broker that lost its log (the embedded broker keeps it in memory; retention on a "
-            "real cluster) loses old events: narrow the check with --since"
+            "a broker that lost its log (the embedded broker keeps it in memory) is refilled by "
+            "the worker's outbox relay within seconds: re-run with --settle-seconds 30; events "
+            "a real cluster dropped by retention can be narrowed out with --since, or "
+            "republished with `paysaga events replay --since …`"
         )
     return findings.result
 

@@ -1,6 +1,8 @@
 """Start, health-check and stop the whole embedded stack (or only the parts not configured).
 
-`paysaga run` and the test fixtures both use `Stack`: one implementation.
+`paysaga run` and the test fixtures both use `Stack`: one implementation. With `sandboxes`,
+the stack also starts the CRM sandbox (sandboxes/crm.py) when no CRM is configured, and points
+the services' CRM webhook at it.
 """
 
 from __future__ import annotations
@@ -10,14 +12,20 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import SecretStr
+
 from infra.broker import EmbeddedBroker, ensure_topics
 from infra.database import migrate
 from infra.postgres import EmbeddedPostgres
 from infra.process import require_free_port
+from infra.sandboxes import SandboxService, load_or_create_secret
 from infra.temporal import TemporalDevServer, connect_when_ready, register_search_attributes
 from settings import Settings
 
 log = logging.getLogger(__name__)
+
+CRM_SECRET_FILE = "crm-webhook-secret"  # noqa: S105 - a file name, not a secret
+CRM_RECEIVER_PATH = "/webhooks/paysaga"
 
 
 @dataclass
@@ -29,9 +37,11 @@ class Stack:
     home: Path
     temporal_ui: bool = True
     codec_endpoint: str | None = None
+    sandboxes: bool = False
     temporal: TemporalDevServer | None = None
     broker: EmbeddedBroker | None = None
     postgres: EmbeddedPostgres | None = None
+    crm_sandbox: SandboxService | None = None
     _started: list[str] = field(default_factory=list)
 
     @property
@@ -61,24 +71,47 @@ class Stack:
             return None
         return f"http://127.0.0.1:{self.temporal.ui_port}"
 
+    @property
+    def crm_sandbox_url(self) -> str | None:
+        return self.crm_sandbox.url if self.crm_sandbox is not None else None
+
+    @property
+    def wants_crm_sandbox(self) -> bool:
+        """No CRM of any kind configured: the sandbox stands in, so the fifth step runs."""
+        s = self.settings
+        configured = s.crm_webhook_url or s.salesforce_base_url or s.hubspot_base_url
+        return self.sandboxes and s.crm_sandbox and not configured
+
+    def _crm_webhook(self) -> tuple[str, str] | None:
+        if self.crm_sandbox is None:
+            return None
+        secret = load_or_create_secret(self.home / CRM_SECRET_FILE)
+        return f"{self.crm_sandbox.url}{CRM_RECEIVER_PATH}", secret
+
     def service_settings(self) -> Settings:
         """Settings with every service pointed at its address, for the API and the worker."""
-        return self.settings.model_copy(
-            update={
-                "temporal_address": self.temporal_address,
-                "kafka_bootstrap_servers": self.kafka_bootstrap_servers,
-                "database_url": self.database_url,
-                "home": self.home,
-            }
-        )
+        update: dict[str, object] = {
+            "temporal_address": self.temporal_address,
+            "kafka_bootstrap_servers": self.kafka_bootstrap_servers,
+            "database_url": self.database_url,
+            "home": self.home,
+        }
+        crm = self._crm_webhook()
+        if crm is not None:
+            update["crm_webhook_url"], update["crm_webhook_secret"] = crm[0], SecretStr(crm[1])
+        return self.settings.model_copy(update=update)
 
     def service_env(self) -> dict[str, str]:
-        return {
+        env = {
             "PAYSAGA_HOME": str(self.home),
             "PAYSAGA_TEMPORAL_ADDRESS": self.temporal_address,
             "PAYSAGA_KAFKA_BOOTSTRAP_SERVERS": self.kafka_bootstrap_servers,
             "PAYSAGA_DATABASE_URL": self.database_url,
         }
+        crm = self._crm_webhook()
+        if crm is not None:
+            env["PAYSAGA_CRM_WEBHOOK_URL"], env["PAYSAGA_CRM_WEBHOOK_SECRET"] = crm
+        return env
 
     def check_ports(self) -> None:
         s = self.settings
@@ -90,6 +123,8 @@ class Stack:
             require_free_port(s.kafka_port, "Kafka", "PAYSAGA_KAFKA_PORT")
         if not s.database_url:
             require_free_port(s.postgres_port, "PostgreSQL", "PAYSAGA_POSTGRES_PORT")
+        if self.wants_crm_sandbox:
+            require_free_port(s.crm_sandbox_port, "the CRM sandbox", "PAYSAGA_CRM_SANDBOX_PORT")
 
     def start(self) -> None:
         self.check_ports()
@@ -122,6 +157,17 @@ class Stack:
             )
             self.temporal.start()
             self._started.append("temporal")
+        if self.wants_crm_sandbox:
+            secret_file = self.home / CRM_SECRET_FILE
+            load_or_create_secret(secret_file)
+            self.crm_sandbox = SandboxService(
+                "crm",
+                s.crm_sandbox_port,
+                self.home / "crm-sandbox",
+                ["--secret-file", str(secret_file)],
+            )
+            self.crm_sandbox.start()
+            self._started.append("crm_sandbox")
 
     async def _prepare_temporal(self) -> None:
         client = await connect_when_ready(self.temporal_address, self.settings.temporal_namespace)
@@ -135,9 +181,12 @@ class Stack:
 
     def stop(self) -> None:
         for name in reversed(self._started):
-            service = {"postgres": self.postgres, "broker": self.broker, "temporal": self.temporal}[
-                name
-            ]
+            service = {
+                "postgres": self.postgres,
+                "broker": self.broker,
+                "temporal": self.temporal,
+                "crm_sandbox": self.crm_sandbox,
+            }[name]
             try:
                 if service is not None:
                     service.stop()

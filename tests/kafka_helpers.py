@@ -15,7 +15,14 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaError,
+    Message,
+    TopicPartition,
+)
 from temporalio import activity
 
 from activities.kafka import DeliveryReceipt, EventPublisher, KafkaActivities
@@ -32,6 +39,8 @@ class ConsumedEvent:
     partition: int
     offset: int
     value: bytes = field(default=b"", repr=False)
+    # The record's timestamp: when the producer sent it (CreateTime), in ms since the epoch.
+    timestamp_ms: int | None = None
 
     @property
     def id(self) -> str:
@@ -135,7 +144,13 @@ def _consumed(message: Message) -> ConsumedEvent:
         partition=_number(message.partition()),
         offset=_number(message.offset()),
         value=value,
+        timestamp_ms=_timestamp(message),
     )
+
+
+def _timestamp(message: Message) -> int | None:
+    kind, stamp = message.timestamp()
+    return int(stamp) if kind != TIMESTAMP_NOT_AVAILABLE and stamp >= 0 else None
 
 
 def _text(raw: str | bytes | None) -> str:
@@ -158,8 +173,8 @@ class GatedKafka(KafkaActivities):
     """The real publishing activity, holding one event kind of chosen payments until released:
     the window between two steps where a test cancels, or an operator's cancel lands."""
 
-    def __init__(self, publisher: EventPublisher) -> None:
-        super().__init__(publisher)
+    def __init__(self, publisher: EventPublisher, *recording: Any) -> None:
+        super().__init__(publisher, *recording)
         self.held: dict[str, tuple[EventKind, asyncio.Event, asyncio.Event]] = {}
 
     def hold(self, payment_id: str, kind: EventKind) -> None:

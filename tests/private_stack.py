@@ -23,6 +23,7 @@ def private_stack_settings(home: Path, **overrides: Any) -> Settings:
         "temporal_ui_port": free_port(),
         "kafka_port": free_port(),
         "postgres_port": free_port(),
+        "crm_sandbox_port": free_port(),
         "kafka_session_timeout_ms": 2000,
         "log_json": False,
     }

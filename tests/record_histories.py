@@ -1,4 +1,5 @@
-"""Record one PaymentWorkflow history per path into tests/histories/, for tests/test_replay.py.
+"""Record one workflow history per path into tests/histories/, for tests/test_replay.py: every
+path of PaymentWorkflow, and of WebhookDeliveryWorkflow (`webhook_*`).
 
     .venv/bin/python -m tests.record_histories --version v2     # every path: <path>.v2.json
     .venv/bin/python -m tests.record_histories --version v2 success review_approve
@@ -23,6 +24,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,10 +33,12 @@ from sqlalchemy import text
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
 
+from activities.event_store import EventStore
 from activities.fraud import amount_for_limit_share
 from activities.kafka import EventPublisher
 from activities.ledger import Ledger
-from domain.events import EventKind
+from activities.webhooks import WebhookEndpoints
+from domain.events import EventKind, PaymentEvent, event_id
 from domain.payment import (
     AttentionResolution,
     CancelSignal,
@@ -52,6 +56,7 @@ from domain.payment import (
     ReviewDecision,
     payment_id_for,
 )
+from domain.webhooks import DeliveryResult
 from infra.database import make_engine
 from infra.stack import Stack
 from infra.temporal_client import connect_client
@@ -59,9 +64,10 @@ from settings import Settings
 from tests.fakes import FakeCrmServer
 from tests.kafka_helpers import GatedKafka
 from tests.private_stack import private_stack_settings
-from worker import payment_worker
+from worker import event_worker, payment_worker
 from workflows.payment import PaymentWorkflow, initial_search_attributes
 from workflows.starter import payment_policy
+from workflows.webhook_dispatch import start_delivery
 
 HISTORIES = Path(__file__).parent / "histories"
 CLIENT_ID = "replay-recorder"
@@ -80,6 +86,10 @@ class Recorder:
     gated_queue: str
     gate: GatedKafka
     ledger: Ledger
+    events: EventStore
+    endpoints: WebhookEndpoints
+    merchant: FakeCrmServer  # the merchants' webhook receivers, one path each
+    webhook_settings: Settings
 
     async def start(
         self,
@@ -507,6 +517,63 @@ async def refund_drained_before_continue_as_new(r: Recorder) -> WorkflowHandle[A
     return r.client.get_workflow_handle(handle.id, run_id=handle.result_run_id)
 
 
+# ── webhook deliveries ───────────────────────────────────────────────────────────────────────
+
+
+async def _delivery(r: Recorder, path: str, *, manual: bool = False) -> WorkflowHandle[Any, Any]:
+    """One event to a fresh endpoint at the receiver's `/<path>`, under the recorder's
+    webhook schedule (0.2 s doubling, giving up after 3 s)."""
+    endpoint = await r.endpoints.create(
+        CLIENT_ID, r.merchant.url(f"/{path}"), ["*"], f"replay history: {path}", True
+    )
+    payment_id = new_payment_id(path)
+    event = PaymentEvent(
+        id=event_id(payment_id, EventKind.CONFIRMED),
+        kind=EventKind.CONFIRMED,
+        payment_id=payment_id,
+        time=datetime.now(UTC),
+        data={"payment_id": payment_id, "status": "processing", "amount": 2500, "sequence": 2},
+        client_id=CLIENT_ID,
+    )
+    await r.events.record(event.record())
+    workflow_id = await start_delivery(
+        r.client, r.webhook_settings, endpoint, event.id, manual=manual
+    )
+    return r.client.get_workflow_handle(workflow_id)
+
+
+async def _delivery_ends(handle: WorkflowHandle[Any, Any], status: str) -> DeliveryResult:
+    result = DeliveryResult.model_validate(await asyncio.wait_for(handle.result(), 60))
+    assert result.status == status, (handle.id, result)
+    return result
+
+
+async def webhook_delivered_after_retries(r: Recorder) -> WorkflowHandle[Any, Any]:
+    """Two failed attempts (backoff timers between them), then accepted."""
+    r.merchant.respond_with(503, times=2, path_prefix="/webhook_delivered_after_retries")
+    handle = await _delivery(r, "webhook_delivered_after_retries")
+    assert (await _delivery_ends(handle, "delivered")).attempts == 3
+    return handle
+
+
+async def webhook_gave_up_disabled(r: Recorder) -> WorkflowHandle[Any, Any]:
+    """Every attempt fails for the whole window: the delivery gives up, the endpoint is
+    disabled (with its event)."""
+    r.merchant.respond_with(500, path_prefix="/webhook_gave_up_disabled")
+    handle = await _delivery(r, "webhook_gave_up_disabled")
+    assert (await _delivery_ends(handle, "failed")).endpoint_disabled
+    return handle
+
+
+async def webhook_manual_redelivery(r: Recorder) -> WorkflowHandle[Any, Any]:
+    """A redelivery asked for through the API: one attempt, failed, and nothing disabled."""
+    r.merchant.respond_with(502, path_prefix="/webhook_manual_redelivery")
+    handle = await _delivery(r, "webhook_manual_redelivery", manual=True)
+    result = await _delivery_ends(handle, "failed")
+    assert result.attempts == 1 and not result.endpoint_disabled
+    return handle
+
+
 PATHS: dict[str, Callable[[Recorder], Awaitable[WorkflowHandle[Any, Any]]]] = {
     "success": success,
     "success_regular_activities": success_regular_activities,
@@ -529,10 +596,26 @@ PATHS: dict[str, Callable[[Recorder], Awaitable[WorkflowHandle[Any, Any]]]] = {
     "window_closes_with_open_dispute": window_closes_with_open_dispute,
     "operator_cancel_with_open_dispute": operator_cancel_with_open_dispute,
     "refund_drained_before_continue_as_new": refund_drained_before_continue_as_new,
+    "webhook_delivered_after_retries": webhook_delivered_after_retries,
+    "webhook_gave_up_disabled": webhook_gave_up_disabled,
+    "webhook_manual_redelivery": webhook_manual_redelivery,
 }
 
 
 # ── the private stack and workers ────────────────────────────────────────────────────────────
+
+
+# Webhook deliveries on a schedule of seconds; no relay or dispatcher (deliveries are started
+# by the paths themselves).
+WEBHOOK_SCHEDULE: dict[str, Any] = {
+    "webhook_task_queue": "replay-recorder-webhooks",
+    "webhook_retry_initial_seconds": 0.2,
+    "webhook_retry_backoff": 2.0,
+    "webhook_retry_max_interval_seconds": 1.0,
+    "webhook_retry_for_seconds": 3.0,
+    "webhook_timeout_seconds": 2.0,
+    "relay_enabled": False,
+}
 
 
 def recording_settings(home: Path) -> Settings:
@@ -547,8 +630,8 @@ async def gated_worker(settings: Settings, client: Client) -> AsyncIterator[Gate
     """The real activities with GatedKafka, on the settings' task queue."""
     made: list[GatedKafka] = []
 
-    def gated(publisher: EventPublisher) -> GatedKafka:
-        made.append(GatedKafka(publisher))
+    def gated(publisher: EventPublisher, *recording: Any) -> GatedKafka:
+        made.append(GatedKafka(publisher, *recording))
         return made[-1]
 
     async with payment_worker(settings, client, kafka_activities=gated):
@@ -573,14 +656,19 @@ async def record(targets: dict[str, Path]) -> None:
                 }
             )
             gated = settings.model_copy(update={"task_queue": "replay-recorder-gated"})
+            webhooks = settings.model_copy(update=WEBHOOK_SCHEDULE)
             client = await connect_client(settings)
             engine = make_engine(stack.database_url, pool_size=2)
             try:
                 async with (
                     payment_worker(settings, client),
                     gated_worker(gated, client) as gate,
+                    event_worker(webhooks, client),
                 ):
-                    recorder = Recorder(client, settings, gated.task_queue, gate, Ledger(engine))
+                    recorder = Recorder(
+                        client, settings, gated.task_queue, gate, Ledger(engine),
+                        EventStore(engine), WebhookEndpoints(engine), crm, webhooks,
+                    )  # fmt: skip
                     await asyncio.gather(
                         *(_record_one(recorder, name, file) for name, file in targets.items())
                     )

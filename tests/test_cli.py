@@ -43,10 +43,11 @@ class Ports:
     postgres: int
     worker_metrics: int
     temporal_metrics: int
+    crm_sandbox: int
 
     @classmethod
     def free(cls) -> Ports:
-        return cls(*(free_port() for _ in range(7)))
+        return cls(*(free_port() for _ in range(8)))
 
     def env(self) -> dict[str, str]:
         return {
@@ -57,10 +58,11 @@ class Ports:
             "PAYSAGA_POSTGRES_PORT": str(self.postgres),
             "PAYSAGA_WORKER_METRICS_PORT": str(self.worker_metrics),
             "PAYSAGA_TEMPORAL_METRICS_PORT": str(self.temporal_metrics),
+            "PAYSAGA_CRM_SANDBOX_PORT": str(self.crm_sandbox),
         }
 
     def of_the_stack(self) -> list[int]:
-        return [self.api, self.temporal, self.ui, self.kafka, self.postgres]
+        return [self.api, self.temporal, self.ui, self.kafka, self.postgres, self.crm_sandbox]
 
 
 def paysaga_env(home: Path, ports: Ports) -> dict[str, str]:
@@ -131,7 +133,7 @@ def start_paysaga(tmp_path: Path) -> Iterator[object]:
 
 def paysaga_cli(home: Path, ports: Ports, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [PAYSAGA, *args], env=paysaga_env(home, ports), capture_output=True, text=True, timeout=60
+        [PAYSAGA, *args], env=paysaga_env(home, ports), capture_output=True, text=True, timeout=120
     )
 
 
@@ -193,6 +195,7 @@ def test_run_serves_payments_stops_cleanly_and_keeps_data_across_restarts(
     assert key in first.output  # the panel shows the dev key…
     assert f"http://127.0.0.1:{ports.ui}" in first.output  # …and the Temporal UI
     assert f"http://127.0.0.1:{ports.api}/docs" in first.output
+    assert f"http://127.0.0.1:{ports.crm_sandbox}" in first.output  # no CRM configured: the sandbox
 
     # The CLI finds the API (PAYSAGA_API_PORT) and the dev key (PAYSAGA_HOME) by itself.
     paid = paysaga_cli(
@@ -208,6 +211,12 @@ def test_run_serves_payments_stops_cleanly_and_keeps_data_across_restarts(
     payment = get_payment(ports, key, payment_id)
     assert (payment["status"], payment["amount"], payment["currency"]) == ("succeeded", 4200, "EUR")
     assert payment["amount_captured"] == 4200
+    # All five steps on the default stack: the CRM sandbox verified and recorded the payment.
+    assert payment["crm_sync"] == "synced"
+    tail = paysaga_cli(home, ports, "crm", "tail")
+    assert tail.returncode == 0, tail.stderr
+    [told] = [line for line in tail.stdout.splitlines() if payment_id in line]
+    assert " ok " in told and "confirmed" in told and "4200 EUR" in told
     assert ledger_postings(ports, payment_id) == [("payment", "EUR", 0)]
     assert httpx.get(f"http://127.0.0.1:{ports.ui}/", timeout=10).status_code == 200
 
@@ -235,6 +244,10 @@ def test_run_serves_payments_stops_cleanly_and_keeps_data_across_restarts(
     assert status.returncode == 0, status.stderr
     assert payment_id in status.stdout and "succeeded" in status.stdout
     assert get_payment(ports, key, payment_id)["amount_captured"] == 4200
+    # The broker restarted empty; the worker's outbox relay put every stored event back.
+    checked = paysaga_cli(home, ports, "check", "--settle-seconds", "60")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "all promises hold" in checked.stdout
 
     # ── a child dies: everything stops, exit 1, with the dead one's log ───────────────────
     children = second.descendants()

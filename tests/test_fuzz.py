@@ -181,7 +181,7 @@ async def test_fuzzing_from_the_openapi_document_finds_no_5xx_and_no_schema_mism
     cases = report["test_cases"]
     assert cases["generated"] >= MIN_CASES, cases
     assert cases["with_failures"] == 0 and cases["errored"] == 0, cases
-    assert report["operations"]["tested"] == report["operations"]["total"] == 9
+    assert report["operations"]["tested"] == report["operations"]["total"] == 19
     # Valid payments got through to the workflow path (invalid ones are most of the rest).
     started_workflows = await temporal_client.count_workflows(
         f'WorkflowType = "PaymentWorkflow" AND StartTime >= "{started.isoformat()}"'
@@ -217,11 +217,14 @@ async def test_every_post_route_documents_the_413_it_answers_to_an_oversized_bod
     document = (await api.get("/openapi.json")).json()
     oversized = b"x" * (app_settings.max_body_bytes + 1)
     posts = [path for path, methods in document["paths"].items() if "post" in methods]
-    assert len(posts) == 5
+    assert len(posts) == 9
     for path in posts:
         assert "413" in document["paths"][path]["post"]["responses"], path
-        concrete = path.replace("{payment_id}", "pay_" + "0" * 24).replace(
-            "{dispute_id}", "dp_" + "0" * 24
+        concrete = (
+            path.replace("{payment_id}", "pay_" + "0" * 24)
+            .replace("{dispute_id}", "dp_" + "0" * 24)
+            .replace("{event_id}", "0" * 8 + "-0000-0000-0000-" + "0" * 12)
+            .replace("{endpoint_id}", "we_" + "0" * 24)
         )
         response = await api.post(
             concrete,

@@ -1,4 +1,5 @@
-"""Safe deploys: every recorded PaymentWorkflow history replays against today's workflow code.
+"""Safe deploys: every recorded workflow history (PaymentWorkflow's paths, and the webhook
+deliveries', `webhook_*`) replays against today's workflow code.
 
 A payment's workflow lives for months (the dispute window), so a deploy meets histories that
 older code wrote. Each file under tests/histories/ is one path of the saga, recorded by
@@ -32,6 +33,7 @@ from settings import Settings
 from worker import workflow_runner
 from workflows import payment as payment_workflow
 from workflows.payment import PaymentWorkflow
+from workflows.webhook_delivery import WebhookDeliveryWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
 
@@ -58,6 +60,9 @@ PATHS = {
     "window_closes_with_open_dispute",  # only the dispute's close is taken after the window
     "operator_cancel_with_open_dispute",  # canceled, kept until the dispute closes
     "refund_drained_before_continue_as_new",  # queued refunds run before the hand-over
+    "webhook_delivered_after_retries",  # WebhookDeliveryWorkflow: failed twice, backoff, accepted
+    "webhook_gave_up_disabled",  # the retry window passed: gave up, the endpoint disabled
+    "webhook_manual_redelivery",  # one attempt, never disabling
 }
 
 # Payload encodings of an unencrypted history (the codec's would be binary/encrypted).
@@ -79,7 +84,7 @@ def _load(file: Path) -> WorkflowHistory:
 
 def _replayer(*workflows: type) -> Replayer:
     return Replayer(
-        workflows=list(workflows) or [PaymentWorkflow],
+        workflows=list(workflows) or [PaymentWorkflow, WebhookDeliveryWorkflow],
         data_converter=pydantic_data_converter,
         workflow_runner=workflow_runner(Settings(workflow_sandbox=True)),
     )

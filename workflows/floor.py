@@ -1,7 +1,9 @@
 """The benchmark's floor: a workflow with the same shape as a payment and empty bodies.
 
 `paysaga bench` runs it on the same Temporal server in the same run, so the ratio
-paysaga / floor says how much of the server's capacity the payment logic itself costs.
+paysaga / floor says how much of the server's capacity the payment logic itself costs. The
+shape is read from a finished payment: on the default stack (a CRM sandbox) that is four local
+steps and the CRM notification as a regular activity, which the floor runs CRM-shaped.
 """
 
 from __future__ import annotations
@@ -29,7 +31,10 @@ class FloorWorkflow:
                     floor_step, start_to_close_timeout=timedelta(seconds=10)
                 )
             else:
+                # The payment's regular step is the CRM notification: the same timeouts.
                 await workflow.execute_activity(
-                    floor_step, start_to_close_timeout=timedelta(seconds=10)
+                    floor_step,
+                    start_to_close_timeout=timedelta(seconds=30),
+                    schedule_to_close_timeout=timedelta(hours=24),
                 )
         return len(shape)

@@ -191,6 +191,9 @@ class PaymentWorkflow:
         self.resolutions: deque[AttentionResolution] = deque()
         self.resolutions_done = 0
         self.resolutions_taken = 0
+        # A ledger event is built once, for its posting (the outbox row), and published as is:
+        # one id, one body, whether a consumer reads it from Kafka, the relay or /v1/events.
+        self.posted_events: dict[str, PaymentEvent] = {}
 
     # ── the saga ──────────────────────────────────────────────────────────────────────────
     @workflow.run
@@ -1004,6 +1007,24 @@ class PaymentWorkflow:
         s = self.state
         return status_from_amounts(s.captured, s.refunded, s.disputed, s.dispute_lost)
 
+    def status_after(self, kind: EventKind, amount: int) -> PaymentStatus:
+        """The status a follow-up posting of `amount` leaves the payment in (its event says so);
+        other postings' events carry the status of the moment."""
+        s = self.state
+        refunded, disputed, lost = s.refunded, s.disputed, s.dispute_lost
+        match kind:
+            case EventKind.REFUNDED:
+                refunded += amount
+            case EventKind.DISPUTE_OPENED:
+                disputed += amount
+            case EventKind.DISPUTE_WON:
+                disputed -= amount
+            case EventKind.DISPUTE_LOST:
+                disputed, lost = disputed - amount, lost + amount
+            case _:
+                return s.status
+        return status_from_amounts(s.captured, refunded, disputed, lost)
+
     def stop_if_canceled(self) -> None:
         if self.cancel_requested is not None:
             raise PaymentCanceled
@@ -1036,12 +1057,16 @@ class PaymentWorkflow:
         )
 
     def event(
-        self, kind: EventKind, reference: str = "", data: dict[str, Any] | None = None
+        self,
+        kind: EventKind,
+        reference: str = "",
+        data: dict[str, Any] | None = None,
+        status: PaymentStatus | None = None,
     ) -> PaymentEvent:
         request = self.state.request
         body: dict[str, Any] = {
             "payment_id": self.state.id,
-            "status": self.state.status.value,
+            "status": (status or self.state.status).value,
             "amount": request.amount,
             "currency": request.currency,
             "customer_id": request.customer_id,
@@ -1063,6 +1088,7 @@ class PaymentWorkflow:
             payment_id=self.state.id,
             time=workflow.now(),
             data=body,
+            client_id=self.state.client_id,
         )
 
     async def publish(
@@ -1072,12 +1098,9 @@ class PaymentWorkflow:
         data: dict[str, Any] | None = None,
         local: bool = False,
     ) -> None:
-        await self.run_step(
-            KafkaActivities.publish_payment_event,
-            self.event(kind, reference, data),
-            _KAFKA,
-            local=local,
-        )
+        the_id = event_id(self.state.id, kind, reference)
+        event = self.posted_events.pop(the_id, None) or self.event(kind, reference, data)
+        await self.run_step(KafkaActivities.publish_payment_event, event, _KAFKA, local=local)
 
     async def post(
         self,
@@ -1089,6 +1112,10 @@ class PaymentWorkflow:
         local: bool = False,
     ) -> None:
         request = self.state.request
+        event = None
+        if kind.from_ledger or kind == EventKind.CANCELED:
+            event = self.event(kind, reference, data, status=self.status_after(kind, amount))
+            self.posted_events[event.id] = event
         posting = LedgerPosting(
             transaction=transaction.model_copy(
                 update={"event_kind": kind, "event_id": event_id(self.state.id, kind, reference)}
@@ -1100,9 +1127,7 @@ class PaymentWorkflow:
                 merchant_id=request.merchant_id,
                 currency=request.currency,
             ),
-            event=self.event(kind, reference, data)
-            if kind.from_ledger or kind == EventKind.CANCELED
-            else None,
+            event=event,
         )
         await self.run_step(LedgerActivities.post_ledger_transaction, posting, _LEDGER, local=local)
 

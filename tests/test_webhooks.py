@@ -1,0 +1,461 @@
+"""Merchant webhooks end to end: endpoints through the API, events delivered by the real
+worker (dispatcher, delivery workflows on their own task queue) to real local HTTP receivers
+that fail, hang and recover on cue (tests/fakes: the merchant's far side).
+
+The module runs its own event worker with a fast retry schedule (0.5 s doubling to 2 s, giving
+up after 8 s instead of 3 days) and two API clients of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import datetime, timedelta
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+from temporalio.client import Client
+
+from activities.crm import verify_webhook
+from domain.events import EventKind, event_id
+from infra.process import free_port
+from settings import ApiKey, Settings
+from tests.api_client import api_client
+from tests.fakes import FakeCrmServer, RecordedRequest
+from tests.saga_helpers import create_payment, payment_body
+from worker import event_worker
+
+KEY_A = "psk_test_hooks_alpha_0123456789abcdefghi"
+KEY_B = "psk_test_hooks_beta_0123456789abcdefghij"
+HOOK = "/hook"
+GIVE_UP_AFTER = 8.0
+
+
+@pytest.fixture(scope="module")
+def hook_settings(app_settings: Settings) -> Settings:
+    suffix = uuid.uuid4().hex[:6]
+    return app_settings.model_copy(
+        update={
+            "api_keys": [
+                *app_settings.api_keys,
+                ApiKey(client_id=f"hooks-a-{suffix}", key_sha256=ApiKey.hash(KEY_A)),
+                ApiKey(client_id=f"hooks-b-{suffix}", key_sha256=ApiKey.hash(KEY_B)),
+            ],
+            "webhook_task_queue": f"webhooks-{suffix}",
+            "webhook_retry_initial_seconds": 0.5,
+            "webhook_retry_backoff": 2.0,
+            "webhook_retry_max_interval_seconds": 2.0,
+            "webhook_retry_for_seconds": GIVE_UP_AFTER,
+            "webhook_timeout_seconds": 1.0,
+            "webhook_max_concurrent_deliveries": 6,
+            "webhook_max_in_flight_per_endpoint": 2,
+            "relay_interval_seconds": 0.2,
+            # The Kafka side of the relay is test_relay.py's business, on a stack of its own.
+            "relay_detect_broker_loss": False,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+async def deliveries(
+    hook_settings: Settings, temporal_client: Client, engine: AsyncEngine, worker: None
+) -> AsyncIterator[None]:
+    # Events of earlier modules are not this module's to deliver (another module's endpoints
+    # may still exist): the dispatcher starts from now.
+    async with engine.begin() as conn:
+        await conn.execute(
+            text("UPDATE outbox_events SET dispatched_at = now() WHERE dispatched_at IS NULL")
+        )
+    async with event_worker(hook_settings, temporal_client):
+        yield
+
+
+@pytest.fixture(scope="module")
+async def merchant_a(
+    hook_settings: Settings, temporal_client: Client, deliveries: None
+) -> AsyncIterator[httpx.AsyncClient]:
+    async with api_client(hook_settings, temporal_client, KEY_A) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+async def merchant_b(
+    hook_settings: Settings, temporal_client: Client, deliveries: None
+) -> AsyncIterator[httpx.AsyncClient]:
+    async with api_client(hook_settings, temporal_client, KEY_B) as client:
+        yield client
+
+
+@pytest.fixture(autouse=True)
+async def one_test_one_set_of_endpoints(
+    merchant_a: httpx.AsyncClient, merchant_b: httpx.AsyncClient
+) -> AsyncIterator[None]:
+    """Each test sees only the endpoints it made: deliveries in flight to earlier ones stop."""
+    yield
+    for merchant in (merchant_a, merchant_b):
+        listed = (await merchant.get("/v1/webhook_endpoints", params={"limit": 100})).json()
+        for endpoint in listed["data"]:
+            await merchant.delete(f"/v1/webhook_endpoints/{endpoint['id']}")
+
+
+@pytest.fixture
+def receiver() -> Iterator[FakeCrmServer]:
+    with FakeCrmServer() as server:
+        yield server
+
+
+async def _endpoint(
+    api: httpx.AsyncClient, url: str, events: list[str] | None = None
+) -> dict[str, Any]:
+    created = await api.post(
+        "/v1/webhook_endpoints",
+        json={"url": url, "enabled_events": events or ["payment.confirmed"]},
+    )
+    assert created.status_code == 201, created.text
+    endpoint: dict[str, Any] = created.json()
+    return endpoint
+
+
+async def _pay(api: httpx.AsyncClient, **overrides: Any) -> str:
+    created = await create_payment(api, payment_body(**overrides), wait=20)
+    assert created.status_code == 201 and created.json()["status"] == "succeeded", created.text
+    payment_id: str = created.json()["id"]
+    return payment_id
+
+
+async def _attempts(
+    api: httpx.AsyncClient, endpoint_id: str, until: Any, timeout: float = 30
+) -> list[dict[str, Any]]:
+    """The endpoint's delivery log (oldest first) once `until(log)` holds."""
+    deadline = time.monotonic() + timeout
+    log: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        answer = await api.get(f"/v1/webhook_endpoints/{endpoint_id}/deliveries?limit=100")
+        assert answer.status_code == 200, answer.text
+        log = list(reversed(answer.json()["data"]))
+        if until(log):
+            return log
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"the delivery log never got there: {log}")
+
+
+def _verifies(request: RecordedRequest, secret: str) -> bool:
+    return verify_webhook(secret, request.body, request.header("Paysaga-Signature") or "")
+
+
+async def test_an_endpoints_secret_is_shown_once_and_bad_urls_are_refused(
+    merchant_a: httpx.AsyncClient, receiver: FakeCrmServer
+) -> None:
+    created = await _endpoint(merchant_a, receiver.url(HOOK), ["payment.*", "payment.refunded"])
+    assert created["secret"].startswith("whsec_") and created["status"] == "enabled"
+    assert created["enabled_events"] == ["payment.*", "payment.refunded"]
+    fetched = (await merchant_a.get(f"/v1/webhook_endpoints/{created['id']}")).json()
+    assert fetched["secret"] is None
+    assert fetched == {**created, "secret": None}
+    listed = (await merchant_a.get("/v1/webhook_endpoints")).json()
+    assert listed["data"][0] == fetched and all(e["secret"] is None for e in listed["data"])
+
+    for url, code in [
+        ("ftp://example.com/hook", "parameter_invalid_format"),
+        ("http://user:password@example.com/hook", "url_invalid"),
+        ("https://example.com/hook#frag", "url_invalid"),
+    ]:
+        refused = await merchant_a.post("/v1/webhook_endpoints", json={"url": url})
+        assert refused.status_code == 422, (url, refused.text)
+        assert (refused.json()["error"]["code"], refused.json()["error"]["param"]) == (code, "url")
+    unknown = await merchant_a.post(
+        "/v1/webhook_endpoints",
+        json={"url": receiver.url(HOOK), "enabled_events": ["payment.teleported"]},
+    )
+    assert unknown.status_code == 422
+
+    deleted = await merchant_a.delete(f"/v1/webhook_endpoints/{created['id']}")
+    assert deleted.json() == {"object": "webhook_endpoint", "id": created["id"], "deleted": True}
+    gone = await merchant_a.get(f"/v1/webhook_endpoints/{created['id']}")
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "resource_missing"
+
+
+async def test_a_matching_event_is_delivered_signed_as_the_events_api_shows_it(
+    merchant_a: httpx.AsyncClient, receiver: FakeCrmServer
+) -> None:
+    endpoint = await _endpoint(merchant_a, receiver.url(HOOK))
+    payment_id = await _pay(merchant_a)
+    the_id = event_id(payment_id, EventKind.CONFIRMED)
+
+    [request] = await receiver.wait_for_requests(1, HOOK, timeout=20)
+    assert _verifies(request, endpoint["secret"])
+    assert not _verifies(request, "whsec_someone_else")
+    assert request.header("Idempotency-Key") == the_id
+    assert request.json() == (await merchant_a.get(f"/v1/events/{the_id}")).json()
+    [attempt] = await _attempts(merchant_a, endpoint["id"], lambda log: len(log) == 1)
+    assert attempt["event_id"] == the_id and attempt["event_type"] == "payment.confirmed"
+    assert (attempt["attempt"], attempt["status_code"], attempt["succeeded"]) == (1, 200, True)
+    assert attempt["error"] is None and attempt["latency_ms"] >= 0 and not attempt["manual"]
+    await asyncio.sleep(1)  # payments.raw is not one it asked for
+    assert len(receiver.requests_for(HOOK)) == 1
+
+
+async def test_a_failing_then_recovering_receiver_gets_the_event_after_backed_off_retries(
+    merchant_a: httpx.AsyncClient, receiver: FakeCrmServer
+) -> None:
+    endpoint = await _endpoint(merchant_a, receiver.url(HOOK))
+    receiver.delay_for(3.0, times=1, path_prefix=HOOK)  # hangs past the 1 s timeout
+    receiver.fail_for(3.0, status=503, path_prefix=HOOK)  # then answers 503 for a while
+    payment_id = await _pay(merchant_a)
+
+    log = await _attempts(merchant_a, endpoint["id"], lambda log: any(a["succeeded"] for a in log))
+    assert [a["attempt"] for a in log] == list(range(1, len(log) + 1))
+    assert len(log) >= 3 and [a["succeeded"] for a in log] == [False] * (len(log) - 1) + [True]
+    assert (log[0]["status_code"], log[0]["error"]) == (None, "timed out after 1s")
+    assert log[0]["latency_ms"] >= 900
+    assert all(a["status_code"] == 503 for a in log[1:-1])
+    assert all(a["error"].startswith("answered 503") for a in log[1:-1])
+    assert log[-1]["status_code"] == 200 and log[-1]["error"] is None
+    # Exponential backoff: a workflow timer never fires early, so each pause between attempts
+    # is at least the policy's (0.5 s doubling, capped at 2 s, less the 10 % jitter).
+    starts = [datetime.fromisoformat(a["attempted_at"]) for a in log]
+    pauses = [
+        (later - earlier).total_seconds() - attempt["latency_ms"] / 1000
+        for attempt, (earlier, later) in zip(log, itertools.pairwise(starts), strict=False)
+    ]
+    floors = [0.9 * min(0.5 * 2**n, 2.0) - 0.05 for n in range(len(pauses))]
+    assert all(p >= f for p, f in zip(pauses, floors, strict=True)), (pauses, floors)
+    requests = receiver.requests_for(HOOK)
+    assert {r.header("Idempotency-Key") for r in requests} == {
+        event_id(payment_id, EventKind.CONFIRMED)
+    }
+    assert all(_verifies(r, endpoint["secret"]) for r in requests)  # signed afresh each time
+
+
+async def test_an_event_can_be_redelivered_on_request(
+    merchant_a: httpx.AsyncClient, merchant_b: httpx.AsyncClient, receiver: FakeCrmServer
+) -> None:
+    endpoint = await _endpoint(merchant_a, receiver.url(HOOK))
+    payment_id = await _pay(merchant_a)
+    the_id = event_id(payment_id, EventKind.CONFIRMED)
+    await receiver.wait_for_requests(1, HOOK, timeout=20)
+
+    redelivered = await merchant_a.post(f"/v1/events/{the_id}/redeliver")
+    assert redelivered.status_code == 202, redelivered.text
+    [started] = redelivered.json()["data"]
+    assert (started["event"], started["webhook_endpoint"]) == (the_id, endpoint["id"])
+    first, second = await receiver.wait_for_requests(2, HOOK, timeout=20)
+    assert first.body == second.body and second.header("Idempotency-Key") == the_id
+    assert _verifies(second, endpoint["secret"])
+    log = await _attempts(merchant_a, endpoint["id"], lambda log: len(log) == 2)
+    assert [(a["manual"], a["succeeded"]) for a in log] == [(False, True), (True, True)]
+    assert log[1]["delivery"] == started["delivery"] != log[0]["delivery"]
+
+    # Naming the endpoint works too; another client can neither redeliver nor name it.
+    named = await merchant_a.post(
+        f"/v1/events/{the_id}/redeliver", json={"webhook_endpoint": endpoint["id"]}
+    )
+    assert named.status_code == 202
+    assert (await merchant_b.post(f"/v1/events/{the_id}/redeliver")).status_code == 404
+    payment_b = await _pay(merchant_b)
+    foreign = await merchant_b.post(
+        f"/v1/events/{event_id(payment_b, EventKind.CONFIRMED)}/redeliver",
+        json={"webhook_endpoint": endpoint["id"]},
+    )
+    assert foreign.status_code == 404 and foreign.json()["error"]["param"] == "webhook_endpoint"
+
+
+async def test_an_endpoint_failing_for_the_whole_retry_window_is_disabled_with_an_event(
+    merchant_a: httpx.AsyncClient, receiver: FakeCrmServer
+) -> None:
+    endpoint = await _endpoint(merchant_a, receiver.url(HOOK))
+    receiver.respond_with(500, path_prefix=HOOK, body="database exploded")
+    payment_id = await _pay(merchant_a)
+
+    deadline = time.monotonic() + GIVE_UP_AFTER + 20
+    while time.monotonic() < deadline:
+        current = (await merchant_a.get(f"/v1/webhook_endpoints/{endpoint['id']}")).json()
+        if current["status"] == "disabled":
+            break
+        await asyncio.sleep(0.3)
+    assert current["status"] == "disabled", current
+    assert "every delivery failed since" in current["disabled_reason"]
+    log = await _attempts(merchant_a, endpoint["id"], lambda log: len(log) >= 3)
+    assert not any(a["succeeded"] for a in log)
+    assert log[-1]["error"] == "answered 500: database exploded"
+    span = datetime.fromisoformat(log[-1]["attempted_at"]) - datetime.fromisoformat(
+        log[0]["attempted_at"]
+    )
+    # Attempts only within the retry window (plus the time an attempt takes to be picked up).
+    assert span.total_seconds() <= GIVE_UP_AFTER + 2
+
+    events = (await merchant_a.get("/v1/events", params={"type": "webhook_endpoint.*"})).json()
+    [disabled] = [e for e in events["data"] if e["data"]["webhook_endpoint_id"] == endpoint["id"]]
+    assert disabled["type"] == "webhook_endpoint.disabled" and disabled["payment_id"] is None
+    assert disabled["data"]["last_event_id"] == event_id(payment_id, EventKind.CONFIRMED)
+
+    # Disabled: new events do not go there; redelivering to it is refused until re-enabled.
+    tried = len(receiver.requests_for(HOOK))
+    await _pay(merchant_a)
+    await asyncio.sleep(2)
+    assert len(receiver.requests_for(HOOK)) == tried
+    refused = await merchant_a.post(
+        f"/v1/events/{event_id(payment_id, EventKind.CONFIRMED)}/redeliver",
+        json={"webhook_endpoint": endpoint["id"]},
+    )
+    assert (
+        refused.status_code == 409
+        and refused.json()["error"]["code"] == "webhook_endpoint_disabled"
+    )
+    enabled = await merchant_a.post(
+        f"/v1/webhook_endpoints/{endpoint['id']}", json={"enabled": True}
+    )
+    assert enabled.json()["status"] == "enabled" and enabled.json()["disabled_reason"] is None
+
+
+async def test_a_rotated_secret_and_the_previous_one_both_sign_during_the_overlap(
+    merchant_a: httpx.AsyncClient, receiver: FakeCrmServer
+) -> None:
+    endpoint = await _endpoint(merchant_a, receiver.url(HOOK))
+    old = endpoint["secret"]
+    rotated = await merchant_a.post(
+        f"/v1/webhook_endpoints/{endpoint['id']}/rotate_secret",
+        json={"expire_previous_after_seconds": 3600},
+    )
+    assert rotated.status_code == 200, rotated.text
+    new = rotated.json()["secret"]
+    assert new != old and rotated.json()["previous_secret_expires_at"] is not None
+    assert (await merchant_a.get(f"/v1/webhook_endpoints/{endpoint['id']}")).json()[
+        "secret"
+    ] is None
+
+    await _pay(merchant_a)
+    [during] = await receiver.wait_for_requests(1, HOOK, timeout=20)
+    assert (during.header("Paysaga-Signature") or "").count("v1=") == 2
+    assert _verifies(during, new) and _verifies(during, old)
+
+    retired = await merchant_a.post(
+        f"/v1/webhook_endpoints/{endpoint['id']}/rotate_secret",
+        json={"expire_previous_after_seconds": 0},
+    )
+    newest = retired.json()["secret"]
+    await _pay(merchant_a)
+    _, after = await receiver.wait_for_requests(2, HOOK, timeout=20)
+    assert (after.header("Paysaga-Signature") or "").count("v1=") == 1
+    assert _verifies(after, newest) and not _verifies(after, new) and not _verifies(after, old)
+
+
+async def test_endpoints_and_their_events_are_scoped_to_their_client(
+    merchant_a: httpx.AsyncClient, merchant_b: httpx.AsyncClient, receiver: FakeCrmServer
+) -> None:
+    with FakeCrmServer() as receiver_b:
+        mine = await _endpoint(merchant_a, receiver.url(HOOK), ["*"])
+        theirs = await _endpoint(merchant_b, receiver_b.url(HOOK), ["*"])
+        for method, path in [
+            ("GET", ""),
+            ("POST", ""),
+            ("DELETE", ""),
+            ("POST", "/rotate_secret"),
+            ("GET", "/deliveries"),
+        ]:
+            answer = await merchant_b.request(
+                method,
+                f"/v1/webhook_endpoints/{mine['id']}{path}",
+                json={} if method == "POST" else None,
+            )
+            assert answer.status_code == 404, (method, path, answer.text)
+        assert mine["id"] not in {
+            e["id"] for e in (await merchant_b.get("/v1/webhook_endpoints")).json()["data"]
+        }
+
+        payment_a = await _pay(merchant_a)
+        await receiver.wait_for_requests(2, HOOK, timeout=20)  # raw and confirmed
+        await asyncio.sleep(1)
+        assert receiver_b.requests_for(HOOK) == []
+        assert {r.json()["payment_id"] for r in receiver.requests_for(HOOK)} == {payment_a}
+        assert theirs["id"] != mine["id"]
+
+
+async def test_a_hanging_endpoint_does_not_hold_back_another_nor_the_payments(
+    merchant_b: httpx.AsyncClient,
+) -> None:
+    with FakeCrmServer() as slow, FakeCrmServer() as fast:
+        slow.delay_for(5.0, path_prefix=HOOK)  # every request hangs past the 1 s timeout
+        hanging = await _endpoint(merchant_b, slow.url(HOOK), ["payment.*"])
+        healthy = await _endpoint(merchant_b, fast.url(HOOK), ["payment.*"])
+        started = time.monotonic()
+        payments = await asyncio.gather(*(_pay(merchant_b, amount=2000 + n) for n in range(6)))
+        paid_in = time.monotonic() - started
+        # 12 events for each endpoint; the hanging one may only ever use 2 of the 6 slots.
+        await fast.wait_for_requests(12, HOOK, timeout=20)
+        delivered_in = time.monotonic() - started
+        assert {r.json()["payment_id"] for r in fast.requests_for(HOOK)} == set(payments)
+        log = await _attempts(merchant_b, hanging["id"], lambda log: len(log) >= 8)
+        assert not any(a["succeeded"] for a in log)
+        # Never more than its share in flight at once, though 12 deliveries wanted a slot.
+        spans = [
+            (start, start + timedelta(milliseconds=a["latency_ms"]))
+            for a in log
+            for start in [datetime.fromisoformat(a["attempted_at"])]
+        ]
+        most = max(sum(1 for s, e in spans if s <= moment < e) for moment, _ in spans)
+        assert most <= 2, spans
+        print(
+            f"6 payments in {paid_in:.1f}s; 12 deliveries to the healthy one in {delivered_in:.1f}s"
+        )
+        for endpoint in (hanging, healthy):
+            await merchant_b.delete(f"/v1/webhook_endpoints/{endpoint['id']}")
+
+
+async def test_the_documented_receiver_takes_real_deliveries_through_a_rotation(
+    merchant_a: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/webhooks.md's receiver, run as written, behind a real endpoint."""
+    port = free_port()
+    endpoint = await _endpoint(merchant_a, f"http://127.0.0.1:{port}/paysaga")
+    monkeypatch.setenv("PAYSAGA_WEBHOOK_SECRETS", endpoint["secret"])
+    receiver = _documented_receiver()
+    server = ThreadingHTTPServer(("127.0.0.1", port), receiver["PaysagaEvents"])
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    try:
+        first = await _pay(merchant_a)
+        await _handled(receiver, event_id(first, EventKind.CONFIRMED))
+        # Rotate, and deploy only the new secret: the overlap's second signature carries it.
+        rotated = await merchant_a.post(f"/v1/webhook_endpoints/{endpoint['id']}/rotate_secret")
+        receiver["SECRETS"][:] = [rotated.json()["secret"]]
+        second = await _pay(merchant_a)
+        await _handled(receiver, event_id(second, EventKind.CONFIRMED))
+        # A forged delivery is refused and handles nothing.
+        forged = await asyncio.to_thread(
+            httpx.post,
+            f"http://127.0.0.1:{port}/paysaga",
+            content=b'{"id": "x", "type": "payment.confirmed"}',
+            headers={"Paysaga-Signature": f"t={int(time.time())},v1={'0' * 64}"},
+        )
+        assert forged.status_code == 400 and "x" not in receiver["handled"]
+    finally:
+        server.shutdown()
+        server.server_close()
+    log = await _attempts(merchant_a, endpoint["id"], lambda log: len(log) == 2)
+    assert [(a["status_code"], a["succeeded"]) for a in log] == [(204, True), (204, True)]
+
+
+def _documented_receiver() -> dict[str, Any]:
+    document = (Path(__file__).parent.parent / "docs" / "webhooks.md").read_text()
+    section = document.split("### A receiver", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {"__name__": "documented_receiver"}
+    exec(compile(code, "docs/webhooks.md", "exec"), namespace)  # noqa: S102 - our own docs
+    return namespace
+
+
+async def _handled(receiver: dict[str, Any], the_id: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while the_id not in receiver["handled"]:
+        assert time.monotonic() < deadline, f"the documented receiver never handled {the_id}"
+        await asyncio.sleep(0.1)
