@@ -41,8 +41,8 @@ from domain.cards import contains_card_number
 from domain.follow_ups import Refusal
 from domain.payment import (
     CancelSignal,
-    Dispute,
     CrmSync,
+    Dispute,
     DisputeClosedSignal,
     DisputeCloseRequest,
     DisputeOpenedSignal,
