@@ -68,7 +68,7 @@ async def _customer_footprint(engine: AsyncEngine, customer_id: str) -> dict[str
                     "(SELECT count(*) FROM ledger_entries e JOIN accounts a "
                     " ON a.id = e.account_id WHERE a.code LIKE :code) AS entries"
                 ),
-                {"c": customer_id, "code": f"customer:{customer_id}:%"},
+                {"c": customer_id, "code": f"customer:%{customer_id}:%"},
             )
         ).one()
     return {"payments": int(row.payments), "entries": int(row.entries)}
