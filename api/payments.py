@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
-from pydantic import AfterValidator
+from pydantic import BeforeValidator
 from pydantic_core import PydanticCustomError
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 from temporalio.service import RPCError, RPCStatusCode
@@ -50,10 +50,11 @@ from workflows.starter import IdempotencyKeyReused, start_payment
 router = APIRouter(prefix="/v1", tags=["payments"])
 
 
-def _no_card_number(value: str | None) -> str | None:
+def _no_card_number(value: Any) -> Any:
     """Headers and filters are strings too: a card number sent as an idempotency key or
-    searched for would reach logs and stores the body never does."""
-    if value is not None and contains_card_number(value):
+    searched for would reach logs and stores the body never does. Checked before the format,
+    so every spelling is refused as card data, like one in the body."""
+    if isinstance(value, str) and contains_card_number(value):
         raise PydanticCustomError(
             "card_data_not_allowed",
             "Card numbers are not accepted; send a payment-method token (pm_…) instead.",
@@ -71,7 +72,7 @@ IdempotencyKey = Annotated[
         description="Unique per payment attempt; retries with the same key never pay twice. "
         "8–255 characters of `A-Z a-z 0-9 _ -`; never a card number.",
     ),
-    AfterValidator(_no_card_number),
+    BeforeValidator(_no_card_number),
 ]
 PaymentId = Annotated[str, Path(pattern=r"^pay_[0-9a-f]{24}$")]
 DisputeId = Annotated[str, Path(pattern=r"^dp_[0-9a-f]{24}$")]
@@ -249,7 +250,7 @@ async def list_payments(
     customer_id: Annotated[
         str | None,
         Query(max_length=64, pattern=IDENTIFIER_PATTERN),
-        AfterValidator(_no_card_number),
+        BeforeValidator(_no_card_number),
     ] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[str | None, Query(max_length=2048)] = None,
