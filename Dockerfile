@@ -35,8 +35,8 @@ RUN groupadd --system --gid 10001 paysaga \
 COPY --from=build /opt/paysaga /opt/paysaga
 USER 10001:10001
 WORKDIR /var/lib/paysaga
-# 8000: API; 9464: worker/intake /metrics; 9465: Temporal SDK metrics.
-EXPOSE 8000 9464 9465
+# 8000: API; 9463: the API's /metrics; 9464: worker/intake /metrics; 9465: Temporal SDK metrics.
+EXPOSE 8000 9463 9464 9465
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
   CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"]
 CMD ["uvicorn", "--factory", "api.app:app_from_environment", "--host", "0.0.0.0", "--port", "8000", "--no-access-log"]

@@ -1,20 +1,25 @@
-"""Kafka intake: billing systems and agents request payments by producing to `payments.requests`.
+"""Kafka intake: billing systems and agents request payments over Kafka.
 
     python -m intake      # its own process; or PAYSAGA_KAFKA_INTAKE_ENABLED=true in the worker
 
-A message is the REST API's JSON body; headers carry `idempotency-key` (required) and
-`client-id` (optional, default "kafka-intake"; payment ids are scoped by it as API keys scope
-them over REST). Delivery is at least once and starting is idempotent, so:
+Each client configured in `PAYSAGA_KAFKA_INTAKE_CLIENTS` produces to its own topic,
+`payments.requests.<client_id>`, and **the topic says who asks**: a producer cannot choose
+another client by a header, and Kafka ACLs grant each producer's principal WRITE on its own
+topic only (docs/security.md, "The Kafka intake"). A message is the REST API's JSON body;
+headers carry `idempotency-key` (required) and may carry `client-id`, which must then name the
+topic's client. Delivery is at least once and starting is idempotent, so:
 
 - a valid message starts the payment's workflow, and its offset is committed only after
   Temporal accepted the start (or said this key already started the same payment);
 - a replayed message (same key, same body) starts nothing new, even after Temporal forgot the
   payment (the idempotency register in the database remembers every key: infra/idempotency.py);
-- an invalid message (bad JSON, schema error, card data, missing key, key reused with another
-  body) is copied to `payments.requests.dlq` with `dlq-reason` / `dlq-error-code` headers and
-  the original key and headers, then committed: it cannot succeed by being read again;
-- when Temporal does not accept a start, nothing from that message on is committed: the
-  partition is rewound to it and read again after a pause.
+- an invalid message (bad JSON, schema error, card data, missing key, a `client-id` naming
+  another client, key reused with another body) is copied to `payments.requests.dlq` with
+  `dlq-reason` / `dlq-error-code` headers and the original key and headers, and committed once
+  the broker's delivery report acknowledged the copy: it cannot succeed by being read again;
+- when Temporal (or the database) does not accept a start, or the broker does not acknowledge
+  a dead letter, nothing from that message on is committed: the partition is rewound to it and
+  read again after a pause.
 """
 
 from __future__ import annotations
@@ -40,10 +45,10 @@ from confluent_kafka import (
 from pydantic import ValidationError
 from temporalio.client import Client
 
-from domain.bounds import ID_MAX, IDEMPOTENCY_KEY_MAX, IDEMPOTENCY_KEY_MIN, TEXT_MAX
+from domain.bounds import IDEMPOTENCY_KEY_MAX, IDEMPOTENCY_KEY_MIN, TEXT_MAX
 from domain.cards import contains_card_number
-from domain.events import REQUESTS_DLQ_TOPIC, REQUESTS_TOPIC
-from domain.payment import PaymentRequest
+from domain.events import REQUESTS_DLQ_TOPIC
+from domain.payment import IDEMPOTENCY_KEY_PATTERN, PaymentRequest
 from infra.database import make_engine
 from infra.idempotency import IdempotencyRegister
 from infra.metrics import INTAKE_MESSAGES
@@ -54,20 +59,17 @@ log = logging.getLogger("paysaga.intake")
 
 IDEMPOTENCY_KEY_HEADER = "idempotency-key"
 CLIENT_ID_HEADER = "client-id"
-DEFAULT_CLIENT_ID = "kafka-intake"
 DLQ_REASON_HEADER = "dlq-reason"
 DLQ_ERROR_CODE_HEADER = "dlq-error-code"
+DLQ_CLIENT_ID_HEADER = "dlq-client-id"
 
-# The REST API's rules for the same values (api/payments.py IdempotencyKey), bounded by what
-# the schema stores (domain/bounds.py).
-_IDEMPOTENCY_KEY = re.compile(rf"^[A-Za-z0-9_\-:.]{{{IDEMPOTENCY_KEY_MIN},{IDEMPOTENCY_KEY_MAX}}}$")
-_CLIENT_ID = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9_.:-]{{0,{ID_MAX - 1}}}$")
+# The REST API's rule for the same value (api/payments.py IdempotencyKey).
+_IDEMPOTENCY_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
 _MAX_REASON_CHARS = TEXT_MAX
+_CARD_REASON = "card numbers are not accepted; send a pm_… token"
 _BATCH_SIZE = 100
 _POLL_SECONDS = 0.5
 _RETRY_PAUSE_SECONDS = 1.0
-
-Outcome = Literal["started", "replayed", "dead_lettered"]
 
 
 class Refused(Exception):
@@ -111,18 +113,34 @@ def _schema_reason(error: ValidationError) -> tuple[str, str]:
     """An error code and a message built from locations and rules, never from the values."""
     problems = error.errors(include_input=False, include_url=False)
     if any(p["type"] == "card_data_not_allowed" for p in problems):
-        return "card_data_not_allowed", "card numbers are not accepted; send a pm_… token"
+        return "card_data_not_allowed", _CARD_REASON
     if any(p["type"] == "json_invalid" for p in problems):
         return "invalid_json", "the message value is not valid JSON"
     parts = [f"{'.'.join(str(x) for x in p['loc']) or 'body'}: {p['msg']}" for p in problems[:5]]
     return "invalid_request", "; ".join(parts)
 
 
+def _carries_card_number(headers: Sequence[tuple[str, bytes]]) -> bool:
+    return any(
+        contains_card_number(name) or contains_card_number(value.decode(errors="replace"))
+        for name, value in headers
+    )
+
+
 def read_payment_order(
-    value: bytes | None, headers: Sequence[tuple[str, bytes]], max_bytes: int
+    value: bytes | None,
+    headers: Sequence[tuple[str, bytes]],
+    max_bytes: int,
+    client_id: str,
+    *,
+    message_key: bytes | None = None,
 ) -> PaymentOrder:
-    """Check a `payments.requests` message as the REST API checks a request; `Refused` says
-    why not."""
+    """Check a message from `client_id`'s topic as the REST API checks a request; `Refused`
+    says why not. The topic decided `client_id`; a header can only agree with it."""
+    if _carries_card_number([*headers, ("", message_key or b"")]):
+        # The key and headers are copied to the dead-letter topic: a card number in any of them
+        # refuses the message like one in its body (the copy is redacted, dead_letter_headers).
+        raise Refused("card_data_not_allowed", _CARD_REASON)
     key = _header(headers, IDEMPOTENCY_KEY_HEADER)
     if key is None or not key:
         raise Refused("idempotency_key_missing", f"the {IDEMPOTENCY_KEY_HEADER} header is missing")
@@ -130,11 +148,16 @@ def read_payment_order(
         raise Refused(
             "idempotency_key_invalid",
             f"{IDEMPOTENCY_KEY_HEADER} must be {IDEMPOTENCY_KEY_MIN}-{IDEMPOTENCY_KEY_MAX} "
-            "characters of A-Z a-z 0-9 _ - : .",
+            "characters of A-Z a-z 0-9 _ -",
         )
-    client_id = _header(headers, CLIENT_ID_HEADER) or DEFAULT_CLIENT_ID
-    if not _CLIENT_ID.match(client_id):
-        raise Refused("client_id_invalid", f"{CLIENT_ID_HEADER} must match {_CLIENT_ID.pattern}")
+    claimed = _header(headers, CLIENT_ID_HEADER)
+    if claimed is not None and claimed != client_id:
+        # Never echo the claim: it is whatever the producer wrote.
+        raise Refused(
+            "client_id_mismatch",
+            f"the {CLIENT_ID_HEADER} header names another client than {client_id}, whose "
+            "topic this is; a producer requests payments for its own client only",
+        )
     if not value:
         raise Refused("invalid_json", "the message has no value")
     if len(value) > max_bytes:
@@ -147,18 +170,15 @@ def read_payment_order(
 
 
 def dead_letter_headers(
-    message: Message, headers: Sequence[tuple[str, bytes]], refusal: Refused
+    message: Message, headers: Sequence[tuple[str, bytes]], refusal: Refused, client_id: str
 ) -> list[tuple[str, str | bytes | None]]:
-    """The original headers plus why and where from. A message refused for card data gets any
-    card-shaped header value redacted too (keys are hashed, never stored: a long numeric
-    invoice number is a fine idempotency key and is kept otherwise)."""
-    card_refused = refusal.code == "card_data_not_allowed"
+    """The original headers plus why, where from and whose. A header name or value holding
+    something card-shaped is redacted (only a card refusal can have one: read_payment_order
+    checks headers first)."""
     kept = [
         (
-            name,
-            b"[redacted]"
-            if card_refused and contains_card_number(value.decode(errors="replace"))
-            else value,
+            "[redacted]" if contains_card_number(name) else name,
+            b"[redacted]" if contains_card_number(value.decode(errors="replace")) else value,
         )
         for name, value in headers
     ]
@@ -166,6 +186,7 @@ def dead_letter_headers(
         *kept,
         (DLQ_REASON_HEADER, refusal.reason.encode()),
         (DLQ_ERROR_CODE_HEADER, refusal.code.encode()),
+        (DLQ_CLIENT_ID_HEADER, client_id.encode()),
         ("dlq-source-topic", str(message.topic()).encode()),
         ("dlq-source-partition", str(message.partition()).encode()),
         ("dlq-source-offset", str(message.offset()).encode()),
@@ -176,19 +197,56 @@ class _NotAccepted(Exception):
     """Temporal (or the DLQ) did not take the message: don't commit it; read it again."""
 
 
+@dataclass
+class DeadLetterDelivery:
+    """The broker's delivery report for one dead letter, set by librdkafka's callback.
+
+    Only this says the copy is on the DLQ: `flush()` returning 0 means the producer's queue is
+    empty, which is also true after the broker *refused* the copy (an ACL, an unknown or
+    invalid topic, a message timeout) and librdkafka reported that error and dropped it."""
+
+    reported: bool = False
+    error: str | None = None
+
+    def report(self, error: KafkaError | None, _message: Message) -> None:
+        self.error = None if error is None else error.str()
+        self.reported = True
+
+    @property
+    def acknowledged(self) -> bool:
+        return self.reported and self.error is None
+
+
+Started = Literal["started", "replayed"]
+
+
 class PaymentIntake:
-    """Consumes `payments.requests` in batches. Each batch's starts run concurrently; then, per
-    partition, offsets are committed up to the first message that was not accepted, and the
-    partition is rewound to it. A redelivered message is harmless: starts are idempotent."""
+    """Consumes every intake client's `payments.requests.<client_id>` in batches. Each batch's
+    starts run concurrently; then, per partition, offsets are committed up to the first message
+    that was not accepted, and the partition is rewound to it. A redelivered message is
+    harmless: starts are idempotent."""
 
     def __init__(
-        self, settings: Settings, temporal: Client, *, group_id: str | None = None
+        self,
+        settings: Settings,
+        temporal: Client,
+        *,
+        group_id: str | None = None,
+        dead_letter_topic: str = REQUESTS_DLQ_TOPIC,
     ) -> None:
         assert settings.kafka_bootstrap_servers, "PAYSAGA_KAFKA_BOOTSTRAP_SERVERS is not set"
         assert settings.database_url, "PAYSAGA_DATABASE_URL is not set"
+        if not settings.kafka_intake_clients:
+            raise ValueError(
+                "the Kafka intake has no clients: set PAYSAGA_KAFKA_INTAKE_CLIENTS "
+                "(each produces to payments.requests.<client_id>)"
+            )
         self._settings = settings
         self._temporal = temporal
         self._group_id = group_id or settings.kafka_intake_group
+        # Whose each topic is: the only source of a message's client.
+        self._clients = settings.intake_topics()
+        self._dead_letter_topic = dead_letter_topic
         # The idempotency register: a message read again after Temporal forgot its payment
         # (an offset reset, a re-sent batch) finds the payment and starts nothing.
         self._engine = make_engine(settings.database_url, pool_size=2)
@@ -228,8 +286,9 @@ class PaymentIntake:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set, then leave the group cleanly."""
-        await self._kafka(self._consumer.subscribe, [REQUESTS_TOPIC])
-        log.info("intake consuming %s as group %s", REQUESTS_TOPIC, self._group_id)
+        topics = sorted(self._clients)
+        await self._kafka(self._consumer.subscribe, topics)
+        log.info("intake consuming %s as group %s", ", ".join(topics), self._group_id)
         try:
             while not stop.is_set():
                 batch: list[Message] = await self._kafka(
@@ -254,27 +313,52 @@ class PaymentIntake:
 
     async def take(self, messages: Sequence[Message]) -> bool:
         """Start every message's payment; commit what was accepted. False if some were not."""
-        results = await asyncio.gather(
+        results: list[Started | DeadLetterDelivery | BaseException] = await asyncio.gather(
             *(self._start_or_refuse(m) for m in messages), return_exceptions=True
         )
-        dead_lettered = [m for m, r in zip(messages, results, strict=True) if r == "dead_lettered"]
-        if dead_lettered and not await self._dead_letters_delivered():
-            # Not on the DLQ for sure: treat them as not accepted, they will be refused again.
-            results = [
-                _NotAccepted("dead letter not acknowledged") if r == "dead_lettered" else r
-                for r in results
-            ]
-        accepted = [not isinstance(r, BaseException) for r in results]
+        if any(isinstance(r, DeadLetterDelivery) for r in results):
+            # Serves the delivery callbacks; every dead letter gets its report within
+            # message.timeout.ms. One without a report by then is not acknowledged either.
+            await self._kafka(
+                self._dead_letters.flush, self._settings.kafka_message_timeout_ms / 1000 + 5
+            )
+        accepted = [self._accepted(m, r) for m, r in zip(messages, results, strict=True)]
         for result in results:
             if isinstance(result, BaseException) and not isinstance(result, _NotAccepted):
                 raise result  # a bug, not an outage: let the process supervisor see it
         await self._commit_accepted(messages, accepted)
         return all(accepted)
 
-    async def _start_or_refuse(self, message: Message) -> Outcome:
+    def _accepted(self, message: Message, result: object) -> bool:
+        if isinstance(result, BaseException):
+            return False
+        if not isinstance(result, DeadLetterDelivery):
+            return True
+        if result.acknowledged:
+            INTAKE_MESSAGES.labels("dead_lettered").inc()
+            return True
+        INTAKE_MESSAGES.labels("retried").inc()
+        log.warning(
+            "intake: the dead letter of %s[%s]@%s was not acknowledged by the broker (%s); "
+            "not committed, will retry",
+            message.topic(),
+            message.partition(),
+            message.offset(),
+            result.error or "no delivery report in time",
+        )
+        return False
+
+    async def _start_or_refuse(self, message: Message) -> Started | DeadLetterDelivery:
         headers = message_headers(message)
+        client_id = self._clients[str(message.topic())]
         try:
-            order = read_payment_order(message.value(), headers, self._settings.max_body_bytes)
+            order = read_payment_order(
+                message.value(),
+                headers,
+                self._settings.max_body_bytes,
+                client_id,
+                message_key=message.key(),
+            )
             started = await start_payment(
                 self._temporal,
                 self._register,
@@ -285,13 +369,13 @@ class PaymentIntake:
                 source="kafka",
             )
         except Refused as refusal:
-            return self._dead_letter(message, headers, refusal)
+            return self._dead_letter(message, headers, refusal, client_id)
         except IdempotencyKeyReused:
             reused = Refused(
                 "idempotency_key_reused",
                 "this idempotency-key already started a payment with a different body",
             )
-            return self._dead_letter(message, headers, reused)
+            return self._dead_letter(message, headers, reused, client_id)
         except Exception as exc:
             INTAKE_MESSAGES.labels("retried").inc()
             log.warning(
@@ -302,40 +386,50 @@ class PaymentIntake:
                 exc,
             )
             raise _NotAccepted(str(exc)) from exc
-        outcome: Outcome = "replayed" if started.replayed else "started"
+        outcome: Started = "replayed" if started.replayed else "started"
         INTAKE_MESSAGES.labels(outcome).inc()
         return outcome
 
     def _dead_letter(
-        self, message: Message, headers: Sequence[tuple[str, bytes]], refusal: Refused
-    ) -> Outcome:
-        # A refused card-bearing value is not copied anywhere: the DLQ must stay PAN-free.
-        value = None if refusal.code == "card_data_not_allowed" else message.value()
+        self,
+        message: Message,
+        headers: Sequence[tuple[str, bytes]],
+        refusal: Refused,
+        client_id: str,
+    ) -> DeadLetterDelivery:
+        # A refused card-bearing value (or key) is not copied anywhere: the DLQ stays PAN-free.
+        card = refusal.code == "card_data_not_allowed"
+        key = message.key()
+        if key is not None and contains_card_number(key.decode(errors="replace")):
+            key = None
+        delivery = DeadLetterDelivery()
         try:
             self._dead_letters.produce(
-                REQUESTS_DLQ_TOPIC,
-                value=value,
-                key=message.key(),
-                headers=dead_letter_headers(message, headers, refusal),
+                self._dead_letter_topic,
+                value=None if card else message.value(),
+                key=key,
+                headers=dead_letter_headers(message, headers, refusal, client_id),
+                on_delivery=delivery.report,
             )
         except (BufferError, KafkaException) as exc:
+            INTAKE_MESSAGES.labels("retried").inc()
+            log.warning(
+                "intake: the dead letter of %s[%s]@%s could not be queued, will retry: %s",
+                message.topic(),
+                message.partition(),
+                message.offset(),
+                exc,
+            )
             raise _NotAccepted(f"dead letter not queued: {exc}") from exc
-        INTAKE_MESSAGES.labels("dead_lettered").inc()
         log.warning(
-            "intake: %s[%s]@%s dead-lettered: %s (%s)",
+            "intake: %s[%s]@%s refused, dead-lettering: %s (%s)",
             message.topic(),
             message.partition(),
             message.offset(),
             refusal.code,
             refusal.reason,
         )
-        return "dead_lettered"
-
-    async def _dead_letters_delivered(self) -> bool:
-        remaining = await self._kafka(
-            self._dead_letters.flush, self._settings.kafka_message_timeout_ms / 1000
-        )
-        return int(remaining) == 0
+        return delivery
 
     async def _commit_accepted(self, messages: Sequence[Message], accepted: Sequence[bool]) -> None:
         """Per partition: commit past the accepted prefix; rewind to the first refusal."""
@@ -384,10 +478,16 @@ def _report_crash(task: asyncio.Task[None]) -> None:
 
 @asynccontextmanager
 async def running_intake(
-    settings: Settings, temporal: Client, *, group_id: str | None = None
+    settings: Settings,
+    temporal: Client,
+    *,
+    group_id: str | None = None,
+    dead_letter_topic: str = REQUESTS_DLQ_TOPIC,
 ) -> AsyncIterator[PaymentIntake]:
     """Run the intake in this event loop until the block exits."""
-    intake = PaymentIntake(settings, temporal, group_id=group_id)
+    intake = PaymentIntake(
+        settings, temporal, group_id=group_id, dead_letter_topic=dead_letter_topic
+    )
     stop = asyncio.Event()
     task = asyncio.create_task(intake.run(stop), name="payments-intake")
     task.add_done_callback(_report_crash)

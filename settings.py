@@ -8,8 +8,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, StringConstraints, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from domain.events import REQUESTS_DLQ_TOPIC, REQUESTS_TOPIC
+from domain.payment import IDENTIFIER_PATTERN
 
 # `codec`: decrypt/encrypt Temporal payloads through /codec (operators' tooling; no payment powers).
 # `events:read`: /v1/events. `webhooks:read` / `webhooks:write`: webhook endpoints, their
@@ -36,14 +39,32 @@ ALL_SCOPES: tuple[Scope, ...] = (
     "codec",
     "admin",
 )
+# Least privilege: a key configured without `scopes` reads and writes payments, nothing more.
+# Money going back (refunds, disputes), decrypting payloads (codec) and admin are named.
+DEFAULT_SCOPES: tuple[Scope, ...] = ("payments:read", "payments:write")
+# The development key `paysaga run` prints: everything the README shows, but not admin.
+DEV_KEY_SCOPES: tuple[Scope, ...] = (
+    "payments:read",
+    "payments:write",
+    "refunds:write",
+    "disputes:write",
+    "events:read",
+    "webhooks:read",
+    "webhooks:write",
+    "codec",
+)
+DEV_CLIENT_ID = "dev"
+
+# An API client's id is the tenant of its payments and part of its ledger account codes.
+ClientId = Annotated[str, StringConstraints(pattern=IDENTIFIER_PATTERN)]
 
 
 class ApiKey(BaseModel):
     """An API client. Only the SHA-256 of the key is kept: keys are 256-bit random tokens."""
 
-    client_id: str
+    client_id: ClientId
     key_sha256: str
-    scopes: list[Scope] = Field(default_factory=lambda: list(ALL_SCOPES))
+    scopes: list[Scope] = Field(default_factory=lambda: list(DEFAULT_SCOPES))
 
     @staticmethod
     def hash(raw_key: str) -> str:
@@ -77,6 +98,11 @@ class Settings(BaseSettings):
 
     api_keys: Annotated[list[ApiKey], NoDecode] = Field(default_factory=list)
     api_key_file: Path | None = None
+    # /docs and /redoc (the interactive pages); /openapi.json, the contract, stays served.
+    # Turn them off in production: PAYSAGA_API_DOCS_ENABLED=false.
+    api_docs_enabled: bool = True
+    # The API's Prometheus /metrics, on its own port (never the public API port); 0: off.
+    api_metrics_port: int = 9463
     max_body_bytes: int = 64 * 1024
     max_wait_seconds: float = 30.0
 
@@ -108,8 +134,11 @@ class Settings(BaseSettings):
     # Topic creation (`python -m infra.provision topics`); tansu and a one-node Kafka take 1.
     kafka_topic_partitions: int = 6
     kafka_replication_factor: int = 1
-    # The consumer group of the payments.requests intake (intake.py).
+    # The consumer group of the payments.requests.<client> intake (intake.py).
     kafka_intake_group: str = "paysaga-intake"
+    # The clients that may request payments over Kafka, each on its own topic
+    # payments.requests.<client_id>: the topic says who asks, never a header (docs/security.md).
+    kafka_intake_clients: Annotated[list[ClientId], NoDecode] = Field(default_factory=list)
 
     # Database
     db_pool_size: int = 10
@@ -196,11 +225,18 @@ class Settings(BaseSettings):
             return json.loads(value) if value.strip() else []
         return value
 
-    @field_validator("codec_cors_origins", mode="before")
+    @field_validator("codec_cors_origins", "kafka_intake_clients", mode="before")
     @classmethod
     def _comma_list(cls, value: object) -> object:
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("kafka_intake_clients")
+    @classmethod
+    def _not_the_dead_letter_topic(cls, value: list[str]) -> list[str]:
+        if any(intake_topic(client) == REQUESTS_DLQ_TOPIC for client in value):
+            raise ValueError(f"a client's intake topic cannot be {REQUESTS_DLQ_TOPIC}")
         return value
 
     def all_api_keys(self) -> list[ApiKey]:
@@ -208,14 +244,25 @@ class Settings(BaseSettings):
         if self.api_key_file and self.api_key_file.exists():
             keys.append(
                 ApiKey(
-                    client_id="dev", key_sha256=ApiKey.hash(self.api_key_file.read_text().strip())
+                    client_id=DEV_CLIENT_ID,
+                    key_sha256=ApiKey.hash(self.api_key_file.read_text().strip()),
+                    scopes=list(DEV_KEY_SCOPES),
                 )
             )
         return keys
 
+    def intake_topics(self) -> dict[str, str]:
+        """Each Kafka intake client's topic, and whose it is."""
+        return {intake_topic(client): client for client in self.kafka_intake_clients}
+
     @property
     def dispute_window_seconds(self) -> float:
         return self.dispute_window_days * 86400.0
+
+
+def intake_topic(client_id: str) -> str:
+    """The topic on which `client_id`, and only it, requests payments over Kafka."""
+    return f"{REQUESTS_TOPIC}.{client_id}"
 
 
 @lru_cache(maxsize=1)

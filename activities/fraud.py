@@ -42,7 +42,14 @@ from typing import Annotated, Any
 
 import httpx
 import sqlalchemy as sa
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -65,7 +72,7 @@ _FULL_SCORE = 100
 
 VELOCITY_WINDOW = timedelta(hours=1)
 # History is the customer's most recent payments only: bounded work per assessment however
-# long the customer's history grows (the index is (customer_id, created_at)).
+# long the customer's history grows (the index is (client_id, customer_id, created_at)).
 HISTORY_ROWS = 1000
 _HISTORY_READ_ATTEMPTS = 3
 
@@ -75,8 +82,27 @@ _SIDECAR_MAX_REASONS = 20
 _USER_AGENT = "paysaga-fraud/1"
 
 
+class FraudCheck(BaseModel):
+    """The `assess_payment` activity's input: the request and the API client it came from.
+    A customer is a customer *of that client*: its history never includes another client's
+    payments, even under the same customer id (docs/security.md, "Tenants")."""
+
+    client_id: str | None
+    request: PaymentRequest
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_request(cls, data: Any) -> Any:
+        """Activity tasks scheduled before tenants carry the bare request: their client is
+        unknown (None), and their history is looked up across clients, as it was then."""
+        if isinstance(data, dict) and "request" not in data:
+            return {"client_id": None, "request": data}
+        return data
+
+
 class CustomerHistory(BaseModel):
-    """What the payments register knows about a customer, as seen by one payment.
+    """What the payments register knows about a customer of one API client, as seen by one
+    payment.
 
     "Captured" payments are register rows with money still captured (a capture reversed before
     confirmation does not count); velocity counts every payment that reached the register in
@@ -190,29 +216,41 @@ def score_payment(request: PaymentRequest, history: CustomerHistory) -> FraudAss
 
 
 async def load_customer_history(
-    engine: AsyncEngine, customer_id: str, ccy: str, now: datetime | None = None
+    engine: AsyncEngine,
+    client_id: str | None,
+    customer_id: str,
+    ccy: str,
+    now: datetime | None = None,
 ) -> CustomerHistory:
-    """One read-only query over the customer's latest `HISTORY_ROWS` register rows, grouped by
-    currency. Portable SQL (PostgreSQL and CockroachDB); retried on serialization conflicts."""
+    """One read-only query over the latest `HISTORY_ROWS` register rows of this client's
+    customer, grouped by currency. Portable SQL (PostgreSQL and CockroachDB); retried on
+    serialization conflicts. `client_id` None: the customer id across every client (only for
+    activity tasks scheduled before tenants, see FraudCheck)."""
     since = (now or datetime.now(UTC)) - VELOCITY_WINDOW
+    statement = _LEGACY_HISTORY_QUERY if client_id is None else _HISTORY_QUERY
+    values = {"client_id": client_id, "customer_id": customer_id, "since": since}
 
     async def read(conn: AsyncConnection) -> list[sa.Row[Any]]:
-        rows = await conn.execute(_HISTORY_QUERY, {"customer_id": customer_id, "since": since})
+        rows = await conn.execute(statement, values)
         return list(rows.all())
 
     rows = await run_serializable(engine, read, max_attempts=_HISTORY_READ_ATTEMPTS)
     return _history_from(rows, ccy)
 
 
-def _history_query() -> sa.Select[Any]:
+def _history_query(*, per_client: bool = True) -> sa.Select[Any]:
     """Built once with bound parameters: scoring is on every payment's critical path, and
-    building the statement cost more CPU than running it."""
+    building the statement cost more CPU than running it. The index is (client_id,
+    customer_id, created_at) (migration 0004)."""
     since = sa.bindparam("since", type_=sa.DateTime(timezone=True))
+    customer = payments.c.customer_id == sa.bindparam("customer_id", type_=sa.String)
+    if per_client:
+        customer &= payments.c.client_id == sa.bindparam("client_id", type_=sa.String)
     recent = (
         sa.select(
             payments.c.currency, payments.c.amount, payments.c.captured, payments.c.created_at
         )
-        .where(payments.c.customer_id == sa.bindparam("customer_id", type_=sa.String))
+        .where(customer)
         .order_by(payments.c.created_at.desc())
         .limit(HISTORY_ROWS)
         .subquery("recent")
@@ -228,6 +266,7 @@ def _history_query() -> sa.Select[Any]:
 
 
 _HISTORY_QUERY = _history_query()
+_LEGACY_HISTORY_QUERY = _history_query(per_client=False)
 
 
 def _history_from(rows: list[sa.Row[Any]], ccy: str) -> CustomerHistory:
@@ -263,9 +302,14 @@ class SidecarUnavailable(Exception):
     """The sidecar gave no usable answer; the message says why, never the URL."""
 
 
-def sidecar_payload(request: PaymentRequest, history: CustomerHistory) -> dict[str, Any]:
-    """What the sidecar sees: the request without its payment-method token, and the history."""
+def sidecar_payload(
+    request: PaymentRequest, history: CustomerHistory, client_id: str | None = None
+) -> dict[str, Any]:
+    """What the sidecar sees: the API client, the request without its payment-method token,
+    and that client's customer's history. A sidecar keeping its own state keys customers by
+    (client_id, customer_id), as paysaga does."""
     return {
+        "client_id": client_id,
         "request": request.model_dump(mode="json", exclude={"payment_method"}),
         "history": history.model_dump(mode="json"),
     }
@@ -311,18 +355,21 @@ class FraudActivities:
         self._owns_http = http is None
 
     @activity.defn(name="assess_payment")
-    async def assess_payment(self, request: PaymentRequest) -> FraudAssessment:
-        request = _revalidated(request)
+    async def assess_payment(self, check: FraudCheck) -> FraudAssessment:
+        request = _revalidated(check.request)
         started = time.perf_counter()
-        history = await load_customer_history(self._engine, request.customer_id, request.currency)
+        history = await load_customer_history(
+            self._engine, check.client_id, request.customer_id, request.currency
+        )
         loaded = time.perf_counter()
-        assessment = await self.assess(request, history)
+        assessment = await self.assess(request, history, check.client_id)
         scored = time.perf_counter()
         activity.logger.info(
-            "fraud score %.2f by %s for customer %s at merchant %s "
+            "fraud score %.2f by %s for client %s customer %s at merchant %s "
             "(history %.1f ms, scoring %.1f ms, %d reasons)",
             assessment.score,
             assessment.scorer,
+            check.client_id,
             request.customer_id,
             request.merchant_id,
             (loaded - started) * 1000,
@@ -331,13 +378,15 @@ class FraudActivities:
         )
         return assessment.model_copy(update={"elapsed_ms": round((scored - started) * 1000, 3)})
 
-    async def assess(self, request: PaymentRequest, history: CustomerHistory) -> FraudAssessment:
+    async def assess(
+        self, request: PaymentRequest, history: CustomerHistory, client_id: str | None = None
+    ) -> FraudAssessment:
         """The sidecar's verdict when one is configured and answers sensibly, else the rules'."""
         url = self._settings.fraud_sidecar_url
         if not url:
             return score_payment(request, history)
         try:
-            return await self._ask_sidecar(url, request, history)
+            return await self._ask_sidecar(url, request, history, client_id)
         except SidecarUnavailable as exc:
             activity.logger.warning("fraud sidecar unavailable, scoring by rules: %s", exc)
             fallback = score_payment(request, history)
@@ -356,7 +405,7 @@ class FraudActivities:
         return self._http
 
     async def _ask_sidecar(
-        self, url: str, request: PaymentRequest, history: CustomerHistory
+        self, url: str, request: PaymentRequest, history: CustomerHistory, client_id: str | None
     ) -> FraudAssessment:
         budget = self._settings.fraud_sidecar_timeout_seconds
         try:
@@ -364,7 +413,7 @@ class FraudActivities:
             async with asyncio.timeout(budget):
                 response = await self._client().post(
                     url,
-                    json=sidecar_payload(request, history),
+                    json=sidecar_payload(request, history, client_id),
                     headers={"User-Agent": _USER_AGENT},
                     timeout=budget,
                 )

@@ -1,4 +1,9 @@
-"""The FastAPI application factory: one shared Temporal client, a ledger reader, the routes."""
+"""The FastAPI application factory: one shared Temporal client, a ledger reader, the routes.
+
+The API's Prometheus metrics are served on their own port (`PAYSAGA_API_METRICS_PORT`), so the
+public port carries the API only; the interactive docs (`/docs`, `/redoc`) can be turned off
+(`PAYSAGA_API_DOCS_ENABLED=false`) while `/openapi.json`, the contract, stays published.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from infra.broker import broker_answers
 from infra.database import make_engine
 from infra.idempotency import IdempotencyRegister
 from infra.logs import configure_logging
+from infra.metrics import serve_metrics
 from infra.observability import configure_tracing, install_api_observability
 from infra.temporal_client import connect_client
 from settings import Settings, get_settings
@@ -46,21 +52,27 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
         app.state.idempotency = IdempotencyRegister(engine, max_attempts=settings.db_max_retries)
         app.state.events = EventStore(engine, max_attempts=settings.db_max_retries)
         app.state.webhook_endpoints = WebhookEndpoints(engine, max_attempts=settings.db_max_retries)
+        metrics = serve_metrics(settings.api_metrics_port, settings.metrics_host)
         try:
             yield
         finally:
+            if metrics is not None:
+                metrics.close()
             await engine.dispose()
 
+    docs = settings.api_docs_enabled
     app = FastAPI(
         title="paysaga",
         version="1.0.0",
         description="Payments as durable Temporal sagas. Amounts are integer minor units.",
         lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
     )
     app.state.settings = settings
     install_error_handlers(app)
     install_body_limit(app, settings.max_body_bytes)
-    install_api_observability(app)  # /metrics, request metrics, server spans
+    install_api_observability(app)  # request metrics and server spans
     app.include_router(payments.router)
     app.include_router(events.router)
     app.include_router(webhooks.router)

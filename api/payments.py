@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
-from pydantic import AfterValidator
+from pydantic import BeforeValidator
 from pydantic_core import PydanticCustomError
 from sqlalchemy.exc import DBAPIError
 from temporalio.client import (
@@ -40,6 +40,8 @@ from domain.bounds import IDEMPOTENCY_KEY_MAX, IDEMPOTENCY_KEY_MIN
 from domain.cards import contains_card_number
 from domain.follow_ups import Refusal
 from domain.payment import (
+    IDEMPOTENCY_KEY_PATTERN,
+    IDENTIFIER_PATTERN,
     CancelSignal,
     CrmSync,
     Dispute,
@@ -63,15 +65,30 @@ from workflows.starter import IdempotencyKeyReused, start_payment
 
 router = APIRouter(prefix="/v1", tags=["payments"])
 
+
+def _no_card_number(value: Any) -> Any:
+    """Headers and filters are strings too: a card number sent as an idempotency key or
+    searched for would reach logs and stores the body never does. Checked before the format,
+    so every spelling is refused as card data, like one in the body."""
+    if isinstance(value, str) and contains_card_number(value):
+        raise PydanticCustomError(
+            "card_data_not_allowed",
+            "Card numbers are not accepted; send a payment-method token (pm_…) instead.",
+        )
+    return value
+
+
 IdempotencyKey = Annotated[
     str,
     Header(
         alias="Idempotency-Key",
         min_length=IDEMPOTENCY_KEY_MIN,
         max_length=IDEMPOTENCY_KEY_MAX,
-        pattern=r"^[A-Za-z0-9_\-:.]+$",
-        description="Unique per payment attempt; retries with the same key never pay twice.",
+        pattern=IDEMPOTENCY_KEY_PATTERN,
+        description="Unique per payment attempt; retries with the same key never pay twice. "
+        "8–255 characters of `A-Z a-z 0-9 _ -`; never a card number.",
     ),
+    BeforeValidator(_no_card_number),
 ]
 PaymentId = Annotated[str, Path(pattern=r"^pay_[0-9a-f]{24}$")]
 DisputeId = Annotated[str, Path(pattern=r"^dp_[0-9a-f]{24}$")]
@@ -285,16 +302,6 @@ async def get_payment(
     return PaymentResource.of(await load_payment(request, payment_id, client))
 
 
-def _no_card_number(value: str | None) -> str | None:
-    """A filter is a string field too: a card number searched for would reach query logs."""
-    if value is not None and contains_card_number(value):
-        raise PydanticCustomError(
-            "card_data_not_allowed",
-            "Card numbers are not accepted; send a payment-method token (pm_…) instead.",
-        )
-    return value
-
-
 # A cursor is Temporal's page token plus a check over it and the client it was issued to. Temporal
 # cannot tell a mangled token from a fault of its own (it answers "something went wrong" after
 # the client's retries, i.e. a slow 500); checked here, any cursor we did not issue is a 400.
@@ -337,8 +344,8 @@ async def list_payments(
     status: PaymentStatus | None = None,
     customer_id: Annotated[
         str | None,
-        Query(max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$"),
-        AfterValidator(_no_card_number),
+        Query(max_length=64, pattern=IDENTIFIER_PATTERN),
+        BeforeValidator(_no_card_number),
     ] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[str | None, Query(max_length=2048)] = None,

@@ -107,6 +107,10 @@ def read_dev_api_key(home: Path) -> str | None:
 
 def check_ports(settings: Settings, stack: Stack) -> None:
     require_free_port(settings.api_port, "the API", "PAYSAGA_API_PORT")
+    if settings.api_metrics_port:
+        require_free_port(
+            settings.api_metrics_port, "the API's metrics", "PAYSAGA_API_METRICS_PORT"
+        )
     stack.check_ports()
 
 
@@ -200,9 +204,19 @@ def mark_start(log_path: Path) -> None:
         log.write(f"--- paysaga run started {time.strftime('%Y-%m-%d %H:%M:%S %z')} ---\n")
 
 
+def _reachable(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
 def api_url(settings: Settings) -> str:
-    host = "127.0.0.1" if settings.api_host in ("0.0.0.0", "::", "") else settings.api_host
-    return f"http://{host}:{settings.api_port}"
+    return f"http://{_reachable(settings.api_host)}:{settings.api_port}"
+
+
+def api_metrics_url(settings: Settings) -> str | None:
+    """The API's Prometheus endpoint: its own port, never the public API's."""
+    if not settings.api_metrics_port:
+        return None
+    return f"http://{_reachable(settings.metrics_host)}:{settings.api_metrics_port}/metrics"
 
 
 def wait_until_ready(url: str, services: Services, timeout: float) -> None:
@@ -246,7 +260,11 @@ def readiness_panel(settings: Settings, stack: Stack, url: str, key: str) -> Pan
     grid.add_column(style="bold")
     grid.add_column()
     grid.add_row("API", url)
-    grid.add_row("API docs", f"{url}/docs")
+    if settings.api_docs_enabled:
+        grid.add_row("API docs", f"{url}/docs")
+    metrics = api_metrics_url(settings)
+    if metrics is not None:
+        grid.add_row("API metrics", metrics)
     ui = stack.temporal_ui_url
     if ui is not None:
         grid.add_row("Temporal UI", f"{ui}/namespaces/{settings.temporal_namespace}/workflows")

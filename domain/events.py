@@ -83,11 +83,12 @@ LEDGER_EVENT_KINDS = frozenset(
     }
 )
 
+# The Kafka intake: each client produces to its own `payments.requests.<client_id>` (the topic
+# says who asks: settings.intake_topic); refusals of every client land on one dead-letter topic.
 REQUESTS_TOPIC = "payments.requests"
 REQUESTS_DLQ_TOPIC = "payments.requests.dlq"
 ALL_TOPICS: tuple[str, ...] = (
     *(kind.topic for kind in EventKind),
-    REQUESTS_TOPIC,
     REQUESTS_DLQ_TOPIC,
 )
 # What a webhook endpoint may subscribe to: every type, every type of one resource, or one type.

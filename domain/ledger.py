@@ -41,15 +41,29 @@ class Account(BaseModel, frozen=True):
     currency: str
 
 
-def customer_account(customer_id: str, ccy: str) -> Account:
+def _owner(tenant: str | None, owner_id: str) -> str:
+    """`<client>:<id>` for a tenant's account; identifiers never contain `:`
+    (domain.payment.IDENTIFIER_PATTERN), so the code reads back unambiguously."""
+    return f"{tenant}:{owner_id}" if tenant is not None else owner_id
+
+
+def customer_account(customer_id: str, ccy: str, tenant: str | None = None) -> Account:
+    """The customer's funding account. `tenant` is the API client the customer belongs to:
+    two clients' customers with the same id are two accounts. None: the shared code of
+    payments created before tenants (PaymentPolicy.tenant_accounts)."""
     return Account(
-        code=f"customer:{customer_id}:{ccy}", type=AccountType.CUSTOMER_FUNDING, currency=ccy
+        code=f"customer:{_owner(tenant, customer_id)}:{ccy}",
+        type=AccountType.CUSTOMER_FUNDING,
+        currency=ccy,
     )
 
 
-def merchant_account(merchant_id: str, ccy: str) -> Account:
+def merchant_account(merchant_id: str, ccy: str, tenant: str | None = None) -> Account:
+    """What paysaga owes the merchant; its limit (`accounts.max_balance`) is the tenant's too."""
     return Account(
-        code=f"merchant:{merchant_id}:{ccy}", type=AccountType.MERCHANT_PAYABLE, currency=ccy
+        code=f"merchant:{_owner(tenant, merchant_id)}:{ccy}",
+        type=AccountType.MERCHANT_PAYABLE,
+        currency=ccy,
     )
 
 
@@ -110,11 +124,17 @@ def transfer(debit: Account, credit: Account, amount: int) -> list[Entry]:
     return [Entry(account=debit, amount=amount), Entry(account=credit, amount=-amount)]
 
 
-# Builders: each business event becomes one balanced transaction.
+# Builders: each business event becomes one balanced transaction. `tenant` is the API client
+# whose customer and merchant accounts move (None: the shared codes of older payments).
 
 
 def payment_transaction(
-    payment_id: str, customer_id: str, merchant_id: str, amount: int, ccy: str
+    payment_id: str,
+    customer_id: str,
+    merchant_id: str,
+    amount: int,
+    ccy: str,
+    tenant: str | None = None,
 ) -> LedgerTransaction:
     """Capture: debit the customer's funding account, credit the merchant."""
     return LedgerTransaction(
@@ -122,14 +142,21 @@ def payment_transaction(
         kind=TransactionKind.PAYMENT,
         description="payment captured",
         entries=transfer(
-            customer_account(customer_id, ccy), merchant_account(merchant_id, ccy), amount
+            customer_account(customer_id, ccy, tenant),
+            merchant_account(merchant_id, ccy, tenant),
+            amount,
         ),
         event_kind=EventKind.CONFIRMED,
     )
 
 
 def reversal_transaction(
-    payment_id: str, customer_id: str, merchant_id: str, amount: int, ccy: str
+    payment_id: str,
+    customer_id: str,
+    merchant_id: str,
+    amount: int,
+    ccy: str,
+    tenant: str | None = None,
 ) -> LedgerTransaction:
     """Compensation: undo a posting that was never confirmed."""
     return LedgerTransaction(
@@ -137,14 +164,21 @@ def reversal_transaction(
         kind=TransactionKind.PAYMENT_REVERSAL,
         description="payment canceled before confirmation",
         entries=transfer(
-            merchant_account(merchant_id, ccy), customer_account(customer_id, ccy), amount
+            merchant_account(merchant_id, ccy, tenant),
+            customer_account(customer_id, ccy, tenant),
+            amount,
         ),
         event_kind=EventKind.CANCELED,
     )
 
 
 def manual_reversal_transaction(
-    payment_id: str, customer_id: str, amount: int, ccy: str, description: str
+    payment_id: str,
+    customer_id: str,
+    amount: int,
+    ccy: str,
+    description: str,
+    tenant: str | None,
 ) -> LedgerTransaction:
     """An operator's resolution of a reversal the ledger refused (the merchant's account closed
     or over its limit): the customer is made whole from the suspense account, whose balance is
@@ -154,13 +188,19 @@ def manual_reversal_transaction(
         payment_id=payment_id,
         kind=TransactionKind.PAYMENT_REVERSAL,
         description=description,
-        entries=transfer(suspense_account(ccy), customer_account(customer_id, ccy), amount),
+        entries=transfer(suspense_account(ccy), customer_account(customer_id, ccy, tenant), amount),
         event_kind=EventKind.CANCELED,
     )
 
 
 def refund_transaction(
-    payment_id: str, refund_id: str, customer_id: str, merchant_id: str, amount: int, ccy: str
+    payment_id: str,
+    refund_id: str,
+    customer_id: str,
+    merchant_id: str,
+    amount: int,
+    ccy: str,
+    tenant: str | None = None,
 ) -> LedgerTransaction:
     return LedgerTransaction(
         payment_id=payment_id,
@@ -168,14 +208,21 @@ def refund_transaction(
         reference=refund_id,
         description="refund",
         entries=transfer(
-            merchant_account(merchant_id, ccy), customer_account(customer_id, ccy), amount
+            merchant_account(merchant_id, ccy, tenant),
+            customer_account(customer_id, ccy, tenant),
+            amount,
         ),
         event_kind=EventKind.REFUNDED,
     )
 
 
 def dispute_opened_transaction(
-    payment_id: str, dispute_id: str, merchant_id: str, amount: int, ccy: str
+    payment_id: str,
+    dispute_id: str,
+    merchant_id: str,
+    amount: int,
+    ccy: str,
+    tenant: str | None = None,
 ) -> LedgerTransaction:
     """The disputed amount is held away from the merchant until the dispute closes."""
     return LedgerTransaction(
@@ -183,20 +230,25 @@ def dispute_opened_transaction(
         kind=TransactionKind.DISPUTE_OPENED,
         reference=dispute_id,
         description="dispute opened: funds held",
-        entries=transfer(merchant_account(merchant_id, ccy), disputes_account(ccy), amount),
+        entries=transfer(merchant_account(merchant_id, ccy, tenant), disputes_account(ccy), amount),
         event_kind=EventKind.DISPUTE_OPENED,
     )
 
 
 def dispute_won_transaction(
-    payment_id: str, dispute_id: str, merchant_id: str, amount: int, ccy: str
+    payment_id: str,
+    dispute_id: str,
+    merchant_id: str,
+    amount: int,
+    ccy: str,
+    tenant: str | None = None,
 ) -> LedgerTransaction:
     return LedgerTransaction(
         payment_id=payment_id,
         kind=TransactionKind.DISPUTE_WON,
         reference=dispute_id,
         description="dispute won: funds returned to the merchant",
-        entries=transfer(disputes_account(ccy), merchant_account(merchant_id, ccy), amount),
+        entries=transfer(disputes_account(ccy), merchant_account(merchant_id, ccy, tenant), amount),
         event_kind=EventKind.DISPUTE_WON,
     )
 
@@ -209,11 +261,12 @@ def dispute_lost_transaction(
     amount: int,
     fee: int,
     ccy: str,
+    tenant: str | None = None,
 ) -> LedgerTransaction:
     """Funds go back to the customer; the merchant also pays the chargeback fee."""
-    entries = transfer(disputes_account(ccy), customer_account(customer_id, ccy), amount)
+    entries = transfer(disputes_account(ccy), customer_account(customer_id, ccy, tenant), amount)
     if fee > 0:
-        entries += transfer(merchant_account(merchant_id, ccy), fees_account(ccy), fee)
+        entries += transfer(merchant_account(merchant_id, ccy, tenant), fees_account(ccy), fee)
     return LedgerTransaction(
         payment_id=payment_id,
         kind=TransactionKind.DISPUTE_LOST,

@@ -25,10 +25,15 @@ from domain.money import CURRENCIES, MAX_INT64
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
+# Identifiers (customer, merchant, refund, dispute and API client ids) become parts of ledger
+# account codes (`customer:<client>:<customer>:<CCY>`), search attributes and Kafka keys: a safe
+# charset without `:` or `.` keeps the code's `:` an unambiguous separator (docs/security.md).
+IDENTIFIER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 Identifier = Annotated[
-    str,
-    StringConstraints(min_length=1, max_length=ID_MAX, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$"),
+    str, StringConstraints(min_length=1, max_length=ID_MAX, pattern=IDENTIFIER_PATTERN)
 ]
+# Idempotency keys are hashed into payment and refund ids; a UUID or `order-1001-attempt-2`.
+IDEMPOTENCY_KEY_PATTERN = r"^[A-Za-z0-9_-]{8,255}$"
 PaymentMethodToken = Annotated[
     str, StringConstraints(min_length=11, max_length=64, pattern=r"^pm_[A-Za-z0-9_]{8,61}$")
 ]
@@ -62,16 +67,24 @@ def _reject_card_numbers_and_control_chars(value: Any, path: str = "") -> None:
             _reject_card_numbers_and_control_chars(item, f"{path}[{index}]")
 
 
-class StrictRequest(BaseModel):
-    """A client's request: unknown fields are refused and no string may carry a card number."""
+class CardDataFree(BaseModel):
+    """No string in it (values, keys, nested ones) may carry a card number or control
+    characters. Its validation errors never repeat the input (`hide_input_in_errors`): a
+    refused value may be a PAN, and a worker logs the error of a signal it cannot read."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = ConfigDict(hide_input_in_errors=True)
 
     @model_validator(mode="before")
     @classmethod
     def _no_card_data(cls, data: Any) -> Any:
         _reject_card_numbers_and_control_chars(data)
         return data
+
+
+class StrictRequest(CardDataFree):
+    """A client's request: unknown fields are refused and no string may carry a card number."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class PaymentRequest(StrictRequest):
@@ -186,7 +199,7 @@ class FraudAssessment(BaseModel):
     elapsed_ms: float | None = None
 
 
-class ReviewDecision(BaseModel):
+class ReviewDecision(CardDataFree):
     reviewer: str
     note: str = ""
 
@@ -228,30 +241,35 @@ class FollowUpStatus(StrEnum):
     FAILED = "failed"
 
 
-class RefundSignal(BaseModel):
+# Signals come from the API (already validated) and from operators' tools, which are not: a
+# signal carrying a card number or a malformed id fails to deserialize in the workflow, which
+# drops it (temporalio logs the error, never the input: CardDataFree).
+
+
+class RefundSignal(CardDataFree):
     """Sent by the API, the CLI or an operator (`temporal workflow signal --name refund`)."""
 
     kind: Literal["refund"] = "refund"
-    refund_id: str
+    refund_id: Identifier
     amount: int | None = None
     reason: str | None = None
 
 
-class DisputeOpenedSignal(BaseModel):
+class DisputeOpenedSignal(CardDataFree):
     kind: Literal["dispute_opened"] = "dispute_opened"
-    dispute_id: str
+    dispute_id: Identifier
     amount: int | None = None
     reason_code: str = "unknown"
     network_reference: str = ""
 
 
-class DisputeClosedSignal(BaseModel):
+class DisputeClosedSignal(CardDataFree):
     kind: Literal["dispute_closed"] = "dispute_closed"
-    dispute_id: str
+    dispute_id: Identifier
     outcome: Literal["won", "lost"]
 
 
-class CancelSignal(BaseModel):
+class CancelSignal(CardDataFree):
     reason: str = "requested_by_customer"
 
 
@@ -386,6 +404,11 @@ class PaymentPolicy(BaseModel):
     # CRM systems told about this payment ("webhook", "salesforce", "hubspot"): chosen from the
     # configuration and the request's CRM references when the payment is created.
     crm_targets: list[str] = Field(default_factory=list)
+    # Customer and merchant ledger accounts belong to the API client, the tenant
+    # (`customer:<client>:<customer>:<CCY>`). The starter sets it for every new payment;
+    # payments started before tenants (no such field in their history) keep the shared codes
+    # they were created with, so their refunds and disputes post to the same accounts.
+    tenant_accounts: bool = False
 
 
 class PaymentWorkflowInput(BaseModel):

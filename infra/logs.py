@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -23,22 +22,21 @@ import temporalio.activity
 import temporalio.workflow
 from opentelemetry import trace
 
-from domain.cards import contains_card_number
+from domain.cards import card_number_spans
 from settings import Settings
 
 _TEMPORAL_EXTRAS = {"temporal_workflow", "temporal_activity", "activity_info", "workflow_info"}
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"} | _TEMPORAL_EXTRAS
-# Digit groups with spaces or dashes, long enough to hold a 12–19 digit PAN.
-_DIGIT_RUN = re.compile(r"\d[\d -]{10,}\d")
 REDACTED = "[redacted card number]"
 
 
 def redact_card_numbers(text: str) -> str:
-    if not contains_card_number(text):
-        return text
-    return _DIGIT_RUN.sub(
-        lambda m: REDACTED if contains_card_number(m.group()) else m.group(), text
-    )
+    """Every digit run holding a card number (domain.cards: any separators, hidden in longer
+    runs) is replaced whole, separators included."""
+    spans = card_number_spans(text)
+    for start, end in reversed(spans):
+        text = text[:start] + REDACTED + text[end:]
+    return text
 
 
 def current_trace_id() -> str | None:

@@ -6,7 +6,9 @@
   activities via temporalio's `TracingInterceptor`, exported over OTLP/HTTP. Both do nothing
   unless `PAYSAGA_OTLP_ENDPOINT` is set: no interceptor, no headers, no provider.
 - `temporal_runtime`: the Temporal SDK's own Prometheus metrics on their own port.
-- `install_api_observability`: `/metrics` and per-route request metrics and server spans.
+- `install_api_observability`: per-route request metrics and server spans; the API's
+  `/metrics` is served on its own port (`PAYSAGA_API_METRICS_PORT`, api/app.py), never on
+  the public API port.
 """
 
 from __future__ import annotations
@@ -22,8 +24,6 @@ import temporalio.activity
 import temporalio.client
 import temporalio.worker
 from opentelemetry import propagate, trace
-from starlette.requests import Request
-from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from temporalio.exceptions import ApplicationError, CancelledError
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
@@ -36,7 +36,6 @@ from infra.metrics import (
     HTTP_SECONDS,
     KAFKA_DELIVERY_SECONDS,
     PAYMENTS,
-    exposition,
     serve_metrics,
 )
 from settings import Settings
@@ -220,7 +219,7 @@ def worker_telemetry(settings: Settings, service_name: str = "paysaga-worker") -
             provider.shutdown()
 
 
-# ── API: /metrics, request metrics, server spans ──────────────────────────────────────────
+# ── API: request metrics, server spans ────────────────────────────────────────────────────
 
 
 def _route_of(scope: Scope) -> str:
@@ -272,16 +271,10 @@ class HttpTelemetry:
                 HTTP_SECONDS.labels(method, route).observe(time.perf_counter() - started)
 
 
-async def metrics_endpoint(request: Request) -> Response:
-    body, content_type = exposition()
-    return Response(body, media_type=content_type)
-
-
 def install_api_observability(app: FastAPI) -> None:
-    """`/metrics` (unauthenticated, like every scrape target: keep it off the public
-    ingress) plus request metrics and spans for every route."""
+    """Request metrics and spans for every route. The metrics are scraped from the API's own
+    metrics port (unauthenticated, like every scrape target), not from a route of the app."""
     app.add_middleware(HttpTelemetry)
-    app.add_api_route("/metrics", metrics_endpoint, include_in_schema=False, methods=["GET"])
 
 
 __all__ = [

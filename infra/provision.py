@@ -36,13 +36,15 @@ def migrate_database(settings: Settings) -> None:
 def create_topics(settings: Settings) -> None:
     if not settings.kafka_bootstrap_servers:
         raise SystemExit("PAYSAGA_KAFKA_BOOTSTRAP_SERVERS is not set")
+    topics = (*ALL_TOPICS, *settings.intake_topics())
     ensure_topics(
         settings.kafka_bootstrap_servers,
+        topics,
         partitions=settings.kafka_topic_partitions,
         replication_factor=settings.kafka_replication_factor,
         timeout=60.0,
     )
-    log.info("kafka topics present: %s", ", ".join(ALL_TOPICS))
+    log.info("kafka topics present: %s", ", ".join(topics))
 
 
 def register_temporal_search_attributes(settings: Settings) -> None:

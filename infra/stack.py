@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
+from domain.events import ALL_TOPICS
 from infra.broker import EmbeddedBroker, ensure_topics
 from infra.database import migrate
 from infra.postgres import EmbeddedPostgres
@@ -132,7 +133,9 @@ class Stack:
         try:
             self._start_services()
             migrate(self.database_url)
-            ensure_topics(self.kafka_bootstrap_servers)
+            ensure_topics(
+                self.kafka_bootstrap_servers, (*ALL_TOPICS, *self.settings.intake_topics())
+            )
             asyncio.run(self._prepare_temporal())
         except BaseException:
             self.stop()
@@ -178,6 +181,7 @@ class Stack:
         assert self.broker is not None
         self.broker.stop()
         self.broker.start()
+        ensure_topics(self.kafka_bootstrap_servers, (*ALL_TOPICS, *self.settings.intake_topics()))
 
     def stop(self) -> None:
         for name in reversed(self._started):

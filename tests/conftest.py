@@ -17,7 +17,7 @@ from temporalio.client import Client
 from infra.database import make_engine
 from infra.stack import Stack
 from infra.temporal_client import connect_client
-from settings import ApiKey, Settings
+from settings import ApiKey, Scope, Settings
 from tests.api_client import api_client
 from tests.fakes import FakeCrmServer
 from tests.private_stack import private_stack_settings
@@ -67,6 +67,17 @@ TEST_API_KEY = "psk_test_writer_key_0123456789abcdefghij"
 READONLY_API_KEY = "psk_test_reader_key_0123456789abcdefghij"
 OTHER_CLIENT_KEY = "psk_test_other_client_0123456789abcdefgh"
 WEBHOOK_SECRET = "whsec_test_0123456789"
+# What the test clients may do: every payment operation, named (a key without scopes gets
+# payments:read + payments:write only).
+MERCHANT_SCOPES: tuple[Scope, ...] = (
+    "payments:read",
+    "payments:write",
+    "refunds:write",
+    "disputes:write",
+    "events:read",
+    "webhooks:read",
+    "webhooks:write",
+)
 
 
 @pytest.fixture(scope="session")
@@ -81,13 +92,21 @@ def app_settings(stack: Stack, crm_server: FakeCrmServer) -> Settings:
         update={
             "task_queue": f"payments-{uuid.uuid4().hex[:8]}",
             "api_keys": [
-                ApiKey(client_id="test-client", key_sha256=ApiKey.hash(TEST_API_KEY)),
+                ApiKey(
+                    client_id="test-client",
+                    key_sha256=ApiKey.hash(TEST_API_KEY),
+                    scopes=list(MERCHANT_SCOPES),
+                ),
                 ApiKey(
                     client_id="test-client",
                     key_sha256=ApiKey.hash(READONLY_API_KEY),
                     scopes=["payments:read"],
                 ),
-                ApiKey(client_id="other-client", key_sha256=ApiKey.hash(OTHER_CLIENT_KEY)),
+                ApiKey(
+                    client_id="other-client",
+                    key_sha256=ApiKey.hash(OTHER_CLIENT_KEY),
+                    scopes=list(MERCHANT_SCOPES),
+                ),
             ],
             "crm_webhook_url": crm_server.url("/hooks/paysaga"),
             "crm_webhook_secret": SecretStr(WEBHOOK_SECRET),

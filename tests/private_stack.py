@@ -25,6 +25,9 @@ def private_stack_settings(home: Path, **overrides: Any) -> Settings:
         "postgres_port": free_port(),
         "crm_sandbox_port": free_port(),
         "kafka_session_timeout_ms": 2000,
+        # Many apps run in one test process: the API's metrics port is opened where a test
+        # asks for it (test_observability.py), never by default.
+        "api_metrics_port": 0,
         "log_json": False,
     }
     values.update(overrides)

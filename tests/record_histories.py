@@ -343,7 +343,7 @@ async def ledger_refusal(r: Recorder) -> WorkflowHandle[Any, Any]:
     """The ledger refuses the capture (merchant account closed): raw voided, payment failed."""
     first = await r.start("ledger_refusal", 1000)
     await wait_until(first, succeeded_and_synced)  # opens the merchant's account
-    await r.ledger.close_account("merchant:mer_replay_ledger_refusal:USD")
+    await r.ledger.close_account(f"merchant:{CLIENT_ID}:mer_replay_ledger_refusal:USD")
     handle = await r.start("ledger_refusal", 1500)
     await ended(handle, PaymentStatus.FAILED)
     return handle

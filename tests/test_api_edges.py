@@ -17,11 +17,12 @@ import httpx
 import pytest
 from fastapi import Depends, FastAPI, Header, Query
 
+from api.app import create_app
 from api.auth import ApiClient, client_for_key, generate_api_key, require_scope
 from api.errors import ApiError, error_responses, install_error_handlers
 from api.limits import install_body_limit
 from domain.payment import PaymentRequest
-from settings import ApiKey, Settings
+from settings import DEFAULT_SCOPES, ApiKey, Settings
 
 WRITE_KEY = generate_api_key()
 READ_KEY = generate_api_key()
@@ -486,6 +487,87 @@ async def test_dev_key_file_authenticates(tmp_path: Path) -> None:
     ) as client:
         response = await client.get("/v1/payments/p", headers=_headers(dev_key))
     assert response.json() == {"id": "p", "client_id": "dev"}
+
+
+# --- Least privilege -----------------------------------------------------------------------
+
+
+def _real_app(settings: Settings) -> httpx.AsyncClient:
+    """paysaga's own app (api.app.create_app), lifespan not run: authorization happens before
+    any route touches Temporal or the database, so no stack is needed to test it."""
+    app = create_app(settings, temporal=None)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    return httpx.AsyncClient(transport=transport, base_url="http://paysaga.test")
+
+
+def test_a_key_configured_without_scopes_reads_and_writes_payments_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    configured = json.dumps([{"client_id": "shop", "key_sha256": ApiKey.hash(WRITE_KEY)}])
+    monkeypatch.setenv("PAYSAGA_API_KEYS", configured)
+    [key] = Settings().api_keys
+    assert key.scopes == ["payments:read", "payments:write"]
+    assert ApiKey(client_id="shop", key_sha256="x").scopes == list(DEFAULT_SCOPES)
+
+
+async def test_without_scopes_a_key_cannot_refund_dispute_or_decrypt() -> None:
+    settings = Settings(
+        api_keys=[ApiKey(client_id="shop", key_sha256=ApiKey.hash(WRITE_KEY))],
+        encryption_keys=[],
+        api_metrics_port=0,
+    )
+    payment = "/v1/payments/pay_0123456789abcdef01234567"
+    refused = {
+        "refunds:write": ("POST", f"{payment}/refunds", {"amount": 1}),
+        "disputes:write": (
+            "POST",
+            f"{payment}/disputes",
+            {"reason_code": "fraud", "network_reference": "NW-1"},
+        ),
+        "codec": ("POST", "/codec/decode", {"payloads": []}),
+    }
+    async with _real_app(settings) as client:
+        for scope, (method, path, body) in refused.items():
+            response = await client.request(
+                method,
+                path,
+                json=body,
+                headers={**_headers(WRITE_KEY), "Idempotency-Key": "refund-0001"},
+            )
+            assert response.status_code == 403, (scope, response.text)
+            assert _error(response)["code"] == "insufficient_scope"
+            assert scope in _error(response)["message"]
+
+
+def test_the_dev_key_names_every_scope_the_readme_uses_but_not_admin(tmp_path: Path) -> None:
+    (tmp_path / "dev-api-key").write_text(generate_api_key() + "\n")
+    [dev] = Settings(api_key_file=tmp_path / "dev-api-key").all_api_keys()
+    assert dev.client_id == "dev"
+    assert set(dev.scopes) == {
+        "payments:read",
+        "payments:write",
+        "refunds:write",
+        "disputes:write",
+        "codec",
+    }
+
+
+async def test_the_docs_pages_can_be_turned_off_and_the_contract_stays() -> None:
+    on = Settings(api_metrics_port=0)
+    off = Settings(api_metrics_port=0, api_docs_enabled=False)
+    async with _real_app(on) as client:
+        assert (await client.get("/docs")).status_code == 200
+        assert (await client.get("/redoc")).status_code == 200
+    async with _real_app(off) as client:
+        for page in ("/docs", "/redoc", "/docs/oauth2-redirect"):
+            response = await client.get(page)
+            assert response.status_code == 404, page
+            assert _error(response)["code"] == "resource_missing"
+        contract = await client.get("/openapi.json")
+        assert contract.status_code == 200
+        assert "/v1/payments" in contract.json()["paths"]
+        # Metrics are never a route of the public app, docs or not.
+        assert (await client.get("/metrics")).status_code == 404
 
 
 def test_every_configured_hash_is_compared(monkeypatch: pytest.MonkeyPatch) -> None:

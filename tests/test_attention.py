@@ -81,8 +81,8 @@ async def rig(app_settings: Settings) -> AsyncIterator[Rig]:
     client = await connect_client(settings, runtime=runtime)
     made: list[GatedKafka] = []
 
-    def gated(publisher: EventPublisher) -> GatedKafka:
-        made.append(GatedKafka(publisher))
+    def gated(publisher: EventPublisher, *recording: Any) -> GatedKafka:
+        made.append(GatedKafka(publisher, *recording))
         return made[0]
 
     async with (

@@ -1,5 +1,7 @@
-"""Card numbers never get in: any Luhn-valid run of 12–19 digits, in any string field, with or
-without spaces or dashes, is refused with 422 `card_data_not_allowed` — and the number is then
+"""Card numbers never get in: a Luhn-valid number of 13–19 digits (domain/cards.py), in any
+string field, header, filter or metadata key, split by any separators or glued inside a longer
+run of digits, is refused with 422 `card_data_not_allowed` — a property-based test generates
+such numbers of every length with random separators and positions — and every number is then
 searched for everywhere it could have landed: the logs of the API and the worker (at DEBUG),
 Temporal's histories, every Kafka topic, every text column of the database and every file the
 services keep on disk.
@@ -15,23 +17,31 @@ can be mistaken for a leak.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import uuid
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client
 
-from domain.cards import contains_card_number, luhn_valid
+from domain.cards import ISSUER_PREFIXES, MAX_PAN, MIN_PAN, contains_card_number, luhn_valid
 from domain.events import ALL_TOPICS
+from domain.payment import RefundSignal
+from infra.logs import REDACTED, redact_card_numbers
 from infra.stack import Stack
+from intake import Refused, read_payment_order
 from tests.kafka_helpers import consume_events
 from tests.saga_helpers import create_payment, payment_body, wait_for_payment
 
@@ -75,18 +85,25 @@ def spellings(pan: str) -> list[str]:
 
 
 class Pans:
-    """The card numbers submitted in this module, one per refused case."""
+    """The card numbers submitted in this module, one per refused case, and the exact text
+    each was sent in (the leak search looks for both)."""
 
     def __init__(self) -> None:
         self.submitted: list[str] = []
+        self.texts: list[str] = []
 
     def new(self, length: int = 16, iin: str = "4") -> str:
         pan = fresh_pan(length, iin)
         self.submitted.append(pan)
         return pan
 
+    def sent(self, pan: str, text: str) -> None:
+        self.submitted.append(pan)
+        self.texts.append(text)
+
     def needles(self) -> list[bytes]:
-        return sorted({s.encode() for pan in self.submitted for s in spellings(pan)})
+        spelled = {s.encode() for pan in self.submitted for s in spellings(pan)}
+        return sorted(spelled | {t.encode() for t in self.texts})
 
 
 @pytest.fixture(scope="module")
@@ -157,8 +174,14 @@ def _cases(pans: Pans) -> Iterator[tuple[dict[str, Any], str, str]]:
     yield {"description": f"amex {grouped(pan, (4, 6, 5), ' ')}"}, "description", pan
     pan = pans.new(19, "4")
     yield {"description": f"pan={pan}"}, "description", pan
-    pan = pans.new(12, "5")
+    pan = pans.new(13, "4")
     yield {"description": f"short {pan}"}, "description", pan
+    pan = pans.new()
+    yield {"description": f"pan {grouped(pan, fours, '.')}"}, "description", pan
+    pan = pans.new(16, "51")
+    yield {"description": f"tel:{grouped(pan, fours, ' / ')}"}, "description", pan
+    pan = pans.new(16, "6011")
+    yield {"description": f"ref 00{pan}99"}, "description", pan  # hidden in a longer run
     pan = pans.new()
     yield {"metadata": {"card": grouped(pan, fours, " ")}}, "metadata[card]", pan
     pan = pans.new(16, "51")
@@ -170,6 +193,8 @@ def _cases(pans: Pans) -> Iterator[tuple[dict[str, Any], str, str]]:
     yield {"customer_id": pan}, "customer_id", pan
     pan = pans.new(16, "6011")
     yield {"customer_id": f"cus_{pan}"}, "customer_id", pan
+    pan = pans.new(16, "4")
+    yield {"customer_id": f"cus_{grouped(pan, fours, '_')}"}, "customer_id", pan
     pan = pans.new(16, "35")
     yield {"merchant_id": pan}, "merchant_id", pan
     pan = pans.new()
@@ -225,9 +250,161 @@ async def test_card_numbers_in_follow_ups_and_filters_are_refused(
     listing = await api.get("/v1/payments", params={"customer_id": pan})
     assert _refusal(listing, pan)["param"] == "customer_id"
 
+    # An idempotency key is a string too (hashed, but copied into logs and dead letters by
+    # careless code): refused as card data in any spelling, before its format is judged.
+    for spelled in (grouped(pans.new(), (4,) * 4, "-"), grouped(pans.new(16, "37"), (4,) * 4, ".")):
+        keyed = await create_payment(api, payment_body(), key=spelled, wait=0)
+        assert _refusal(keyed, pans.submitted[-1])["param"] == "Idempotency-Key"
+
     # Nothing was refunded or disputed by the refused requests.
     payment = (await api.get(f"/v1/payments/{payment_id}")).json()
     assert payment["refunds"] == [] and payment["disputes"] == []
+
+
+# ── the property: every spelling, every length, every field ─────────────────────────────────
+
+# Separators a person, a program or an evasion would put between digits, repeated or mixed.
+SEPARATORS = " -._/:\t\n,;|*#~+=()'"
+# An HTTP header value cannot hold a tab or a newline.
+HEADER_SEPARATORS = " -._/:,;|*#~+=()'"
+
+
+@st.composite
+def card_numbers(draw: st.DrawFn) -> str:
+    """A valid PAN of any length 13–19 with a card brand's issuer prefix for that length."""
+    length = draw(st.integers(MIN_PAN, MAX_PAN))
+    low, high = draw(
+        st.sampled_from([(lo, hi) for lo, hi, lengths in ISSUER_PREFIXES if length in lengths])
+    )
+    prefix = str(draw(st.integers(int(low), int(high)))).zfill(len(low))
+    rest = length - len(prefix) - 1
+    return luhn_complete(prefix + draw(st.text("0123456789", min_size=rest, max_size=rest)))
+
+
+@st.composite
+def spelled_card_numbers(draw: st.DrawFn, separators: str) -> tuple[str, str]:
+    """(the PAN, a text holding it): split by random separators at random positions, after
+    other digits or glued inside a longer run of digits, amid other text."""
+    pan = draw(card_numbers())
+    gaps = len(pan) - 1
+    separator = st.text(separators, min_size=1, max_size=3)
+    if draw(st.booleans()):
+        # Any separators anywhere (mixed, repeated), possibly after another group of digits.
+        between = draw(st.lists(st.one_of(st.just(""), separator), min_size=gaps, max_size=gaps))
+        run = pan[0] + "".join(sep + digit for sep, digit in zip(between, pan[1:], strict=True))
+        run = draw(st.sampled_from(["", "12 ", "2024-01-15 ", "no. 7/", "00 00 "])) + run
+    else:
+        # Hidden: glued to other digits, split by one separator wherever it is split.
+        sep = draw(separator)
+        split = draw(st.lists(st.booleans(), min_size=gaps, max_size=gaps))
+        run = pan[0] + "".join(
+            (sep if cut else "") + digit for cut, digit in zip(split, pan[1:], strict=True)
+        )
+        run = (
+            draw(st.text("0123456789", max_size=4)) + run + draw(st.text("0123456789", max_size=4))
+        )
+    before = draw(st.sampled_from(["", "card ", "cus_", "pm_", "note: ", "ref-"]))
+    after = draw(st.sampled_from(["", " thanks", "x", " exp 12/27", "_A"]))
+    return pan, before + run + after
+
+
+BODY_FIELDS = ("description", "metadata value", "metadata key", "customer_id", "merchant_id")
+ELSEWHERE = ("payment_method", "refund reason", "network_reference", "list filter")
+HEADERS = ("Idempotency-Key",)
+PURE = ("intake body", "intake header", "intake key", "refund signal", "log line")
+
+
+async def test_every_spelling_of_every_length_in_every_field_is_refused(
+    api: httpx.AsyncClient, pans: Pans
+) -> None:
+    """Hypothesis draws card numbers of every length with random separators and positions and
+    puts each in one place a client, a producer or an operator can write to. Every one is
+    refused as card data (API: 422 `card_data_not_allowed`), and no answer repeats it. The
+    numbers join `pans`: the leak search below looks for each of them, and its text."""
+    loop = asyncio.get_running_loop()
+    seen_lengths: set[int] = set()
+    payment_path = f"/v1/payments/pay_{'0' * 24}"
+
+    def through_api(request: Coroutine[Any, Any, httpx.Response]) -> httpx.Response:
+        return asyncio.run_coroutine_threadsafe(request, loop).result(timeout=30)
+
+    @hypothesis_settings(
+        max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+    )
+    @given(data=st.data())
+    def refused_everywhere(data: st.DataObject) -> None:
+        where = data.draw(st.sampled_from((*BODY_FIELDS, *ELSEWHERE, *HEADERS, *PURE)))
+        separators = HEADER_SEPARATORS if where in HEADERS else SEPARATORS
+        pan, text = data.draw(spelled_card_numbers(separators))
+        seen_lengths.add(len(pan))
+        pans.sent(pan, text)
+        if where in PURE:
+            refused_offline(where, text, pan)
+            return
+        if where in BODY_FIELDS:
+            field = where.split(" ")[0]
+            body = payment_body()
+            if where == "metadata value":
+                body["metadata"] = {"note": text}
+            elif where == "metadata key":
+                body["metadata"] = {text: "x"}
+            else:
+                body[field] = text
+            response = through_api(create_payment(api, body, wait=0))
+        elif where == "payment_method":
+            response = through_api(create_payment(api, payment_body(payment_method=text)))
+        elif where == "refund reason":
+            response = through_api(
+                api.post(
+                    f"{payment_path}/refunds",
+                    json={"reason": text},
+                    headers={"Idempotency-Key": "refund-prop-1"},
+                )
+            )
+        elif where == "network_reference":
+            response = through_api(
+                api.post(
+                    f"{payment_path}/disputes",
+                    json={"reason_code": "10.4", "network_reference": text},
+                )
+            )
+        elif where == "list filter":
+            response = through_api(api.get("/v1/payments", params={"customer_id": text}))
+        else:
+            response = through_api(create_payment(api, payment_body(), key=text, wait=0))
+        _refusal(response, pan)
+        assert text not in response.text
+
+    await asyncio.to_thread(refused_everywhere)
+    assert seen_lengths == set(range(MIN_PAN, MAX_PAN + 1)), "every length was tried"
+
+
+def refused_offline(where: str, text: str, pan: str) -> None:
+    """The Kafka intake's check, an operator's signal, and the log redactor."""
+    if where == "log line":
+        redacted = redact_card_numbers(f"posting failed for {text} at 2026-01-15")
+        assert REDACTED in redacted and not contains_card_number(redacted)
+        assert pan not in redacted and text not in redacted
+        return
+    if where == "refund signal":
+        with pytest.raises(ValidationError) as invalid:
+            RefundSignal.model_validate({"refund_id": "re_manual_1", "reason": text})
+        assert invalid.value.errors()[0]["type"] == "card_data_not_allowed"
+        assert pan not in str(invalid.value) and text not in str(invalid.value)
+        return
+    body = json.dumps(payment_body()).encode()
+    headers: list[tuple[str, bytes]] = [("idempotency-key", b"order-prop-0001")]
+    key: bytes | None = None
+    if where == "intake body":
+        body = json.dumps(payment_body(description=text)).encode()
+    elif where == "intake header":
+        headers.append(("source-reference", text.encode()))
+    else:
+        key = text.encode()
+    with pytest.raises(Refused) as refused:
+        read_payment_order(body, headers, 65536, "billing", message_key=key)
+    assert refused.value.code == "card_data_not_allowed"
+    assert pan not in refused.value.reason
 
 
 # ── accepted: the check is not over-broad ───────────────────────────────────────────────────
@@ -361,3 +538,40 @@ def _files_containing(root: Path, needles: list[bytes]) -> dict[bytes, list[str]
             if needle in data:
                 found.setdefault(needle, []).append(str(path.relative_to(root)))
     return found
+
+
+# ── an operator's signal is not validated by the API ────────────────────────────────────────
+
+
+async def test_a_signal_carrying_a_card_number_is_dropped_without_logging_it(
+    api: httpx.AsyncClient, temporal_client: Client, app_logs: RecordingHandler
+) -> None:
+    """`temporal workflow signal --name refund` goes straight to Temporal: the workflow cannot
+    refuse it before it is in history (the codec encrypts it there; docs/security.md), but it
+    never acts on it, and the worker's log of the refusal does not repeat it. This runs after
+    the leak search, which therefore does not look for this number."""
+    created = await create_payment(api, payment_body(amount=1000))
+    assert created.status_code == 201, created.text
+    payment_id = created.json()["id"]
+    await wait_for_payment(api, payment_id, lambda p: p["status"] == "succeeded")
+    pan = fresh_pan()
+    handle = temporal_client.get_workflow_handle(payment_id)
+    await handle.signal(
+        "refund",
+        {
+            "refund_id": "re_manual_card",
+            "amount": 100,
+            "reason": f"card {grouped(pan, (4,) * 4, '.')}",
+        },
+    )
+    await handle.signal("refund", {"refund_id": "re_manual_ok", "amount": 100, "reason": "ok"})
+
+    payment = await wait_for_payment(
+        api, payment_id, lambda p: [r["status"] for r in p["refunds"]] == ["succeeded"]
+    )
+    assert [r["id"] for r in payment["refunds"]] == ["re_manual_ok"]
+    dropped = [line for line in app_logs.lines if "dropping the signal" in line]
+    assert dropped and "card_data_not_allowed" in "\n".join(dropped)
+    logged = "\n".join(app_logs.lines)
+    assert not any(spelling in logged for spelling in spellings(pan))
+    assert grouped(pan, (4,) * 4, ".") not in logged

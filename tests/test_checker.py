@@ -362,7 +362,7 @@ async def test_each_broken_promise_is_caught_and_named(
         tampered,
         "refund",
         [
-            ("merchant:mer_acme:USD", 500),
+            ("merchant:test-client:mer_acme:USD", 500),
             (await _customer_code(engine, tampered), -500),
         ],
         reference="re_tampered",
@@ -399,7 +399,7 @@ async def _customer_code(engine: AsyncEngine, payment_id: str) -> str:
         customer = await conn.scalar(
             text("SELECT customer_id FROM payments WHERE payment_id = :p"), {"p": payment_id}
         )
-    return f"customer:{customer}:USD"
+    return f"customer:test-client:{customer}:USD"
 
 
 # ── the command ──────────────────────────────────────────────────────────────────────────────

@@ -44,10 +44,11 @@ class Ports:
     worker_metrics: int
     temporal_metrics: int
     crm_sandbox: int
+    api_metrics: int
 
     @classmethod
     def free(cls) -> Ports:
-        return cls(*(free_port() for _ in range(8)))
+        return cls(*(free_port() for _ in range(9)))
 
     def env(self) -> dict[str, str]:
         return {
@@ -59,10 +60,14 @@ class Ports:
             "PAYSAGA_WORKER_METRICS_PORT": str(self.worker_metrics),
             "PAYSAGA_TEMPORAL_METRICS_PORT": str(self.temporal_metrics),
             "PAYSAGA_CRM_SANDBOX_PORT": str(self.crm_sandbox),
+            "PAYSAGA_API_METRICS_PORT": str(self.api_metrics),
         }
 
     def of_the_stack(self) -> list[int]:
-        return [self.api, self.temporal, self.ui, self.kafka, self.postgres, self.crm_sandbox]
+        return [
+            self.api, self.temporal, self.ui, self.kafka, self.postgres, self.crm_sandbox,
+            self.api_metrics,
+        ]  # fmt: skip
 
 
 def paysaga_env(home: Path, ports: Ports) -> dict[str, str]:
@@ -196,6 +201,11 @@ def test_run_serves_payments_stops_cleanly_and_keeps_data_across_restarts(
     assert f"http://127.0.0.1:{ports.ui}" in first.output  # …and the Temporal UI
     assert f"http://127.0.0.1:{ports.api}/docs" in first.output
     assert f"http://127.0.0.1:{ports.crm_sandbox}" in first.output  # no CRM configured: the sandbox
+    # The API's metrics: on their own port, printed with the other URLs, not on the API's.
+    metrics_url = f"http://127.0.0.1:{ports.api_metrics}/metrics"
+    assert metrics_url in first.output
+    assert "paysaga_http_requests_total" in httpx.get(metrics_url, timeout=10).text
+    assert httpx.get(f"http://127.0.0.1:{ports.api}/metrics", timeout=10).status_code == 404
 
     # The CLI finds the API (PAYSAGA_API_PORT) and the dev key (PAYSAGA_HOME) by itself.
     paid = paysaga_cli(
@@ -217,7 +227,11 @@ def test_run_serves_payments_stops_cleanly_and_keeps_data_across_restarts(
     assert tail.returncode == 0, tail.stderr
     [told] = [line for line in tail.stdout.splitlines() if payment_id in line]
     assert " ok " in told and "confirmed" in told and "4200 EUR" in told
-    assert ledger_postings(ports, payment_id) == [("payment", "EUR", 0)]
+    # The dev key names its scopes: it can refund, as the README's examples do.
+    refunded = paysaga_cli(home, ports, "refund", payment_id, "--amount", "200")
+    assert refunded.returncode == 0, refunded.stdout + refunded.stderr
+    postings = [("payment", "EUR", 0), ("refund", "EUR", 0)]
+    assert sorted(ledger_postings(ports, payment_id)) == postings
     assert httpx.get(f"http://127.0.0.1:{ports.ui}/", timeout=10).status_code == 200
 
     children = first.descendants()
@@ -239,10 +253,10 @@ def test_run_serves_payments_stops_cleanly_and_keeps_data_across_restarts(
     assert isinstance(execution, dict)
     assert execution["status"] == "WORKFLOW_EXECUTION_STATUS_RUNNING"  # the dispute window
     assert int(execution["historyLength"]) > 10
-    assert ledger_postings(ports, payment_id) == [("payment", "EUR", 0)]
+    assert sorted(ledger_postings(ports, payment_id)) == postings
     status = paysaga_cli(home, ports, "status", payment_id)
     assert status.returncode == 0, status.stderr
-    assert payment_id in status.stdout and "succeeded" in status.stdout
+    assert payment_id in status.stdout and "partially_refunded" in status.stdout
     assert get_payment(ports, key, payment_id)["amount_captured"] == 4200
     # The broker restarted empty; the worker's outbox relay put every stored event back.
     checked = paysaga_cli(home, ports, "check", "--settle-seconds", "60")

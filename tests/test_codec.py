@@ -47,6 +47,7 @@ from worker import payment_worker
 OLD_KEY = generate_key()
 NEW_KEY = generate_key()
 CODEC_ONLY_KEY = "psk_test_codec_only_0123456789abcdefghij"
+ADMIN_KEY = "psk_test_codec_admin_0123456789abcdefghi"
 UI_ORIGIN = "http://127.0.0.1:8233"
 OTHER_ORIGIN = "http://evil.example"
 
@@ -232,6 +233,7 @@ def keyed_settings(app_settings: Settings, request: pytest.FixtureRequest) -> Se
             "api_keys": [
                 *app_settings.api_keys,
                 ApiKey(client_id="ops", key_sha256=ApiKey.hash(CODEC_ONLY_KEY), scopes=["codec"]),
+                ApiKey(client_id="ops", key_sha256=ApiKey.hash(ADMIN_KEY), scopes=["admin"]),
             ],
         }
     )
@@ -352,7 +354,7 @@ async def test_customer_data_in_history_is_ciphertext_without_the_key(
     response = await keyed_api.post(
         "/codec/decode",
         content=json_format.MessageToJson(started.input),
-        headers={"X-Namespace": keyed_settings.temporal_namespace},
+        headers={"X-Namespace": keyed_settings.temporal_namespace, **_bearer(CODEC_ONLY_KEY)},
     )
     assert response.status_code == 200, response.text
     [shown] = response.json()["payloads"]
@@ -386,7 +388,7 @@ def _from_json(document: dict[str, Any]) -> list[Payload]:
     return list(json_format.ParseDict(document, Payloads()).payloads)
 
 
-@pytest.mark.parametrize("key", [TEST_API_KEY, CODEC_ONLY_KEY])
+@pytest.mark.parametrize("key", [ADMIN_KEY, CODEC_ONLY_KEY])
 async def test_the_endpoint_encodes_and_decodes_for_a_codec_scoped_key(
     keyed_settings: Settings, key: str
 ) -> None:
@@ -410,7 +412,7 @@ async def test_the_endpoint_decodes_what_the_worker_encrypted_with_a_retired_key
 ) -> None:
     [sealed] = await _codec(("k-old", OLD_KEY)).encode([_json_payload({"ok": True})])
     [unknown] = await _codec(("k-gone", generate_key())).encode([_json_payload({"ok": False})])
-    async with _codec_http(keyed_settings, headers=_bearer(TEST_API_KEY)) as http:
+    async with _codec_http(keyed_settings, headers=_bearer(CODEC_ONLY_KEY)) as http:
         response = await http.post("/codec/decode", content=_as_json(sealed))
         assert _from_json(response.json()) == [_json_payload({"ok": True})]
 
@@ -423,7 +425,7 @@ async def test_the_endpoint_decodes_what_the_worker_encrypted_with_a_retired_key
 @pytest.mark.parametrize("body", [b"{not json", b'{"payloads": 7}', b"[" * 100_000, b"\xff\xfe"])
 async def test_a_malformed_body_is_a_400_not_a_crash(keyed_settings: Settings, body: bytes) -> None:
     settings = keyed_settings.model_copy(update={"max_body_bytes": 1_000_000})
-    async with _codec_http(settings, headers=_bearer(TEST_API_KEY)) as http:
+    async with _codec_http(settings, headers=_bearer(CODEC_ONLY_KEY)) as http:
         response = await http.post("/codec/decode", content=body)
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "invalid_request_body"
@@ -450,6 +452,14 @@ async def test_decoding_needs_credentials(keyed_settings: Settings) -> None:
         )
         assert reader.status_code == 403
         assert reader.json()["error"]["code"] == "insufficient_scope"
+
+        # A key that may move money (every payment scope, named) still may not decrypt:
+        # `codec` is given only by name.
+        merchant = await http.post(
+            "/codec/decode", content=_as_json(*sealed), headers=_bearer(TEST_API_KEY)
+        )
+        assert merchant.status_code == 403
+        assert merchant.json()["error"]["code"] == "insufficient_scope"
 
 
 async def test_a_codec_key_cannot_move_money(keyed_api: httpx.AsyncClient) -> None:
@@ -519,14 +529,16 @@ async def test_cors_preflight_allows_only_the_ui_origin(keyed_settings: Settings
         answered = await http.post(
             "/codec/encode",
             content=_as_json(_json_payload({"a": 1})),
-            headers={"Origin": OTHER_ORIGIN, **_bearer(TEST_API_KEY)},
+            headers={"Origin": OTHER_ORIGIN, **_bearer(CODEC_ONLY_KEY)},
         )
         assert answered.status_code == 200
         assert "access-control-allow-origin" not in answered.headers
 
 
 async def test_without_keys_the_endpoint_says_encryption_is_off(app_settings: Settings) -> None:
-    async with _codec_http(app_settings, headers=_bearer(TEST_API_KEY)) as http:
+    admin = ApiKey(client_id="ops", key_sha256=ApiKey.hash(ADMIN_KEY), scopes=["admin"])
+    settings = app_settings.model_copy(update={"api_keys": [*app_settings.api_keys, admin]})
+    async with _codec_http(settings, headers=_bearer(ADMIN_KEY)) as http:
         response = await http.post("/codec/decode", content=_as_json())
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "codec_not_configured"

@@ -46,6 +46,8 @@ from tests.kafka_helpers import ConsumedEvent, GatedKafka
 from tests.saga_helpers import account_balance, create_payment, payment_body, wait_for_payment
 from worker import payment_worker
 
+CLIENT = "test-client"  # TEST_API_KEY's client: the tenant of the accounts these payments move
+
 
 def _error_code(response: httpx.Response) -> str:
     code: str = response.json()["error"]["code"]
@@ -139,7 +141,7 @@ async def test_ledger_refusal_after_raw_voids_it_with_payments_failed(
     # Accounts open on first posting: a first payment opens the merchant's, then it closes.
     first = await captured_payment(api, 1000)
     merchant = first["merchant_id"]
-    await Ledger(engine).close_account(f"merchant:{merchant}:USD")
+    await Ledger(engine).close_account(f"merchant:{CLIENT}:{merchant}:USD")
 
     created = await create_payment(api, payment_body(amount=1500, merchant_id=merchant))
     assert created.status_code == 201, created.text
@@ -232,7 +234,7 @@ async def _held_at(rig: Rig, kind: EventKind) -> tuple[str, dict[str, Any]]:
     """A payment created through the API whose `kind` event is being held."""
     key = f"key-{uuid.uuid4().hex}"
     body = payment_body(amount=4200, merchant_id=new_merchant())
-    pid = payment_id_for("test-client", key)
+    pid = payment_id_for(CLIENT, key)
     rig.kafka.hold(pid, kind)
     created = await create_payment(rig.api, body, key=key, wait=0)
     assert created.status_code == 201, created.text
@@ -311,8 +313,8 @@ async def test_operator_cancel_after_posting_reverses_then_voids_then_tells_the_
     # Ledger: the capture, then its reversal; both accounts net to zero.
     rows = await assert_ledger_balanced(engine, pid)
     assert [r["kind"] for r in rows] == ["payment", "payment_reversal"]
-    assert await account_balance(engine, f"customer:{body['customer_id']}:USD") == 0
-    assert await account_balance(engine, f"merchant:{body['merchant_id']}:USD") == 0
+    assert await account_balance(engine, f"customer:{CLIENT}:{body['customer_id']}:USD") == 0
+    assert await account_balance(engine, f"merchant:{CLIENT}:{body['merchant_id']}:USD") == 0
     register = await register_row(engine, pid)
     assert register is not None
     assert (register["status"], register["captured"]) == ("canceled", 0)
@@ -360,7 +362,7 @@ async def test_a_compensation_that_fails_once_is_retried_and_posts_once(
     assert state.status == "canceled"
     rows = await assert_ledger_balanced(engine, pid)
     assert [r["kind"] for r in rows] == ["payment", "payment_reversal"]
-    assert await account_balance(engine, f"merchant:{body['merchant_id']}:USD") == 0
+    assert await account_balance(engine, f"merchant:{CLIENT}:{body['merchant_id']}:USD") == 0
 
 
 def _occurred_at(event: ConsumedEvent) -> datetime:

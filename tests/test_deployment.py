@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import pytest
 import sqlalchemy as sa
 import yaml
+from confluent_kafka.admin import AdminClient
 from sqlalchemy.dialects.postgresql import insert
 
 from activities.ledger import accounts, ledger_entries
@@ -26,6 +27,8 @@ from infra.stack import Stack
 from settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 PAYSAGA_SERVICES = {"migrate", "topics", "temporal-setup", "api", "worker", "intake"}
@@ -155,6 +158,11 @@ def test_workers_scale_and_ports_match_what_the_code_listens_on(
     cmd = command(api)
     api_port = cmd[cmd.index("--port") + 1]
     assert any(str(p).endswith(f":{api_port}") for p in api["ports"])
+    # The API's metrics: reachable by Prometheus inside the network, never published.
+    api_metrics = environment(api)["PAYSAGA_API_METRICS_PORT"]
+    assert api_metrics in {str(p) for p in api["expose"]}
+    assert not any(str(p).endswith(f":{api_metrics}") for p in api["ports"])
+    assert environment(api)["PAYSAGA_API_DOCS_ENABLED"] == "false"
     assert f":{api_port}/healthz" in " ".join(api["healthcheck"]["test"])
     # The UI's codec endpoint is the API's /codec, at the port the API publishes.
     codec = urlsplit(environment(services["temporal-ui"])["TEMPORAL_CODEC_ENDPOINT"])
@@ -279,6 +287,7 @@ def test_the_setup_jobs_run_against_real_services(stack: Stack) -> None:
         PAYSAGA_TEMPORAL_ADDRESS=stack.temporal_address,
         PAYSAGA_LOG_JSON="true",
         PAYSAGA_HOME=str(stack.home),
+        PAYSAGA_KAFKA_INTAKE_CLIENTS="billing,erp",
     )
     done = subprocess.run(
         [sys.executable, "-m", "infra.provision", "database", "topics", "search-attributes"],
@@ -292,6 +301,10 @@ def test_the_setup_jobs_run_against_real_services(stack: Stack) -> None:
     assert current_revision(stack.database_url) == head_revision()
     logged = [line for line in done.stderr.splitlines() if line.startswith("{")]
     assert any(f'"ledger schema at revision {head_revision()}"' in line for line in logged)
+    # The intake clients' own topics are created with the others.
+    admin = AdminClient({"bootstrap.servers": stack.kafka_bootstrap_servers})
+    topics = admin.list_topics(timeout=10)
+    assert {"payments.requests.billing", "payments.requests.erp"} <= set(topics.topics)
     refused = subprocess.run(
         [sys.executable, "-m", "infra.provision", "nonsense"],
         env=env,

@@ -40,6 +40,7 @@ from infra.stack import Stack
 from infra.temporal_client import connect_client
 from settings import ApiKey, Settings
 from tests.api_client import api_client
+from tests.conftest import MERCHANT_SCOPES
 from tests.fakes import FakeCrmServer
 from tests.kafka_helpers import ConsumedEvent, consume_events, dedupe_by_id
 from tests.private_stack import private_stack_settings
@@ -159,7 +160,13 @@ async def rig(fault_stack: Stack) -> AsyncIterator[FaultRig]:
         settings = fault_stack.service_settings().model_copy(
             update={
                 "task_queue": f"faults-{uuid.uuid4().hex[:8]}",
-                "api_keys": [ApiKey(client_id=FAULT_CLIENT, key_sha256=ApiKey.hash(FAULT_API_KEY))],
+                "api_keys": [
+                    ApiKey(
+                        client_id=FAULT_CLIENT,
+                        key_sha256=ApiKey.hash(FAULT_API_KEY),
+                        scopes=list(MERCHANT_SCOPES),
+                    )
+                ],
                 "crm_webhook_url": crm.url(WEBHOOK_PATH),
                 "crm_webhook_secret": SecretStr(FAULT_WEBHOOK_SECRET),
                 "crm_timeout_seconds": CRM_TIMEOUT_SECONDS,

@@ -24,6 +24,7 @@ from temporalio.worker import Worker
 from activities.fraud import (
     CustomerHistory,
     FraudActivities,
+    FraudCheck,
     amount_for_limit_share,
     load_customer_history,
     score_payment,
@@ -40,6 +41,7 @@ from settings import Settings
 # The documented default band edges; test_default_thresholds_are_the_documented_ones pins them.
 REVIEW, REJECT = 0.70, 0.95
 TOKEN = "pm_card_visa_0001"
+CLIENT = "test"
 
 
 def _request(amount: int = 2_500, ccy: str = "USD", customer: str = "cus_1") -> PaymentRequest:
@@ -223,6 +225,7 @@ async def _insert_payments(
     rows: list[tuple[int, str, timedelta]],
     *,
     captured: bool = True,
+    client_id: str = CLIENT,
 ) -> None:
     """Register rows as the ledger leaves them: (amount, currency, age)."""
     now = datetime.now(UTC)
@@ -232,7 +235,7 @@ async def _insert_payments(
             [
                 {
                     "payment_id": f"pay_{uuid.uuid4().hex[:24]}",
-                    "client_id": "test",
+                    "client_id": client_id,
                     "customer_id": customer_id,
                     "merchant_id": "mer_1",
                     "currency": ccy,
@@ -251,12 +254,42 @@ async def test_a_customer_without_payments_has_an_empty_history(engine: AsyncEng
     customer = _customer()
     # Someone else's busy history must not leak into this customer's.
     await _insert_payments(engine, _customer(), [(1_000, "USD", timedelta(minutes=1))] * 6)
-    history = await load_customer_history(engine, customer, "USD")
+    history = await load_customer_history(engine, CLIENT, customer, "USD")
     assert history == CustomerHistory()
     assert (
         "first payment from this customer"
         in score_payment(_request(customer=customer), history).reasons
     )
+
+
+async def test_another_clients_customer_with_the_same_id_is_another_customer(
+    engine: AsyncEngine,
+) -> None:
+    """Customer ids are chosen by each API client: client B's `cus_1` is not client A's, so
+    B's busy history neither shows in A's fraud reasons nor raises A's score."""
+    customer = _customer()
+    await _insert_payments(
+        engine, customer, [(1_000, "USD", timedelta(minutes=1))] * 12, client_id="tenant-b"
+    )
+
+    mine = await load_customer_history(engine, "tenant-a", customer, "USD")
+    theirs = await load_customer_history(engine, "tenant-b", customer, "USD")
+
+    assert mine == CustomerHistory()
+    assert (theirs.payments_total, theirs.payments_last_hour) == (12, 12)
+    assessment = score_payment(_request(1_000, customer=customer), mine)
+    assert assessment.reasons == ["first payment from this customer"]
+    # Before tenants, the same lookup saw B's twelve payments as this customer's velocity.
+    assert score_payment(_request(1_000, customer=customer), theirs).score == pytest.approx(0.60)
+
+
+def test_an_activity_task_scheduled_before_tenants_still_decodes() -> None:
+    """A payment in flight across the upgrade may hand the activity the bare request it was
+    scheduled with: the worker reads it as a check without a client (looked up as before)."""
+    request = _request()
+    [payload] = pydantic_data_converter.payload_converter.to_payloads([request])
+    [check] = pydantic_data_converter.payload_converter.from_payloads([payload], [FraudCheck])
+    assert check == FraudCheck(client_id=None, request=request)
 
 
 async def test_captures_posted_through_the_ledger_make_a_returning_customer(
@@ -265,7 +298,7 @@ async def test_captures_posted_through_the_ledger_make_a_returning_customer(
     customer = _customer()
     ledger = Ledger(engine)
     parties = PaymentParties(
-        client_id="test", customer_id=customer, merchant_id="mer_1", currency="USD"
+        client_id=CLIENT, customer_id=customer, merchant_id="mer_1", currency="USD"
     )
     captured_ids = [f"pay_{uuid.uuid4().hex[:24]}" for _ in range(3)]
     for payment_id, amount in zip(captured_ids, (1_000, 2_000, 3_300), strict=True):
@@ -279,7 +312,7 @@ async def test_captures_posted_through_the_ledger_make_a_returning_customer(
     ):
         await ledger.post(LedgerPosting(transaction=txn, amount=90_000, parties=parties))
 
-    history = await load_customer_history(engine, customer, "USD")
+    history = await load_customer_history(engine, CLIENT, customer, "USD")
 
     assert history.payments_total == 3
     assert history.average_amount_same_currency == 2_100  # 6_300 // 3
@@ -299,7 +332,7 @@ async def test_velocity_counts_only_the_last_hour(engine: AsyncEngine) -> None:
         engine, customer, [(1_000, "USD", timedelta(hours=2, minutes=m)) for m in range(3)]
     )
 
-    history = await load_customer_history(engine, customer, "USD")
+    history = await load_customer_history(engine, CLIENT, customer, "USD")
 
     assert (history.payments_total, history.payments_last_hour) == (9, 6)
     assessment = score_payment(_request(1_000, customer=customer), history)
@@ -316,7 +349,7 @@ async def test_an_amount_far_above_the_customers_history(engine: AsyncEngine) ->
     # Payments in another currency do not move the USD average.
     await _insert_payments(engine, customer, [(900_000, "JPY", old)])
 
-    history = await load_customer_history(engine, customer, "USD")
+    history = await load_customer_history(engine, CLIENT, customer, "USD")
 
     assert history.average_amount_same_currency == 2_000
     assert history.max_amount_same_currency == 3_000
@@ -331,7 +364,7 @@ async def test_a_first_payment_in_a_new_currency_is_unusual(engine: AsyncEngine)
         engine, customer, [(5_000, "GBP", timedelta(days=9)), (4_000, "EUR", timedelta(days=2))]
     )
 
-    history = await load_customer_history(engine, customer, "USD")
+    history = await load_customer_history(engine, CLIENT, customer, "USD")
 
     assert history.currencies_used == ["EUR", "GBP"]
     assert history.average_amount_same_currency is None
@@ -350,7 +383,8 @@ async def test_the_activity_scores_with_the_customers_history(engine: AsyncEngin
     activities = FraudActivities(engine, _settings())
 
     assessment = await ActivityEnvironment().run(
-        activities.assess_payment, _request(20_000, customer=customer)
+        activities.assess_payment,
+        FraudCheck(client_id=CLIENT, request=_request(20_000, customer=customer)),
     )
 
     # 10 payments in the last hour (0.6) and 20x the average (0.5): capped, rejected.
@@ -371,7 +405,10 @@ async def test_the_activity_refuses_an_invalid_request_for_good(engine: AsyncEng
     ]
     for request in invalid:
         with pytest.raises(ApplicationError) as caught:
-            await ActivityEnvironment().run(activities.assess_payment, request)
+            await ActivityEnvironment().run(
+                activities.assess_payment,
+                FraudCheck.model_construct(client_id=CLIENT, request=request),
+            )
         assert caught.value.type == FailureType.INVALID_PAYMENT.value
         assert caught.value.non_retryable
         assert "4242424242424242" not in str(caught.value)
@@ -381,10 +418,10 @@ async def test_the_activity_refuses_an_invalid_request_for_good(engine: AsyncEng
 @workflow.defn(sandboxed=False)
 class AssessOnlyWorkflow:
     @workflow.run
-    async def run(self, request: PaymentRequest) -> FraudAssessment:
+    async def run(self, check: FraudCheck) -> FraudAssessment:
         return await workflow.execute_activity_method(
             FraudActivities.assess_payment,
-            request,
+            check,
             start_to_close_timeout=timedelta(seconds=10),
         )
 
@@ -401,7 +438,10 @@ async def test_a_real_worker_runs_the_assessment(stack: Stack, engine: AsyncEngi
         activities=[activities.assess_payment],
     ):
         assessment = await client.execute_workflow(
-            AssessOnlyWorkflow.run, request, id=f"wf-{uuid.uuid4()}", task_queue=queue
+            AssessOnlyWorkflow.run,
+            FraudCheck(client_id=CLIENT, request=request),
+            id=f"wf-{uuid.uuid4()}",
+            task_queue=queue,
         )
     assert isinstance(assessment, FraudAssessment)
     assert assessment.score >= REJECT
@@ -460,7 +500,8 @@ async def _assess_with_sidecar(
 ) -> FraudAssessment:
     activities = FraudActivities(engine, _settings(fraud_sidecar_url=url))
     try:
-        return await ActivityEnvironment().run(activities.assess_payment, request)
+        check = FraudCheck(client_id=CLIENT, request=request)
+        return await ActivityEnvironment().run(activities.assess_payment, check)
     finally:
         await activities.aclose()
 
@@ -479,6 +520,7 @@ async def test_a_configured_sidecar_replaces_the_rules(
     [body] = sidecar.received
     assert TOKEN.encode() not in body
     sent = json.loads(body)
+    assert sent["client_id"] == CLIENT  # a sidecar keying customers keys them per client
     assert "payment_method" not in sent["request"]
     assert sent["request"]["amount"] == request.amount
     assert sent["request"]["customer_id"] == request.customer_id

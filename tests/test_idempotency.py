@@ -24,20 +24,20 @@ from temporalio.client import Client, WorkflowHandle
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.fraud import amount_for_limit_share
-from domain.events import REQUESTS_DLQ_TOPIC, REQUESTS_TOPIC
+from domain.events import REQUESTS_DLQ_TOPIC
 from domain.payment import PaymentRequest, PaymentState, PaymentWorkflowInput, payment_id_for
 from infra.checker import CheckScope, run_checks
 from infra.database import migrate, revision_before
 from infra.idempotency import IdempotencyRegister
 from infra.stack import Stack
-from intake import DEFAULT_CLIENT_ID, running_intake
+from intake import running_intake
 from settings import Settings
 from tests.api_client import api_client
 from tests.conftest import TEST_API_KEY
 from tests.followup_helpers import new_merchant
 from tests.kafka_helpers import consume_events
 from tests.saga_helpers import create_payment, ledger_rows, payment_body
-from tests.test_intake import produce, request_headers
+from tests.test_intake import BILLING, BILLING_TOPIC, produce, request_headers
 from workflows.payment import PaymentWorkflow, initial_search_attributes
 from workflows.starter import payment_policy
 
@@ -50,6 +50,10 @@ pytestmark = pytest.mark.usefixtures("worker")
 
 def _short_window(settings: Settings) -> Settings:
     return settings.model_copy(update={"dispute_window_days": WINDOW_SECONDS / 86400})
+
+
+def _intake_clients(settings: Settings) -> Settings:
+    return settings.model_copy(update={"kafka_intake_clients": [BILLING]})
 
 
 async def _forget(client: Client, payment_id: str) -> None:
@@ -125,7 +129,7 @@ async def forgotten(
 ) -> ForgottenPayments:
     """Deleting a closed execution takes the dev server ~30 s (it waits for its task queues'
     next ack): the module's payments are made first and deleted together."""
-    settings = _short_window(app_settings)
+    settings = _intake_clients(_short_window(app_settings))
     async with api_client(settings, temporal_client, TEST_API_KEY) as api:
         by_api = _forgotten(CLIENT, amount=1234)
         created = await create_payment(api, by_api.body, key=by_api.key, wait=10)
@@ -146,7 +150,7 @@ async def forgotten(
     legacy = _forgotten(CLIENT, amount=1500)
     await _start_without_register(temporal_client, settings, legacy)
 
-    by_intake = _forgotten(DEFAULT_CLIENT_ID, amount=2700)
+    by_intake = _forgotten(BILLING, amount=2700)
     group = f"intake-forgets-{uuid.uuid4().hex[:8]}"
     async with running_intake(settings, temporal_client, group_id=group):
         where = produce(stack, json.dumps(by_intake.body).encode(), request_headers(by_intake.key))
@@ -369,7 +373,9 @@ async def test_the_intake_reading_old_messages_after_temporal_forgot_starts_noth
     # An offset reset: a new consumer group reads payments.requests from the beginning, the
     # original message included; and the billing system sends it once more for good measure.
     reread = f"intake-rereads-{uuid.uuid4().hex[:8]}"
-    async with running_intake(_short_window(app_settings), temporal_client, group_id=reread):
+    async with running_intake(
+        _intake_clients(_short_window(app_settings)), temporal_client, group_id=reread
+    ):
         await committed_past_for(stack, reread, *forgotten.intake_offset)
         again = produce(stack, json.dumps(payment.body).encode(), request_headers(payment.key))
         await committed_past_for(stack, reread, *again)
@@ -394,12 +400,12 @@ async def test_the_intake_reading_old_messages_after_temporal_forgot_starts_noth
 
 
 async def committed_past_for(stack: Stack, group: str, partition: int, offset: int) -> None:
-    """Wait until `group` committed past `offset` on `partition` of payments.requests."""
+    """Wait until `group` committed past `offset` on `partition` of the billing client's topic."""
 
     def committed() -> int:
         reader = Consumer({"bootstrap.servers": stack.kafka_bootstrap_servers, "group.id": group})
         try:
-            [found] = reader.committed([TopicPartition(REQUESTS_TOPIC, partition)], timeout=10)
+            [found] = reader.committed([TopicPartition(BILLING_TOPIC, partition)], timeout=10)
             return int(found.offset)
         finally:
             reader.close()

@@ -1,6 +1,7 @@
-"""The Kafka intake over the real broker and Temporal: a valid request becomes a payment, a
-replayed one starts nothing new, an invalid one lands on the DLQ with its reason, and an
-offset is committed only once Temporal accepted the start."""
+"""The Kafka intake over the real broker and Temporal: a valid request becomes a payment of the
+client whose topic it came from, a replayed one starts nothing new, an invalid one (or one
+claiming another client) lands on the DLQ with its reason, and an offset is committed only
+once Temporal accepted the start or the broker acknowledged the dead letter."""
 
 from __future__ import annotations
 
@@ -23,23 +24,37 @@ from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.service import RPCError, RPCStatusCode
 
-from domain.events import REQUESTS_DLQ_TOPIC, REQUESTS_TOPIC
+from domain.events import REQUESTS_DLQ_TOPIC
 from domain.payment import PaymentState, payment_id_for
+from infra.broker import ensure_topics
 from infra.process import free_port
 from infra.stack import Stack
-from intake import DEFAULT_CLIENT_ID, PaymentIntake, Refused, read_payment_order, running_intake
-from settings import Settings
+from intake import PaymentIntake, Refused, read_payment_order, running_intake
+from settings import Settings, intake_topic
 from tests.kafka_helpers import ConsumedEvent, consume_events
 from tests.saga_helpers import ledger_rows, payment_body
 
 # One group for every intake in this module: each picks up where the last one committed.
 GROUP = f"intake-test-{uuid.uuid4().hex[:8]}"
+# Two intake clients, each with its own topic: the topic says who asks.
+BILLING, ERP = "billing", "erp"
+BILLING_TOPIC, ERP_TOPIC = intake_topic(BILLING), intake_topic(ERP)
 
 pytestmark = pytest.mark.usefixtures("worker")
 
 
+@pytest.fixture(scope="module")
+def intake_settings(app_settings: Settings, stack: Stack) -> Settings:
+    ensure_topics(stack.kafka_bootstrap_servers, (BILLING_TOPIC, ERP_TOPIC))
+    return app_settings.model_copy(update={"kafka_intake_clients": [BILLING, ERP]})
+
+
 def produce(
-    stack: Stack, value: bytes | None, headers: dict[str, str], key: str | None = None
+    stack: Stack,
+    value: bytes | None,
+    headers: dict[str, str],
+    key: str | None = None,
+    topic: str = BILLING_TOPIC,
 ) -> tuple[int, int]:
     """Send one request and wait for the broker; returns its (partition, offset)."""
     producer = Producer({"bootstrap.servers": stack.kafka_bootstrap_servers, "acks": "all"})
@@ -50,7 +65,7 @@ def produce(
         where.append((msg.partition(), msg.offset()))
 
     producer.produce(
-        REQUESTS_TOPIC,
+        topic,
         value=value,
         key=key.encode() if key else None,
         headers=list(headers.items()),
@@ -60,11 +75,11 @@ def produce(
     return where[0]
 
 
-def committed_offset(stack: Stack, partition: int) -> int:
+def committed_offset(stack: Stack, partition: int, topic: str = BILLING_TOPIC) -> int:
     """The group's committed offset on `partition` (negative: nothing committed)."""
     reader = Consumer({"bootstrap.servers": stack.kafka_bootstrap_servers, "group.id": GROUP})
     try:
-        [found] = reader.committed([TopicPartition(REQUESTS_TOPIC, partition)], timeout=10)
+        [found] = reader.committed([TopicPartition(topic, partition)], timeout=10)
         return int(found.offset)
     finally:
         reader.close()
@@ -102,17 +117,42 @@ async def succeeded(temporal: Client, payment_id: str) -> PaymentState:
     return result
 
 
-async def committed_past(stack: Stack, partition: int, offset: int) -> None:
+async def committed_past(
+    stack: Stack, partition: int, offset: int, topic: str = BILLING_TOPIC
+) -> None:
     async def check() -> bool:
-        return await asyncio.to_thread(committed_offset, stack, partition) > offset
+        return await asyncio.to_thread(committed_offset, stack, partition, topic) > offset
 
     await eventually(check)
 
 
 @pytest.fixture
-async def intake(app_settings: Settings, temporal_client: Client) -> AsyncIterator[PaymentIntake]:
-    async with running_intake(app_settings, temporal_client, group_id=GROUP) as running:
+async def intake(
+    intake_settings: Settings, temporal_client: Client
+) -> AsyncIterator[PaymentIntake]:
+    async with running_intake(intake_settings, temporal_client, group_id=GROUP) as running:
         yield running
+
+
+def intake_count(outcome: str) -> float:
+    value = REGISTRY.get_sample_value("paysaga_intake_messages_total", {"outcome": outcome})
+    return value or 0.0
+
+
+async def dead_letters(stack: Stack, keys: set[str]) -> dict[str, ConsumedEvent]:
+    """The DLQ records with these Kafka keys (waits until all arrived)."""
+
+    def all_arrived(events: list[ConsumedEvent]) -> bool:
+        return keys <= {e.key for e in events}
+
+    events = await asyncio.to_thread(
+        consume_events,
+        stack.kafka_bootstrap_servers,
+        [REQUESTS_DLQ_TOPIC],
+        until=all_arrived,
+        timeout=30,
+    )
+    return {e.key: e for e in events if e.key in keys}
 
 
 def request_headers(key: str, **extra: str) -> dict[str, str]:
@@ -124,11 +164,11 @@ async def test_a_valid_request_becomes_a_payment_and_its_offset_is_committed(
 ) -> None:
     key = f"billing-{uuid.uuid4().hex}"
     partition, offset = produce(
-        stack, json.dumps(payment_body()).encode(), request_headers(key, **{"client-id": "billing"})
+        stack, json.dumps(payment_body()).encode(), request_headers(key, **{"client-id": BILLING})
     )
-    payment_id = payment_id_for("billing", key)
+    payment_id = payment_id_for(BILLING, key)
     state = await succeeded(temporal_client, payment_id)
-    assert state.client_id == "billing"
+    assert state.client_id == BILLING
     await committed_past(stack, partition, offset)
     rows = await ledger_rows(engine, payment_id)
     assert [(r["kind"], r["total"]) for r in rows] == [("payment", 0)]
@@ -140,7 +180,7 @@ async def test_a_replayed_request_starts_nothing_new(
     key = f"replay-{uuid.uuid4().hex}"
     body = json.dumps(payment_body()).encode()
     produce(stack, body, request_headers(key))
-    payment_id = payment_id_for(DEFAULT_CLIENT_ID, key)
+    payment_id = payment_id_for(BILLING, key)
     await succeeded(temporal_client, payment_id)
     first_run = (await temporal_client.get_workflow_handle(payment_id).describe()).run_id
 
@@ -161,7 +201,7 @@ async def test_invalid_requests_go_to_the_dead_letter_topic_with_their_reason(
     run = uuid.uuid4().hex[:8]
     reused_key = f"reused-{run}"
     produce(stack, json.dumps(payment_body()).encode(), request_headers(reused_key))
-    await succeeded(temporal_client, payment_id_for(DEFAULT_CLIENT_ID, reused_key))
+    await succeeded(temporal_client, payment_id_for(BILLING, reused_key))
 
     cases: dict[str, tuple[bytes, dict[str, str], str]] = {
         f"bad-json-{run}": (b'{"amount": 25', request_headers(f"k-json-{run}"), "invalid_json"),
@@ -193,27 +233,15 @@ async def test_invalid_requests_go_to_the_dead_letter_topic_with_their_reason(
         )
         last[partition] = max(offset, last.get(partition, -1))
 
-    def all_arrived(events: list[ConsumedEvent]) -> bool:
-        return set(cases) <= {e.key for e in events}
-
-    dead = {
-        e.key: e
-        for e in await asyncio.to_thread(
-            consume_events,
-            stack.kafka_bootstrap_servers,
-            [REQUESTS_DLQ_TOPIC],
-            until=all_arrived,
-            timeout=30,
-        )
-        if e.key in cases
-    }
+    dead = await dead_letters(stack, set(cases))
     assert set(dead) == set(cases)
     for kafka_key, (value, _, code) in cases.items():
         letter = dead[kafka_key]
         assert letter.headers["dlq-error-code"] == code, (kafka_key, letter.headers)
         assert letter.headers["dlq-reason"]
         assert letter.headers["source-system"] == "billing-eu"  # original headers kept
-        assert letter.headers["dlq-source-topic"] == REQUESTS_TOPIC
+        assert letter.headers["dlq-source-topic"] == BILLING_TOPIC
+        assert letter.headers["dlq-client-id"] == BILLING
         if code == "card_data_not_allowed":
             assert letter.value == b""  # the card-bearing body is not copied anywhere
             assert "4242" not in json.dumps(letter.headers)
@@ -223,15 +251,77 @@ async def test_invalid_requests_go_to_the_dead_letter_topic_with_their_reason(
 
     # Nothing was started for them, and every one of them was committed.
     for key in (f"k-json-{run}", f"k-card-{run}", f"k-schema-{run}"):
-        assert await payment_state(temporal_client, payment_id_for(DEFAULT_CLIENT_ID, key)) is None
-    reused = await payment_state(temporal_client, payment_id_for(DEFAULT_CLIENT_ID, reused_key))
+        assert await payment_state(temporal_client, payment_id_for(BILLING, key)) is None
+    reused = await payment_state(temporal_client, payment_id_for(BILLING, reused_key))
     assert reused is not None and reused.request.amount != 999
     for partition, offset in last.items():
         await committed_past(stack, partition, offset)
 
 
+async def test_the_topic_says_who_asks_and_a_header_claiming_another_client_is_refused(
+    intake: PaymentIntake, stack: Stack, temporal_client: Client
+) -> None:
+    """A producer writes to its own topic only (Kafka ACLs); the `client-id` header cannot
+    move its request to another client. The same key on two clients' topics is two payments."""
+    run = uuid.uuid4().hex[:8]
+    key = f"order-{run}"
+    body = json.dumps(payment_body()).encode()
+    produce(stack, body, request_headers(key), topic=ERP_TOPIC)
+    produce(stack, body, request_headers(key, **{"client-id": BILLING}))
+    erp = await succeeded(temporal_client, payment_id_for(ERP, key))
+    billing = await succeeded(temporal_client, payment_id_for(BILLING, key))
+    assert (erp.client_id, billing.client_id) == (ERP, BILLING)
+    assert erp.id != billing.id
+
+    # Billing's producer claims to be the ERP: refused, and nothing starts for either client.
+    forged_key = f"forged-{run}"
+    partition, offset = produce(
+        stack, body, request_headers(forged_key, **{"client-id": ERP}), key=f"forged-{run}"
+    )
+    letter = (await dead_letters(stack, {f"forged-{run}"}))[f"forged-{run}"]
+    assert letter.headers["dlq-error-code"] == "client_id_mismatch"
+    assert letter.headers["dlq-client-id"] == BILLING
+    assert letter.headers["dlq-source-topic"] == BILLING_TOPIC
+    await committed_past(stack, partition, offset)
+    for client in (ERP, BILLING):
+        assert await payment_state(temporal_client, payment_id_for(client, forged_key)) is None
+
+
+async def test_a_dead_letter_the_broker_refuses_is_not_committed(
+    intake_settings: Settings, stack: Stack, temporal_client: Client
+) -> None:
+    """The broker refuses the dead letter (as it does a write the intake's principal has no
+    ACL for): librdkafka reports the error and empties its queue, so `flush()` returns 0. Only
+    the delivery report tells; the message stays uncommitted and is dead-lettered later."""
+    unwritable = "payments.requests.dlq/unwritable"  # an invalid topic name: always refused
+    kafka_key = f"bad-{uuid.uuid4().hex[:8]}"
+    retried = intake_count("retried")
+    # Refusals of an unknown topic can also surface as a message timeout: keep it short.
+    impatient = intake_settings.model_copy(update={"kafka_message_timeout_ms": 3000})
+    async with running_intake(
+        impatient, temporal_client, group_id=GROUP, dead_letter_topic=unwritable
+    ):
+        partition, offset = produce(
+            stack, b'{"amount": 25', request_headers(f"k-{kafka_key}"), key=kafka_key
+        )
+
+        async def refused_twice() -> bool:
+            return intake_count("retried") >= retried + 2
+
+        await eventually(refused_twice, timeout=60)
+        assert await asyncio.to_thread(committed_offset, stack, partition) <= offset
+
+    # The dead-letter topic is writable again: the same message is read again and delivered.
+    dead_lettered = intake_count("dead_lettered")
+    async with running_intake(intake_settings, temporal_client, group_id=GROUP):
+        letter = (await dead_letters(stack, {kafka_key}))[kafka_key]
+        assert letter.headers["dlq-error-code"] == "invalid_json"
+        await committed_past(stack, partition, offset)
+    assert intake_count("dead_lettered") >= dead_lettered + 1
+
+
 async def test_the_offset_waits_until_temporal_accepts_the_start(
-    app_settings: Settings, stack: Stack, temporal_client: Client
+    intake_settings: Settings, stack: Stack, temporal_client: Client
 ) -> None:
     # A client for a namespace Temporal does not have: every start is refused.
     unaccepted = await Client.connect(
@@ -240,9 +330,9 @@ async def test_the_offset_waits_until_temporal_accepts_the_start(
         data_converter=pydantic_data_converter,
     )
     key = f"outage-{uuid.uuid4().hex}"
-    payment_id = payment_id_for(DEFAULT_CLIENT_ID, key)
+    payment_id = payment_id_for(BILLING, key)
     retried = REGISTRY.get_sample_value("paysaga_intake_messages_total", {"outcome": "retried"})
-    async with running_intake(app_settings, unaccepted, group_id=GROUP):
+    async with running_intake(intake_settings, unaccepted, group_id=GROUP):
         body = json.dumps(payment_body()).encode()
         partition, offset = produce(stack, body, request_headers(key))
 
@@ -255,13 +345,13 @@ async def test_the_offset_waits_until_temporal_accepts_the_start(
     assert await payment_state(temporal_client, payment_id) is None
 
     # Temporal is back: the same group reads the uncommitted message again and starts it.
-    async with running_intake(app_settings, temporal_client, group_id=GROUP):
+    async with running_intake(intake_settings, temporal_client, group_id=GROUP):
         await succeeded(temporal_client, payment_id)
         await committed_past(stack, partition, offset)
 
 
 async def test_the_worker_process_runs_the_intake_logs_json_and_serves_metrics(
-    stack: Stack, temporal_client: Client
+    stack: Stack, temporal_client: Client, intake_settings: Settings
 ) -> None:
     """`python -m worker` as deployed: its own task queue, the intake switched on, JSON logs,
     metrics on its ports, and a clean exit on SIGTERM."""
@@ -274,6 +364,7 @@ async def test_the_worker_process_runs_the_intake_logs_json_and_serves_metrics(
         PAYSAGA_DATABASE_URL=stack.database_url,
         PAYSAGA_TASK_QUEUE=f"process-{uuid.uuid4().hex[:8]}",
         PAYSAGA_KAFKA_INTAKE_ENABLED="true",
+        PAYSAGA_KAFKA_INTAKE_CLIENTS=",".join(intake_settings.kafka_intake_clients),
         PAYSAGA_KAFKA_INTAKE_GROUP=GROUP,
         PAYSAGA_KAFKA_SESSION_TIMEOUT_MS="2000",
         PAYSAGA_WORKER_METRICS_PORT=str(metrics_port),
@@ -291,8 +382,8 @@ async def test_the_worker_process_runs_the_intake_logs_json_and_serves_metrics(
     )
     try:
         key = f"process-{uuid.uuid4().hex}"
-        produce(stack, json.dumps(payment_body()).encode(), request_headers(key))
-        payment_id = payment_id_for(DEFAULT_CLIENT_ID, key)
+        produce(stack, json.dumps(payment_body()).encode(), request_headers(key), topic=ERP_TOPIC)
+        payment_id = payment_id_for(ERP, key)
         state = await succeeded(temporal_client, payment_id)
         assert state.crm_sync == "not_configured"  # the process's own settings applied
         async with httpx.AsyncClient() as http:
@@ -310,16 +401,23 @@ async def test_the_worker_process_runs_the_intake_logs_json_and_serves_metrics(
     assert {"assess_payment", "publish_payment_event"} <= steps, lines[-5:]
 
 
-def test_a_numeric_invoice_number_is_a_fine_idempotency_key() -> None:
-    """Keys are hashed into the payment id and never stored: a 16-digit invoice number that
-    happens to pass the Luhn check must not be mistaken for card data."""
+def test_a_numeric_invoice_number_is_a_fine_idempotency_key_a_card_number_is_not() -> None:
+    """Keys are hashed into the payment id, but the key header is copied to the DLQ when a
+    message is refused: a key that is a card number is refused like one in the body."""
     body = json.dumps(payment_body()).encode()
-    order = read_payment_order(body, [("idempotency-key", b"4242424242424242")], 65536)
-    assert order.idempotency_key == "4242424242424242"
-    assert order.client_id == DEFAULT_CLIENT_ID
+    order = read_payment_order(body, [("idempotency-key", b"4242424242424241")], 65536, BILLING)
+    assert order.idempotency_key == "4242424242424241"  # 16 digits, not Luhn-valid
+    assert order.client_id == BILLING
+    with pytest.raises(Refused) as card:
+        read_payment_order(body, [("idempotency-key", b"4242424242424242")], 65536, BILLING)
+    assert card.value.code == "card_data_not_allowed"
+    assert "4242" not in card.value.reason
     with pytest.raises(Refused) as refused:
-        read_payment_order(body, [("idempotency-key", b"short")], 65536)
+        read_payment_order(body, [("idempotency-key", b"short")], 65536, BILLING)
     assert refused.value.code == "idempotency_key_invalid"
+    with pytest.raises(Refused) as dotted:
+        read_payment_order(body, [("idempotency-key", b"order:1001.a")], 65536, BILLING)
+    assert dotted.value.code == "idempotency_key_invalid"
     with pytest.raises(Refused) as too_big:
-        read_payment_order(body, [("idempotency-key", b"long-enough-key")], 10)
+        read_payment_order(body, [("idempotency-key", b"long-enough-key")], 10, BILLING)
     assert too_big.value.code == "request_too_large"

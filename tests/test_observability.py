@@ -99,7 +99,9 @@ async def _until(check: Any, timeout: float = 20.0) -> None:
         await asyncio.sleep(0.1)
 
 
-async def test_a_payment_shows_up_on_the_api_and_worker_metrics(api: httpx.AsyncClient) -> None:
+async def test_a_payment_shows_up_on_the_api_and_worker_metrics(
+    api: httpx.AsyncClient, app_settings: Settings, temporal_client: Client
+) -> None:
     before = Snapshot.take()
     created = await create_payment(api, payment_body())
     assert created.status_code == 201, created.text
@@ -113,8 +115,17 @@ async def test_a_payment_shows_up_on_the_api_and_worker_metrics(api: httpx.Async
         assert after.steps[step] > before.steps[step], step
     assert after.confirmed_deliveries >= before.confirmed_deliveries + 1
 
-    # The API's own /metrics: its request was counted under the route template, not the path.
-    scraped = await api.get("/metrics")
+    # The API's own metrics, on their own port and not on the public API's: its request was
+    # counted under the route template, not the path.
+    metrics_port = free_port()
+    own_port = app_settings.model_copy(update={"api_metrics_port": metrics_port})
+    async with api_client(own_port, temporal_client, TEST_API_KEY) as with_metrics:
+        assert (await with_metrics.get("/metrics")).status_code == 404
+        async with httpx.AsyncClient() as http:
+            scraped = await http.get(f"http://127.0.0.1:{metrics_port}/metrics")
+    async with httpx.AsyncClient() as http:
+        with pytest.raises(httpx.ConnectError):  # closed with the app
+            await http.get(f"http://127.0.0.1:{metrics_port}/metrics")
     assert scraped.status_code == 200
     assert scraped.headers["content-type"].startswith("text/plain")
     text = scraped.text

@@ -144,7 +144,7 @@ async def test_a_score_at_the_reject_threshold_rejects_without_moving_money(
     assert payment["amount_captured"] == 0
 
     await _ends_without_money(engine, stack, payment_id, "rejected")
-    assert await account_balance(engine, f"customer:{body['customer_id']}:USD") == 0
+    assert await account_balance(engine, f"customer:{TEST_CLIENT}:{body['customer_id']}:USD") == 0
     handle = temporal_client.get_workflow_handle(payment_id)
     described = await handle.describe()
     assert described.status == WorkflowExecutionStatus.COMPLETED
@@ -338,7 +338,9 @@ async def test_a_crm_4xx_keeps_the_money_and_flags_crm_sync_failed(
 
     # The money is untouched: one capture, the customer debited once.
     assert _captures(await ledger_rows(engine, payment_id)) == CAPTURE
-    assert await account_balance(engine, f"customer:{body['customer_id']}:USD") == 5200
+    assert (
+        await account_balance(engine, f"customer:{TEST_CLIENT}:{body['customer_id']}:USD") == 5200
+    )
 
     handle = temporal_client.get_workflow_handle(payment_id)
     state = await _state(handle)

@@ -68,7 +68,7 @@ async def _customer_footprint(engine: AsyncEngine, customer_id: str) -> dict[str
                     "(SELECT count(*) FROM ledger_entries e JOIN accounts a "
                     " ON a.id = e.account_id WHERE a.code LIKE :code) AS entries"
                 ),
-                {"c": customer_id, "code": f"customer:{customer_id}:%"},
+                {"c": customer_id, "code": f"customer:%{customer_id}:%"},
             )
         ).one()
     return {"payments": int(row.payments), "entries": int(row.entries)}
@@ -261,6 +261,33 @@ INVALID_REQUESTS: list[
         0,
         "parameter_invalid_format",
         "customer_id",
+    ),
+    # Ids become parts of ledger account codes (`merchant:<client>:<merchant>:<CCY>`): no `:`
+    # or `.`, and no more than 64 characters.
+    (
+        "customer-colon",
+        _with(customer_id="cus:1"),
+        "valid",
+        0,
+        "parameter_invalid_format",
+        "customer_id",
+    ),
+    (
+        "merchant-dot",
+        _with(merchant_id="mer.acme"),
+        "valid",
+        0,
+        "parameter_invalid_format",
+        "merchant_id",
+    ),
+    ("merchant-long", _with(merchant_id="m" * 65), "valid", 0, "parameter_too_long", "merchant_id"),
+    (
+        "idempotency-key-colon",
+        _KEEP,
+        "order:1001:attempt-1",
+        0,
+        "parameter_invalid_format",
+        "Idempotency-Key",
     ),
     ("merchant-missing", _without("merchant_id"), "valid", 0, "parameter_missing", "merchant_id"),
     (

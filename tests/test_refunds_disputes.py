@@ -31,6 +31,8 @@ from tests.followup_helpers import (
 )
 from tests.saga_helpers import account_balance, wait_for_payment
 
+CLIENT = "test-client"  # TEST_API_KEY's client: its customers' and merchants' accounts move
+
 
 def _error_code(response: httpx.Response) -> str:
     code: str = response.json()["error"]["code"]
@@ -95,8 +97,8 @@ async def test_partial_and_multiple_refunds_until_fully_refunded(
         ("payment", ""),
         *(("refund", rid) for rid in refund_ids),
     ]
-    assert await account_balance(engine, f"customer:{customer}:USD") == 0
-    assert await account_balance(engine, f"merchant:{merchant}:USD") == 0
+    assert await account_balance(engine, f"customer:{CLIENT}:{customer}:USD") == 0
+    assert await account_balance(engine, f"merchant:{CLIENT}:{merchant}:USD") == 0
     register = await register_row(engine, pid)
     assert register is not None
     assert (register["captured"], register["refunded"], register["status"]) == (
@@ -208,7 +210,7 @@ async def test_dispute_opened_then_won_returns_the_funds_to_the_merchant(
 ) -> None:
     payment = await captured_payment(api, 8000)
     pid, merchant = payment["id"], payment["merchant_id"]
-    merchant_account = f"merchant:{merchant}:USD"
+    merchant_account = f"merchant:{CLIENT}:{merchant}:USD"
     assert await account_balance(engine, merchant_account) == -8000  # credited
 
     opened = await open_dispute(api, pid, 5000)
@@ -322,14 +324,14 @@ async def test_dispute_lost_after_a_partial_refund_never_returns_more_than_captu
 
     # Money: the customer got everything back, once; the merchant also paid the fee.
     fee = 1500
-    assert await account_balance(engine, f"customer:{customer}:USD") == 0
-    assert await account_balance(engine, f"merchant:{merchant}:USD") == fee
+    assert await account_balance(engine, f"customer:{CLIENT}:{customer}:USD") == 0
+    assert await account_balance(engine, f"merchant:{CLIENT}:{merchant}:USD") == fee
     lost_entries = [e for e in await ledger_entries(engine, pid) if e["kind"] == "dispute_lost"]
     assert sorted((e["account"], e["amount"]) for e in lost_entries) == sorted(
         [
             ("disputes:USD", 6000),
-            (f"customer:{customer}:USD", -6000),
-            (f"merchant:{merchant}:USD", fee),
+            (f"customer:{CLIENT}:{customer}:USD", -6000),
+            (f"merchant:{CLIENT}:{merchant}:USD", fee),
             ("fees:chargeback:USD", -fee),
         ]
     )

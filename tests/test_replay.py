@@ -147,6 +147,48 @@ def test_histories_cover_updates_and_every_patch() -> None:
     assert updates >= 5
 
 
+def test_histories_cover_payments_from_before_and_after_tenants() -> None:
+    """Payments started before tenants carry no `tenant_accounts` and post to the shared codes
+    for their whole life; new ones post to their API client's accounts, and hand the fraud
+    check their client. Both replay (test above)."""
+
+    def scheduled(file: str, activity: str) -> list[dict[str, Any]]:
+        inputs = []
+        for event in _load(HISTORIES / file).events:
+            attributes = event.activity_task_scheduled_event_attributes
+            if attributes.activity_type.name == activity:
+                inputs.append(json.loads(attributes.input.payloads[0].data))
+        return inputs
+
+    def policy(file: str) -> dict[str, Any]:
+        start = _load(HISTORIES / file).events[0].workflow_execution_started_event_attributes
+        found: dict[str, Any] = json.loads(start.input.payloads[0].data)["policy"]
+        return found
+
+    def account_codes(file: str) -> set[str]:
+        return {
+            entry["account"]["code"]
+            for posting in scheduled(file, "post_ledger_transaction")
+            for entry in posting["transaction"]["entries"]
+        }
+
+    assert "tenant_accounts" not in policy("dispute_lost.json")
+    assert account_codes("dispute_lost.json") >= {
+        "customer:cus_replay_dispute_lost:USD",
+        "merchant:mer_replay_dispute_lost:USD",
+    }
+    assert policy("dispute_lost.tenants.json")["tenant_accounts"] is True
+    assert account_codes("dispute_lost.tenants.json") >= {
+        "customer:replay-recorder:cus_replay_dispute_lost:USD",
+        "merchant:replay-recorder:mer_replay_dispute_lost:USD",
+        "disputes:USD",  # platform accounts stay global
+    }
+    [before] = scheduled("success_regular_activities.json", "assess_payment")
+    [after] = scheduled("success_regular_activities.tenants.json", "assess_payment")
+    assert "customer_id" in before  # the bare request
+    assert after["client_id"] == "replay-recorder" and "customer_id" in after["request"]
+
+
 def test_histories_are_unencrypted_and_hold_no_secrets() -> None:
     """The replayer decodes them without a key; nothing in them may be a credential."""
     for file in _history_files():

@@ -34,7 +34,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_
 
 with workflow.unsafe.imports_passed_through():
     from activities.crm import CrmActivities, CrmNotification, CrmTarget
-    from activities.fraud import FraudActivities
+    from activities.fraud import FraudActivities, FraudCheck
     from activities.kafka import KafkaActivities
     from activities.ledger import (
         LedgerActivities,
@@ -346,9 +346,8 @@ class PaymentWorkflow:
 
     async def assess(self) -> FraudAssessment:
         self.set_status(PaymentStatus.RECEIVED, "validating and scoring the payment for fraud")
-        assessment = await self.run_step(
-            FraudActivities.assess_payment, self.state.request, _FRAUD, local=True
-        )
+        check = FraudCheck(client_id=self.state.client_id, request=self.state.request)
+        assessment = await self.run_step(FraudActivities.assess_payment, check, _FRAUD, local=True)
         self.state.fraud = assessment
         workflow.upsert_search_attributes([sa.FRAUD_SCORE.value_set(assessment.score)])
         return assessment
@@ -402,6 +401,7 @@ class PaymentWorkflow:
                 request.merchant_id,
                 self.state.captured,
                 request.currency,
+                self.account_tenant,
             ),
             self.state.captured,
             EventKind.CANCELED,
@@ -514,7 +514,7 @@ class PaymentWorkflow:
             await self.post(
                 entries.refund_transaction(
                     self.state.id, refund.id, request.customer_id, request.merchant_id,
-                    refund.amount, request.currency,
+                    refund.amount, request.currency, self.account_tenant,
                 ),
                 refund.amount,
                 EventKind.REFUNDED,
@@ -546,7 +546,12 @@ class PaymentWorkflow:
         try:
             await self.post(
                 entries.dispute_opened_transaction(
-                    self.state.id, dispute.id, request.merchant_id, dispute.amount, request.currency
+                    self.state.id,
+                    dispute.id,
+                    request.merchant_id,
+                    dispute.amount,
+                    request.currency,
+                    self.account_tenant,
                 ),
                 dispute.amount,
                 EventKind.DISPUTE_OPENED,
@@ -578,12 +583,13 @@ class PaymentWorkflow:
         fee = 0 if won else self.policy.chargeback_fee_minor
         transaction = (
             entries.dispute_won_transaction(
-                self.state.id, dispute.id, request.merchant_id, dispute.amount, request.currency
+                self.state.id, dispute.id, request.merchant_id, dispute.amount,
+                request.currency, self.account_tenant,
             )
             if won
             else entries.dispute_lost_transaction(
                 self.state.id, dispute.id, request.customer_id, request.merchant_id,
-                dispute.amount, fee, request.currency,
+                dispute.amount, fee, request.currency, self.account_tenant,
             )
         )  # fmt: skip
         data = {
@@ -990,6 +996,7 @@ class PaymentWorkflow:
                 self.state.captured,
                 request.currency,
                 description,
+                self.account_tenant,
             ),
             self.state.captured,
             EventKind.CANCELED,
@@ -1000,6 +1007,12 @@ class PaymentWorkflow:
         self.posting_reversed = True
 
     # ── helpers ───────────────────────────────────────────────────────────────────────────
+    @property
+    def account_tenant(self) -> str | None:
+        """Whose customer and merchant accounts this payment moves: its API client's, or the
+        shared ones for payments started before tenants (PaymentPolicy.tenant_accounts)."""
+        return self.state.client_id if self.policy.tenant_accounts else None
+
     def find_dispute(self, dispute_id: str) -> Dispute:
         return next(d for d in self.state.disputes if d.id == dispute_id)
 
@@ -1066,6 +1079,8 @@ class PaymentWorkflow:
         request = self.state.request
         body: dict[str, Any] = {
             "payment_id": self.state.id,
+            # The tenant: consumers keep two clients' same-named customers apart by it.
+            "client_id": self.state.client_id,
             "status": (status or self.state.status).value,
             "amount": request.amount,
             "currency": request.currency,
@@ -1155,6 +1170,7 @@ class PaymentWorkflow:
                 request.merchant_id,
                 request.amount,
                 request.currency,
+                self.account_tenant,
             ),
             request.amount,
             EventKind.CONFIRMED,

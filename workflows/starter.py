@@ -78,6 +78,7 @@ def payment_policy(settings: Settings, body: PaymentRequest) -> PaymentPolicy:
         continue_as_new_after_events=settings.continue_as_new_after_events,
         local_activities=settings.local_activities,
         crm_targets=[t.value for t in crm_targets_for(settings, probe)],
+        tenant_accounts=True,
     )
 
 
