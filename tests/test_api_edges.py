@@ -548,6 +548,9 @@ def test_the_dev_key_names_every_scope_the_readme_uses_but_not_admin(tmp_path: P
         "payments:write",
         "refunds:write",
         "disputes:write",
+        "events:read",
+        "webhooks:read",
+        "webhooks:write",
         "codec",
     }
 

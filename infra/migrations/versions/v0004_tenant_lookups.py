@@ -5,7 +5,7 @@ The fraud rules read a customer's latest payments by (client_id, customer_id) ne
 lookup read the same customer id's rows of every client and filter them.
 
 Revision ID: 0004
-Revises: 0002
+Revises: 0003
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 from alembic import op
 
 revision = "0004"
-down_revision = "0002"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 

@@ -20,7 +20,7 @@ Portable to CockroachDB: string and UUID keys, no sequences, partial indexes (su
 `UPDATE ... FROM` for the backfill.
 
 Revision ID: 0005
-Revises: 0002
+Revises: 0004
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from alembic import op
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 
 revision = "0005"
-down_revision = "0003"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 
