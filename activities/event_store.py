@@ -25,7 +25,7 @@ from pydantic import BaseModel
 from sqlalchemy.dialects.postgresql import UUID, insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from activities.ledger import metadata, outbox_events, payments
+from activities.ledger import insert_event, metadata, outbox_events
 from domain.events import EventKind, EventObject, EventRecord
 from infra.database import run_serializable
 
@@ -125,34 +125,6 @@ def _parse_uuid(value: str) -> uuid.UUID | None:
         return uuid.UUID(value)
     except ValueError:
         return None
-
-
-async def insert_event(conn: AsyncConnection, record: EventRecord, now: datetime) -> bool:
-    """Record `record` in the caller's transaction; False when its id was already recorded."""
-    client_id: Any = record.client_id or None
-    if client_id is None and record.payment_id:
-        # Scheduled before events carried their client: the register knows it once captured.
-        client_id = (
-            sa.select(payments.c.client_id)
-            .where(payments.c.payment_id == record.payment_id)
-            .scalar_subquery()
-        )
-    inserted = await conn.scalar(
-        insert(outbox_events)
-        .values(
-            event_id=uuid.UUID(record.id),
-            payment_id=record.payment_id,
-            client_id=client_id,
-            subject=record.subject,
-            topic=record.kind.topic,
-            event_type=record.kind.ce_type,
-            payload=record.body,
-            created_at=now,
-        )
-        .on_conflict_do_nothing(index_elements=["event_id"])
-        .returning(outbox_events.c.event_id)
-    )
-    return inserted is not None
 
 
 class EventStore:

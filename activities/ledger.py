@@ -21,7 +21,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from domain.errors import FailureType
-from domain.events import PaymentEvent
+from domain.events import EventRecord, PaymentEvent
 from domain.ledger import Account, LedgerTransaction, TransactionKind
 from domain.payment import PaymentStatus, status_from_amounts
 from infra.database import is_data_error, run_serializable, sqlstate
@@ -95,6 +95,44 @@ outbox_events = sa.Table(
     sa.Column("published_at", sa.DateTime(timezone=True)),
     sa.Column("dispatched_at", sa.DateTime(timezone=True)),
 )
+
+
+async def insert_event(
+    conn: AsyncConnection,
+    record: EventRecord,
+    now: datetime,
+    transaction_id: uuid.UUID | None = None,
+) -> bool:
+    """Record `record` in the events store (the outbox) in the caller's transaction; False
+    when its id was already recorded, whose first payload stays. A ledger posting records the
+    event it emits here too: the saga may have recorded the same event before (a compensation
+    publishes `payments.canceled` before an operator's retry posts the reversal that emits it),
+    and one id is one event."""
+    client_id: Any = record.client_id or None
+    if client_id is None and record.payment_id:
+        # Scheduled before events carried their client: the register knows it once captured.
+        client_id = (
+            sa.select(payments.c.client_id)
+            .where(payments.c.payment_id == record.payment_id)
+            .scalar_subquery()
+        )
+    inserted = await conn.scalar(
+        insert(outbox_events)
+        .values(
+            event_id=uuid.UUID(record.id),
+            transaction_id=transaction_id,
+            payment_id=record.payment_id,
+            client_id=client_id,
+            subject=record.subject,
+            topic=record.kind.topic,
+            event_type=record.kind.ce_type,
+            payload=record.body,
+            created_at=now,
+        )
+        .on_conflict_do_nothing(index_elements=["event_id"])
+        .returning(outbox_events.c.event_id)
+    )
+    return inserted is not None
 
 
 class PaymentParties(BaseModel):
@@ -262,30 +300,10 @@ class Ledger:
             ],
         )
         if posting.event is not None:
-            # The event's client, else the capture's parties, else the register's row (events
-            # of payments started before the events carried their client).
-            client_id: Any = posting.event.client_id or (
-                posting.parties.client_id if posting.parties else None
-            )
-            if not client_id:
-                client_id = (
-                    sa.select(payments.c.client_id)
-                    .where(payments.c.payment_id == txn.payment_id)
-                    .scalar_subquery()
-                )
-            await conn.execute(
-                outbox_events.insert().values(
-                    event_id=uuid.UUID(posting.event.id),
-                    transaction_id=txn_id,
-                    payment_id=txn.payment_id,
-                    client_id=client_id,
-                    subject=txn.payment_id,
-                    topic=posting.event.kind.topic,
-                    event_type=posting.event.kind.ce_type,
-                    payload=posting.event.body(),
-                    created_at=now,
-                )
-            )
+            record = posting.event.record()
+            if not record.client_id and posting.parties is not None:
+                record = record.model_copy(update={"client_id": posting.parties.client_id})
+            await insert_event(conn, record, now, transaction_id=txn_id)
         return LedgerReceipt(transaction_id=str(txn_id), duplicate=False, payment=row)
 
     async def _update_register(

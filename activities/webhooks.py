@@ -29,8 +29,8 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.crm import IDEMPOTENCY_HEADER, SIGNATURE_HEADER, sign_webhook
-from activities.event_store import EventStore, insert_event
-from activities.ledger import metadata
+from activities.event_store import EventStore
+from activities.ledger import insert_event, metadata
 from domain.events import EventKind, EventRecord, event_id, event_type_matches
 from domain.webhooks import (
     MAX_ENDPOINTS_PER_CLIENT,

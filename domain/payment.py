@@ -44,7 +44,9 @@ MetadataKey = Annotated[
 MAX_METADATA_KEYS = 20
 
 
-def _reject_card_numbers_and_control_chars(value: Any, path: str = "") -> None:
+def _reject_card_numbers_and_control_chars(
+    value: Any, path: str = "", *, control_chars: bool = True
+) -> None:
     if isinstance(value, str):
         if contains_card_number(value):
             # The message never echoes the value: it may be a PAN.
@@ -53,31 +55,39 @@ def _reject_card_numbers_and_control_chars(value: Any, path: str = "") -> None:
                 "Card numbers are not accepted; send a payment-method token (pm_…) instead.",
                 {"param": path},
             )
-        if _CONTROL_CHARS.search(value):
+        if control_chars and _CONTROL_CHARS.search(value):
             raise PydanticCustomError(
                 "control_characters", "Control characters are not allowed.", {"param": path}
             )
     elif isinstance(value, dict):
         for key, item in value.items():
             child = f"{path}[{key}]" if path else str(key)
-            _reject_card_numbers_and_control_chars(key, child)
-            _reject_card_numbers_and_control_chars(item, child)
+            _reject_card_numbers_and_control_chars(key, child, control_chars=control_chars)
+            _reject_card_numbers_and_control_chars(item, child, control_chars=control_chars)
     elif isinstance(value, list):
         for index, item in enumerate(value):
-            _reject_card_numbers_and_control_chars(item, f"{path}[{index}]")
+            _reject_card_numbers_and_control_chars(
+                item, f"{path}[{index}]", control_chars=control_chars
+            )
 
 
 class CardDataFree(BaseModel):
-    """No string in it (values, keys, nested ones) may carry a card number or control
-    characters. Its validation errors never repeat the input (`hide_input_in_errors`): a
-    refused value may be a PAN, and a worker logs the error of a signal it cannot read."""
+    """No string in it (values, keys, nested ones) may carry a card number: a signal or
+    update carrying one is not even read. Its validation errors never repeat the input
+    (`hide_input_in_errors`): a refused value may be a PAN, and a worker logs the error of a
+    signal it cannot read.
+
+    Nothing else is judged here: ids, lengths and control characters are the follow-up rules'
+    (domain/follow_ups.py), which refuse with a reason the operator sees instead of dropping
+    the signal, and which old histories replay through unchanged (a stricter type here would
+    drop, on replay, a signal the payment once acted on)."""
 
     model_config = ConfigDict(hide_input_in_errors=True)
 
     @model_validator(mode="before")
     @classmethod
     def _no_card_data(cls, data: Any) -> Any:
-        _reject_card_numbers_and_control_chars(data)
+        _reject_card_numbers_and_control_chars(data, control_chars=False)
         return data
 
 
@@ -250,14 +260,14 @@ class RefundSignal(CardDataFree):
     """Sent by the API, the CLI or an operator (`temporal workflow signal --name refund`)."""
 
     kind: Literal["refund"] = "refund"
-    refund_id: Identifier
+    refund_id: str
     amount: int | None = None
     reason: str | None = None
 
 
 class DisputeOpenedSignal(CardDataFree):
     kind: Literal["dispute_opened"] = "dispute_opened"
-    dispute_id: Identifier
+    dispute_id: str
     amount: int | None = None
     reason_code: str = "unknown"
     network_reference: str = ""
@@ -265,7 +275,7 @@ class DisputeOpenedSignal(CardDataFree):
 
 class DisputeClosedSignal(CardDataFree):
     kind: Literal["dispute_closed"] = "dispute_closed"
-    dispute_id: Identifier
+    dispute_id: str
     outcome: Literal["won", "lost"]
 
 

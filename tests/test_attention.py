@@ -30,6 +30,7 @@ from temporalio.exceptions import ApplicationError, CancelledError
 from activities.kafka import EventPublisher
 from activities.ledger import Ledger
 from domain.events import EventKind, event_id
+from domain.ledger import merchant_account
 from domain.payment import AttentionResolution, PaymentState, ResolutionRecord, payment_id_for
 from infra.checker import CheckScope, run_checks
 from infra.observability import temporal_runtime
@@ -92,6 +93,11 @@ async def rig(app_settings: Settings) -> AsyncIterator[Rig]:
         yield Rig(settings, client, api, made[0], f"http://127.0.0.1:{port}/metrics")
 
 
+def _merchant_account(body: dict[str, Any]) -> str:
+    """The merchant's account of the test client's payment (accounts are per API client)."""
+    return merchant_account(body["merchant_id"], "USD", "test-client").code
+
+
 async def _reversal_refused(rig: Rig, engine: AsyncEngine) -> tuple[str, dict[str, Any]]:
     """Canceled by an operator between the capture and its confirmation, after the merchant's
     account was closed: the reversal is refused for good."""
@@ -102,7 +108,7 @@ async def _reversal_refused(rig: Rig, engine: AsyncEngine) -> tuple[str, dict[st
     created = await create_payment(rig.api, body, key=key, wait=0)
     assert created.status_code == 201, created.text
     await rig.kafka.wait_held(pid)
-    await Ledger(engine).close_account(f"merchant:{body['merchant_id']}:USD")
+    await Ledger(engine).close_account(_merchant_account(body))
     await rig.temporal.get_workflow_handle(pid).cancel()
     await asyncio.sleep(0.5)  # the cancel lands while the confirmation is held
     rig.kafka.release(pid)
@@ -136,7 +142,7 @@ async def test_a_refused_reversal_waits_for_an_operator_who_retries_it(
 ) -> None:
     pid, body = await _reversal_refused(rig, engine)
     handle = rig.temporal.get_workflow_handle(pid)
-    merchant_account = f"merchant:{body['merchant_id']}:USD"
+    merchant_account = _merchant_account(body)
 
     # Waiting for an operator, findable and explained; the workflow did not fail.
     described = await handle.describe()
@@ -245,7 +251,7 @@ async def test_a_refused_reversal_settled_by_hand_is_posted_against_suspense(
     assert [r["kind"] for r in rows] == ["payment", "payment_reversal"]
     # The customer is made whole; the merchant keeps its credit; suspense holds the difference.
     assert await account_balance(engine, f"customer:{body['customer_id']}:USD") == 0
-    assert await account_balance(engine, f"merchant:{body['merchant_id']}:USD") == -4200
+    assert await account_balance(engine, _merchant_account(body)) == -4200
     assert await account_balance(engine, "suspense:USD") == suspense_before + 4200
     async with engine.connect() as conn:
         description = await conn.scalar(
@@ -285,7 +291,7 @@ async def test_the_checker_reports_a_payment_waiting_for_an_operator_without_fai
     assert any("require attention" in note for note in notes), notes
     # Resolve it (two operators at once: one settles it; the other, if it arrived in time,
     # is answered with nothing left), so the module leaves nothing waiting.
-    await _reopen(engine, f"merchant:{body['merchant_id']}:USD")
+    await _reopen(engine, _merchant_account(body))
     handle = rig.temporal.get_workflow_handle(pid)
     await asyncio.gather(
         handle.signal("resolve_attention", AttentionResolution(action="retry", operator="carol")),

@@ -17,7 +17,7 @@ from activities.fraud import amount_for_limit_share
 from domain.events import EventKind, event_id
 from settings import ApiKey, Settings
 from tests.api_client import api_client
-from tests.conftest import OTHER_CLIENT_KEY, READONLY_API_KEY
+from tests.conftest import MERCHANT_SCOPES, OTHER_CLIENT_KEY, READONLY_API_KEY
 from tests.kafka_helpers import consume_events, dedupe_by_id
 from tests.saga_helpers import create_payment, payment_body
 
@@ -35,10 +35,12 @@ def events_settings(app_settings: Settings) -> Settings:
                 ApiKey(
                     client_id=f"events-alpha-{uuid.uuid4().hex[:6]}",
                     key_sha256=ApiKey.hash(ALPHA_KEY),
+                    scopes=list(MERCHANT_SCOPES),
                 ),
                 ApiKey(
                     client_id=f"events-beta-{uuid.uuid4().hex[:6]}",
                     key_sha256=ApiKey.hash(BETA_KEY),
+                    scopes=list(MERCHANT_SCOPES),
                 ),
             ]
         }

@@ -35,7 +35,7 @@ from infra.stack import CRM_SECRET_FILE, Stack
 from infra.temporal_client import connect_client
 from settings import ApiKey, Settings
 from tests.api_client import api_client
-from tests.conftest import TEST_API_KEY
+from tests.conftest import MERCHANT_SCOPES, TEST_API_KEY
 from tests.kafka_helpers import consume_events, dedupe_by_id
 from tests.private_stack import private_stack_settings
 from tests.saga_helpers import create_payment, payment_body
@@ -62,7 +62,13 @@ async def running_system(stack: Stack) -> AsyncIterator[tuple[Settings, httpx.As
     dispatcher) and the API, with the services' settings the stack hands out."""
     settings = _relay_settings(
         stack.service_settings(),
-        api_keys=[ApiKey(client_id="restart-client", key_sha256=ApiKey.hash(TEST_API_KEY))],
+        api_keys=[
+            ApiKey(
+                client_id="restart-client",
+                key_sha256=ApiKey.hash(TEST_API_KEY),
+                scopes=list(MERCHANT_SCOPES),
+            )
+        ],
         task_queue="payments-restart",
         workflow_sandbox=True,
         relay_epoch_topic="paysaga.broker-epoch",

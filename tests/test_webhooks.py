@@ -30,6 +30,7 @@ from domain.events import EventKind, event_id
 from infra.process import free_port
 from settings import ApiKey, Settings
 from tests.api_client import api_client
+from tests.conftest import MERCHANT_SCOPES
 from tests.fakes import FakeCrmServer, RecordedRequest
 from tests.saga_helpers import create_payment, payment_body
 from worker import event_worker
@@ -47,8 +48,16 @@ def hook_settings(app_settings: Settings) -> Settings:
         update={
             "api_keys": [
                 *app_settings.api_keys,
-                ApiKey(client_id=f"hooks-a-{suffix}", key_sha256=ApiKey.hash(KEY_A)),
-                ApiKey(client_id=f"hooks-b-{suffix}", key_sha256=ApiKey.hash(KEY_B)),
+                ApiKey(
+                    client_id=f"hooks-a-{suffix}",
+                    key_sha256=ApiKey.hash(KEY_A),
+                    scopes=list(MERCHANT_SCOPES),
+                ),
+                ApiKey(
+                    client_id=f"hooks-b-{suffix}",
+                    key_sha256=ApiKey.hash(KEY_B),
+                    scopes=list(MERCHANT_SCOPES),
+                ),
             ],
             "webhook_task_queue": f"webhooks-{suffix}",
             "webhook_retry_initial_seconds": 0.5,
