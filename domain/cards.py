@@ -4,9 +4,8 @@ A *digit run* is a stretch of text made of digits and of separators between them
 separator is any run of characters that are neither letters nor digits: spaces, dashes, dots,
 underscores, slashes, colons, tabs, newlines, repeated or mixed (`4242.4242 / 4242__4242`).
 A letter ends a run. Digits are any Unicode decimal digits (full-width `４２４２` too). The
-run's *groups* are its stretches of digits between separators. A first or last group glued to
-a letter is part of an alphanumeric token (a hex id: `…e9449378238364e…`) and is not read, and a
-UUID is never read: 1 in 250 random UUIDs and hex ids would otherwise pass for card numbers.
+run's *groups* are its stretches of digits between separators. UUIDs and long hex ids are not
+read: 1 in 250 random ones would otherwise pass for a card number (`_IDENTIFIERS`).
 
 A run holds a card number when
 
@@ -162,11 +161,16 @@ class _Run:
         return False
 
 
-# A UUID (8-4-4-4-12 hex) is never how a card number is written, and clients use them as
-# idempotency keys and references: its digits are not read as a card's (spans keep their place).
-_UUID = re.compile(
-    r"(?<![0-9A-Za-z])[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
-    r"(?![0-9A-Za-z])"
+# Identifiers, not card numbers: a UUID (8-4-4-4-12 hex, what most clients send as an
+# `Idempotency-Key`) and a hex id of 20 or more characters with a letter in it (a hash, a UUID
+# without dashes). Their digits are not read (blanked in place, so spans keep their positions):
+# about 1 in 250 random ones holds a Luhn-valid run of 13-19 digits. A card number is never
+# written as either.
+_IDENTIFIERS = re.compile(
+    r"(?<![0-9A-Za-z])(?:"
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+    r"|(?=[0-9a-fA-F]*[a-fA-F])[0-9a-fA-F]{20,}"
+    r")(?![0-9A-Za-z])"
 )
 
 
@@ -174,40 +178,17 @@ def _blank(match: re.Match[str]) -> str:
     return "x" * len(match.group())
 
 
-def _unglued(text: str, match: re.Match[str]) -> tuple[int, int]:
-    """The run without a first or last group glued to a letter: digits touching letters belong
-    to an alphanumeric token (a hex id, a UUID, `v2024…`), as a word-bounded search sees them;
-    a card number is written apart from letters (`4242 4242 …`, `cus_4242…`)."""
-    start, end = match.span()
-    if start > 0 and text[start - 1].isalpha():
-        first = _DIGITS.match(text, start)
-        assert first is not None
-        start = first.end()
-    if end < len(text) and text[end].isalpha():
-        end = max(start, text.rfind(_last_group(match.group()), start, end))
-    return start, end
-
-
-def _last_group(run: str) -> str:
-    groups: list[str] = _DIGITS.findall(run)
-    return groups[-1]
-
-
-def _runs(text: str) -> Iterator[tuple[int, int]]:
-    if "-" in text:
-        text = _UUID.sub(_blank, text)
+def _runs(text: str) -> Iterator[re.Match[str]]:
+    text = _IDENTIFIERS.sub(_blank, text)
     for match in _DIGIT_RUN.finditer(text):
         # Fewer than 13 characters cannot hold 13 digits: most runs end here, cheaply.
-        if match.end() - match.start() < MIN_PAN:
-            continue
-        start, end = _unglued(text, match)
-        if end - start >= MIN_PAN and _Run(text[start:end]).holds_card_number():
-            yield start, end
+        if match.end() - match.start() >= MIN_PAN and _Run(match.group()).holds_card_number():
+            yield match
 
 
 def card_number_spans(text: str) -> list[tuple[int, int]]:
     """The (start, end) of every digit run in `text` that holds a card number."""
-    return list(_runs(text))
+    return [match.span() for match in _runs(text)]
 
 
 def contains_card_number(text: str) -> bool:

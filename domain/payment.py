@@ -92,9 +92,16 @@ class CardDataFree(BaseModel):
 
 
 class StrictRequest(CardDataFree):
-    """A client's request: unknown fields are refused and no string may carry a card number."""
+    """A client's request: unknown fields are refused and no string may carry a card number
+    or control characters."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_card_data(cls, data: Any) -> Any:
+        _reject_card_numbers_and_control_chars(data)
+        return data
 
 
 class PaymentRequest(StrictRequest):

@@ -67,7 +67,7 @@ async def open_dispute(
 ) -> httpx.Response:
     body: dict[str, Any] = {
         "reason_code": reason,
-        "network_reference": f"nr_{uuid.uuid4().hex[:16]}",
+        "network_reference": f"nr_{uuid.uuid4().hex}",
     }
     if amount is not None:
         body["amount"] = amount

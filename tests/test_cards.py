@@ -83,10 +83,9 @@ def test_what_slips_through_is_deliberate_disguise() -> None:
     assert not contains_card_number("99424.2424-2424 24242")  # glued and mixed
     assert contains_card_number("4242.4242-4242 4242")  # mixed, not glued
     assert contains_card_number("994242.4242.4242.424211")  # glued, one separator
-    # Glued to a word, as a word-bounded search reads it: part of an alphanumeric token.
-    assert not contains_card_number("card4242424242424242")
-    assert contains_card_number("card 4242424242424242")
-    assert contains_card_number("ab12 4242 4242 4242 4242")  # only the glued group is dropped
+    # A card number glued to a word is still one; inside a long hex id it is not read.
+    assert contains_card_number("card4242424242424242x")
+    assert not contains_card_number("deadbeef4242424242424242")
 
 
 _rng = random.Random(20261130)
@@ -128,8 +127,8 @@ FALSE_POSITIVES: list[tuple[str, Callable[[], str], float]] = [
     ("an international phone number", lambda: f"+{_rng.randrange(1, 999)} {_digits(11)}", 0.13),
     ("four amounts", lambda: " / ".join(_amount() for _ in range(4)), 0.17),
     ("a 20-digit reference", lambda: _digits(20), 0.50),
-    # What clients use as idempotency keys and references (1 in 250 was refused before digits
-    # glued to letters and UUIDs stopped being read).
+    # What clients use as idempotency keys and references (1 in 250 was refused before UUIDs
+    # and hex ids stopped being read).
     ("a UUID", lambda: str(uuid.UUID(int=_rng.getrandbits(128), version=4)), 0.0),
     ("a hex id", lambda: f"key-{uuid.UUID(int=_rng.getrandbits(128), version=4).hex}", 0.0),
 ]
