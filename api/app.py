@@ -24,13 +24,13 @@ from activities.webhooks import WebhookEndpoints
 from api import codec, events, payments, webhooks
 from api.errors import install_error_handlers
 from api.limits import install_body_limit
-from infra.broker import broker_answers
 from infra.database import make_engine
 from infra.idempotency import IdempotencyRegister
 from infra.logs import configure_logging
 from infra.metrics import serve_metrics
 from infra.observability import configure_tracing, install_api_observability
 from infra.temporal_client import connect_client
+from infra.topics import broker_answers
 from settings import Settings, get_settings
 
 

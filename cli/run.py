@@ -30,8 +30,9 @@ from sqlalchemy.engine import make_url
 from api.auth import generate_api_key
 from cli.client import DEFAULT_API_URL
 from infra.codec import load_or_create_dev_key
-from infra.process import ManagedProcess, StackError, require_free_port
-from infra.stack import Stack
+from infra.embedded.process import ManagedProcess, require_free_port
+from infra.embedded.stack import Stack
+from infra.errors import StackError
 from settings import Settings
 
 READY_TIMEOUT_SECONDS = 60.0

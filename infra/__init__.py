@@ -1,4 +1,4 @@
-"""The embedded stack: real Temporal, a Kafka-protocol broker and PostgreSQL from wheels.
-
-`paysaga run` and the test fixtures both use this package; there is one implementation.
+"""Production adapters: the database engine, the payload codec, the Temporal client, Kafka topic
+administration, observability (metrics, logs, tracing), migrations, the idempotency register,
+the outbox relay and the provisioning jobs. The embedded development stack is `infra.embedded`.
 """

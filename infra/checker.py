@@ -36,7 +36,7 @@ from domain.events import LEDGER_EVENT_KINDS
 from domain.ledger import AccountType, TransactionKind
 from domain.payment import PaymentStatus, status_from_amounts
 from infra.database import make_engine
-from infra.postgres import DATABASE
+from infra.embedded.postgres import DATABASE
 from infra.temporal_client import connect_client
 from settings import Settings
 from workflows import search_attributes as sa

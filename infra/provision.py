@@ -17,10 +17,10 @@ import sys
 from collections.abc import Callable
 
 from domain.events import ALL_TOPICS
-from infra.broker import ensure_topics
 from infra.database import current_revision, migrate
 from infra.logs import configure_logging
-from infra.temporal import connect_when_ready, register_search_attributes
+from infra.temporal_client import connect_when_ready, register_search_attributes
+from infra.topics import ensure_topics
 from settings import Settings, get_settings
 
 log = logging.getLogger("paysaga.provision")

@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client
 
 from infra.database import make_engine
-from infra.stack import Stack
+from infra.embedded.stack import Stack
 from infra.temporal_client import connect_client
 from settings import ApiKey, Scope, Settings
 from tests.api_client import api_client

@@ -12,7 +12,7 @@ from temporalio import activity, workflow
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from infra.temporal import temporal_binary
+from infra.embedded.temporal import temporal_binary
 
 
 @activity.defn

@@ -27,7 +27,7 @@ from temporalio import activity
 
 from activities.kafka import DeliveryReceipt, EventPublisher, KafkaActivities
 from domain.events import EventKind, PaymentEvent
-from infra.broker import DEFAULT_PARTITIONS
+from infra.topics import DEFAULT_PARTITIONS
 
 
 @dataclass(frozen=True)

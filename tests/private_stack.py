@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from infra.process import free_port
+from infra.embedded.process import free_port
 from settings import Settings
 
 

@@ -58,7 +58,7 @@ from domain.payment import (
 )
 from domain.webhooks import DeliveryResult
 from infra.database import make_engine
-from infra.stack import Stack
+from infra.embedded.stack import Stack
 from infra.temporal_client import connect_client
 from settings import Settings
 from tests.fakes import FakeCrmServer

@@ -48,7 +48,7 @@ from domain.acquirer import (
 from domain.cards import luhn_valid
 from domain.errors import FailureType
 from domain.payment import PaymentRequest
-from infra.process import ManagedProcess, free_port, wait_until
+from infra.embedded.process import ManagedProcess, free_port, wait_until
 from sandboxes.acquirer import (
     API_KEY_ENV,
     DATABASE_FILE,

@@ -33,9 +33,9 @@ from domain.events import EventKind, event_id
 from domain.ledger import merchant_account
 from domain.payment import AttentionResolution, PaymentState, ResolutionRecord, payment_id_for
 from infra.checker import CheckScope, run_checks
+from infra.embedded.process import free_port
+from infra.embedded.stack import Stack
 from infra.observability import temporal_runtime
-from infra.process import free_port
-from infra.stack import Stack
 from infra.temporal_client import connect_client
 from settings import Settings
 from tests.api_client import api_client

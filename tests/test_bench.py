@@ -18,8 +18,8 @@ from pydantic import SecretStr
 from temporalio.client import Client
 
 from api.app import create_app
-from infra.process import free_port
-from infra.stack import Stack
+from infra.embedded.process import free_port
+from infra.embedded.stack import Stack
 from sandboxes.crm import RECEIVER_PATH
 from sandboxes.crm import create_app as create_sandbox
 from settings import Settings

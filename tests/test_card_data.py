@@ -39,8 +39,8 @@ from temporalio.client import Client
 from domain.cards import ISSUER_PREFIXES, MAX_PAN, MIN_PAN, contains_card_number, luhn_valid
 from domain.events import ALL_TOPICS
 from domain.payment import RefundSignal
+from infra.embedded.stack import Stack
 from infra.logs import REDACTED, redact_card_numbers
-from infra.stack import Stack
 from intake import Refused, read_payment_order
 from tests.kafka_helpers import consume_events
 from tests.saga_helpers import create_payment, payment_body, wait_for_payment

@@ -42,8 +42,8 @@ from infra.checker import (
     CheckScope,
     run_checks,
 )
-from infra.process import free_port
-from infra.stack import Stack
+from infra.embedded.process import free_port
+from infra.embedded.stack import Stack
 from settings import Settings
 from tests.saga_helpers import create_payment, payment_body, wait_for_payment
 

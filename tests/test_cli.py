@@ -24,8 +24,8 @@ import psutil
 import psycopg
 import pytest
 
-from infra.process import free_port, port_is_free
-from infra.temporal import temporal_binary
+from infra.embedded.process import free_port, port_is_free
+from infra.embedded.temporal import temporal_binary
 
 PAYSAGA = str(Path(sys.executable).parent / "paysaga")
 READY_LINE = "Press Ctrl-C to stop everything."

@@ -36,7 +36,7 @@ from infra.codec import (
     generate_key,
     load_or_create_dev_key,
 )
-from infra.stack import Stack
+from infra.embedded.stack import Stack
 from infra.temporal_client import connect_client, data_converter
 from settings import ApiKey, EncryptionKey, Settings
 from tests.api_client import api_client

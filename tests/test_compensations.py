@@ -29,7 +29,7 @@ from activities.ledger import Ledger, LedgerActivities, LedgerPosting, LedgerRec
 from domain.events import EventKind, event_id
 from domain.ledger import TransactionKind
 from domain.payment import CancelSignal, PaymentState, payment_id_for
-from infra.stack import Stack
+from infra.embedded.stack import Stack
 from settings import Settings
 from tests.api_client import api_client
 from tests.conftest import TEST_API_KEY

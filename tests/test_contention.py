@@ -20,7 +20,7 @@ from activities.ledger import Ledger, LedgerPosting, LedgerReceipt, LedgerReject
 from domain.errors import FailureType
 from domain.ledger import customer_account, merchant_account, payment_transaction
 from infra.database import RetryStats, make_engine
-from infra.stack import Stack
+from infra.embedded.stack import Stack
 from tests.saga_helpers import account_balance
 
 CONCURRENT_CAPTURES = 50

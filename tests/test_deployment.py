@@ -23,7 +23,7 @@ from sqlalchemy.dialects.postgresql import insert
 
 from activities.ledger import accounts, ledger_entries
 from infra.database import current_revision, head_revision, make_engine
-from infra.stack import Stack
+from infra.embedded.stack import Stack
 from settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent

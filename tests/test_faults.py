@@ -35,8 +35,8 @@ from temporalio.service import RPCError
 from domain.events import EventKind, event_id
 from infra.checker import CheckScope, run_checks
 from infra.database import make_engine
-from infra.process import ManagedProcess
-from infra.stack import Stack
+from infra.embedded.process import ManagedProcess
+from infra.embedded.stack import Stack
 from infra.temporal_client import connect_client
 from settings import ApiKey, Settings
 from tests.api_client import api_client

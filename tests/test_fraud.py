@@ -34,8 +34,8 @@ from domain.errors import FailureType
 from domain.ledger import payment_transaction, reversal_transaction
 from domain.money import CURRENCIES
 from domain.payment import FraudAssessment, PaymentRequest
-from infra.process import free_port
-from infra.stack import Stack
+from infra.embedded.process import free_port
+from infra.embedded.stack import Stack
 from settings import Settings
 
 # The documented default band edges; test_default_thresholds_are_the_documented_ones pins them.

@@ -35,7 +35,7 @@ from temporalio.client import Client
 
 from activities.fraud import amount_for_limit_share
 from api.app import create_app
-from infra.process import free_port
+from infra.embedded.process import free_port
 from settings import Settings
 from tests.conftest import TEST_API_KEY
 from tests.saga_helpers import create_payment, payment_body, wait_for_payment

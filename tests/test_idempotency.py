@@ -28,8 +28,8 @@ from domain.events import REQUESTS_DLQ_TOPIC
 from domain.payment import PaymentRequest, PaymentState, PaymentWorkflowInput, payment_id_for
 from infra.checker import CheckScope, run_checks
 from infra.database import migrate, revision_before
+from infra.embedded.stack import Stack
 from infra.idempotency import IdempotencyRegister
-from infra.stack import Stack
 from intake import running_intake
 from settings import Settings
 from tests.api_client import api_client

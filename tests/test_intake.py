@@ -26,9 +26,9 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from domain.events import REQUESTS_DLQ_TOPIC
 from domain.payment import PaymentState, payment_id_for
-from infra.broker import ensure_topics
-from infra.process import free_port
-from infra.stack import Stack
+from infra.embedded.process import free_port
+from infra.embedded.stack import Stack
+from infra.topics import ensure_topics
 from intake import PaymentIntake, Refused, read_payment_order, running_intake
 from settings import Settings, intake_topic
 from tests.kafka_helpers import ConsumedEvent, consume_events

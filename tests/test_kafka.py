@@ -24,9 +24,9 @@ from activities.kafka import (
     KafkaPublishError,
 )
 from domain.events import EVENT_SOURCE, SCHEMA_VERSION, EventKind, PaymentEvent, event_id
-from infra.broker import EmbeddedBroker
-from infra.process import free_port
-from infra.stack import Stack
+from infra.embedded.broker import EmbeddedBroker
+from infra.embedded.process import free_port
+from infra.embedded.stack import Stack
 from settings import Settings
 from tests.kafka_helpers import ConsumedEvent, consume_events, dedupe_by_id
 

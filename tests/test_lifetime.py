@@ -31,8 +31,8 @@ from domain.payment import (
     RefundSignal,
     payment_id_for,
 )
-from infra import temporal as temporal_server
-from infra.stack import Stack
+from infra.embedded import temporal as temporal_server
+from infra.embedded.stack import Stack
 from settings import Settings
 from tests.api_client import api_client
 from tests.conftest import OTHER_CLIENT_KEY, TEST_API_KEY
@@ -102,9 +102,9 @@ async def _state_when(
 async def skipping(app_settings: Settings) -> AsyncIterator[tuple[Client, Settings]]:
     """The time-skipping test server with a worker running the real activities.
 
-    That server implements no ListSearchAttributes (so infra.temporal.register_search_attributes
-    cannot run there) but does accept AddSearchAttributes: register ours, and the workflow's
-    search attributes work unchanged."""
+    That server implements no ListSearchAttributes (so
+    infra.temporal_client.register_search_attributes cannot run there) but does accept
+    AddSearchAttributes: register ours, and the workflow's search attributes work unchanged."""
     env = await WorkflowEnvironment.start_time_skipping(
         test_server_existing_path=temporal_server.test_server_binary(),
         data_converter=pydantic_data_converter,

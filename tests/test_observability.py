@@ -30,6 +30,7 @@ from temporalio.service import RPCError
 from activities.crm import CRM_UNAVAILABLE
 from activities.fraud import amount_for_limit_share
 from domain.payment import PaymentRequest
+from infra.embedded.process import free_port
 from infra.idempotency import IdempotencyRegister
 from infra.logs import REDACTED, JsonFormatter
 from infra.metrics import serve_metrics
@@ -39,7 +40,6 @@ from infra.observability import (
     temporal_runtime,
     tracing_interceptor,
 )
-from infra.process import free_port
 from infra.temporal_client import connect_client
 from settings import Settings
 from tests.api_client import api_client

@@ -34,7 +34,7 @@ from domain.payment import (
     ReviewDecision,
     payment_id_for,
 )
-from infra.stack import Stack
+from infra.embedded.stack import Stack
 from settings import Settings
 from tests.api_client import api_client
 from tests.conftest import TEST_API_KEY, WEBHOOK_SECRET

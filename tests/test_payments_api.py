@@ -23,7 +23,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from activities.fraud import amount_for_limit_share
 from domain.events import EventKind, event_id
 from domain.payment import payment_id_for
-from infra.stack import Stack
+from infra.embedded.stack import Stack
 from tests.conftest import OTHER_CLIENT_KEY, READONLY_API_KEY
 from tests.kafka_helpers import consume_events, dedupe_by_id
 from tests.saga_helpers import create_payment, ledger_rows, payment_body, wait_for_payment

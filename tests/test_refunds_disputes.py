@@ -14,8 +14,8 @@ from temporalio.client import Client
 
 from domain.events import EventKind, event_id
 from domain.payment import FollowUpStatus, PaymentState, PaymentStatus, RefundSignal
-from infra.stack import Stack
-from infra.temporal import temporal_binary
+from infra.embedded.stack import Stack
+from infra.embedded.temporal import temporal_binary
 from tests.fakes import FakeCrmServer, RecordedRequest
 from tests.followup_helpers import (
     assert_ledger_balanced,

@@ -30,8 +30,8 @@ from activities.kafka import EventPublisher
 from domain.events import EventKind, PaymentEvent, event_id
 from infra.checker import OUTBOX_IN_KAFKA, CheckScope, run_checks
 from infra.database import make_engine
+from infra.embedded.stack import CRM_SECRET_FILE, Stack
 from infra.relay import BrokerEpochs, OutboxRelay
-from infra.stack import CRM_SECRET_FILE, Stack
 from infra.temporal_client import connect_client
 from settings import ApiKey, Settings
 from tests.api_client import api_client

@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client
 
 from activities.crm import verify_webhook
-from infra.stack import Stack
+from infra.embedded.stack import Stack
 from tests.conftest import WEBHOOK_SECRET
 from tests.fakes import FakeCrmServer
 from tests.kafka_helpers import consume_events

@@ -13,7 +13,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from infra.database import current_revision, migrate
-from infra.stack import Stack
+from infra.embedded.stack import Stack
 from workflows.search_attributes import ALL_KEYS
 
 

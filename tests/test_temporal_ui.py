@@ -20,7 +20,7 @@ import httpx
 import pytest
 from temporalio.client import Client
 
-from infra.stack import Stack
+from infra.embedded.stack import Stack
 from tests.saga_helpers import create_payment, payment_body
 
 ARTIFACTS = Path(__file__).parent / "artifacts"

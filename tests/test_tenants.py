@@ -18,7 +18,7 @@ from temporalio.client import Client
 from activities.ledger import Ledger
 from domain.events import EventKind
 from domain.ledger import customer_account, merchant_account
-from infra.stack import Stack
+from infra.embedded.stack import Stack
 from settings import Settings
 from tests.api_client import api_client
 from tests.conftest import OTHER_CLIENT_KEY

@@ -27,7 +27,7 @@ from temporalio.client import Client
 
 from activities.crm import verify_webhook
 from domain.events import EventKind, event_id
-from infra.process import free_port
+from infra.embedded.process import free_port
 from settings import ApiKey, Settings
 from tests.api_client import api_client
 from tests.conftest import MERCHANT_SCOPES

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import psycopg
 
-from infra.process import ManagedProcess, StackError, as_user, wait_until
+from infra.embedded.process import ManagedProcess, as_user, wait_until
+from infra.errors import StackError
 
 DATABASE = "paysaga"
 # Postgres refuses to run as root; when we are root we run it as this unprivileged user.

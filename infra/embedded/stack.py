@@ -15,12 +15,14 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from domain.events import ALL_TOPICS
-from infra.broker import EmbeddedBroker, ensure_topics
 from infra.database import migrate
-from infra.postgres import EmbeddedPostgres
-from infra.process import require_free_port
-from infra.sandboxes import SandboxService, load_or_create_secret
-from infra.temporal import TemporalDevServer, connect_when_ready, register_search_attributes
+from infra.embedded.broker import EmbeddedBroker
+from infra.embedded.postgres import EmbeddedPostgres
+from infra.embedded.process import require_free_port
+from infra.embedded.sandboxes import SandboxService, load_or_create_secret
+from infra.embedded.temporal import TemporalDevServer
+from infra.temporal_client import connect_when_ready, register_search_attributes
+from infra.topics import ensure_topics
 from settings import Settings
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from infra.process import ManagedProcess, wait_until
+from infra.embedded.process import ManagedProcess, wait_until
 
 
 @dataclass

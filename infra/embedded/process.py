@@ -13,9 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
-class StackError(RuntimeError):
-    """A part of the stack cannot start; the message says what to do."""
+from infra.errors import StackError
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:

