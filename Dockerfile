@@ -16,6 +16,7 @@ COPY workflows/ workflows/
 COPY activities/ activities/
 COPY api/ api/
 COPY infra/ infra/
+COPY checker/ checker/
 COPY cli/ cli/
 COPY settings.py worker.py intake.py ./
 RUN /opt/paysaga/bin/pip install . \

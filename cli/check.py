@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from infra.checker import CheckReport, CheckScope, run_checks
+from checker import CheckReport, CheckScope, run_checks
 from settings import Settings
 
 EXIT_VIOLATIONS = 1

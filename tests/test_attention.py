@@ -29,10 +29,10 @@ from temporalio.exceptions import ApplicationError, CancelledError
 
 from activities.kafka import EventPublisher
 from activities.ledger import Ledger
+from checker import CheckScope, run_checks
 from domain.events import EventKind, event_id
 from domain.ledger import merchant_account
 from domain.payment import AttentionResolution, PaymentState, ResolutionRecord, payment_id_for
-from infra.checker import CheckScope, run_checks
 from infra.embedded.process import free_port
 from infra.embedded.stack import Stack
 from infra.observability import temporal_runtime

@@ -26,10 +26,7 @@ from temporalio.client import Client
 from typer.testing import CliRunner
 
 from activities.ledger import Ledger, LedgerPosting, PaymentParties
-from cli import check as check_cli
-from domain.events import EventKind, PaymentEvent, event_id
-from domain.ledger import payment_transaction
-from infra.checker import (
+from checker import (
     KAFKA_HAS_OUTBOX,
     LEDGER_BALANCED,
     OUTBOX_IN_KAFKA,
@@ -42,6 +39,9 @@ from infra.checker import (
     CheckScope,
     run_checks,
 )
+from cli import check as check_cli
+from domain.events import EventKind, PaymentEvent, event_id
+from domain.ledger import payment_transaction
 from infra.embedded.process import free_port
 from infra.embedded.stack import Stack
 from settings import Settings

@@ -32,8 +32,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client
 from temporalio.service import RPCError
 
+from checker import CheckScope, run_checks
 from domain.events import EventKind, event_id
-from infra.checker import CheckScope, run_checks
 from infra.database import make_engine
 from infra.embedded.process import ManagedProcess
 from infra.embedded.stack import Stack

@@ -24,9 +24,9 @@ from temporalio.client import Client, WorkflowHandle
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.fraud import amount_for_limit_share
+from checker import CheckScope, run_checks
 from domain.events import REQUESTS_DLQ_TOPIC
 from domain.payment import PaymentRequest, PaymentState, PaymentWorkflowInput, payment_id_for
-from infra.checker import CheckScope, run_checks
 from infra.database import migrate, revision_before
 from infra.embedded.stack import Stack
 from infra.idempotency import IdempotencyRegister
