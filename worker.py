@@ -23,13 +23,14 @@ from activities.crm import CrmActivities
 from activities.event_store import AckRecorder, EventStore
 from activities.fraud import FraudActivities
 from activities.kafka import EventPublisher, KafkaActivities
-from activities.ledger import Ledger, LedgerActivities
 from activities.webhooks import WebhookActivities, WebhookEndpoints
 from infra.database import make_engine
 from infra.logs import configure_logging
 from infra.observability import PaymentMetricsInterceptor, temporal_runtime, worker_telemetry
 from infra.relay import running_relay
 from infra.temporal_client import connect_client
+from ledger.activity import LedgerActivities
+from ledger.store import Ledger
 from settings import Settings, get_settings
 from workflows.payment import PaymentWorkflow
 from workflows.webhook_delivery import WebhookDeliveryWorkflow

@@ -1,7 +1,7 @@
 """The events store: every event paysaga emits, keyed by its CloudEvents id.
 
 It is the ledger's outbox table grown up (migration 0005): ledger events are written by the
-posting's own transaction (activities/ledger.py), the saga's other events by the publishing
+posting's own transaction (ledger/store.py), the saga's other events by the publishing
 activity before it sends them, webhook endpoint events with the change they report. The outbox
 relay reads it to owe Kafka nothing (infra/relay.py), the events API serves it
 (`/v1/events`), and the webhook dispatcher matches it against merchants' endpoints.
@@ -25,9 +25,10 @@ from pydantic import BaseModel
 from sqlalchemy.dialects.postgresql import UUID, insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from activities.ledger import insert_event, metadata, outbox_events
 from domain.events import EventKind, EventObject, EventRecord
 from infra.database import run_serializable
+from ledger.store import insert_event
+from ledger.tables import metadata, outbox_events
 
 log = logging.getLogger(__name__)
 

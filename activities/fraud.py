@@ -54,11 +54,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.ledger import payments
 from domain.errors import FailureType
 from domain.money import CURRENCIES, Money
 from domain.payment import FraudAssessment, PaymentRequest
 from infra.database import run_serializable
+from ledger.tables import payments
 from settings import Settings
 
 # Weights, in hundredths of a score point.

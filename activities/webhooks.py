@@ -30,7 +30,6 @@ from temporalio.exceptions import ApplicationError
 
 from activities.crm import IDEMPOTENCY_HEADER, SIGNATURE_HEADER, sign_webhook
 from activities.event_store import EventStore
-from activities.ledger import insert_event, metadata
 from domain.events import EventKind, EventRecord, event_id, event_type_matches
 from domain.webhooks import (
     MAX_ENDPOINTS_PER_CLIENT,
@@ -44,6 +43,8 @@ from domain.webhooks import (
     new_signing_secret,
 )
 from infra.database import run_serializable
+from ledger.store import insert_event
+from ledger.tables import metadata
 from settings import Settings
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,6 @@ from sqlalchemy import text
 from temporalio.client import Client
 
 from activities.event_store import EventStore
-from activities.ledger import Ledger
 from activities.webhooks import WebhookEndpoints
 from api import codec, events, payments, webhooks
 from api.errors import install_error_handlers
@@ -31,6 +30,7 @@ from infra.metrics import serve_metrics
 from infra.observability import configure_tracing, install_api_observability
 from infra.temporal_client import connect_client
 from infra.topics import broker_answers
+from ledger.store import Ledger
 from settings import Settings, get_settings
 
 

@@ -26,7 +26,6 @@ from temporalio.client import (
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.ledger import Ledger
 from api.auth import ApiClient, require_scope
 from api.errors import ApiError, error_responses
 from api.resources import (
@@ -58,6 +57,7 @@ from domain.payment import (
     RefundSignal,
 )
 from infra.idempotency import IdempotencyRegister
+from ledger.store import Ledger
 from settings import Settings
 from workflows import search_attributes as sa
 from workflows.payment import PaymentWorkflow

@@ -16,7 +16,6 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from activities.ledger import RegisterRow
 from checker.report import (
     LEDGER_BALANCED,
     POSTED_ONCE,
@@ -31,6 +30,7 @@ from checker.report import (
 )
 from domain.ledger import AccountType, TransactionKind
 from domain.payment import PaymentStatus, status_from_amounts
+from ledger.records import RegisterRow
 
 # Workflow statuses of a payment between steps: not judged (the checker wants a quiet system).
 IN_FLIGHT = frozenset(

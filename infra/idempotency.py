@@ -44,7 +44,7 @@ idempotency_keys = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True)),
     sa.Column("started_at", sa.DateTime(timezone=True)),
 )
-# The ledger's payments register (activities/ledger.py), read here only to learn whether a
+# The ledger's payments register (ledger/store.py), read here only to learn whether a
 # payment ever reached the ledger.
 _payments = sa.table("payments", sa.column("payment_id"))
 

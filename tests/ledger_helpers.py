@@ -7,7 +7,9 @@ import asyncio
 
 from temporalio import activity
 
-from activities.ledger import Ledger, LedgerActivities, LedgerPosting, LedgerReceipt, PaymentOutcome
+from ledger.activity import LedgerActivities
+from ledger.records import LedgerPosting, LedgerReceipt, PaymentOutcome
+from ledger.store import Ledger
 
 OUTCOME = "outcome"  # the step name of `record_payment_outcome`
 

@@ -36,7 +36,6 @@ from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
 from activities.event_store import EventStore
 from activities.fraud import amount_for_limit_share
 from activities.kafka import EventPublisher
-from activities.ledger import Ledger
 from activities.webhooks import WebhookEndpoints
 from domain.events import EventKind, PaymentEvent, event_id
 from domain.payment import (
@@ -60,6 +59,7 @@ from domain.webhooks import DeliveryResult
 from infra.database import make_engine
 from infra.embedded.stack import Stack
 from infra.temporal_client import connect_client
+from ledger.store import Ledger
 from settings import Settings
 from tests.fakes import FakeCrmServer
 from tests.kafka_helpers import GatedKafka

@@ -28,7 +28,6 @@ from temporalio.client import (
 from temporalio.exceptions import ApplicationError, CancelledError
 
 from activities.kafka import EventPublisher
-from activities.ledger import Ledger
 from checker import CheckScope, run_checks
 from domain.events import EventKind, event_id
 from domain.ledger import merchant_account
@@ -37,6 +36,7 @@ from infra.embedded.process import free_port
 from infra.embedded.stack import Stack
 from infra.observability import temporal_runtime
 from infra.temporal_client import connect_client
+from ledger.store import Ledger
 from settings import Settings
 from tests.api_client import api_client
 from tests.conftest import TEST_API_KEY

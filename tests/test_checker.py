@@ -25,7 +25,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from temporalio.client import Client
 from typer.testing import CliRunner
 
-from activities.ledger import Ledger, LedgerPosting, PaymentParties
 from checker import (
     KAFKA_HAS_OUTBOX,
     LEDGER_BALANCED,
@@ -44,6 +43,8 @@ from domain.events import EventKind, PaymentEvent, event_id
 from domain.ledger import payment_transaction
 from infra.embedded.process import free_port
 from infra.embedded.stack import Stack
+from ledger.records import LedgerPosting, PaymentParties
+from ledger.store import Ledger
 from settings import Settings
 from tests.saga_helpers import create_payment, payment_body, wait_for_payment
 

@@ -25,11 +25,13 @@ from temporalio.exceptions import CancelledError
 
 from activities.fraud import amount_for_limit_share
 from activities.kafka import EventPublisher
-from activities.ledger import Ledger, LedgerActivities, LedgerPosting, LedgerReceipt
 from domain.events import EventKind, event_id
 from domain.ledger import TransactionKind
 from domain.payment import CancelSignal, PaymentState, payment_id_for
 from infra.embedded.stack import Stack
+from ledger.activity import LedgerActivities
+from ledger.records import LedgerPosting, LedgerReceipt
+from ledger.store import Ledger
 from settings import Settings
 from tests.api_client import api_client
 from tests.conftest import TEST_API_KEY

@@ -16,11 +16,12 @@ import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from activities.ledger import Ledger, LedgerPosting, LedgerReceipt, LedgerRejected, PaymentParties
 from domain.errors import FailureType
 from domain.ledger import customer_account, merchant_account, payment_transaction
 from infra.database import RetryStats, make_engine
 from infra.embedded.stack import Stack
+from ledger.records import LedgerPosting, LedgerReceipt, LedgerRejected, PaymentParties
+from ledger.store import Ledger
 from tests.saga_helpers import account_balance
 
 CONCURRENT_CAPTURES = 50

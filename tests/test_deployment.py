@@ -21,9 +21,9 @@ import yaml
 from confluent_kafka.admin import AdminClient
 from sqlalchemy.dialects.postgresql import insert
 
-from activities.ledger import accounts, ledger_entries
 from infra.database import current_revision, head_revision, make_engine
 from infra.embedded.stack import Stack
+from ledger.tables import accounts, ledger_entries
 from settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -26,8 +26,8 @@ from temporalio.client import (
 )
 from temporalio.exceptions import CancelledError
 
-from activities.ledger import Ledger
 from domain.payment import PaymentState, RefundSignal, payment_id_for
+from ledger.store import Ledger
 from settings import Settings
 from tests.api_client import api_client
 from tests.conftest import TEST_API_KEY

@@ -29,13 +29,15 @@ from activities.fraud import (
     load_customer_history,
     score_payment,
 )
-from activities.ledger import Ledger, LedgerPosting, PaymentParties, payments
 from domain.errors import FailureType
 from domain.ledger import payment_transaction, reversal_transaction
 from domain.money import CURRENCIES
 from domain.payment import FraudAssessment, PaymentRequest
 from infra.embedded.process import free_port
 from infra.embedded.stack import Stack
+from ledger.records import LedgerPosting, PaymentParties
+from ledger.store import Ledger
+from ledger.tables import payments
 from settings import Settings
 
 # The documented default band edges; test_default_thresholds_are_the_documented_ones pins them.

@@ -13,13 +13,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from activities.ledger import (
-    Ledger,
-    LedgerActivities,
-    LedgerPosting,
-    LedgerRejected,
-    PaymentParties,
-)
 from domain.bounds import ID_MAX
 from domain.errors import FailureType
 from domain.events import EventKind, PaymentEvent, event_id
@@ -39,6 +32,9 @@ from infra.database import (
     run_serializable,
     sqlstate,
 )
+from ledger.activity import LedgerActivities
+from ledger.records import LedgerPosting, LedgerRejected, PaymentParties
+from ledger.store import Ledger
 
 
 def _capture(payment_id: str, amount: int = 1000, ccy: str = "USD") -> LedgerPosting:

@@ -15,10 +15,10 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client
 
-from activities.ledger import Ledger
 from domain.events import EventKind
 from domain.ledger import customer_account, merchant_account
 from infra.embedded.stack import Stack
+from ledger.store import Ledger
 from settings import Settings
 from tests.api_client import api_client
 from tests.conftest import OTHER_CLIENT_KEY

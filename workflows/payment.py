@@ -36,12 +36,6 @@ with workflow.unsafe.imports_passed_through():
     from activities.crm import CrmActivities, CrmNotification, CrmTarget
     from activities.fraud import FraudActivities, FraudCheck
     from activities.kafka import KafkaActivities
-    from activities.ledger import (
-        LedgerActivities,
-        LedgerPosting,
-        PaymentOutcome,
-        PaymentParties,
-    )
     from domain import ledger as entries
     from domain.bounds import ID_MAX, TEXT_MAX, clipped_text
     from domain.errors import NON_RETRYABLE, FailureType
@@ -81,6 +75,8 @@ with workflow.unsafe.imports_passed_through():
         UndoFailure,
         status_from_amounts,
     )
+    from ledger.activity import LedgerActivities
+    from ledger.records import LedgerPosting, PaymentOutcome, PaymentParties
     from workflows import search_attributes as sa
     from workflows.compensations import Compensations, FailedUndo
 

@@ -3,7 +3,7 @@
 Portable to CockroachDB: UUID keys from gen_random_uuid() (no sequences, no hotspots), BIGINT
 minor units, JSONB. The PL/pgSQL triggers that make an unbalanced or edited
 ledger impossible to commit are PostgreSQL-only; on CockroachDB the same invariants are held by
-the single write path (activities/ledger.py) and verified by `paysaga check`.
+the single write path (ledger/store.py) and verified by `paysaga check`.
 
 Revision ID: 0001
 Revises:

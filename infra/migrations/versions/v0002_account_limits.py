@@ -1,7 +1,7 @@
 """Account limits: `accounts.max_balance`, the most an account may hold (its credit balance:
 what paysaga owes its owner, e.g. a merchant's unsettled payables). NULL: no limit.
 
-Enforced by the single write path (activities/ledger.py) inside the posting's SERIALIZABLE
+Enforced by the single write path (ledger/store.py) inside the posting's SERIALIZABLE
 transaction, which makes the balance read part of the transaction: concurrent postings to one
 limited account conflict (40001) and are retried, so the limit can never be overshot.
 

@@ -13,88 +13,23 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import sqlalchemy as sa
-from pydantic import BaseModel
-from sqlalchemy.dialects.postgresql import JSONB, UUID, insert
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-from temporalio import activity
-from temporalio.exceptions import ApplicationError
 
 from domain.errors import FailureType
-from domain.events import EventRecord, PaymentEvent
+from domain.events import EventRecord
 from domain.ledger import Account, LedgerTransaction, TransactionKind
 from domain.payment import PaymentStatus, status_from_amounts
-from infra.database import is_data_error, run_serializable, sqlstate
+from infra.database import run_serializable
 from infra.idempotency import record_started
-
-metadata = sa.MetaData()
-accounts = sa.Table(
-    "accounts",
-    metadata,
-    sa.Column(
-        "id", UUID(as_uuid=True), primary_key=True, server_default=sa.text("gen_random_uuid()")
-    ),
-    sa.Column("code", sa.String),
-    sa.Column("type", sa.String),
-    sa.Column("currency", sa.String),
-    sa.Column("status", sa.String),
-    sa.Column("max_balance", sa.BigInteger),  # migration 0002; NULL: no limit
+from ledger.records import (
+    LedgerPosting,
+    LedgerReceipt,
+    LedgerRejected,
+    PaymentOutcome,
+    RegisterRow,
 )
-payments = sa.Table(
-    "payments",
-    metadata,
-    sa.Column("payment_id", sa.String, primary_key=True),
-    sa.Column("client_id", sa.String),
-    sa.Column("customer_id", sa.String),
-    sa.Column("merchant_id", sa.String),
-    sa.Column("currency", sa.String),
-    sa.Column("amount", sa.BigInteger),
-    sa.Column("captured", sa.BigInteger),
-    sa.Column("refunded", sa.BigInteger),
-    sa.Column("disputed", sa.BigInteger),
-    sa.Column("dispute_lost", sa.BigInteger),
-    sa.Column("status", sa.String),
-    sa.Column("summary", JSONB),
-    sa.Column("created_at", sa.DateTime(timezone=True)),
-    sa.Column("updated_at", sa.DateTime(timezone=True)),
-)
-ledger_transactions = sa.Table(
-    "ledger_transactions",
-    metadata,
-    sa.Column("id", UUID(as_uuid=True), primary_key=True),
-    sa.Column("payment_id", sa.String),
-    sa.Column("kind", sa.String),
-    sa.Column("reference", sa.String),
-    sa.Column("description", sa.String),
-    sa.Column("created_at", sa.DateTime(timezone=True)),
-)
-ledger_entries = sa.Table(
-    "ledger_entries",
-    metadata,
-    sa.Column(
-        "id", UUID(as_uuid=True), primary_key=True, server_default=sa.text("gen_random_uuid()")
-    ),
-    sa.Column("transaction_id", UUID(as_uuid=True)),
-    sa.Column("account_id", UUID(as_uuid=True)),
-    sa.Column("amount", sa.BigInteger),
-    sa.Column("currency", sa.String),
-)
-outbox_events = sa.Table(
-    "outbox_events",
-    metadata,
-    sa.Column("event_id", UUID(as_uuid=True), primary_key=True),
-    sa.Column("transaction_id", UUID(as_uuid=True)),
-    sa.Column("payment_id", sa.String),
-    sa.Column("topic", sa.String),
-    sa.Column("event_type", sa.String),
-    sa.Column("payload", JSONB),
-    sa.Column("created_at", sa.DateTime(timezone=True)),
-    # Migration 0005: the outbox is also the events store (activities/event_store.py).
-    sa.Column("client_id", sa.String),
-    sa.Column("subject", sa.String),
-    sa.Column("published_at", sa.DateTime(timezone=True)),
-    sa.Column("dispatched_at", sa.DateTime(timezone=True)),
-)
+from ledger.tables import accounts, ledger_entries, ledger_transactions, outbox_events, payments
 
 
 async def insert_event(
@@ -133,62 +68,6 @@ async def insert_event(
         .returning(outbox_events.c.event_id)
     )
     return inserted is not None
-
-
-class PaymentParties(BaseModel):
-    """Who a payment is between; recorded in the payments register at capture."""
-
-    client_id: str
-    customer_id: str
-    merchant_id: str
-    currency: str
-
-
-class LedgerPosting(BaseModel):
-    transaction: LedgerTransaction
-    amount: int  # the business amount: payment, refund or disputed amount
-    parties: PaymentParties | None = None  # required for the capture posting
-    event: PaymentEvent | None = None  # written to the outbox in the same transaction
-
-
-class PaymentOutcome(BaseModel):
-    payment_id: str
-    parties: PaymentParties
-    amount: int
-    status: PaymentStatus
-    summary: dict[str, Any]
-
-
-class RegisterRow(BaseModel):
-    payment_id: str
-    client_id: str
-    customer_id: str
-    merchant_id: str
-    currency: str
-    amount: int
-    captured: int
-    refunded: int
-    disputed: int
-    dispute_lost: int
-    status: PaymentStatus
-    summary: dict[str, Any] | None = None
-    created_at: datetime
-    updated_at: datetime
-
-
-class LedgerReceipt(BaseModel):
-    transaction_id: str
-    # True when this exact business event had already been posted (a retry): nothing was written.
-    duplicate: bool
-    payment: RegisterRow
-
-
-class LedgerRejected(Exception):
-    """A posting the ledger refuses for a business reason; never worth retrying."""
-
-    def __init__(self, failure: FailureType, message: str) -> None:
-        super().__init__(message)
-        self.failure = failure
 
 
 def _register_after(txn: LedgerTransaction, amount: int, row: RegisterRow | None) -> dict[str, Any]:
@@ -515,45 +394,3 @@ async def _hold_within_limits(
                 FailureType.MERCHANT_OVER_LIMIT,
                 f"account {code} would hold {held_after} minor units, over its limit of {limit}",
             )
-
-
-class LedgerActivities:
-    """Temporal activities over the ledger. Business refusals become non-retryable errors;
-    everything else (database down, contention) is retried by Temporal."""
-
-    def __init__(self, ledger: Ledger) -> None:
-        self.ledger = ledger
-
-    @activity.defn(name="post_ledger_transaction")
-    async def post_ledger_transaction(self, posting: LedgerPosting) -> LedgerReceipt:
-        txn = posting.transaction
-        try:
-            return await self.ledger.post(posting)
-        except LedgerRejected as exc:
-            raise ApplicationError(
-                f"ledger refused {txn.kind} for {txn.payment_id}: {exc}",
-                type=exc.failure.value,
-                non_retryable=True,
-            ) from exc
-        except DBAPIError as exc:
-            raise _classified(exc, f"{txn.kind} for {txn.payment_id}") from exc
-
-    @activity.defn(name="record_payment_outcome")
-    async def record_payment_outcome(self, outcome: PaymentOutcome) -> None:
-        try:
-            await self.ledger.record_outcome(outcome)
-        except DBAPIError as exc:
-            raise _classified(exc, f"the outcome of {outcome.payment_id}") from exc
-
-
-def _classified(exc: DBAPIError, what: str) -> Exception:
-    """A data error fails the step for good, with a name (a 22001 retried forever would wedge
-    every later follow-up of the payment); anything else is retried by Temporal."""
-    if not is_data_error(exc):
-        return exc
-    first_line = str(getattr(exc, "orig", exc)).strip().splitlines()[0][:300]
-    return ApplicationError(
-        f"the database refused {what} (SQLSTATE {sqlstate(exc)}): {first_line}",
-        type=FailureType.DATA_REJECTED.value,
-        non_retryable=True,
-    )

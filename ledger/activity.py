@@ -1,0 +1,55 @@
+"""The ledger's Temporal activities. Their names are in every recorded history: never rename
+them."""
+
+from __future__ import annotations
+
+from sqlalchemy.exc import DBAPIError
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from domain.errors import FailureType
+from infra.database import is_data_error, sqlstate
+from ledger.records import LedgerPosting, LedgerReceipt, LedgerRejected, PaymentOutcome
+from ledger.store import Ledger
+
+
+class LedgerActivities:
+    """Temporal activities over the ledger. Business refusals become non-retryable errors;
+    everything else (database down, contention) is retried by Temporal."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    @activity.defn(name="post_ledger_transaction")
+    async def post_ledger_transaction(self, posting: LedgerPosting) -> LedgerReceipt:
+        txn = posting.transaction
+        try:
+            return await self.ledger.post(posting)
+        except LedgerRejected as exc:
+            raise ApplicationError(
+                f"ledger refused {txn.kind} for {txn.payment_id}: {exc}",
+                type=exc.failure.value,
+                non_retryable=True,
+            ) from exc
+        except DBAPIError as exc:
+            raise _classified(exc, f"{txn.kind} for {txn.payment_id}") from exc
+
+    @activity.defn(name="record_payment_outcome")
+    async def record_payment_outcome(self, outcome: PaymentOutcome) -> None:
+        try:
+            await self.ledger.record_outcome(outcome)
+        except DBAPIError as exc:
+            raise _classified(exc, f"the outcome of {outcome.payment_id}") from exc
+
+
+def _classified(exc: DBAPIError, what: str) -> Exception:
+    """A data error fails the step for good, with a name (a 22001 retried forever would wedge
+    every later follow-up of the payment); anything else is retried by Temporal."""
+    if not is_data_error(exc):
+        return exc
+    first_line = str(getattr(exc, "orig", exc)).strip().splitlines()[0][:300]
+    return ApplicationError(
+        f"the database refused {what} (SQLSTATE {sqlstate(exc)}): {first_line}",
+        type=FailureType.DATA_REJECTED.value,
+        non_retryable=True,
+    )
