@@ -17,6 +17,7 @@ COPY activities/ activities/
 COPY api/ api/
 COPY infra/ infra/
 COPY checker/ checker/
+COPY bench/ bench/
 COPY cli/ cli/
 COPY settings.py worker.py intake.py ./
 RUN /opt/paysaga/bin/pip install . \

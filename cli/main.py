@@ -17,7 +17,8 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 
-from cli import bench, check, crm, events
+from bench import run as bench
+from cli import check, crm, events
 from cli.client import (
     DEFAULT_API_URL,
     ApiFailure,
