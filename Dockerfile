@@ -19,7 +19,8 @@ COPY infra/ infra/
 COPY checker/ checker/
 COPY bench/ bench/
 COPY cli/ cli/
-COPY settings.py worker.py intake.py ./
+COPY intake/ intake/
+COPY settings.py worker.py ./
 RUN /opt/paysaga/bin/pip install . \
  && /opt/paysaga/bin/python -c "import api.app, worker, intake, infra.provision"
 

@@ -134,7 +134,7 @@ class Settings(BaseSettings):
     # Topic creation (`python -m infra.provision topics`); tansu and a one-node Kafka take 1.
     kafka_topic_partitions: int = 6
     kafka_replication_factor: int = 1
-    # The consumer group of the payments.requests.<client> intake (intake.py).
+    # The consumer group of the payments.requests.<client> intake (intake/consumer.py).
     kafka_intake_group: str = "paysaga-intake"
     # The clients that may request payments over Kafka, each on its own topic
     # payments.requests.<client_id>: the topic says who asks, never a header (docs/security.md).

@@ -161,7 +161,7 @@ async def main() -> None:
             await running.enter_async_context(payment_worker(settings, client))
             await running.enter_async_context(event_worker(settings, client))
             if settings.kafka_intake_enabled:
-                from intake import running_intake
+                from intake.consumer import running_intake
 
                 await running.enter_async_context(running_intake(settings, client))
             log.info("worker polling task queue %s", settings.task_queue)

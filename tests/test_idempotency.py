@@ -30,7 +30,7 @@ from domain.payment import PaymentRequest, PaymentState, PaymentWorkflowInput, p
 from infra.database import migrate, revision_before
 from infra.embedded.stack import Stack
 from infra.idempotency import IdempotencyRegister
-from intake import running_intake
+from intake.consumer import running_intake
 from settings import Settings
 from tests.api_client import api_client
 from tests.conftest import TEST_API_KEY

@@ -29,7 +29,7 @@ from domain.payment import PaymentState, payment_id_for
 from infra.embedded.process import free_port
 from infra.embedded.stack import Stack
 from infra.topics import ensure_topics
-from intake import PaymentIntake, Refused, read_payment_order, running_intake
+from intake.consumer import PaymentIntake, Refused, read_payment_order, running_intake
 from settings import Settings, intake_topic
 from tests.kafka_helpers import ConsumedEvent, consume_events
 from tests.saga_helpers import ledger_rows, payment_body

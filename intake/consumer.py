@@ -512,9 +512,3 @@ async def main() -> None:
     with worker_telemetry(settings, "paysaga-intake"):
         client = await connect_client(settings)
         await PaymentIntake(settings, client).run(stop)
-
-
-if __name__ == "__main__":
-    from infra.exit import run_and_exit
-
-    run_and_exit(main)
