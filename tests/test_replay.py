@@ -3,7 +3,7 @@ deliveries', `webhook_*`) replays against today's workflow code.
 
 A payment's workflow lives for months (the dispute window), so a deploy meets histories that
 older code wrote. Each file under tests/histories/ is one path of the saga, recorded by
-`python -m tests.record_histories`; replaying it with temporalio's Replayer re-runs today's
+`python -m scripts.record_histories`; replaying it with temporalio's Replayer re-runs today's
 workflow against the commands the old code issued. A change that would break running payments
 (a step added, removed or reordered without `workflow.patched()`) fails here, before the
 deploy. docs/upgrades.md explains how to change the workflow and when to re-record.
@@ -281,7 +281,7 @@ async def test_the_sandbox_fails_replay_of_a_workflow_reading_the_wall_clock() -
 
 # ── a live/replay time difference: the window must close at the same instant ───────────────
 
-# Recorded live (not by tests.record_histories: it depends on timing) from a payment with local
+# Recorded live (not by scripts.record_histories: it depends on timing) from a payment with local
 # activities whose first workflow task completed with no command while the fraud assessment ran.
 # Replay gives that task's activation the *next* task's time (temporalio 1.35), so a window
 # measured from workflow.now() in __init__ closed ~30 ms later in replay than live, and the

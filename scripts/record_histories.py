@@ -1,9 +1,9 @@
 """Record one workflow history per path into tests/histories/, for tests/test_replay.py: every
 path of PaymentWorkflow, and of WebhookDeliveryWorkflow (`webhook_*`).
 
-    .venv/bin/python -m tests.record_histories --version v2     # every path: <path>.v2.json
-    .venv/bin/python -m tests.record_histories --version v2 success review_approve
-    .venv/bin/python -m tests.record_histories --overwrite      # re-record <path>.json
+    .venv/bin/python -m scripts.record_histories --version v2     # every path: <path>.v2.json
+    .venv/bin/python -m scripts.record_histories --version v2 success review_approve
+    .venv/bin/python -m scripts.record_histories --overwrite      # re-record <path>.json
 
 Starts a private stack (Temporal, broker, PostgreSQL on free ports), a worker and a fake CRM
 webhook, drives each path with the Temporal client and signals, waits for the path's end state
@@ -69,7 +69,7 @@ from workflows.payment import PaymentWorkflow, initial_search_attributes
 from workflows.starter import payment_policy
 from workflows.webhook_dispatch import start_delivery
 
-HISTORIES = Path(__file__).parent / "histories"
+HISTORIES = Path(__file__).parent.parent / "tests" / "histories"
 CLIENT_ID = "replay-recorder"
 REVIEW_AMOUNT = amount_for_limit_share("USD", 50)  # a first payment this large: review band
 REJECT_AMOUNT = amount_for_limit_share("USD", 80)  # a first payment this large: rejected
@@ -692,7 +692,7 @@ def history_file(name: str, version: str | None) -> Path:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m tests.record_histories", description=__doc__.split("\n")[0]
+        prog="python -m scripts.record_histories", description=__doc__.split("\n")[0]
     )
     parser.add_argument("paths", nargs="*", metavar="PATH", help="default: all of them")
     parser.add_argument("--version", help="suffix for a new workflow version: success.v2.json")
