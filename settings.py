@@ -104,7 +104,6 @@ class Settings(BaseSettings):
     # The API's Prometheus /metrics, on its own port (never the public API port); 0: off.
     api_metrics_port: int = 9463
     max_body_bytes: int = 64 * 1024
-    max_wait_seconds: float = 30.0
 
     # Fraud: score >= reject_threshold rejects; [review_threshold, reject_threshold) waits.
     fraud_review_threshold: float = 0.70

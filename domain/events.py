@@ -65,13 +65,8 @@ class EventKind(StrEnum):
     def of_ce_type(cls, ce_type: str) -> EventKind:
         return _BY_CE_TYPE[ce_type]
 
-    @classmethod
-    def of_api_type(cls, api_type: str) -> EventKind:
-        return _BY_API_TYPE[api_type]
-
 
 _BY_CE_TYPE = {kind.ce_type: kind for kind in EventKind}
-_BY_API_TYPE = {kind.api_type: kind for kind in EventKind}
 
 LEDGER_EVENT_KINDS = frozenset(
     {

@@ -178,13 +178,6 @@ class Stack:
         client = await connect_when_ready(self.temporal_address, self.settings.temporal_namespace)
         await register_search_attributes(client)
 
-    def restart_broker(self) -> None:
-        """The memory broker forgets every topic when it stops: recreate them."""
-        assert self.broker is not None
-        self.broker.stop()
-        self.broker.start()
-        ensure_topics(self.kafka_bootstrap_servers, (*ALL_TOPICS, *self.settings.intake_topics()))
-
     def stop(self) -> None:
         for name in reversed(self._started):
             service = {
