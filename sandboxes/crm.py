@@ -15,7 +15,7 @@ recorded, verified or not, in `<data-dir>/notifications.jsonl` (kept across rest
     python -m sandboxes.crm --host 127.0.0.1 --port 8070 --data-dir .paysaga/crm-sandbox \\
         --secret-file .paysaga/crm-webhook-secret
 
-tests/fakes/crm_server.py is a different thing on purpose: a test double that fails, hangs and
+tests/helpers/fake_crm.py is a different thing on purpose: a test double that fails, hangs and
 answers Salesforce- and HubSpot-shaped calls on cue. Both verify with the same code
 (`activities.crm.verify_webhook`).
 """

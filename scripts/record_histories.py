@@ -61,9 +61,9 @@ from infra.embedded.stack import Stack
 from infra.temporal_client import connect_client
 from ledger.store import Ledger
 from settings import Settings
-from tests.fakes import FakeCrmServer
-from tests.kafka_helpers import GatedKafka
-from tests.private_stack import private_stack_settings
+from tests.helpers.fake_crm import FakeCrmServer
+from tests.helpers.kafka import GatedKafka
+from tests.helpers.private_stack import private_stack_settings
 from worker import event_worker, payment_worker
 from workflows.payment import PaymentWorkflow, initial_search_attributes
 from workflows.starter import payment_policy

@@ -18,9 +18,9 @@ from infra.database import make_engine
 from infra.embedded.stack import Stack
 from infra.temporal_client import connect_client
 from settings import ApiKey, Scope, Settings
-from tests.api_client import api_client
-from tests.fakes import FakeCrmServer
-from tests.private_stack import private_stack_settings
+from tests.helpers.api_client import api_client
+from tests.helpers.fake_crm import FakeCrmServer
+from tests.helpers.private_stack import private_stack_settings
 from worker import payment_worker
 
 _exit_status: int | None = None

@@ -38,10 +38,10 @@ from infra.observability import temporal_runtime
 from infra.temporal_client import connect_client
 from ledger.store import Ledger
 from settings import Settings
-from tests.api_client import api_client
 from tests.conftest import TEST_API_KEY
-from tests.fakes import FakeCrmServer
-from tests.followup_helpers import (
+from tests.helpers.api_client import api_client
+from tests.helpers.fake_crm import FakeCrmServer
+from tests.helpers.follow_ups import (
     assert_ledger_balanced,
     captured_payment,
     crm_hooks,
@@ -50,8 +50,8 @@ from tests.followup_helpers import (
     refund,
     register_row,
 )
-from tests.kafka_helpers import GatedKafka
-from tests.saga_helpers import account_balance, create_payment, payment_body, wait_for_payment
+from tests.helpers.kafka import GatedKafka
+from tests.helpers.saga import account_balance, create_payment, payment_body, wait_for_payment
 from worker import payment_worker
 from workflows import search_attributes as sa
 

@@ -13,8 +13,8 @@ from temporalio.exceptions import ApplicationError
 from activities.fraud import amount_for_limit_share
 from domain.bounds import FINGERPRINT_LENGTH, ID_MAX, REASON_CODE_MAX, TEXT_MAX
 from domain.payment import DisputeRequest, PaymentRequest, PaymentState, RefundSignal
-from tests.followup_helpers import assert_ledger_balanced, captured_payment, new_merchant, refund
-from tests.saga_helpers import create_payment, payment_body, wait_for_payment
+from tests.helpers.follow_ups import assert_ledger_balanced, captured_payment, new_merchant, refund
+from tests.helpers.saga import create_payment, payment_body, wait_for_payment
 
 # Every column an edge writes into, with the bound that guards it.
 COLUMNS = {

@@ -42,8 +42,8 @@ from domain.payment import RefundSignal
 from infra.embedded.stack import Stack
 from infra.logs import REDACTED, redact_card_numbers
 from intake.consumer import Refused, read_payment_order
-from tests.kafka_helpers import consume_events
-from tests.saga_helpers import create_payment, payment_body, wait_for_payment
+from tests.helpers.kafka import consume_events
+from tests.helpers.saga import create_payment, payment_body, wait_for_payment
 
 _rng = random.Random()
 

@@ -46,7 +46,7 @@ from infra.embedded.stack import Stack
 from ledger.records import LedgerPosting, PaymentParties
 from ledger.store import Ledger
 from settings import Settings
-from tests.saga_helpers import create_payment, payment_body, wait_for_payment
+from tests.helpers.saga import create_payment, payment_body, wait_for_payment
 
 FAKE_MERCHANT = "mer_checker_planted"
 

@@ -39,9 +39,9 @@ from infra.codec import (
 from infra.embedded.stack import Stack
 from infra.temporal_client import connect_client, data_converter
 from settings import ApiKey, EncryptionKey, Settings
-from tests.api_client import api_client
 from tests.conftest import READONLY_API_KEY, TEST_API_KEY, WEBHOOK_SECRET
-from tests.saga_helpers import create_payment, payment_body, wait_for_payment
+from tests.helpers.api_client import api_client
+from tests.helpers.saga import create_payment, payment_body, wait_for_payment
 from worker import payment_worker
 
 OLD_KEY = generate_key()

@@ -33,10 +33,10 @@ from ledger.activity import LedgerActivities
 from ledger.records import LedgerPosting, LedgerReceipt
 from ledger.store import Ledger
 from settings import Settings
-from tests.api_client import api_client
 from tests.conftest import TEST_API_KEY
-from tests.fakes import FakeCrmServer
-from tests.followup_helpers import (
+from tests.helpers.api_client import api_client
+from tests.helpers.fake_crm import FakeCrmServer
+from tests.helpers.follow_ups import (
     assert_ledger_balanced,
     captured_payment,
     crm_hooks,
@@ -44,8 +44,8 @@ from tests.followup_helpers import (
     payment_events,
     register_row,
 )
-from tests.kafka_helpers import ConsumedEvent, GatedKafka
-from tests.saga_helpers import account_balance, create_payment, payment_body, wait_for_payment
+from tests.helpers.kafka import ConsumedEvent, GatedKafka
+from tests.helpers.saga import account_balance, create_payment, payment_body, wait_for_payment
 from worker import payment_worker
 
 CLIENT = "test-client"  # TEST_API_KEY's client: the tenant of the accounts these payments move

@@ -22,7 +22,7 @@ from infra.database import RetryStats, make_engine
 from infra.embedded.stack import Stack
 from ledger.records import LedgerPosting, LedgerReceipt, LedgerRejected, PaymentParties
 from ledger.store import Ledger
-from tests.saga_helpers import account_balance
+from tests.helpers.saga import account_balance
 
 CONCURRENT_CAPTURES = 50
 # Generous on purpose: in production Temporal retries the activity after `db_max_retries`;

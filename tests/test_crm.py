@@ -30,7 +30,7 @@ from activities.crm import (
 from domain.errors import FailureType
 from domain.events import EventKind, event_id
 from settings import Settings
-from tests.fakes import FakeCrmServer
+from tests.helpers.fake_crm import FakeCrmServer
 
 SF_TOKEN = "sf-token-00D5e000000XyZ!AQ4AQEzsecret"
 HUBSPOT_TOKEN = "pat-na1-hubspot-secret-7f3c"

@@ -16,10 +16,10 @@ from temporalio.client import Client
 from activities.fraud import amount_for_limit_share
 from domain.events import EventKind, event_id
 from settings import ApiKey, Settings
-from tests.api_client import api_client
 from tests.conftest import MERCHANT_SCOPES, OTHER_CLIENT_KEY, READONLY_API_KEY
-from tests.kafka_helpers import consume_events, dedupe_by_id
-from tests.saga_helpers import create_payment, payment_body
+from tests.helpers.api_client import api_client
+from tests.helpers.kafka import consume_events, dedupe_by_id
+from tests.helpers.saga import create_payment, payment_body
 
 # Two clients of their own, so "all my events" is exactly what this module made.
 ALPHA_KEY = "psk_test_events_alpha_0123456789abcdefgh"

@@ -39,12 +39,12 @@ from infra.embedded.process import ManagedProcess
 from infra.embedded.stack import Stack
 from infra.temporal_client import connect_client
 from settings import ApiKey, Settings
-from tests.api_client import api_client
 from tests.conftest import MERCHANT_SCOPES
-from tests.fakes import FakeCrmServer
-from tests.kafka_helpers import ConsumedEvent, consume_events, dedupe_by_id
-from tests.private_stack import private_stack_settings
-from tests.saga_helpers import create_payment, ledger_rows, payment_body, wait_for_payment
+from tests.helpers.api_client import api_client
+from tests.helpers.fake_crm import FakeCrmServer
+from tests.helpers.kafka import ConsumedEvent, consume_events, dedupe_by_id
+from tests.helpers.private_stack import private_stack_settings
+from tests.helpers.saga import create_payment, ledger_rows, payment_body, wait_for_payment
 
 REPO = Path(__file__).resolve().parents[1]
 FAULT_API_KEY = "psk_fault_writer_key_0123456789abcdefghij"

@@ -29,9 +29,9 @@ from temporalio.exceptions import CancelledError
 from domain.payment import PaymentState, RefundSignal, payment_id_for
 from ledger.store import Ledger
 from settings import Settings
-from tests.api_client import api_client
 from tests.conftest import TEST_API_KEY
-from tests.followup_helpers import (
+from tests.helpers.api_client import api_client
+from tests.helpers.follow_ups import (
     assert_ledger_balanced,
     close_dispute,
     new_merchant,
@@ -39,8 +39,8 @@ from tests.followup_helpers import (
     refund,
     register_row,
 )
-from tests.ledger_helpers import OUTCOME, GatedLedger
-from tests.saga_helpers import create_payment, payment_body
+from tests.helpers.ledger import OUTCOME, GatedLedger
+from tests.helpers.saga import create_payment, payment_body
 from worker import payment_worker
 
 CLIENT = "test-client"

@@ -38,7 +38,7 @@ from api.app import create_app
 from infra.embedded.process import free_port
 from settings import Settings
 from tests.conftest import TEST_API_KEY
-from tests.saga_helpers import create_payment, payment_body, wait_for_payment
+from tests.helpers.saga import create_payment, payment_body, wait_for_payment
 
 REPO = Path(__file__).resolve().parent.parent
 MIN_CASES = 1000

@@ -32,11 +32,11 @@ from infra.embedded.stack import Stack
 from infra.idempotency import IdempotencyRegister
 from intake.consumer import running_intake
 from settings import Settings
-from tests.api_client import api_client
 from tests.conftest import TEST_API_KEY
-from tests.followup_helpers import new_merchant
-from tests.kafka_helpers import consume_events
-from tests.saga_helpers import create_payment, ledger_rows, payment_body
+from tests.helpers.api_client import api_client
+from tests.helpers.follow_ups import new_merchant
+from tests.helpers.kafka import consume_events
+from tests.helpers.saga import create_payment, ledger_rows, payment_body
 from tests.test_intake import BILLING, BILLING_TOPIC, produce, request_headers
 from workflows.payment import PaymentWorkflow, initial_search_attributes
 from workflows.starter import payment_policy

@@ -31,8 +31,8 @@ from infra.embedded.stack import Stack
 from infra.topics import ensure_topics
 from intake.consumer import PaymentIntake, Refused, read_payment_order, running_intake
 from settings import Settings, intake_topic
-from tests.kafka_helpers import ConsumedEvent, consume_events
-from tests.saga_helpers import ledger_rows, payment_body
+from tests.helpers.kafka import ConsumedEvent, consume_events
+from tests.helpers.saga import ledger_rows, payment_body
 
 # One group for every intake in this module: each picks up where the last one committed.
 GROUP = f"intake-test-{uuid.uuid4().hex[:8]}"

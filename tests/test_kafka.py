@@ -28,7 +28,7 @@ from infra.embedded.broker import EmbeddedBroker
 from infra.embedded.process import free_port
 from infra.embedded.stack import Stack
 from settings import Settings
-from tests.kafka_helpers import ConsumedEvent, consume_events, dedupe_by_id
+from tests.helpers.kafka import ConsumedEvent, consume_events, dedupe_by_id
 
 MESSAGE_TIMEOUT_MS = 2000
 

@@ -34,9 +34,9 @@ from domain.payment import (
 from infra.embedded import temporal as temporal_server
 from infra.embedded.stack import Stack
 from settings import Settings
-from tests.api_client import api_client
 from tests.conftest import OTHER_CLIENT_KEY, TEST_API_KEY
-from tests.followup_helpers import (
+from tests.helpers.api_client import api_client
+from tests.helpers.follow_ups import (
     assert_ledger_balanced,
     captured_payment,
     new_merchant,
@@ -44,7 +44,7 @@ from tests.followup_helpers import (
     refund,
     register_row,
 )
-from tests.saga_helpers import payment_body
+from tests.helpers.saga import payment_body
 from worker import payment_worker
 from workflows import search_attributes as sa
 from workflows.payment import PaymentWorkflow, initial_search_attributes

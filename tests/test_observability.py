@@ -42,10 +42,10 @@ from infra.observability import (
 )
 from infra.temporal_client import connect_client
 from settings import Settings
-from tests.api_client import api_client
 from tests.conftest import TEST_API_KEY
-from tests.fakes import FakeCrmServer
-from tests.saga_helpers import create_payment, payment_body
+from tests.helpers.api_client import api_client
+from tests.helpers.fake_crm import FakeCrmServer
+from tests.helpers.saga import create_payment, payment_body
 from worker import payment_worker
 from workflows.starter import start_payment
 

@@ -36,12 +36,12 @@ from domain.payment import (
 )
 from infra.embedded.stack import Stack
 from settings import Settings
-from tests.api_client import api_client
 from tests.conftest import TEST_API_KEY, WEBHOOK_SECRET
-from tests.fakes import FakeCrmServer
-from tests.fakes.crm_server import RecordedRequest
-from tests.kafka_helpers import ConsumedEvent, consume_events, dedupe_by_id
-from tests.saga_helpers import (
+from tests.helpers.api_client import api_client
+from tests.helpers.fake_crm import FakeCrmServer
+from tests.helpers.fake_crm.crm_server import RecordedRequest
+from tests.helpers.kafka import ConsumedEvent, consume_events, dedupe_by_id
+from tests.helpers.saga import (
     account_balance,
     create_payment,
     ledger_rows,

@@ -25,8 +25,8 @@ from domain.events import EventKind, event_id
 from domain.payment import payment_id_for
 from infra.embedded.stack import Stack
 from tests.conftest import OTHER_CLIENT_KEY, READONLY_API_KEY
-from tests.kafka_helpers import consume_events, dedupe_by_id
-from tests.saga_helpers import create_payment, ledger_rows, payment_body, wait_for_payment
+from tests.helpers.kafka import consume_events, dedupe_by_id
+from tests.helpers.saga import create_payment, ledger_rows, payment_body, wait_for_payment
 
 TEST_CLIENT = "test-client"  # the client id of conftest's TEST_API_KEY
 OTHER_CLIENT = "other-client"

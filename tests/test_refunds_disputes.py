@@ -16,8 +16,8 @@ from domain.events import EventKind, event_id
 from domain.payment import FollowUpStatus, PaymentState, PaymentStatus, RefundSignal
 from infra.embedded.stack import Stack
 from infra.embedded.temporal import temporal_binary
-from tests.fakes import FakeCrmServer, RecordedRequest
-from tests.followup_helpers import (
+from tests.helpers.fake_crm import FakeCrmServer, RecordedRequest
+from tests.helpers.follow_ups import (
     assert_ledger_balanced,
     captured_payment,
     close_dispute,
@@ -29,7 +29,7 @@ from tests.followup_helpers import (
     refund_rows_total,
     register_row,
 )
-from tests.saga_helpers import account_balance, wait_for_payment
+from tests.helpers.saga import account_balance, wait_for_payment
 
 CLIENT = "test-client"  # TEST_API_KEY's client: its customers' and merchants' accounts move
 

@@ -34,11 +34,11 @@ from infra.embedded.stack import CRM_SECRET_FILE, Stack
 from infra.relay import BrokerEpochs, OutboxRelay
 from infra.temporal_client import connect_client
 from settings import ApiKey, Settings
-from tests.api_client import api_client
 from tests.conftest import MERCHANT_SCOPES, TEST_API_KEY
-from tests.kafka_helpers import consume_events, dedupe_by_id
-from tests.private_stack import private_stack_settings
-from tests.saga_helpers import create_payment, payment_body
+from tests.helpers.api_client import api_client
+from tests.helpers.kafka import consume_events, dedupe_by_id
+from tests.helpers.private_stack import private_stack_settings
+from tests.helpers.saga import create_payment, payment_body
 from worker import event_worker, payment_worker
 
 PAYSAGA = str(Path(sys.executable).parent / "paysaga")

@@ -12,9 +12,9 @@ from temporalio.client import Client
 from activities.crm import verify_webhook
 from infra.embedded.stack import Stack
 from tests.conftest import WEBHOOK_SECRET
-from tests.fakes import FakeCrmServer
-from tests.kafka_helpers import consume_events
-from tests.saga_helpers import create_payment, ledger_rows, payment_body, wait_for_payment
+from tests.helpers.fake_crm import FakeCrmServer
+from tests.helpers.kafka import consume_events
+from tests.helpers.saga import create_payment, ledger_rows, payment_body, wait_for_payment
 from workflows import search_attributes as sa
 
 

@@ -21,7 +21,7 @@ import pytest
 from temporalio.client import Client
 
 from infra.embedded.stack import Stack
-from tests.saga_helpers import create_payment, payment_body
+from tests.helpers.saga import create_payment, payment_body
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 _CHROMIUM_FLAGS = (

@@ -20,10 +20,10 @@ from domain.ledger import customer_account, merchant_account
 from infra.embedded.stack import Stack
 from ledger.store import Ledger
 from settings import Settings
-from tests.api_client import api_client
 from tests.conftest import OTHER_CLIENT_KEY
-from tests.kafka_helpers import ConsumedEvent, consume_events
-from tests.saga_helpers import account_balance, create_payment, payment_body, wait_for_payment
+from tests.helpers.api_client import api_client
+from tests.helpers.kafka import ConsumedEvent, consume_events
+from tests.helpers.saga import account_balance, create_payment, payment_body, wait_for_payment
 
 A, B = "test-client", "other-client"  # the clients of TEST_API_KEY and OTHER_CLIENT_KEY
 

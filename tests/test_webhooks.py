@@ -1,6 +1,6 @@
 """Merchant webhooks end to end: endpoints through the API, events delivered by the real
 worker (dispatcher, delivery workflows on their own task queue) to real local HTTP receivers
-that fail, hang and recover on cue (tests/fakes: the merchant's far side).
+that fail, hang and recover on cue (tests/helpers/fake_crm.py: the merchant's far side).
 
 The module runs its own event worker with a fast retry schedule (0.5 s doubling to 2 s, giving
 up after 8 s instead of 3 days) and two API clients of its own.
@@ -29,10 +29,10 @@ from activities.crm import verify_webhook
 from domain.events import EventKind, event_id
 from infra.embedded.process import free_port
 from settings import ApiKey, Settings
-from tests.api_client import api_client
 from tests.conftest import MERCHANT_SCOPES
-from tests.fakes import FakeCrmServer, RecordedRequest
-from tests.saga_helpers import create_payment, payment_body
+from tests.helpers.api_client import api_client
+from tests.helpers.fake_crm import FakeCrmServer, RecordedRequest
+from tests.helpers.saga import create_payment, payment_body
 from worker import event_worker
 
 KEY_A = "psk_test_hooks_alpha_0123456789abcdefghi"

@@ -12,9 +12,9 @@ import httpx
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.fakes import FakeCrmServer, RecordedRequest
-from tests.kafka_helpers import ConsumedEvent, consume_events
-from tests.saga_helpers import create_payment, ledger_rows, payment_body, wait_for_payment
+from tests.helpers.fake_crm import FakeCrmServer, RecordedRequest
+from tests.helpers.kafka import ConsumedEvent, consume_events
+from tests.helpers.saga import create_payment, ledger_rows, payment_body, wait_for_payment
 
 WEBHOOK_PATH = "/hooks/paysaga"
 
