@@ -38,8 +38,7 @@ from infra.embedded.stack import Stack
 from settings import Settings
 from tests.conftest import TEST_API_KEY, WEBHOOK_SECRET
 from tests.helpers.api_client import api_client
-from tests.helpers.fake_crm import FakeCrmServer
-from tests.helpers.fake_crm.crm_server import RecordedRequest
+from tests.helpers.fake_crm import FakeCrmServer, RecordedRequest
 from tests.helpers.kafka import ConsumedEvent, consume_events, dedupe_by_id
 from tests.helpers.saga import (
     account_balance,
