@@ -20,7 +20,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from checker import CheckReport, CheckScope, run_checks
+from checker.report import CheckReport, CheckScope
+from checker.runner import run_checks
 from settings import Settings
 
 EXIT_VIOLATIONS = 1

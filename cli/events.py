@@ -25,7 +25,7 @@ err = Console(stderr=True, highlight=False)
 async def _replay(since: datetime, until: datetime | None) -> int:
     from activities.event_store import EventStore
     from activities.kafka import EventPublisher
-    from checker import resolve_endpoints
+    from checker.runner import resolve_endpoints
     from infra.database import make_engine
     from infra.relay import replay
     from settings import Settings

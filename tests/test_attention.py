@@ -28,7 +28,8 @@ from temporalio.client import (
 from temporalio.exceptions import ApplicationError, CancelledError
 
 from activities.kafka import EventPublisher
-from checker import CheckScope, run_checks
+from checker.report import CheckScope
+from checker.runner import run_checks
 from domain.events import EventKind, event_id
 from domain.ledger import merchant_account
 from domain.payment import AttentionResolution, PaymentState, ResolutionRecord, payment_id_for

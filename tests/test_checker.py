@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from temporalio.client import Client
 from typer.testing import CliRunner
 
-from checker import (
+from checker.report import (
     KAFKA_HAS_OUTBOX,
     LEDGER_BALANCED,
     OUTBOX_IN_KAFKA,
@@ -36,8 +36,8 @@ from checker import (
     WORKFLOW_AGREES,
     CheckReport,
     CheckScope,
-    run_checks,
 )
+from checker.runner import run_checks
 from cli import check as check_cli
 from domain.events import EventKind, PaymentEvent, event_id
 from domain.ledger import payment_transaction

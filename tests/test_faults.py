@@ -32,7 +32,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client
 from temporalio.service import RPCError
 
-from checker import CheckScope, run_checks
+from checker.report import CheckScope
+from checker.runner import run_checks
 from domain.events import EventKind, event_id
 from infra.database import make_engine
 from infra.embedded.process import ManagedProcess

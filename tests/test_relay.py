@@ -27,7 +27,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from activities.crm import sign_webhook, verify_webhook
 from activities.event_store import EventStore
 from activities.kafka import EventPublisher
-from checker import OUTBOX_IN_KAFKA, CheckScope, run_checks
+from checker.report import OUTBOX_IN_KAFKA, CheckScope
+from checker.runner import run_checks
 from domain.events import EventKind, PaymentEvent, event_id
 from infra.database import make_engine
 from infra.embedded.stack import CRM_SECRET_FILE, Stack
