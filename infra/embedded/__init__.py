@@ -2,5 +2,6 @@
 wheels, their process supervision, and the sandboxes `paysaga run` starts beside them.
 
 `paysaga run` and the test fixtures both use this package; there is one implementation.
-Nothing in production imports it.
+The API, the worker and the intake never import it; `paysaga check` only reads the embedded
+database's name from it, to find the stack `paysaga run` started when no database is configured.
 """
