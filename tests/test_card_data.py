@@ -41,7 +41,7 @@ from domain.events import ALL_TOPICS
 from domain.payment import RefundSignal
 from infra.embedded.stack import Stack
 from infra.logs import REDACTED, redact_card_numbers
-from intake.consumer import Refused, read_payment_order
+from intake.messages import Refused, read_payment_order
 from tests.helpers.kafka import consume_events
 from tests.helpers.saga import create_payment, payment_body, wait_for_payment
 

@@ -29,7 +29,8 @@ from domain.payment import PaymentState, payment_id_for
 from infra.embedded.process import free_port
 from infra.embedded.stack import Stack
 from infra.topics import ensure_topics
-from intake.consumer import PaymentIntake, Refused, read_payment_order, running_intake
+from intake.consumer import PaymentIntake, running_intake
+from intake.messages import Refused, read_payment_order
 from settings import Settings, intake_topic
 from tests.helpers.kafka import ConsumedEvent, consume_events
 from tests.helpers.saga import ledger_rows, payment_body
