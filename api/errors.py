@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from domain.cards import contains_card_number
 from domain.money import CURRENCIES
@@ -364,10 +365,25 @@ def _http_error_code(exc: StarletteHTTPException) -> tuple[ErrorType, str, str]:
     return "invalid_request_error", "invalid_request", HTTPStatus(status).phrase + "."
 
 
-async def _http_error_handler(_: Request, exc: Exception) -> JSONResponse:
+async def _http_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     type_, code, message = _http_error_code(exc)
-    return error_response(exc.status_code, type_, code, message, None, exc.headers)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = allowed_methods(request)
+    return error_response(exc.status_code, type_, code, message, None, headers)
+
+
+def allowed_methods(request: Request) -> str:
+    """Every method the URL's path answers to. Starlette's own `Allow` names only the first
+    route that matched the path, and `/v1/payments` is two routes (GET and POST)."""
+    scope = {**request.scope, "method": "GET"}  # a route's match on the path alone is PARTIAL
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(scope)
+        if match != Match.NONE:
+            methods.update(getattr(route, "methods", None) or ())
+    return ", ".join(sorted(methods))
 
 
 async def _too_deep_handler(request: Request, _: Exception) -> JSONResponse:

@@ -57,6 +57,11 @@ CURRENCIES: dict[str, Currency] = _table(
 )
 
 
+# The largest amount any currency accepts in one payment: the bound of every amount a client
+# sends (a payment's own currency may allow less; a refund or dispute never returns more).
+MAX_PAYMENT_MINOR = max(c.max_minor for c in CURRENCIES.values())
+
+
 class UnknownCurrency(ValueError):
     pass
 
