@@ -18,7 +18,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
 
 from domain.cards import contains_card_number
 from domain.money import CURRENCIES
@@ -370,20 +369,24 @@ async def _http_error_handler(request: Request, exc: Exception) -> JSONResponse:
     type_, code, message = _http_error_code(exc)
     headers = dict(exc.headers or {})
     if exc.status_code == 405:
-        headers["Allow"] = allowed_methods(request)
+        headers["Allow"] = allowed_methods(request) or headers.get("Allow", "")
     return error_response(exc.status_code, type_, code, message, None, headers)
 
 
+_TEMPLATE_PARAMETER = re.compile(r"\{[^/{}]+\}")
+
+
 def allowed_methods(request: Request) -> str:
-    """Every method the URL's path answers to. Starlette's own `Allow` names only the first
-    route that matched the path, and `/v1/payments` is two routes (GET and POST)."""
-    scope = {**request.scope, "method": "GET"}  # a route's match on the path alone is PARTIAL
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        match, _ = route.matches(scope)
-        if match != Match.NONE:
-            methods.update(getattr(route, "methods", None) or ())
-    return ", ".join(sorted(methods))
+    """The methods the OpenAPI document lists for the request's path. Starlette's own `Allow`
+    names only the first route that matched the path, and `/v1/payments` is two routes (GET and
+    POST); the document is what clients read, so it says what the path takes."""
+    document: dict[str, Any] = request.app.openapi()  # built once, then cached by FastAPI
+    path = request.url.path
+    for template, operations in document.get("paths", {}).items():
+        literal = [re.escape(part) for part in _TEMPLATE_PARAMETER.split(template)]
+        if re.fullmatch("[^/]+".join(literal), path):
+            return ", ".join(sorted(method.upper() for method in operations))
+    return ""
 
 
 async def _too_deep_handler(request: Request, _: Exception) -> JSONResponse:

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MAX_INT64 = 2**63 - 1
+# The largest integer every JSON reader holds exactly (a double's 53 bits: JavaScript's
+# Number.MAX_SAFE_INTEGER); the OpenAPI document's bounds are doubles too.
+MAX_JSON_INTEGER = 2**53 - 1
 
 
 @dataclass(frozen=True)

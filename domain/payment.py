@@ -20,7 +20,7 @@ from pydantic_core import PydanticCustomError
 from domain.bounds import ID_MAX, REASON_CODE_MAX, TEXT_MAX, TEXT_PATTERN, has_control_characters
 from domain.cards import contains_card_number
 from domain.constraints import JsonInteger, MaxKeys, MinorUnits, OneOf
-from domain.money import CURRENCIES, MAX_PAYMENT_MINOR
+from domain.money import CURRENCIES, MAX_JSON_INTEGER, MAX_PAYMENT_MINOR
 
 # Identifiers (customer, merchant, refund, dispute and API client ids) become parts of ledger
 # account codes (`customer:<client>:<customer>:<CCY>`), search attributes and Kafka keys: a safe
@@ -40,10 +40,11 @@ MetadataKey = Annotated[
 ]
 MAX_METADATA_KEYS = 20
 Metadata = Annotated[dict[MetadataKey, FreeText], MaxKeys(MAX_METADATA_KEYS, "metadata_too_large")]
-# Amounts a client sends: positive, and never more than the largest payment any currency takes
-# (a payment's own currency may take less: PaymentRequest says which, per currency).
+# Amounts a client sends: positive and exact in any JSON reader. A payment's currency bounds it
+# further (PaymentRequest states each currency's limit); a refund or dispute never returns more
+# than the largest payment any currency takes.
 PaymentAmount = Annotated[
-    int, JsonInteger, MinorUnits(1, MAX_PAYMENT_MINOR, "amount_too_small", "amount_too_large")
+    int, JsonInteger, MinorUnits(1, MAX_JSON_INTEGER, "amount_too_small", "amount_too_large")
 ]
 FollowUpAmount = Annotated[
     int, JsonInteger, MinorUnits(1, MAX_PAYMENT_MINOR, "amount_invalid", "amount_invalid")
@@ -120,14 +121,13 @@ class StrictRequest(CardDataFree):
 
 def _currency_limits_in_schema(schema: dict[str, Any]) -> None:
     """The per-currency limit in the OpenAPI document, from the table the check reads: for
-    each currency that takes less than the largest amount, `if currency then amount ≤ its limit`."""
+    each currency, `if currency then amount ≤ its limit`."""
     schema["allOf"] = [
         {
             "if": {"properties": {"currency": {"const": code}}, "required": ["currency"]},
             "then": {"properties": {"amount": {"maximum": unit.max_minor}}},
         }
         for code, unit in sorted(CURRENCIES.items())
-        if unit.max_minor < MAX_PAYMENT_MINOR
     ]
 
 

@@ -15,7 +15,7 @@ of the generated body, so a run is reproducible from its seed.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import schemathesis
@@ -29,7 +29,7 @@ _IDEMPOTENCY_HEADER = "Idempotency-Key"
 def _strings(value: Any) -> Iterator[str]:
     if isinstance(value, str):
         yield value
-    elif isinstance(value, dict):
+    elif isinstance(value, Mapping):  # headers are a case-insensitive mapping, not a dict
         for key, item in value.items():
             yield from _strings(key)
             yield from _strings(item)
@@ -52,7 +52,7 @@ def _positive(case: Any, location: ParameterLocation | None = None) -> bool:
     return bool(meta.generation.mode.is_positive)
 
 
-@schemathesis.hook  # type: ignore[untyped-decorator]
+@schemathesis.hook
 def filter_case(context: schemathesis.HookContext, case: Any) -> bool:
     return not (_positive(case) and carries_card_number(case))
 
