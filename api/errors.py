@@ -80,11 +80,14 @@ def error_response(
 
 
 _RESPONSE_DESCRIPTIONS: dict[int, str] = {
-    400: "Malformed request (invalid JSON, not a JSON object).",
+    400: "Malformed request: invalid JSON, not a JSON object, a cursor this API never issued, "
+    "parameters that exclude each other.",
     401: "Missing or invalid API key.",
     403: "The API key lacks the scope this operation needs.",
-    404: "No such resource.",
-    409: "Conflict, e.g. an idempotency key reused with a different body.",
+    404: "No such resource: whatever the id looks like, one never issued, gone, or another "
+    "client's (`resource_missing`).",
+    409: "Conflict with the resource's state: an idempotency key reused with another body, a "
+    "refund or dispute over what remains, a payment closed, not captured or not cancelable.",
     413: "Request body too large.",
     422: "A parameter is missing or invalid.",
     500: "Unexpected error on our side.",

@@ -73,15 +73,21 @@ def link(path: str, method: str, **parameters: str) -> dict[str, Any]:
 
 
 _PAYMENT = "/v1/payments/{payment_id}"
-PAYMENT_LINKS = {
-    "GetPayment": link(_PAYMENT, "get", payment_id="$response.body#/id"),
-    "RefundPayment": link(f"{_PAYMENT}/refunds", "post", payment_id="$response.body#/id"),
-    "OpenDispute": link(f"{_PAYMENT}/disputes", "post", payment_id="$response.body#/id"),
-    "CancelPayment": link(f"{_PAYMENT}/cancel", "post", payment_id="$response.body#/id"),
-}
-FOLLOW_UP_LINKS = {
-    "GetPayment": link(_PAYMENT, "get", payment_id="$response.body#/payment_id"),
-}
+
+
+def _payment_links(payment_id: str) -> dict[str, dict[str, Any]]:
+    return {
+        "GetPayment": link(_PAYMENT, "get", payment_id=payment_id),
+        "RefundPayment": link(f"{_PAYMENT}/refunds", "post", payment_id=payment_id),
+        "OpenDispute": link(f"{_PAYMENT}/disputes", "post", payment_id=payment_id),
+        "CancelPayment": link(f"{_PAYMENT}/cancel", "post", payment_id=payment_id),
+    }
+
+
+# From a payment (created or read) and from its follow-ups: on to the payment's other calls.
+PAYMENT_LINKS = _payment_links("$response.body#/id")
+READ_PAYMENT_LINKS = {k: v for k, v in PAYMENT_LINKS.items() if k != "GetPayment"}
+FOLLOW_UP_LINKS = _payment_links("$response.body#/payment_id")
 DISPUTE_LINKS = {
     **FOLLOW_UP_LINKS,
     "CloseDispute": link(

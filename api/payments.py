@@ -33,6 +33,7 @@ from api.ids import (
     FOLLOW_UP_LINKS,
     PAYMENT_ID,
     PAYMENT_LINKS,
+    READ_PAYMENT_LINKS,
     DisputeId,
     PaymentId,
     issued,
@@ -290,7 +291,7 @@ async def create_payment(
 @router.get(
     "/payments/{payment_id}",
     response_model=PaymentResource,
-    responses=error_responses(401, 403, 404, 422),
+    responses={200: {"links": READ_PAYMENT_LINKS}, **error_responses(401, 403, 404, 422)},
     summary="Retrieve a payment",
 )
 async def get_payment(
