@@ -20,9 +20,9 @@ checked; JSON Schema cannot say "one we issued"), and `/v1/events` given both
 `starting_after` and `ending_before` (OpenAPI cannot say "not both"). Positive cases carrying
 a card number are dropped by tests/fuzz_hooks.py: Luhn's check is not JSON Schema either.
 
-Half of the generated payment and dispute ids are replaced by real ones — a succeeded payment,
-one waiting for review, one with an open dispute — so refunds, disputes, closes and cancels
-are fuzzed against live workflows too.
+Half of the generated payment, dispute and webhook endpoint ids are replaced by real ones — a
+succeeded payment, one waiting for review, one with an open dispute, a paused endpoint — so
+refunds, disputes, closes and cancels are fuzzed against live workflows too.
 
 Reproducible: the seed is `PAYSAGA_FUZZ_SEED` (default below) and is printed with any failure;
 `PAYSAGA_FUZZ_EXAMPLES` scales the cases per operation (default 50, three times that for
@@ -111,7 +111,16 @@ async def live_ids(api: httpx.AsyncClient) -> dict[str, list[str]]:
         json={"amount": 10_000, "reason_code": "13.1", "network_reference": "nr-fuzz-1"},
     )
     assert opened.status_code == 201, opened.text
-    return {"payments": [succeeded, disputed, in_review], "disputes": [opened.json()["id"]]}
+    # A paused endpoint: read, listed, updated and rotated, never delivered to.
+    endpoint = await api.post(
+        "/v1/webhook_endpoints", json={"url": "https://hooks.example.com/fuzz", "enabled": False}
+    )
+    assert endpoint.status_code == 201, endpoint.text
+    return {
+        "payments": [succeeded, disputed, in_review],
+        "disputes": [opened.json()["id"]],
+        "endpoints": [endpoint.json()["id"]],
+    }
 
 
 def _config_file(path: Path, live_ids: dict[str, list[str]]) -> Path:
@@ -131,9 +140,13 @@ values = {values(live_ids["payments"])}
 [dictionaries.disputes]
 values = {values(live_ids["disputes"])}
 
+[dictionaries.endpoints]
+values = {values(live_ids["endpoints"])}
+
 [parameters]
 "path.payment_id" = {{ dictionary = "payments", probability = 0.5 }}
 "path.dispute_id" = {{ dictionary = "disputes", probability = 0.5 }}
+"path.endpoint_id" = {{ dictionary = "endpoints", probability = 0.5 }}
 
 [generation]
 unique-inputs = true
