@@ -16,7 +16,7 @@ from api.auth import ApiClient, require_scope
 from api.errors import ApiError, error_responses
 from api.ids import EventId
 from domain.events import EVENT_TYPE_PATTERNS, EventKind, EventObject, event_type_matches
-from domain.payment import StrictRequest
+from domain.payment import PAYMENT_ID_PATTERN, StrictRequest
 from domain.webhooks import ENDPOINT_ID_PATTERN, EndpointStatus
 from workflows.webhook_dispatch import start_delivery
 
@@ -86,7 +86,7 @@ async def _cursor(store: EventStore, client: ApiClient, event_id: str | None, pa
 async def list_events(
     request: Request,
     type: EventTypePattern | None = None,
-    payment_id: Annotated[str | None, Query(pattern=r"^pay_[0-9a-f]{24}$")] = None,
+    payment_id: Annotated[str | None, Query(pattern=PAYMENT_ID_PATTERN)] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 10,
     starting_after: Cursor = None,
     ending_before: Cursor = None,

@@ -19,10 +19,11 @@ from pydantic import BeforeValidator
 from pydantic_core import PydanticCustomError
 
 from domain.cards import contains_card_number
+from domain.payment import PAYMENT_ID_PATTERN
 from domain.webhooks import ENDPOINT_ID_PATTERN
 
 # The shapes ids are issued in (workflows/starter.py, api/payments.py, activities/webhooks.py).
-PAYMENT_ID = re.compile(r"^pay_[0-9a-f]{24}$")
+PAYMENT_ID = re.compile(PAYMENT_ID_PATTERN)
 ENDPOINT_ID = re.compile(ENDPOINT_ID_PATTERN)
 
 

@@ -434,6 +434,10 @@ class PaymentWorkflowInput(BaseModel):
     pending_follow_ups: list[FollowUp] = Field(default_factory=list)
 
 
+# What payment_id_for makes: no payment has any other id.
+PAYMENT_ID_PATTERN = r"^pay_[0-9a-f]{24}$"
+
+
 def payment_id_for(client_id: str, idempotency_key: str) -> str:
     """The payment id (and workflow id) is derived from the key, scoped by API client, so a
     retried POST can only ever address the same workflow."""
