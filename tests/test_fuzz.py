@@ -12,7 +12,9 @@ Every check runs (`--checks all`): no 5xx; every response matches the document (
 content type, headers, body schema); schema-violating input is refused; **schema-valid input is
 accepted** (2xx, or a status that means the resource or the business said no: 404, 409); a
 missing API key is a 401; unsupported methods answer 405 with an `Allow` header listing the
-path's methods; a created resource can be read back, a deleted one cannot.
+path's methods; a created resource can be read back, a deleted one cannot. (Schemathesis'
+`object_level_authorization` only acts with several identities configured; it runs with one
+here, and tenants apart are proved by tests/test_tenants.py.)
 
 Two schema-valid requests the document cannot rule out are refused with 400, on two operations
 only, and configured so: a payments `cursor` the API never issued (a cursor is opaque and
