@@ -44,7 +44,7 @@ from domain.webhooks import (
 )
 from infra.database import run_serializable
 from ledger.store import insert_event
-from ledger.tables import metadata
+from ledger.tables import metadata, outbox_events
 from settings import Settings
 
 log = logging.getLogger(__name__)
@@ -355,6 +355,32 @@ class WebhookEndpoints:
                 )
             ).first()
         return _endpoint(row) if row is not None else None
+
+    async def pass_over_unwanted_events(self) -> int:
+        """Mark dispatched, without reading them, the undispatched events that no endpoint can
+        want: their client has no enabled endpoint created before them. Most events, on a
+        system whose clients have no webhooks; the dispatcher then reads only the rest."""
+        wanted_by_some_endpoint = (
+            sa.select(webhook_endpoints.c.id)
+            .where(
+                webhook_endpoints.c.client_id == outbox_events.c.client_id,
+                webhook_endpoints.c.status == EndpointStatus.ENABLED.value,
+                webhook_endpoints.c.deleted_at.is_(None),
+                webhook_endpoints.c.created_at <= outbox_events.c.created_at,
+            )
+            .exists()
+        )
+
+        async def work(conn: AsyncConnection) -> int:
+            result = await conn.execute(
+                outbox_events.update()
+                .where(outbox_events.c.dispatched_at.is_(None), ~wanted_by_some_endpoint)
+                .values(dispatched_at=datetime.now(UTC))
+            )
+            return int(result.rowcount)
+
+        passed: int = await self._write(work)
+        return passed
 
     async def enabled_for(self, client_ids: list[str]) -> list[WebhookEndpoint]:
         if not client_ids:

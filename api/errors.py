@@ -80,11 +80,14 @@ def error_response(
 
 
 _RESPONSE_DESCRIPTIONS: dict[int, str] = {
-    400: "Malformed request (invalid JSON, not a JSON object).",
+    400: "Malformed request: invalid JSON, not a JSON object, a cursor this API never issued, "
+    "parameters that exclude each other.",
     401: "Missing or invalid API key.",
     403: "The API key lacks the scope this operation needs.",
-    404: "No such resource.",
-    409: "Conflict, e.g. an idempotency key reused with a different body.",
+    404: "No such resource: whatever the id looks like, one never issued, gone, or another "
+    "client's (`resource_missing`).",
+    409: "Conflict with the resource's state: an idempotency key reused with another body, a "
+    "refund or dispute over what remains, a payment closed, not captured or not cancelable.",
     413: "Request body too large.",
     422: "A parameter is missing or invalid.",
     500: "Unexpected error on our side.",
@@ -364,10 +367,29 @@ def _http_error_code(exc: StarletteHTTPException) -> tuple[ErrorType, str, str]:
     return "invalid_request_error", "invalid_request", HTTPStatus(status).phrase + "."
 
 
-async def _http_error_handler(_: Request, exc: Exception) -> JSONResponse:
+async def _http_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     type_, code, message = _http_error_code(exc)
-    return error_response(exc.status_code, type_, code, message, None, exc.headers)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = allowed_methods(request) or headers.get("Allow", "")
+    return error_response(exc.status_code, type_, code, message, None, headers)
+
+
+_TEMPLATE_PARAMETER = re.compile(r"\{[^/{}]+\}")
+
+
+def allowed_methods(request: Request) -> str:
+    """The methods the OpenAPI document lists for the request's path. Starlette's own `Allow`
+    names only the first route that matched the path, and `/v1/payments` is two routes (GET and
+    POST); the document is what clients read, so it says what the path takes."""
+    document: dict[str, Any] = request.app.openapi()  # built once, then cached by FastAPI
+    path = request.url.path
+    for template, operations in document.get("paths", {}).items():
+        literal = [re.escape(part) for part in _TEMPLATE_PARAMETER.split(template)]
+        if re.fullmatch("[^/]+".join(literal), path):
+            return ", ".join(sorted(method.upper() for method in operations))
+    return ""
 
 
 async def _too_deep_handler(request: Request, _: Exception) -> JSONResponse:

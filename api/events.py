@@ -7,23 +7,22 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Body, Depends, Path, Query, Request
+from fastapi import APIRouter, Body, Depends, Query, Request
 from pydantic import BaseModel, Field
 
 from activities.event_store import EventStore, StoredEvent
 from activities.webhooks import WebhookEndpoint, WebhookEndpoints
 from api.auth import ApiClient, require_scope
 from api.errors import ApiError, error_responses
+from api.ids import EventId
 from domain.events import EVENT_TYPE_PATTERNS, EventKind, EventObject, event_type_matches
-from domain.payment import StrictRequest
+from domain.payment import PAYMENT_ID_PATTERN, StrictRequest
 from domain.webhooks import ENDPOINT_ID_PATTERN, EndpointStatus
 from workflows.webhook_dispatch import start_delivery
 
 router = APIRouter(prefix="/v1", tags=["events"])
 
 EventTypePattern = Literal[EVENT_TYPE_PATTERNS]  # type: ignore[valid-type]
-# Any text up to a UUID's length: an id that is no event of yours is a 404, as for Stripe.
-EventId = Annotated[str, Path(min_length=1, max_length=64, description="The event id (UUID).")]
 Cursor = Annotated[str | None, Query(min_length=1, max_length=64, description="An event id.")]
 
 
@@ -71,22 +70,23 @@ async def _cursor(store: EventStore, client: ApiClient, event_id: str | None, pa
         return None
     found = await store.get(event_id, client.client_id)
     if found is None:
-        raise ApiError(400, "invalid_request_error", "resource_missing", "No such event.", param)
+        raise _no_such_event(param)
     return found
 
 
 @router.get(
     "/events",
     response_model=EventList,
-    responses=error_responses(400, 401, 403, 422),
+    responses=error_responses(400, 401, 403, 404, 422),
     summary="List events, newest first",
     description="Cursor pagination as Stripe's: `starting_after` (older than that event) or "
-    "`ending_before` (newer). `type` takes an event type or a wildcard (`payment.*`, `*`).",
+    "`ending_before` (newer), not both (400). A cursor naming no event of yours: 404. `type` "
+    "takes an event type or a wildcard (`payment.*`, `*`).",
 )
 async def list_events(
     request: Request,
     type: EventTypePattern | None = None,
-    payment_id: Annotated[str | None, Query(pattern=r"^pay_[0-9a-f]{24}$")] = None,
+    payment_id: Annotated[str | None, Query(pattern=PAYMENT_ID_PATTERN)] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 10,
     starting_after: Cursor = None,
     ending_before: Cursor = None,

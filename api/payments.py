@@ -11,9 +11,8 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from pydantic import BeforeValidator
-from pydantic_core import PydanticCustomError
 from sqlalchemy.exc import DBAPIError
 from temporalio.client import (
     Client,
@@ -28,6 +27,17 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from api.auth import ApiClient, require_scope
 from api.errors import ApiError, error_responses
+from api.ids import (
+    DISPUTE_LINKS,
+    FOLLOW_UP_LINKS,
+    PAYMENT_ID,
+    PAYMENT_LINKS,
+    READ_PAYMENT_LINKS,
+    DisputeId,
+    PaymentId,
+    issued,
+    no_card_number,
+)
 from api.resources import (
     DisputeResource,
     PaymentList,
@@ -36,7 +46,6 @@ from api.resources import (
     RefundResource,
 )
 from domain.bounds import IDEMPOTENCY_KEY_MAX, IDEMPOTENCY_KEY_MIN
-from domain.cards import contains_card_number
 from domain.follow_ups import Refusal
 from domain.payment import (
     IDEMPOTENCY_KEY_PATTERN,
@@ -66,18 +75,6 @@ from workflows.starter import IdempotencyKeyReused, start_payment
 router = APIRouter(prefix="/v1", tags=["payments"])
 
 
-def _no_card_number(value: Any) -> Any:
-    """Headers and filters are strings too: a card number sent as an idempotency key or
-    searched for would reach logs and stores the body never does. Checked before the format,
-    so every spelling is refused as card data, like one in the body."""
-    if isinstance(value, str) and contains_card_number(value):
-        raise PydanticCustomError(
-            "card_data_not_allowed",
-            "Card numbers are not accepted; send a payment-method token (pm_…) instead.",
-        )
-    return value
-
-
 IdempotencyKey = Annotated[
     str,
     Header(
@@ -88,10 +85,8 @@ IdempotencyKey = Annotated[
         description="Unique per payment attempt; retries with the same key never pay twice. "
         "8–255 characters of `A-Z a-z 0-9 _ -`; never a card number.",
     ),
-    BeforeValidator(_no_card_number),
+    BeforeValidator(no_card_number),
 ]
-PaymentId = Annotated[str, Path(pattern=r"^pay_[0-9a-f]{24}$")]
-DisputeId = Annotated[str, Path(pattern=r"^dp_[0-9a-f]{24}$")]
 Wait = Annotated[
     float,
     Query(ge=0, le=30, description="Seconds to wait for the payment to settle (max 30)."),
@@ -130,6 +125,8 @@ async def _query_state(handle: WorkflowHandle[Any, Any]) -> PaymentState:
 
 async def load_payment(request: Request, payment_id: str, client: ApiClient) -> PaymentState:
     """The workflow's own state while it runs; the ledger's record once its history is gone."""
+    if not issued(PAYMENT_ID, payment_id):
+        raise _not_found(payment_id)  # no payment was ever given this id
     handle = _temporal(request).get_workflow_handle(payment_id)
     try:
         state = await _query_state(handle)
@@ -216,7 +213,10 @@ def _settled_for_wait(state: PaymentState) -> bool:
     "/payments",
     status_code=201,
     response_model=PaymentResource,
-    responses=error_responses(400, 401, 403, 409, 413, 422, 503),
+    responses={
+        201: {"links": PAYMENT_LINKS},
+        **error_responses(400, 401, 403, 409, 413, 422, 503),
+    },
     summary="Create a payment",
 )
 async def create_payment(
@@ -291,7 +291,7 @@ async def create_payment(
 @router.get(
     "/payments/{payment_id}",
     response_model=PaymentResource,
-    responses=error_responses(401, 403, 404, 422),
+    responses={200: {"links": READ_PAYMENT_LINKS}, **error_responses(401, 403, 404, 422)},
     summary="Retrieve a payment",
 )
 async def get_payment(
@@ -306,6 +306,9 @@ async def get_payment(
 # cannot tell a mangled token from a fault of its own (it answers "something went wrong" after
 # the client's retries, i.e. a slow 500); checked here, any cursor we did not issue is a 400.
 _CURSOR_CHECK_BYTES = 8
+# URL-safe base64 of the check and a non-empty token.
+_CURSOR_PATTERN = r"^[A-Za-z0-9_-]+={0,2}$"
+_CURSOR_MIN_LENGTH = 12
 
 
 def _cursor_check(client_id: str, token: bytes) -> bytes:
@@ -345,10 +348,18 @@ async def list_payments(
     customer_id: Annotated[
         str | None,
         Query(max_length=64, pattern=IDENTIFIER_PATTERN),
-        BeforeValidator(_no_card_number),
+        BeforeValidator(no_card_number),
     ] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    cursor: Annotated[str | None, Query(max_length=2048)] = None,
+    cursor: Annotated[
+        str | None,
+        Query(
+            min_length=_CURSOR_MIN_LENGTH,
+            max_length=2048,
+            pattern=_CURSOR_PATTERN,
+            description="`next_cursor` of the previous page, as it was issued to you.",
+        ),
+    ] = None,
     client: ApiClient = Depends(require_scope("payments:read")),
 ) -> PaymentList:
     clauses = [
@@ -406,9 +417,9 @@ async def list_payments(
 # outcome; past it the answer is the accepted follow-up, still `pending`, which the workflow
 # carries out whatever happens (it never ends or continues as new before that).
 
-# Refusals that are the request's fault (400) or name a missing resource (404); the rest: 409.
+# Refusals that are the request's fault (400) or name a missing resource (404); the rest, a
+# request the payment cannot honour as it stands (more than remains to refund included), 409.
 _REFUSAL_STATUS = {
-    Refusal.AMOUNT_TOO_LARGE: 400,
     Refusal.AMOUNT_INVALID: 400,
     Refusal.INVALID: 400,
     Refusal.DISPUTE_MISSING: 404,
@@ -518,7 +529,10 @@ async def _pending_record(request: Request, payment_id: str) -> PaymentState:
     "/payments/{payment_id}/refunds",
     status_code=201,
     response_model=RefundResource,
-    responses=error_responses(400, 401, 403, 404, 409, 413, 422, 503),
+    responses={
+        201: {"links": FOLLOW_UP_LINKS},
+        **error_responses(400, 401, 403, 404, 409, 413, 422, 503),
+    },
     summary="Refund a payment, in full or in part",
     description="201 with the refund once the ledger posted it (`succeeded`), or, past `wait`, "
     "accepted and still `pending` (the payment carries it out whatever happens). 409 with the "
@@ -575,7 +589,10 @@ async def create_refund(
     "/payments/{payment_id}/disputes",
     status_code=201,
     response_model=DisputeResource,
-    responses=error_responses(400, 401, 403, 404, 409, 413, 422, 503),
+    responses={
+        201: {"links": DISPUTE_LINKS},
+        **error_responses(400, 401, 403, 404, 409, 413, 422, 503),
+    },
     summary="Record a dispute (chargeback) opened by the card network",
 )
 async def open_dispute(

@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Depends, Path, Query, Request
+from fastapi import APIRouter, Body, Depends, Query, Request
 from pydantic import BaseModel, Field
 
 from activities.webhooks import (
@@ -20,11 +20,14 @@ from activities.webhooks import (
 from api.auth import ApiClient, require_scope
 from api.errors import ApiError, error_responses
 from api.events import EventTypePattern
+from api.ids import ENDPOINT_ID, ENDPOINT_LINKS, EndpointId, issued
+from domain.constraints import JsonInteger
 from domain.payment import FreeText, StrictRequest
 from domain.webhooks import (
     ENDPOINT_ID_PATTERN,
     MAX_ENDPOINTS_PER_CLIENT,
     MAX_URL_LENGTH,
+    WEBHOOK_URL_PATTERN,
     EndpointStatus,
     WebhookUrlRefused,
     check_webhook_url,
@@ -36,14 +39,15 @@ router = APIRouter(prefix="/v1", tags=["webhooks"])
 MAX_ENABLED_EVENTS = 20
 MAX_ROTATION_OVERLAP_SECONDS = 7 * 86400
 
-EndpointId = Annotated[str, Path(pattern=ENDPOINT_ID_PATTERN)]
 WebhookUrl = Annotated[
     str,
     Field(
         min_length=8,
         max_length=MAX_URL_LENGTH,
-        pattern=r"^[Hh][Tt][Tt][Pp][Ss]?://[^\s@/?#]+",
-        description="Where events are POSTed: http(s), no credentials, no fragment.",
+        pattern=WEBHOOK_URL_PATTERN,
+        description="Where events are POSTed: http(s) to an ASCII host name or IPv4 address "
+        "(IDNs in punycode), an optional port, a path and query of printable ASCII; no "
+        "credentials, no #fragment.",
     ),
 ]
 EnabledEvents = Annotated[
@@ -73,10 +77,10 @@ class WebhookEndpointUpdate(StrictRequest):
 
 
 class RotateSecretRequest(StrictRequest):
-    expire_previous_after_seconds: int | None = Field(
+    expire_previous_after_seconds: (
+        Annotated[int, Field(ge=0, le=MAX_ROTATION_OVERLAP_SECONDS), JsonInteger] | None
+    ) = Field(
         default=None,
-        ge=0,
-        le=MAX_ROTATION_OVERLAP_SECONDS,
         description="How long the previous secret keeps signing too (both `v1` signatures are "
         "sent); default `PAYSAGA_WEBHOOK_SECRET_OVERLAP_SECONDS` (24 h). 0: retire it now.",
     )
@@ -194,17 +198,24 @@ def _checked_url(request: Request, url: str) -> str:
 
 
 async def _owned(request: Request, client: ApiClient, endpoint_id: str) -> WebhookEndpoint:
-    endpoint = await _endpoints(request).get(client.client_id, endpoint_id)
+    endpoint = await _endpoints(request).get(client.client_id, _issued(endpoint_id))
     if endpoint is None:
         raise _no_such_endpoint()
     return endpoint
+
+
+def _issued(endpoint_id: str, param: str = "id") -> str:
+    """The id, if endpoints are ever given one like it; else no such endpoint (404)."""
+    if not issued(ENDPOINT_ID, endpoint_id):
+        raise _no_such_endpoint(param)
+    return endpoint_id
 
 
 @router.post(
     "/webhook_endpoints",
     status_code=201,
     response_model=WebhookEndpointResource,
-    responses=error_responses(400, 401, 403, 409, 413, 422),
+    responses={201: {"links": ENDPOINT_LINKS}, **error_responses(400, 401, 403, 409, 413, 422)},
     summary="Create a webhook endpoint (its signing secret is in this answer only)",
 )
 async def create_endpoint(
@@ -231,7 +242,7 @@ async def create_endpoint(
 @router.get(
     "/webhook_endpoints",
     response_model=WebhookEndpointList,
-    responses=error_responses(400, 401, 403, 422),
+    responses=error_responses(400, 401, 403, 404, 422),
     summary="List webhook endpoints, newest first",
 )
 async def list_endpoints(
@@ -245,13 +256,7 @@ async def list_endpoints(
     if starting_after is not None:
         cursor = await endpoints.get(client.client_id, starting_after)
         if cursor is None:
-            raise ApiError(
-                400,
-                "invalid_request_error",
-                "resource_missing",
-                "No such webhook endpoint.",
-                "starting_after",
-            )
+            raise _no_such_endpoint("starting_after")
     found, has_more = await endpoints.page(client.client_id, limit, cursor)
     return WebhookEndpointList(
         data=[WebhookEndpointResource.of(e) for e in found], has_more=has_more
@@ -291,7 +296,7 @@ async def update_endpoint(
         changes["enabled_events"] = list(dict.fromkeys(changes["enabled_events"]))
     # `null` for a field that cannot be empty means "leave it".
     changes = {k: v for k, v in changes.items() if v is not None or k == "description"}
-    updated = await _endpoints(request).update(client.client_id, endpoint_id, changes)
+    updated = await _endpoints(request).update(client.client_id, _issued(endpoint_id), changes)
     if updated is None:
         raise _no_such_endpoint()
     return WebhookEndpointResource.of(updated)
@@ -308,7 +313,7 @@ async def delete_endpoint(
     request: Request,
     client: ApiClient = Depends(require_scope("webhooks:write")),
 ) -> DeletedWebhookEndpoint:
-    if not await _endpoints(request).delete(client.client_id, endpoint_id):
+    if not await _endpoints(request).delete(client.client_id, _issued(endpoint_id)):
         raise _no_such_endpoint()
     return DeletedWebhookEndpoint(id=endpoint_id)
 
@@ -331,7 +336,7 @@ async def rotate_secret(
     if seconds is None:
         seconds = round(_settings(request).webhook_secret_overlap_seconds)
     rotated = await _endpoints(request).rotate_secret(
-        client.client_id, endpoint_id, timedelta(seconds=seconds)
+        client.client_id, _issued(endpoint_id), timedelta(seconds=seconds)
     )
     if rotated is None:
         raise _no_such_endpoint()
@@ -367,7 +372,7 @@ async def list_deliveries(
     )
     if found is None:
         raise ApiError(
-            400,
+            404,
             "invalid_request_error",
             "resource_missing",
             "No such delivery attempt.",

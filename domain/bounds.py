@@ -29,7 +29,11 @@ FINGERPRINT_LENGTH = 64
 # Ids chosen by operators for refunds and disputes they send by hand (`re_manual_1`): they
 # become the ledger's reference and part of an event id, so a safe, bounded charset.
 FOLLOW_UP_ID = re.compile(rf"^[A-Za-z0-9_-]{{1,{ID_MAX}}}$")
-_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+# Control characters (tab and newline excepted) are refused in every text a
+# client sends; the API's schema declares TEXT_PATTERN, which the same class builds.
+_CONTROL_CLASS = r"\x00-\x08\x0b-\x1f\x7f"
+_CONTROL_CHARS = re.compile(f"[{_CONTROL_CLASS}]")
+TEXT_PATTERN = f"^[^{_CONTROL_CLASS}]*$"
 
 
 def has_control_characters(value: str) -> bool:

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MAX_INT64 = 2**63 - 1
+# The largest integer every JSON reader holds exactly (a double's 53 bits: JavaScript's
+# Number.MAX_SAFE_INTEGER); the OpenAPI document's bounds are doubles too.
+MAX_JSON_INTEGER = 2**53 - 1
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,11 @@ CURRENCIES: dict[str, Currency] = _table(
     ("JOD", 3, 700_000),
     ("TND", 3, 3_000_000),
 )
+
+
+# The largest amount any currency accepts in one payment: the bound of every amount a client
+# sends (a payment's own currency may allow less; a refund or dispute never returns more).
+MAX_PAYMENT_MINOR = max(c.max_minor for c in CURRENCIES.values())
 
 
 class UnknownCurrency(ValueError):

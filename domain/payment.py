@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -14,16 +13,14 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
-    field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
-from domain.bounds import ID_MAX, REASON_CODE_MAX, TEXT_MAX
+from domain.bounds import ID_MAX, REASON_CODE_MAX, TEXT_MAX, TEXT_PATTERN, has_control_characters
 from domain.cards import contains_card_number
-from domain.money import CURRENCIES, MAX_INT64
-
-_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+from domain.constraints import JsonInteger, MaxKeys, MinorUnits, OneOf
+from domain.money import CURRENCIES, MAX_JSON_INTEGER, MAX_PAYMENT_MINOR
 
 # Identifiers (customer, merchant, refund, dispute and API client ids) become parts of ledger
 # account codes (`customer:<client>:<customer>:<CCY>`), search attributes and Kafka keys: a safe
@@ -37,11 +34,29 @@ IDEMPOTENCY_KEY_PATTERN = r"^[A-Za-z0-9_-]{8,255}$"
 PaymentMethodToken = Annotated[
     str, StringConstraints(min_length=11, max_length=64, pattern=r"^pm_[A-Za-z0-9_]{8,61}$")
 ]
-FreeText = Annotated[str, StringConstraints(max_length=TEXT_MAX)]
+FreeText = Annotated[str, StringConstraints(max_length=TEXT_MAX, pattern=TEXT_PATTERN)]
 MetadataKey = Annotated[
     str, StringConstraints(min_length=1, max_length=40, pattern=r"^[A-Za-z0-9_.-]+$")
 ]
 MAX_METADATA_KEYS = 20
+Metadata = Annotated[dict[MetadataKey, FreeText], MaxKeys(MAX_METADATA_KEYS, "metadata_too_large")]
+# Amounts a client sends: positive and exact in any JSON reader. A payment's currency bounds it
+# further (PaymentRequest states each currency's limit); a refund or dispute never returns more
+# than the largest payment any currency takes.
+PaymentAmount = Annotated[
+    int, JsonInteger, MinorUnits(1, MAX_JSON_INTEGER, "amount_too_small", "amount_too_large")
+]
+FollowUpAmount = Annotated[
+    int, JsonInteger, MinorUnits(1, MAX_PAYMENT_MINOR, "amount_invalid", "amount_invalid")
+]
+CurrencyCode = Annotated[
+    str,
+    OneOf(
+        frozenset(CURRENCIES),
+        "currency_unsupported",
+        "Currency is not supported; use an upper-case ISO 4217 code such as USD.",
+    ),
+]
 
 
 def _reject_card_numbers_and_control_chars(
@@ -55,7 +70,7 @@ def _reject_card_numbers_and_control_chars(
                 "Card numbers are not accepted; send a payment-method token (pm_…) instead.",
                 {"param": path},
             )
-        if control_chars and _CONTROL_CHARS.search(value):
+        if control_chars and has_control_characters(value):
             raise PydanticCustomError(
                 "control_characters", "Control characters are not allowed.", {"param": path}
             )
@@ -104,47 +119,35 @@ class StrictRequest(CardDataFree):
         return data
 
 
+def _currency_limits_in_schema(schema: dict[str, Any]) -> None:
+    """The per-currency limit in the OpenAPI document, from the table the check reads: for
+    each currency, `if currency then amount ≤ its limit`."""
+    schema["allOf"] = [
+        {
+            "if": {"properties": {"currency": {"const": code}}, "required": ["currency"]},
+            "then": {"properties": {"amount": {"maximum": unit.max_minor}}},
+        }
+        for code, unit in sorted(CURRENCIES.items())
+    ]
+
+
 class PaymentRequest(StrictRequest):
-    amount: int = Field(description="Amount in minor units of `currency` (cents for USD).")
-    currency: str = Field(description="ISO 4217 code, upper case, e.g. USD, JPY, BHD.")
+    model_config = ConfigDict(json_schema_extra=_currency_limits_in_schema)
+
+    amount: PaymentAmount = Field(
+        description="Amount in minor units of `currency` (cents for USD), at most the "
+        "currency's per-payment limit."
+    )
+    currency: CurrencyCode = Field(description="ISO 4217 code, upper case, e.g. USD, JPY, BHD.")
     customer_id: Identifier
     merchant_id: Identifier
     payment_method: PaymentMethodToken = Field(description="A payment-method token, never a PAN.")
     description: FreeText | None = None
-    metadata: dict[MetadataKey, FreeText] = Field(default_factory=dict)
+    metadata: Metadata = Field(default_factory=dict)
     salesforce_opportunity_id: (
         Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9]{15,18}$")] | None
     ) = None
     hubspot_deal_id: Annotated[str, StringConstraints(pattern=r"^[0-9]{1,20}$")] | None = None
-
-    @field_validator("currency")
-    @classmethod
-    def _known_currency(cls, value: str) -> str:
-        if value not in CURRENCIES:
-            raise PydanticCustomError(
-                "currency_unsupported",
-                "Currency {currency} is not supported; use an ISO 4217 code such as USD.",
-                {"currency": value[:8]},
-            )
-        return value
-
-    @field_validator("amount")
-    @classmethod
-    def _positive_int64(cls, value: int) -> int:
-        if value <= 0:
-            raise PydanticCustomError("amount_too_small", "Amount must be a positive integer.")
-        if value > MAX_INT64:
-            raise PydanticCustomError("amount_too_large", "Amount exceeds the 64-bit limit.")
-        return value
-
-    @field_validator("metadata")
-    @classmethod
-    def _bounded_metadata(cls, value: dict[str, str]) -> dict[str, str]:
-        if len(value) > MAX_METADATA_KEYS:
-            raise PydanticCustomError(
-                "metadata_too_large", "metadata holds at most {n} keys.", {"n": MAX_METADATA_KEYS}
-            )
-        return value
 
     @model_validator(mode="after")
     def _within_currency_limit(self) -> PaymentRequest:
@@ -222,30 +225,22 @@ class ReviewDecision(CardDataFree):
 
 
 class RefundRequest(StrictRequest):
-    amount: int | None = Field(default=None, description="Minor units; default all that remains.")
+    amount: FollowUpAmount | None = Field(
+        default=None, description="Minor units; default all that remains."
+    )
     reason: FreeText | None = None
-
-    @field_validator("amount")
-    @classmethod
-    def _positive(cls, value: int | None) -> int | None:
-        if value is not None and not 0 < value <= MAX_INT64:
-            raise PydanticCustomError("amount_invalid", "Refund amount must be a positive integer.")
-        return value
 
 
 class DisputeRequest(StrictRequest):
-    amount: int | None = Field(default=None, description="Minor units; default all that remains.")
-    reason_code: Annotated[str, StringConstraints(min_length=1, max_length=REASON_CODE_MAX)]
-    network_reference: Annotated[str, StringConstraints(min_length=1, max_length=ID_MAX)]
-
-    @field_validator("amount")
-    @classmethod
-    def _positive(cls, value: int | None) -> int | None:
-        if value is not None and not 0 < value <= MAX_INT64:
-            raise PydanticCustomError(
-                "amount_invalid", "Dispute amount must be a positive integer."
-            )
-        return value
+    amount: FollowUpAmount | None = Field(
+        default=None, description="Minor units; default all that remains."
+    )
+    reason_code: Annotated[
+        str, StringConstraints(min_length=1, max_length=REASON_CODE_MAX, pattern=TEXT_PATTERN)
+    ]
+    network_reference: Annotated[
+        str, StringConstraints(min_length=1, max_length=ID_MAX, pattern=TEXT_PATTERN)
+    ]
 
 
 class DisputeCloseRequest(StrictRequest):
@@ -437,6 +432,10 @@ class PaymentWorkflowInput(BaseModel):
     # Set only when the workflow continues as new: the state it had, and follow-ups not yet run.
     carried_state: PaymentState | None = None
     pending_follow_ups: list[FollowUp] = Field(default_factory=list)
+
+
+# What payment_id_for makes: no payment has any other id.
+PAYMENT_ID_PATTERN = r"^pay_[0-9a-f]{24}$"
 
 
 def payment_id_for(client_id: str, idempotency_key: str) -> str:

@@ -20,6 +20,11 @@ MAX_URL_LENGTH = 2048
 # Each endpoint multiplies every event into deliveries: a bound keeps one client's fan-out sane.
 MAX_ENDPOINTS_PER_CLIENT = 16
 _UNPRINTABLE_OR_SPACE = re.compile(r"[\x00-\x20\x7f]")
+# What the API takes as a webhook URL, declared in its schema so a client knows before it asks:
+# http(s), an ASCII host name or IPv4 address (IDNs in punycode; no IPv6 literal), a port
+# 1-65535, then a path and query of printable ASCII; no user name or password, no #fragment.
+_PORT = r"(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})"
+WEBHOOK_URL_PATTERN = rf"^[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9._-]+(?::{_PORT})?(?:[/?][!$-~]*)?$"
 
 
 def new_endpoint_id() -> str:

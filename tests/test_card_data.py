@@ -250,6 +250,23 @@ async def test_card_numbers_in_follow_ups_and_filters_are_refused(
     listing = await api.get("/v1/payments", params={"customer_id": pan})
     assert _refusal(listing, pan)["param"] == "customer_id"
 
+    # An id in a path may be any text (one never issued is simply not found, 404), but never a
+    # card number: refused as card data before anything looks it up, in any spelling.
+    for param, path in (
+        ("payment_id", "/v1/payments/{}"),
+        ("event_id", "/v1/events/{}"),
+        ("endpoint_id", "/v1/webhook_endpoints/{}"),
+    ):
+        pan = pans.new()
+        asked = await api.get(path.format(grouped(pan, (4,) * 4, "-")))
+        assert _refusal(asked, pan)["param"] == param
+    pan = pans.new()
+    close = await api.post(
+        f"/v1/payments/{payment_id}/disputes/{grouped(pan, (4,) * 4, ' ')}/close",
+        json={"outcome": "won"},
+    )
+    assert _refusal(close, pan)["param"] == "dispute_id"
+
     # An idempotency key is a string too (hashed, but copied into logs and dead letters by
     # careless code): refused as card data in any spelling, before its format is judged.
     for spelled in (grouped(pans.new(), (4,) * 4, "-"), grouped(pans.new(16, "37"), (4,) * 4, ".")):

@@ -218,7 +218,7 @@ async def test_events_are_scoped_to_the_client_that_owns_them(
     everything_beta_sees = await _events(beta, limit=100)
     assert theirs not in {e["id"] for e in everything_beta_sees["data"]}
     cursor = await beta.get("/v1/events", params={"starting_after": theirs})
-    assert cursor.status_code == 400
+    assert cursor.status_code == 404
     assert cursor.json()["error"] == {
         "type": "invalid_request_error",
         "code": "resource_missing",

@@ -415,18 +415,73 @@ async def test_a_read_only_key_can_read_but_cannot_create(
     assert await _customer_footprint(engine, body["customer_id"]) == {"payments": 0, "entries": 0}
 
 
-async def test_an_unknown_payment_is_404_and_a_malformed_id_is_422(api: httpx.AsyncClient) -> None:
+# Ids no one was ever given: wrong prefix or length, other charsets, a NUL, very long, spaces.
+NEVER_ISSUED = (
+    "pay_123",
+    "pay_" + "G" * 24,
+    "ch_" + "0" * 24,
+    "x" * 300,
+    "a.b:c",
+    "%00",
+    "%C3%BC",
+    "a%20b",
+    "-",
+    "0",
+    "00000000-0000-0000-0000-000000000000",
+)
+# A body each route takes, so only the id is in question.
+_BODIES: dict[tuple[str, str], dict[str, Any]] = {
+    ("post", "/v1/payments/{payment_id}/refunds"): {"amount": 100},
+    ("post", "/v1/payments/{payment_id}/disputes"): {
+        "reason_code": "10.4",
+        "network_reference": "nr-unknown-1",
+    },
+    ("post", "/v1/payments/{payment_id}/disputes/{dispute_id}/close"): {"outcome": "won"},
+    ("post", "/v1/webhook_endpoints/{endpoint_id}"): {"enabled": True},
+}
+
+
+async def test_an_unknown_id_of_any_shape_is_404_on_every_id_path(api: httpx.AsyncClient) -> None:
+    """Every `{id}` in the document is a plain string: asking for an id nobody issued is a
+    well-formed question whose answer is "not found" (404 `resource_missing`), never a 422
+    about its shape. The routes come from the document, so a new one is covered too."""
     unknown = await api.get(f"/v1/payments/pay_{uuid.uuid4().hex[:24]}")
     assert unknown.status_code == 404, unknown.text
     assert (_error(unknown)["code"], _error(unknown)["param"]) == ("resource_missing", "id")
 
-    for malformed in ("pay_123", "pay_" + "G" * 24, "ch_" + "0" * 24):
-        response = await api.get(f"/v1/payments/{malformed}")
-        assert response.status_code == 422, response.text
-        assert (_error(response)["code"], _error(response)["param"]) == (
-            "parameter_invalid_format",
-            "payment_id",
+    document = (await api.get("/openapi.json")).json()
+    operations = [
+        (method, path)
+        for path, methods in document["paths"].items()
+        if "{" in path
+        for method in methods
+    ]
+    assert len(operations) == 12, operations
+    for method, path in operations:
+        parameters = document["paths"][path][method]["parameters"]
+        for parameter in (p for p in parameters if p["in"] == "path"):
+            assert parameter["schema"].keys() <= {"type", "title", "description"}, parameter
+        for never in NEVER_ISSUED:
+            concrete = path
+            for name in ("payment_id", "dispute_id", "event_id", "endpoint_id"):
+                concrete = concrete.replace("{" + name + "}", never)
+            response = await api.request(
+                method.upper(),
+                concrete,
+                json=_BODIES.get((method, path)),
+                headers={"Idempotency-Key": "unknown-id-0001"},
+            )
+            assert response.status_code == 404, (method, path, never, response.text)
+            assert _error(response)["code"] == "resource_missing", (path, never)
+
+    # A real payment with a dispute id nobody issued: the dispute is not found.
+    payment = (await create_payment(api, payment_body(amount=700))).json()
+    for never in NEVER_ISSUED:
+        close = await api.post(
+            f"/v1/payments/{payment['id']}/disputes/{never}/close", json={"outcome": "won"}
         )
+        assert close.status_code == 404, (never, close.text)
+        assert (_error(close)["code"], _error(close)["param"]) == ("resource_missing", "dispute_id")
 
 
 async def test_the_list_filters_by_status_and_customer_and_pages_with_a_cursor(
@@ -469,9 +524,14 @@ async def test_the_list_filters_by_status_and_customer_and_pages_with_a_cursor(
         )
         assert item["currency"] == "USD"
 
+    # Outside the form the document declares (URL-safe base64): refused as a format, 422; a
+    # well-formed cursor the API never issued is a 400 (test_fuzz.py).
     bad_cursor = await api.get("/v1/payments", params={"cursor": "not a cursor!"})
-    assert bad_cursor.status_code == 400, bad_cursor.text
-    assert (_error(bad_cursor)["code"], _error(bad_cursor)["param"]) == ("cursor_invalid", "cursor")
+    assert bad_cursor.status_code == 422, bad_cursor.text
+    assert (_error(bad_cursor)["code"], _error(bad_cursor)["param"]) == (
+        "parameter_invalid_format",
+        "cursor",
+    )
 
 
 # ── ?wait= ───────────────────────────────────────────────────────────────────────────────────

@@ -101,6 +101,7 @@ class WebhookDispatcher:
 
     async def dispatch_once(self) -> int:
         """Match one batch of undispatched events; how many events it looked at."""
+        await self.endpoints.pass_over_unwanted_events()
         batch = await self.events.undispatched(self.settings.relay_batch_size)
         if not batch:
             return 0
