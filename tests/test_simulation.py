@@ -21,20 +21,29 @@ names its seed and the command that runs it again.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import random
 import sys
 import time
-from collections.abc import AsyncIterator
-from dataclasses import replace
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, replace
 
 import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client
 
-from settings import Settings
+from infra.database import make_engine
+from infra.process import ManagedProcess
+from infra.stack import Stack
+from infra.temporal_client import connect_client
+from settings import ApiKey, Settings
 from tests.api_client import api_client
-from tests.conftest import TEST_API_KEY
+from tests.conftest import MERCHANT_SCOPES, TEST_API_KEY
+from tests.fakes import FakeCrmServer
+from tests.private_stack import private_stack_settings
 from tests.simulation.oracle import FinalView, Money, PaymentSeen, RefundSeen, verdict
 from tests.simulation.runner import SimRig, Simulation
 from tests.simulation.script import (
@@ -43,23 +52,27 @@ from tests.simulation.script import (
     luhn_valid,
     make_script,
 )
+from tests.test_faults import REPO, WorkerProcess, _worker_env
 
 PAYMENTS_PER_SEED = 25
-DEFAULT_SEEDS = (1, 2, 3)
+# What `make test` runs: the fault profile costs minutes a seed (a SIGKILLed worker's activities
+# wait out their timeouts), the interleavings ~30 s.
+DEFAULT_SEEDS = {"interleavings": (1, 2, 3), "faults": (1,)}
 
 
-def simulation_seeds() -> list[int]:
+def simulation_seeds(profile: str) -> list[int]:
     if os.environ.get("PAYSAGA_SIM_SEED"):
         return [int(os.environ["PAYSAGA_SIM_SEED"])]
     if os.environ.get("PAYSAGA_SIM_SEEDS"):
         base = int(os.environ.get("PAYSAGA_SIM_SEED_BASE", "1"))
         return list(range(base, base + int(os.environ["PAYSAGA_SIM_SEEDS"])))
-    return list(DEFAULT_SEEDS)
+    return list(DEFAULT_SEEDS[profile])
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "seed" in metafunc.fixturenames:
-        seeds = simulation_seeds()
+        profile = "faults" if "faults" in metafunc.function.__name__ else "interleavings"
+        seeds = simulation_seeds(profile)
         metafunc.parametrize("seed", seeds, ids=[f"seed={s}" for s in seeds])
 
 
@@ -72,13 +85,17 @@ def short_policy(settings: Settings) -> Settings:
     )
 
 
-async def simulate(rig: SimRig, seed: int, profile: str, chaos: object = None) -> Simulation:
+Chaos = Callable[[Simulation], Awaitable[list[str]]]
+
+
+async def simulate(rig: SimRig, seed: int, profile: str, chaos: Chaos | None = None) -> Simulation:
     """Run one seed; fail naming it and how to run it again."""
     simulation = Simulation(rig, make_script(seed, PAYMENTS_PER_SEED))
     print(f"simulation {profile}: seed {seed}", file=sys.stderr)
     began = time.monotonic()
     if chaos is not None:
-        await chaos(simulation)  # type: ignore[operator]
+        faults = await chaos(simulation)
+        print(f"faults: {faults}", file=sys.stderr)
     else:
         await simulation.run()
     ran = time.monotonic()
@@ -188,4 +205,131 @@ async def test_interleavings(
 ) -> None:
     rig = SimRig(api, short_api, temporal_client, engine, app_settings)
     simulation = await simulate(rig, seed, "interleavings")
+    assert simulation.seen, "the script created no payment"
+
+
+# ── faults: a private stack whose worker, database and broker go away mid-run ──────────────
+
+FAULT_API_KEY = "psk_sim_fault_key_0123456789abcdefghijkl"
+FAULT_CLIENT = "sim-fault-client"
+
+
+@dataclass
+class FaultStack:
+    stack: Stack
+    worker: WorkerProcess
+    rig: SimRig
+
+    async def everything_up(self) -> None:
+        """A seed that failed half-way may have left a service down."""
+        stack = self.stack
+        assert stack.broker and stack.postgres and stack.temporal
+        for service in (stack.postgres, stack.broker):
+            if service.process is None or not service.process.running:
+                await asyncio.to_thread(service.start)
+        if not self.worker.running:
+            await self.worker.start()
+
+
+@pytest.fixture(scope="module")
+def sim_fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    home = tmp_path_factory.mktemp("sim-faults")
+    stack = Stack(private_stack_settings(home), home=home, temporal_ui=False)
+    stack.start()
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture(scope="module")
+async def fault_stack(sim_fault_stack: Stack) -> AsyncIterator[FaultStack]:
+    stack = sim_fault_stack
+    with FakeCrmServer() as crm:
+        settings = stack.service_settings().model_copy(
+            update={
+                "task_queue": f"sim-faults-{uuid.uuid4().hex[:8]}",
+                "api_keys": [
+                    ApiKey(
+                        client_id=FAULT_CLIENT,
+                        key_sha256=ApiKey.hash(FAULT_API_KEY),
+                        scopes=list(MERCHANT_SCOPES),
+                    )
+                ],
+                "crm_webhook_url": crm.url("/hooks/paysaga"),
+                "crm_timeout_seconds": 2.0,
+                "kafka_message_timeout_ms": 5000,
+                "db_max_retries": 3,
+            }
+        )
+        worker = WorkerProcess(
+            ManagedProcess(
+                "payment worker",
+                [sys.executable, "-m", "worker"],
+                stack.home / "worker.log",
+                env=_worker_env(stack, settings),
+                cwd=REPO,
+            )
+        )
+        engine = make_engine(stack.database_url, pool_size=5)
+        try:
+            await worker.start()
+            temporal = await connect_client(settings)
+            async with (
+                api_client(settings, temporal, FAULT_API_KEY) as api,
+                api_client(short_policy(settings), temporal, FAULT_API_KEY) as short,
+            ):
+                rig = SimRig(
+                    api, short, temporal, engine, settings, retry_seconds=120, settle_seconds=180
+                )
+                yield FaultStack(stack, worker, rig)
+        finally:
+            await engine.dispose()
+            await worker.stop()
+
+
+def fault_plan(seed: int) -> list[tuple[str, float, float]]:
+    """(fault, seconds into the run it starts, seconds it lasts) for each of the three, drawn
+    from the seed; they may overlap. Half the seeds kill the worker around the moment the short
+    windows close (payments start within 4 s, their windows last 12 s)."""
+    rng = random.Random(seed * 7919 + 17)
+    near_close = SHORT_WINDOW_SECONDS + rng.uniform(-1.0, 4.0)
+    return [
+        ("worker", near_close if rng.random() < 0.5 else rng.uniform(1, 10), rng.uniform(0.5, 3)),
+        ("postgres", rng.uniform(1, 18), rng.uniform(3, 8)),
+        ("broker", rng.uniform(1, 18), rng.uniform(1, 4)),
+    ]
+
+
+def chaos_of(faults: FaultStack, seed: int) -> Chaos:
+    async def chaos(simulation: Simulation) -> list[str]:
+        postgres, broker, done = faults.stack.postgres, faults.stack.broker, []
+        assert postgres is not None and broker is not None
+
+        async def inject(fault: str, at: float, lasts: float) -> None:
+            await asyncio.sleep(at)
+            if fault == "worker":
+                faults.worker.kill()
+                await asyncio.sleep(lasts)
+                await faults.worker.start()
+            elif fault == "postgres":
+                await asyncio.to_thread(postgres.stop)
+                await asyncio.sleep(lasts)
+                await asyncio.to_thread(postgres.start)
+            else:
+                await asyncio.to_thread(broker.kill)
+                await asyncio.sleep(lasts)
+                await asyncio.to_thread(broker.start)  # also recreates the topics
+            done.append(f"{fault} at {at:.1f}s for {lasts:.1f}s")
+
+        await asyncio.gather(simulation.run(), *(inject(*f) for f in fault_plan(seed)))
+        return done
+
+    return chaos
+
+
+@pytest.mark.slow
+async def test_faults(seed: int, fault_stack: FaultStack) -> None:
+    await fault_stack.everything_up()
+    simulation = await simulate(fault_stack.rig, seed, "faults", chaos_of(fault_stack, seed))
     assert simulation.seen, "the script created no payment"

@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,6 +96,7 @@ class Simulation:
     problems: list[str] = field(default_factory=list)
     requests: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    answers: Counter[str] = field(default_factory=Counter)  # "201", "409 payment_closed", …
 
     # ── requests ─────────────────────────────────────────────────────────────────────────
     async def send(
@@ -109,12 +111,14 @@ class Simulation:
             try:
                 response = await call()
             except httpx.TransportError as exc:
+                self.answers["no answer"] += 1
                 if loop.time() > deadline:
                     self.problems.append(f"{what}: no answer ({exc!r})")
                     return None
                 await asyncio.sleep(0.5)
                 continue
             code = error_code(response)
+            self.answers[f"{response.status_code} {code or ''}".strip()] += 1
             if response.status_code == 503 and code in RETRYABLE_CODES:
                 if loop.time() > deadline:
                     self.problems.append(f"{what}: still 503 {code} after retrying")
@@ -414,7 +418,7 @@ class Simulation:
         return (
             f"seed {self.script.seed}: {len(self.script.stories)} payments {counts}, "
             f"{sum(len(s.ops) for s in self.script.stories)} follow-ups, {self.requests} requests, "
-            f"timings {self.timings}"
+            f"timings {self.timings}, answers {dict(sorted(self.answers.items()))}"
         )
 
 
