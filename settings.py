@@ -107,7 +107,7 @@ class Settings(BaseSettings):
     max_wait_seconds: float = 30.0
     # How long a read waits for the payment's workflow to answer its state query (a worker must
     # pick it up); past it the API answers 503 payment_unavailable instead of hanging.
-    api_query_timeout_seconds: float = 5.0
+    api_query_timeout_seconds: float = 10.0
 
     # Fraud: score >= reject_threshold rejects; [review_threshold, reject_threshold) waits.
     fraud_review_threshold: float = 0.70

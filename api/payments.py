@@ -190,7 +190,7 @@ async def _recorded_state(
 
 
 async def _wait_until(
-    handle: WorkflowHandle[Any, Any], seconds: float, done: Any, query_timeout: float = 5.0
+    handle: WorkflowHandle[Any, Any], seconds: float, done: Any, query_timeout: float = 10.0
 ) -> PaymentState | None:
     """Poll the workflow's query until `done(state)` or the deadline. Queries are cheap and need
     no history event, unlike an update or a signal."""
