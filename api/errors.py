@@ -24,6 +24,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from domain.cards import contains_card_number
 from domain.money import CURRENCIES
+from infra.database import TooMuchContention
 
 logger = logging.getLogger(__name__)
 
@@ -415,6 +416,20 @@ async def _database_unavailable_handler(request: Request, exc: Exception) -> JSO
     )
 
 
+async def _database_busy_handler(request: Request, exc: Exception) -> JSONResponse:
+    """A SERIALIZABLE transaction kept conflicting past its retries (infra/database.py): many
+    requests at once on the same rows. Nothing was committed; the client retries."""
+    logger.warning("database contention on %s %s", request.method, request.url.path)
+    return error_response(
+        503,
+        "api_error",
+        "database_busy",
+        "Too many requests touched the same records at once; retry (with the same "
+        "Idempotency-Key, if any).",
+        headers={"Retry-After": "1"},
+    )
+
+
 # Temporal's answers when the payment's workflow could not be asked: no worker picked the
 # query or Update up in time, or the server is unreachable.
 _WORKFLOW_UNAVAILABLE = frozenset(
@@ -443,6 +458,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RecursionError, _too_deep_handler)
     app.add_exception_handler(DBAPIError, _database_unavailable_handler)
     app.add_exception_handler(SqlAlchemyTimeout, _database_unavailable_handler)
+    app.add_exception_handler(TooMuchContention, _database_busy_handler)
     app.add_exception_handler(RPCError, _workflow_unavailable_handler)
     app.add_exception_handler(Exception, _unexpected_error_handler)
 

@@ -34,7 +34,9 @@ from workflows.payment import PaymentWorkflow
 
 # 503s the API promises to answer while a backing service is away; a client retries them with
 # the same key. Anything else 5xx is a broken promise.
-RETRYABLE_CODES = frozenset({"payment_busy", "database_unavailable", "payment_unavailable"})
+RETRYABLE_CODES = frozenset(
+    {"payment_busy", "database_busy", "database_unavailable", "payment_unavailable"}
+)
 # Refusals a follow-up may meet in some interleaving (the request itself is well-formed).
 REFUND_REFUSALS = frozenset(
     {
