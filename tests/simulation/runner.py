@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client
 from temporalio.service import RPCError
 
+from domain.cards import contains_card_number
 from domain.payment import ReviewDecision
 from infra.checker import CheckScope, run_checks
 from settings import Settings
@@ -218,9 +219,11 @@ class Simulation:
     ) -> None:
         pid = seen.payment_id
         what = f"story {story.index} ({story.kind}) op {index} {op.kind}"
-        # A key of digits may read as a card number (domain/cards.py has the rules); one that is a
-        # Luhn-valid 13–19-digit number as a whole must.
+        # A key may read as a card number by the documented rules (domain/cards.py: digits glued
+        # to a letter count, so `k2-985151620978` is one); a key that is a Luhn-valid
+        # 13–19-digit number as a whole must be refused, and nothing else may be.
         card = op.digits and is_card_number(op.key)
+        may_be_card = card or contains_card_number(op.key)
         if op.kind == "refund":
             refund_body = {} if op.amount is None else {"amount": op.amount}
             got = await self.send(
@@ -238,7 +241,7 @@ class Simulation:
             refund_id = follow_up_id("re", pid, op.key)
             if got.status_code == 201 and not card:
                 seen.refund_answer(got.json())
-            elif got.status_code in (400, 422) and code == "card_data_not_allowed" and op.digits:
+            elif got.status_code in (400, 422) and code == "card_data_not_allowed" and may_be_card:
                 pass
             elif got.status_code in (400, 409) and code in REFUND_REFUSALS:
                 if code == "refund_failed":
@@ -267,7 +270,7 @@ class Simulation:
                 seen.dispute_answer(got.json())
                 disputes[index] = got.json()["id"]
             elif (
-                got.status_code in (400, 422) and code == "card_data_not_allowed" and op.digits
+                got.status_code in (400, 422) and code == "card_data_not_allowed" and may_be_card
             ) or (got.status_code in (400, 409) and code in DISPUTE_REFUSALS):
                 pass
             else:
