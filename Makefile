@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.paysaga-installed
 BROWSER_STAMP := $(VENV)/.browser-checked
 
-.PHONY: run test test-fast test-slow lint bench check clean
+.PHONY: run test test-fast test-slow lint bench check simulate clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,14 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy .
+
+# The saga's simulation (tests/test_simulation.py): SEEDS seeds of both profiles, from SEED_BASE
+# on (`make test` runs a few fixed ones). A failure prints its seed and the command to rerun it.
+SEEDS ?= 10
+SEED_BASE ?= 1
+simulate: $(STAMP)
+	PAYSAGA_SIM_SEEDS=$(SEEDS) PAYSAGA_SIM_SEED_BASE=$(SEED_BASE) \
+	  $(BIN)/python -m pytest tests/test_simulation.py -k "interleavings or faults" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/paysaga bench

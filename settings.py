@@ -104,6 +104,9 @@ class Settings(BaseSettings):
     # The API's Prometheus /metrics, on its own port (never the public API port); 0: off.
     api_metrics_port: int = 9463
     max_body_bytes: int = 64 * 1024
+    # How long a read waits for the payment's workflow to answer its state query (a worker must
+    # pick it up); past it the API answers 503 payment_unavailable instead of hanging.
+    api_query_timeout_seconds: float = 10.0
 
     # Fraud: score >= reject_threshold rejects; [review_threshold, reject_threshold) waits.
     fraud_review_threshold: float = 0.70

@@ -17,10 +17,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as SqlAlchemyTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from temporalio.service import RPCError, RPCStatusCode
 
 from domain.cards import contains_card_number
 from domain.money import CURRENCIES
+from infra.database import TooMuchContention
 
 logger = logging.getLogger(__name__)
 
@@ -418,11 +422,66 @@ async def _unexpected_error_handler(request: Request, exc: Exception) -> JSONRes
     )
 
 
+async def _database_unavailable_handler(request: Request, exc: Exception) -> JSONResponse:
+    """The database did not answer (down, restarting, out of connections): a read or a
+    follow-up that needed it is refused for now, never a 500. Nothing was changed."""
+    if isinstance(exc, DBAPIError) and not isinstance(exc, OperationalError | InterfaceError):
+        return await _unexpected_error_handler(request, exc)  # a data error: our bug
+    logger.warning("database unavailable on %s %s: %s", request.method, request.url.path,
+                   type(exc).__name__)  # fmt: skip
+    return error_response(
+        503,
+        "api_error",
+        "database_unavailable",
+        "The database is unavailable; retry (with the same Idempotency-Key, if any).",
+        headers={"Retry-After": "1"},
+    )
+
+
+async def _database_busy_handler(request: Request, exc: Exception) -> JSONResponse:
+    """A SERIALIZABLE transaction kept conflicting past its retries (infra/database.py): many
+    requests at once on the same rows. Nothing was committed; the client retries."""
+    logger.warning("database contention on %s %s", request.method, request.url.path)
+    return error_response(
+        503,
+        "api_error",
+        "database_busy",
+        "Too many requests touched the same records at once; retry (with the same "
+        "Idempotency-Key, if any).",
+        headers={"Retry-After": "1"},
+    )
+
+
+# Temporal's answers when the payment's workflow could not be asked: no worker picked the
+# query or Update up in time, or the server is unreachable.
+_WORKFLOW_UNAVAILABLE = frozenset(
+    {RPCStatusCode.CANCELLED, RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.UNAVAILABLE}
+)
+
+
+async def _workflow_unavailable_handler(request: Request, exc: Exception) -> JSONResponse:
+    if not isinstance(exc, RPCError) or exc.status not in _WORKFLOW_UNAVAILABLE:
+        return await _unexpected_error_handler(request, exc)
+    logger.warning("payment workflow unavailable on %s %s: %s", request.method,
+                   request.url.path, exc.status.name)  # fmt: skip
+    return error_response(
+        503,
+        "api_error",
+        "payment_unavailable",
+        "The payment cannot be reached right now (no worker is serving it); retry.",
+        headers={"Retry-After": "1"},
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error_handler)
     app.add_exception_handler(RequestValidationError, _validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, _http_error_handler)
     app.add_exception_handler(RecursionError, _too_deep_handler)
+    app.add_exception_handler(DBAPIError, _database_unavailable_handler)
+    app.add_exception_handler(SqlAlchemyTimeout, _database_unavailable_handler)
+    app.add_exception_handler(TooMuchContention, _database_busy_handler)
+    app.add_exception_handler(RPCError, _workflow_unavailable_handler)
     app.add_exception_handler(Exception, _unexpected_error_handler)
 
 

@@ -8,7 +8,7 @@ import binascii
 import hashlib
 import hmac
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
@@ -118,8 +118,13 @@ def _not_found(payment_id: str) -> ApiError:
     return ApiError(404, "invalid_request_error", "resource_missing", "No such payment.", "id")
 
 
-async def _query_state(handle: WorkflowHandle[Any, Any]) -> PaymentState:
-    state: PaymentState = await handle.query("state", result_type=PaymentState)
+async def _query_state(handle: WorkflowHandle[Any, Any], timeout: float) -> PaymentState:
+    """The workflow's state. Without a worker polling, Temporal holds the query until its own
+    deadline (30 s) and fails it: bounded here, the API's error handlers answer 503
+    `payment_unavailable` (api/errors.py)."""
+    state: PaymentState = await handle.query(
+        "state", result_type=PaymentState, rpc_timeout=timedelta(seconds=timeout)
+    )
     return state
 
 
@@ -129,7 +134,7 @@ async def load_payment(request: Request, payment_id: str, client: ApiClient) -> 
         raise _not_found(payment_id)  # no payment was ever given this id
     handle = _temporal(request).get_workflow_handle(payment_id)
     try:
-        state = await _query_state(handle)
+        state = await _query_state(handle, _settings(request).api_query_timeout_seconds)
     except RPCError as exc:
         if exc.status not in (RPCStatusCode.NOT_FOUND, RPCStatusCode.FAILED_PRECONDITION):
             raise
@@ -182,7 +187,7 @@ async def _recorded_state(
 
 
 async def _wait_until(
-    handle: WorkflowHandle[Any, Any], seconds: float, done: Any
+    handle: WorkflowHandle[Any, Any], seconds: float, done: Any, query_timeout: float = 10.0
 ) -> PaymentState | None:
     """Poll the workflow's query until `done(state)` or the deadline. Queries are cheap and need
     no history event, unlike an update or a signal."""
@@ -191,7 +196,7 @@ async def _wait_until(
     state: PaymentState | None = None
     while True:
         try:
-            state = await _query_state(handle)
+            state = await _query_state(handle, query_timeout)
             if done(state):
                 return state
         except RPCError:
@@ -272,7 +277,9 @@ async def create_payment(
         return PaymentResource.of(recorded)
     state = None
     if wait > 0 or started.replayed:
-        state = await _wait_until(started.handle, wait, _settled_for_wait)
+        state = await _wait_until(
+            started.handle, wait, _settled_for_wait, _settings(request).api_query_timeout_seconds
+        )
     if state is None:
         # The workflow has not answered yet: describe what was accepted.
         now = datetime.now(UTC)
@@ -291,7 +298,7 @@ async def create_payment(
 @router.get(
     "/payments/{payment_id}",
     response_model=PaymentResource,
-    responses={200: {"links": READ_PAYMENT_LINKS}, **error_responses(401, 403, 404, 422)},
+    responses={200: {"links": READ_PAYMENT_LINKS}, **error_responses(401, 403, 404, 422, 503)},
     summary="Retrieve a payment",
 )
 async def get_payment(
@@ -339,7 +346,7 @@ def _quote(value: str) -> str:
 @router.get(
     "/payments",
     response_model=PaymentList,
-    responses=error_responses(400, 401, 403, 422),
+    responses=error_responses(400, 401, 403, 422, 503),
     summary="List payments (Temporal visibility)",
 )
 async def list_payments(
@@ -522,7 +529,8 @@ def _refusal(cause: BaseException, param: str | None) -> ApiError:
 
 async def _pending_record(request: Request, payment_id: str) -> PaymentState:
     """The payment as it is now, to show an accepted follow-up that is still under way."""
-    return await _query_state(_temporal(request).get_workflow_handle(payment_id))
+    handle = _temporal(request).get_workflow_handle(payment_id)
+    return await _query_state(handle, _settings(request).api_query_timeout_seconds)
 
 
 @router.post(

@@ -339,6 +339,23 @@ async def operator_cancel_succeeded(r: Recorder) -> WorkflowHandle[Any, Any]:
     return handle
 
 
+async def operator_cancel_during_crm(r: Recorder) -> WorkflowHandle[Any, Any]:
+    """Cancel from the UI while the CRM is told of the confirmed payment (it answers 503 for a
+    moment): the CRM step runs to its end, then the cancel takes effect."""
+    r.merchant.fail_for(3.0, 503, path_prefix="/hooks/paysaga")
+    handle = await r.start("operator_cancel_during_crm", 2300)
+    deadline = time.monotonic() + 30
+    while (state := await state_of(handle)).crm_sync != CrmSync.PENDING or (
+        state.status != PaymentStatus.SUCCEEDED
+    ):
+        assert time.monotonic() < deadline, state
+        await asyncio.sleep(0.05)
+    await operator_canceled(handle)
+    final = await state_of(handle)
+    assert (final.status, final.crm_sync) == (PaymentStatus.SUCCEEDED, CrmSync.SYNCED), final
+    return handle
+
+
 async def ledger_refusal(r: Recorder) -> WorkflowHandle[Any, Any]:
     """The ledger refuses the capture (merchant account closed): raw voided, payment failed."""
     first = await r.start("ledger_refusal", 1000)
@@ -587,6 +604,7 @@ PATHS: dict[str, Callable[[Recorder], Awaitable[WorkflowHandle[Any, Any]]]] = {
     "cancel_before_posting": cancel_before_posting,
     "operator_cancel_after_posting": operator_cancel_after_posting,
     "operator_cancel_succeeded": operator_cancel_succeeded,
+    "operator_cancel_during_crm": operator_cancel_during_crm,
     "ledger_refusal": ledger_refusal,
     "window_closes": window_closes,
     "refund_continues_as_new": refund_continues_as_new,

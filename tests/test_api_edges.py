@@ -22,6 +22,7 @@ from api.auth import ApiClient, client_for_key, generate_api_key, require_scope
 from api.errors import ApiError, error_responses, install_error_handlers
 from api.limits import install_body_limit
 from domain.payment import PaymentRequest
+from infra.database import TooMuchContention
 from settings import DEFAULT_SCOPES, ApiKey, Settings
 
 WRITE_KEY = generate_api_key()
@@ -85,6 +86,10 @@ def build_app(settings: Settings) -> FastAPI:
     @app.get("/v1/boom")
     async def boom() -> None:
         raise RuntimeError(f"db password hunter2 while charging {PAN}")
+
+    @app.get("/v1/contended")
+    async def contended() -> None:
+        raise TooMuchContention("ledger transaction still conflicting after 8 attempts")
 
     return app
 
@@ -642,6 +647,18 @@ async def test_unexpected_exception_is_a_generic_500(
     assert "hunter2" not in response.text and PAN not in response.text
     assert "RuntimeError" not in response.text
     assert any(r.exc_info for r in captured_errors.records), "the failure must be logged"
+
+
+async def test_a_transaction_that_kept_conflicting_is_a_503_to_retry(
+    api: httpx.AsyncClient,
+) -> None:
+    """Found by the simulation under load: 25 payments at once on a busy box exhausted the
+    idempotency register's serialization retries, and the API answered 500."""
+    response = await api.get("/v1/contended")
+    assert response.status_code == 503
+    assert _error(response)["code"] == "database_busy"
+    assert response.headers["Retry-After"] == "1"
+    assert "conflicting" not in response.text
 
 
 def test_openapi_documents_error_bodies_and_bearer_auth(app: FastAPI) -> None:

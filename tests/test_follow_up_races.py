@@ -26,12 +26,15 @@ from temporalio.client import (
 )
 from temporalio.exceptions import CancelledError
 
+from domain.events import EventKind, event_id
 from domain.payment import PaymentState, RefundSignal, payment_id_for
 from ledger.store import Ledger
 from settings import Settings
 from tests.conftest import TEST_API_KEY
 from tests.helpers.api_client import api_client
+from tests.helpers.fake_crm import FakeCrmServer
 from tests.helpers.follow_ups import (
+    WEBHOOK_PATH,
     assert_ledger_balanced,
     close_dispute,
     new_merchant,
@@ -40,7 +43,7 @@ from tests.helpers.follow_ups import (
     register_row,
 )
 from tests.helpers.ledger import OUTCOME, GatedLedger
-from tests.helpers.saga import create_payment, payment_body
+from tests.helpers.saga import create_payment, payment_body, wait_for_payment
 from worker import payment_worker
 
 CLIENT = "test-client"
@@ -303,3 +306,35 @@ async def test_an_operator_cancel_keeps_the_payment_until_its_open_disputes_clos
     assert register is not None
     assert (register["disputed"], register["status"]) == (0, "succeeded")
     assert register["summary"]["disputes"][0]["status"] == "won"
+
+
+async def test_an_operator_cancel_during_the_crm_step_still_tells_the_crm(
+    api: httpx.AsyncClient, temporal_client: Client, crm_server: FakeCrmServer
+) -> None:
+    """Found by the simulation (seed 1): canceled while the CRM was being told of the confirmed
+    payment, the notification was abandoned and the payment's record said, forever, that it
+    waited for the CRM. The payment is succeeded and keeps its money: the CRM step runs to its
+    end, then the cancel takes effect."""
+    crm_server.fail_for(4.0, 503)  # the CRM step retries meanwhile
+    body = payment_body(amount=3100, merchant_id=new_merchant())
+    pid = (await create_payment(api, body, wait=0)).json()["id"]
+    await wait_for_payment(
+        api, pid, lambda p: p["status"] == "succeeded" and p["crm_sync"] == "pending"
+    )
+    handle = temporal_client.get_workflow_handle(pid)
+    await handle.cancel()
+    with pytest.raises(WorkflowFailureError) as ended:
+        await asyncio.wait_for(handle.result(), 60)
+    assert isinstance(ended.value.cause, CancelledError)
+
+    payment = (await api.get(f"/v1/payments/{pid}")).json()
+    assert (payment["status"], payment["crm_sync"], payment["waiting_for"]) == (
+        "succeeded",
+        "synced",
+        "",
+    ), payment
+    confirmed = event_id(pid, EventKind.CONFIRMED)
+    told = [
+        r for r in crm_server.requests_for(WEBHOOK_PATH) if r.header("Idempotency-Key") == confirmed
+    ]
+    assert told, "the CRM never heard of the confirmed payment"

@@ -453,3 +453,40 @@ def _find_key(tree: object, key: str) -> object:
             if found is not None:
                 return found
     return None
+
+
+async def test_each_follow_up_has_its_own_update_and_its_own_answer(
+    api: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    """Update ids are per follow-up (its kind and its key), never shared: a refund and a
+    dispute sent with the same string as key and network reference, refunds of two requests
+    sent at once, and two closes of disputes, each get their own answer (a shared Update id
+    would hand the second the first one's result)."""
+    payment = await captured_payment(api, 10_000)
+    pid = payment["id"]
+    shared = f"shared-{uuid.uuid4().hex[:12]}"
+    first, second, disputed = await asyncio.gather(
+        refund(api, pid, 1000, key=shared),
+        refund(api, pid, 2000, key=f"{shared}-2"),
+        api.post(
+            f"/v1/payments/{pid}/disputes",
+            json={"amount": 3000, "reason_code": "fraudulent", "network_reference": shared},
+        ),
+    )
+    assert first.status_code == second.status_code == disputed.status_code == 201
+    assert (first.json()["object"], first.json()["amount"]) == ("refund", 1000)
+    assert (second.json()["object"], second.json()["amount"]) == ("refund", 2000)
+    assert (disputed.json()["object"], disputed.json()["amount"]) == ("dispute", 3000)
+    assert first.json()["id"] != second.json()["id"]
+    other = await open_dispute(api, pid, 500)
+    assert other.status_code == 201, other.text
+    won, lost = await asyncio.gather(
+        close_dispute(api, pid, disputed.json()["id"], "won"),
+        close_dispute(api, pid, other.json()["id"], "lost"),
+    )
+    assert (won.json()["id"], won.json()["status"]) == (disputed.json()["id"], "won")
+    assert (lost.json()["id"], lost.json()["status"]) == (other.json()["id"], "lost")
+    final = await wait_for_payment(api, pid, lambda p: p["amount_disputed"] == 0)
+    assert (final["amount_refunded"], final["amount_dispute_lost"]) == (3000, 500)
+    row = await register_row(engine, pid)
+    assert row is not None and (row["refunded"], row["dispute_lost"]) == (3000, 500)

@@ -143,6 +143,7 @@ def test_histories_cover_updates_and_every_patch() -> None:
         payment_workflow.PATCH_DRAIN_BEFORE_CONTINUE,
         payment_workflow.PATCH_CANCEL_FINISHES_FOLLOW_UPS,
         payment_workflow.PATCH_UNDO_FAILURE_NEEDS_ATTENTION,
+        payment_workflow.PATCH_CRM_STEP_OUTLIVES_CANCEL,
     }
     assert updates >= 5
 

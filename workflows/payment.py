@@ -127,6 +127,10 @@ PATCH_DRAIN_BEFORE_CONTINUE = "drain-follow-ups-before-continue-as-new"
 PATCH_CANCEL_FINISHES_FOLLOW_UPS = "operator-cancel-finishes-follow-ups"
 # A compensation that fails for good waits for an operator instead of failing the workflow.
 PATCH_UNDO_FAILURE_NEEDS_ATTENTION = "undo-failure-needs-attention"
+# The CRM hears of a confirmed payment even when an operator cancels during that step (the
+# payment is succeeded and keeps its money); before, the notification was abandoned and the
+# payment's record kept saying it waited for the CRM (found by the simulation, seed 1).
+PATCH_CRM_STEP_OUTLIVES_CANCEL = "crm-step-outlives-operator-cancel"
 
 REVERSE_POSTING = "reverse the ledger posting"
 VOID_RAW = "void payments.raw"
@@ -272,7 +276,12 @@ class PaymentWorkflow:
 
         self.set_status(PaymentStatus.SUCCEEDED, "notifying the CRM")
         self.open_the_door()
-        await self.notify_crm(EventKind.CONFIRMED)
+        if workflow.patched(PATCH_CRM_STEP_OUTLIVES_CANCEL):
+            await _run_to_completion(
+                self.notify_crm(EventKind.CONFIRMED), on_cancel=self.shut_for_cancel
+            )
+        else:
+            await self.notify_crm(EventKind.CONFIRMED)
         return True
 
     async def compensate_operator_cancel(self, saga: Compensations) -> None:

@@ -1,0 +1,163 @@
+"""The oracle: what the simulation was told, per payment, and the verdict on what the system
+ended with. Pure: it reads nothing itself, so a test can feed it a wrong ledger and watch it
+object (tests/test_simulation.py::test_the_oracle_reports_a_ledger_that_disagrees).
+
+What counts is only what a client could rely on: an answer the API gave. A refund answered
+`succeeded` must be in the ledger; one refused must not; one accepted `pending` (or lost to a
+503 and retried) must have ended succeeded or failed, and the ledger must hold it exactly when
+it succeeded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# A payment that holds its money (its capture is posted and not reversed).
+CAPTURED_STATUSES = frozenset({"succeeded", "partially_refunded", "refunded", "disputed"})
+# Ended for good without money moving.
+UNCAPTURED_STATUSES = frozenset({"rejected", "declined", "canceled", "failed"})
+# Still moving: a payment in one of these after the run settled is stuck.
+MOVING_STATUSES = frozenset({"received", "processing"})
+
+
+@dataclass
+class RefundSeen:
+    amount: int | None = None
+    status: str = "pending"  # the last status an answer gave: pending, succeeded, failed
+
+
+@dataclass
+class DisputeSeen:
+    amount: int | None = None
+    status: str = "pending"  # pending, open, won, lost, failed
+
+
+@dataclass
+class PaymentSeen:
+    """Everything the API (or Temporal, for operators) answered about one payment."""
+
+    payment_id: str
+    amount: int
+    story: str
+    refunds: dict[str, RefundSeen] = field(default_factory=dict)
+    disputes: dict[str, DisputeSeen] = field(default_factory=dict)
+    refused_refund_ids: set[str] = field(default_factory=set)
+    statuses: list[str] = field(default_factory=list)
+    canceled_by_api: bool = False  # POST /cancel answered 200 canceled
+    notes: list[str] = field(default_factory=list)  # contradictions seen while running
+
+    def saw_status(self, status: str) -> None:
+        self.statuses.append(status)
+
+    def refund_answer(self, refund: dict[str, Any]) -> None:
+        seen = self.refunds.setdefault(refund["id"], RefundSeen())
+        if seen.amount is not None and seen.amount != refund["amount"]:
+            self.notes.append(
+                f"refund {refund['id']} answered {seen.amount}, then {refund['amount']}"
+            )
+        seen.amount = refund["amount"]
+        if seen.status in ("succeeded", "failed") and refund["status"] != seen.status:
+            self.notes.append(
+                f"refund {refund['id']} went from {seen.status} to {refund['status']}"
+            )
+        seen.status = refund["status"]
+
+    def dispute_answer(self, dispute: dict[str, Any]) -> None:
+        seen = self.disputes.setdefault(dispute["id"], DisputeSeen())
+        seen.amount = dispute["amount"]
+        if seen.status in ("won", "lost", "failed") and dispute["status"] != seen.status:
+            self.notes.append(
+                f"dispute {dispute['id']} went from {seen.status} to {dispute['status']}"
+            )
+        seen.status = dispute["status"]
+
+
+@dataclass(frozen=True)
+class Money:
+    """A payment's money as one source tells it, in minor units."""
+
+    captured: int
+    refunded: int
+    dispute_lost: int
+
+    @property
+    def net(self) -> int:
+        return self.captured - self.refunded - self.dispute_lost
+
+
+@dataclass(frozen=True)
+class FinalView:
+    """How the system left one payment: the API's last answer, the payments register's row and
+    the ledger's own entries (the customer's side of every transaction of the payment)."""
+
+    api: dict[str, Any] | None
+    register: Money | None
+    ledger_net: int
+
+
+def expected_money(seen: PaymentSeen, final: dict[str, Any]) -> Money:
+    """What the answers add up to. Captured: the payment ended holding its money (its final
+    status says so, and every answer must agree, see `judge`)."""
+    captured = seen.amount if final["status"] in CAPTURED_STATUSES else 0
+    refunded = sum(r.amount or 0 for r in seen.refunds.values() if r.status == "succeeded")
+    lost = sum(d.amount or 0 for d in seen.disputes.values() if d.status == "lost")
+    return Money(captured, refunded, lost)
+
+
+def judge(seen: PaymentSeen, view: FinalView) -> list[str]:
+    """Every way the payment's end disagrees with what the simulation was told."""
+    problems = [f"while running: {note}" for note in seen.notes]
+    final = view.api
+    if final is None:
+        return [*problems, "the API no longer knows the payment"]
+    accepted = set(seen.refunds)
+    # Fold the final answer in: a follow-up accepted `pending` is settled by now.
+    for refund in final["refunds"]:
+        seen.refund_answer(refund)
+    for dispute in final["disputes"]:
+        seen.dispute_answer(dispute)
+    status = final["status"]
+    named = status in UNCAPTURED_STATUSES or status in CAPTURED_STATUSES or final["waiting_for"]
+    if status in MOVING_STATUSES or not named:
+        problems.append(f"ended {status!r} waiting for nothing named")
+    for refund_id, refund in seen.refunds.items():
+        if refund.status == "pending":
+            problems.append(f"refund {refund_id} accepted and never carried out")
+    refused = seen.refused_refund_ids - accepted  # (a key refused once may be accepted later)
+    for refund_id in refused & {r["id"] for r in final["refunds"]}:
+        problems.append(f"refund {refund_id} was refused, yet the payment recorded it")
+    for dispute_id, dispute in seen.disputes.items():
+        if dispute.status == "pending":
+            problems.append(f"dispute {dispute_id} accepted and never recorded")
+    expected = expected_money(seen, final)
+    if expected.captured == 0 and (expected.refunded or expected.dispute_lost):
+        problems.append(f"money returned from a payment that ended {status!r}: {expected}")
+    if seen.canceled_by_api and status != "canceled":
+        problems.append(f"the API answered canceled, yet it ended {status!r}")
+    if expected.refunded + expected.dispute_lost > seen.amount:
+        problems.append(f"more returned than captured: {expected}")
+    told = Money(final["amount_captured"], final["amount_refunded"], final["amount_dispute_lost"])
+    if told != expected:
+        problems.append(f"the API says {told}, the answers add up to {expected}")
+    if view.register is None:
+        if expected.captured:
+            problems.append("captured, yet the payments register has no row")
+    elif view.register != expected:
+        problems.append(f"the payments register says {view.register}, expected {expected}")
+    if view.ledger_net != expected.net:
+        problems.append(
+            f"the ledger moved {view.ledger_net} from the customer, expected {expected.net} "
+            f"(captured {expected.captured} - refunded {expected.refunded} - dispute lost "
+            f"{expected.dispute_lost})"
+        )
+    return problems
+
+
+def verdict(seen: dict[str, PaymentSeen], views: dict[str, FinalView]) -> dict[str, list[str]]:
+    """Problems per payment; empty when everything reconciles."""
+    found: dict[str, list[str]] = {}
+    for payment_id, payment in seen.items():
+        problems = judge(payment, views[payment_id])
+        if problems:
+            found[payment_id] = problems
+    return found

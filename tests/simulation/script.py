@@ -1,0 +1,156 @@
+"""The seeded script: which payments, which follow-ups, in which order and when. Everything
+random is drawn here from `random.Random(seed)`, before anything runs, so a seed names one
+script (the real services still choose how its concurrent steps interleave)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from activities.fraud import amount_for_limit_share
+
+# First payment of a customer at these shares of the currency's limit (activities/fraud.py).
+REVIEW_AMOUNT = amount_for_limit_share("USD", 50)  # score 0.80: waits for a human
+REJECT_AMOUNT = amount_for_limit_share("USD", 80)  # score 1.00: rejected
+# The short policy (window and review timeout), served by a second API with those settings.
+SHORT_WINDOW_SECONDS = 12.0
+SHORT_REVIEW_TIMEOUT_SECONDS = 3.0
+
+STORIES = {
+    # story: weight
+    "plain": 40,
+    "review_approve": 8,
+    "review_decline": 6,
+    "review_timeout": 5,
+    "reject": 5,
+    "cancel_race": 12,
+    "operator_cancel": 10,
+    "window": 14,
+}
+
+
+@dataclass(frozen=True)
+class Op:
+    """One request. `after`: seconds after the story's previous step; `together`: sent at the
+    same time as the previous op instead of after it."""
+
+    kind: str  # refund, dispute, close, cancel, operator_cancel, approve, decline, get, list
+    after: float = 0.0
+    together: bool = False
+    amount: int | None = None
+    key: str = ""  # the refund's Idempotency-Key, or the dispute's network reference
+    target: int = -1  # close: the index (in ops) of the dispute it closes
+    outcome: str = ""  # close: won or lost
+    digits: bool = False  # key made of digits only
+
+
+@dataclass(frozen=True)
+class Story:
+    index: int
+    kind: str
+    amount: int
+    start_after: float
+    ops: tuple[Op, ...]
+
+    @property
+    def short_policy(self) -> bool:
+        return self.kind in ("window", "review_timeout")
+
+
+@dataclass(frozen=True)
+class Script:
+    seed: int
+    stories: tuple[Story, ...]
+
+
+def luhn_valid(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch)
+        if i % 2 == 1:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def is_card_number(digits: str) -> bool:
+    """Digits paysaga must refuse whatever else it reads as one (domain/cards.py): 13–19 of
+    them, Luhn-valid as a whole. Shorter windows of a longer run may be refused too, by rules
+    this test does not repeat."""
+    return 13 <= len(digits) <= 19 and luhn_valid(digits)
+
+
+def _digit_key(rng: random.Random) -> str:
+    return "".join(rng.choice("0123456789") for _ in range(rng.randint(13, 19)))
+
+
+def _follow_ups(rng: random.Random, amount: int, story: str) -> list[Op]:
+    ops: list[Op] = []
+    spread = SHORT_WINDOW_SECONDS + 4 if story == "window" else 1.5
+    n = rng.randint(1, 7)
+    for i in range(n):
+        after = rng.uniform(0, spread / n * 2) if story == "window" else rng.uniform(0, spread)
+        together = bool(ops) and rng.random() < 0.3
+        roll = rng.random()
+        digits = rng.random() < 0.15
+        key = _digit_key(rng) if digits else f"k{i}-{rng.getrandbits(48):012x}"
+        if roll < 0.40:
+            size = rng.choice(("partial", "partial", "full", "over"))
+            value = {
+                "partial": rng.randint(1, max(1, amount // 3)),
+                "full": None,
+                "over": amount + rng.randint(1, amount),
+            }[size]
+            ops.append(Op("refund", after, together, value, key, digits=digits))
+            previous = [o for o in ops if o.kind == "refund"]
+            if rng.random() < 0.25:  # the same request again, or the key with another amount
+                again = previous[-1]
+                other = (again.amount or amount) + rng.choice((0, 0, 1))
+                ops.append(Op("refund", rng.uniform(0, 0.5), rng.random() < 0.5, other, again.key,
+                              digits=again.digits))  # fmt: skip
+        elif roll < 0.65:
+            value = rng.choice((None, rng.randint(1, max(1, amount // 2)), amount + 1))
+            ops.append(Op("dispute", after, together, value, key, digits=digits))
+        elif roll < 0.82:
+            opened = [j for j, o in enumerate(ops) if o.kind == "dispute"]
+            if opened:
+                outcome = rng.choice(("won", "lost"))
+                ops.append(Op("close", after, together, target=rng.choice(opened), outcome=outcome))
+        elif roll < 0.88:
+            ops.append(Op("cancel", after, together))
+        elif roll < 0.94:
+            ops.append(Op("get", after, together))
+        else:
+            ops.append(Op("list", after, together))
+    return ops
+
+
+def make_script(seed: int, payments: int, start_spread: float = 4.0) -> Script:
+    rng = random.Random(seed)
+    kinds, weights = zip(*STORIES.items(), strict=True)
+    stories = []
+    for index in range(payments):
+        kind = rng.choices(kinds, weights)[0]
+        amount = rng.randint(100, 50_000)
+        ops: list[Op] = []
+        if kind in ("review_approve", "review_decline", "review_timeout"):
+            amount = REVIEW_AMOUNT
+            if kind != "review_timeout":
+                decision = "approve" if kind == "review_approve" else "decline"
+                ops.append(Op(decision, rng.uniform(0, 1.0)))
+                if rng.random() < 0.3:  # a second reviewer, too late or contradicting
+                    ops.append(Op(rng.choice(("approve", "decline")), 0, rng.random() < 0.5))
+            if rng.random() < 0.3:
+                ops.append(Op("cancel", rng.uniform(0, 0.5), rng.random() < 0.5))
+        elif kind == "reject":
+            amount = REJECT_AMOUNT
+        elif kind == "cancel_race":
+            ops.append(Op("cancel", rng.choice((0.0, rng.uniform(0, 0.4)))))
+            if rng.random() < 0.3:
+                ops.append(Op("cancel", 0, True))
+        elif kind == "operator_cancel":
+            ops.append(Op("operator_cancel", rng.uniform(0, 2.0)))
+        if kind in ("plain", "review_approve", "window", "operator_cancel", "cancel_race"):
+            ops.extend(_follow_ups(rng, amount, kind))
+        stories.append(Story(index, kind, amount, rng.uniform(0, start_spread), tuple(ops)))
+    return Script(seed, tuple(stories))

@@ -1,0 +1,354 @@
+"""The saga's randomized simulation ("our VOPR", issue 11 part 5).
+
+A seed makes a script (tests/simulation/script.py): ~25 payments of every kind — approved,
+rejected, reviewed and approved, declined or timed out, canceled at every stage by the API or
+by an operator in Temporal, windows closing mid-run — each followed by random refunds
+(partial, full, over, repeated keys, keys of digits), disputes (opened, won, lost, during
+refunds) and cancels, sent concurrently. The real API, worker, ledger and broker carry it out;
+then the oracle (tests/simulation/oracle.py) compares every payment's end with the answers the
+API gave, the payments register and the ledger's entries, and `paysaga check` must pass.
+
+Profiles:
+- interleavings: the session stack; a second API with a short policy (a window of seconds, a
+  review timeout of seconds) makes windows close and reviews time out in real time.
+- faults (`slow`): a private stack whose worker is SIGKILLed and restarted, whose PostgreSQL
+  is stopped and started and whose broker is killed and restarted while the script runs.
+
+Seeds: 3 of each by default. PAYSAGA_SIM_SEED=17 runs that seed only; PAYSAGA_SIM_SEEDS=N
+runs N seeds from PAYSAGA_SIM_SEED_BASE (default 1) on (`make simulate SEEDS=N`). A failure
+names its seed and the command that runs it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+from temporalio.client import Client
+
+from infra.database import make_engine
+from infra.embedded.process import ManagedProcess
+from infra.embedded.stack import Stack
+from infra.temporal_client import connect_client
+from settings import ApiKey, Settings
+from tests.conftest import MERCHANT_SCOPES, TEST_API_KEY
+from tests.helpers.api_client import api_client
+from tests.helpers.fake_crm import FakeCrmServer
+from tests.helpers.private_stack import private_stack_settings
+from tests.simulation.oracle import FinalView, Money, PaymentSeen, RefundSeen, verdict
+from tests.simulation.runner import SimRig, Simulation
+from tests.simulation.script import (
+    SHORT_REVIEW_TIMEOUT_SECONDS,
+    SHORT_WINDOW_SECONDS,
+    luhn_valid,
+    make_script,
+)
+from tests.test_faults import REPO, WorkerProcess, _worker_env
+
+PAYMENTS_PER_SEED = 25
+# What `make test` runs: the fault profile costs minutes a seed (a SIGKILLed worker's activities
+# wait out their timeouts), the interleavings ~30 s.
+DEFAULT_SEEDS = {"interleavings": (1, 2, 3), "faults": (1,)}
+
+
+def simulation_seeds(profile: str) -> list[int]:
+    if os.environ.get("PAYSAGA_SIM_SEED"):
+        return [int(os.environ["PAYSAGA_SIM_SEED"])]
+    if os.environ.get("PAYSAGA_SIM_SEEDS"):
+        base = int(os.environ.get("PAYSAGA_SIM_SEED_BASE", "1"))
+        return list(range(base, base + int(os.environ["PAYSAGA_SIM_SEEDS"])))
+    return list(DEFAULT_SEEDS[profile])
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "seed" in metafunc.fixturenames:
+        profile = "faults" if "faults" in metafunc.function.__name__ else "interleavings"
+        seeds = simulation_seeds(profile)
+        metafunc.parametrize("seed", seeds, ids=[f"seed={s}" for s in seeds])
+
+
+def short_policy(settings: Settings) -> Settings:
+    return settings.model_copy(
+        update={
+            "dispute_window_days": SHORT_WINDOW_SECONDS / 86400,
+            "review_timeout_seconds": SHORT_REVIEW_TIMEOUT_SECONDS,
+        }
+    )
+
+
+def failure_report(profile: str, seed: int, problems: list[str], summary: str) -> str:
+    listing = "\n  ".join(problems[:40])
+    return (
+        f"simulation {profile} seed {seed} failed ({len(problems)} problems):\n  {listing}\n"
+        f"{summary}\nreproduce: PAYSAGA_SIM_SEED={seed} .venv/bin/python -m pytest "
+        f"tests/test_simulation.py -k {profile}"
+    )
+
+
+Chaos = Callable[[Simulation], Awaitable[list[str]]]
+
+
+async def simulate(rig: SimRig, seed: int, profile: str, chaos: Chaos | None = None) -> Simulation:
+    """Run one seed; fail naming it and how to run it again."""
+    simulation = Simulation(rig, make_script(seed, PAYMENTS_PER_SEED))
+    print(f"simulation {profile}: seed {seed}", file=sys.stderr)
+    began = time.monotonic()
+    if chaos is not None:
+        faults = await chaos(simulation)
+        print(f"faults: {faults}", file=sys.stderr)
+    else:
+        await simulation.run()
+    ran = time.monotonic()
+    problems = await simulation.judge()
+    print(f"ran {ran - began:.1f}s, judged {time.monotonic() - ran:.1f}s", file=sys.stderr)
+    if problems:
+        raise AssertionError(failure_report(profile, seed, problems, simulation.summary()))
+    print(simulation.summary(), file=sys.stderr)
+    return simulation
+
+
+# ── the oracle can fail ─────────────────────────────────────────────────────────────────────
+
+
+def _captured_payment() -> tuple[PaymentSeen, dict[str, object]]:
+    seen = PaymentSeen("pay_0", 10_000, "plain")
+    seen.refund_answer({"id": "re_1", "amount": 3_000, "status": "succeeded"})
+    final = {
+        "status": "partially_refunded",
+        "waiting_for": "refunds or disputes until the window closes",
+        "amount_captured": 10_000,
+        "amount_refunded": 3_000,
+        "amount_dispute_lost": 0,
+        "refunds": [{"id": "re_1", "amount": 3_000, "status": "succeeded"}],
+        "disputes": [],
+    }
+    return seen, final
+
+
+def test_the_oracle_passes_a_ledger_that_agrees() -> None:
+    seen, final = _captured_payment()
+    right = FinalView(final, Money(10_000, 3_000, 0), 7_000)
+    assert verdict({"pay_0": seen}, {"pay_0": right}) == {}
+
+
+@pytest.mark.parametrize(
+    ("register", "ledger_net", "complaint"),
+    [
+        (Money(10_000, 3_000, 0), 10_000, "the ledger moved 10000"),  # a refund not posted
+        (Money(10_000, 3_000, 0), 4_000, "the ledger moved 4000"),  # a refund posted twice
+        (Money(10_000, 0, 0), 7_000, "the payments register says"),
+        (None, 7_000, "no row"),
+    ],
+)
+def test_the_oracle_reports_a_ledger_that_disagrees(
+    register: Money | None, ledger_net: int, complaint: str
+) -> None:
+    seen, final = _captured_payment()
+    found = verdict({"pay_0": seen}, {"pay_0": FinalView(final, register, ledger_net)})
+    assert any(complaint in p for p in found["pay_0"]), found
+
+
+def test_the_oracle_reports_what_the_api_answered_but_did_not_happen() -> None:
+    seen, final = _captured_payment()
+    seen.refunds["re_2"] = RefundSeen(500, "succeeded")  # answered, then missing everywhere
+    found = verdict({"pay_0": seen}, {"pay_0": FinalView(final, Money(10_000, 3_000, 0), 7_000)})
+    assert any("the API says" in p for p in found["pay_0"]), found
+    assert any("the ledger moved" in p for p in found["pay_0"]), found
+
+    seen, final = _captured_payment()
+    seen.refused_refund_ids.add("re_1")
+    seen.refunds.clear()
+    found = verdict({"pay_0": seen}, {"pay_0": FinalView(final, Money(10_000, 3_000, 0), 7_000)})
+    assert any("was refused, yet the payment recorded it" in p for p in found["pay_0"]), found
+
+    seen, final = _captured_payment()
+    seen.canceled_by_api = True
+    stuck = {**final, "status": "processing", "waiting_for": ""}
+    found = verdict({"pay_0": seen}, {"pay_0": FinalView(stuck, Money(10_000, 3_000, 0), 7_000)})
+    assert any("waiting for nothing named" in p for p in found["pay_0"]), found
+    assert any("answered canceled" in p for p in found["pay_0"]), found
+
+
+def test_a_failure_names_its_seed_and_how_to_run_it_again() -> None:
+    report = failure_report("faults", 42, ["pay_1 (plain): the ledger moved 5"], "seed 42: …")
+    assert "seed 42 failed (1 problems)" in report and "the ledger moved 5" in report
+    assert report.endswith(
+        "reproduce: PAYSAGA_SIM_SEED=42 .venv/bin/python -m pytest tests/test_simulation.py "
+        "-k faults"
+    )
+    os.environ["PAYSAGA_SIM_SEED"], before = "42", os.environ.get("PAYSAGA_SIM_SEED")
+    try:
+        assert simulation_seeds("faults") == simulation_seeds("interleavings") == [42]
+    finally:
+        if before is None:
+            del os.environ["PAYSAGA_SIM_SEED"]
+        else:
+            os.environ["PAYSAGA_SIM_SEED"] = before
+
+
+def test_a_seed_names_one_script() -> None:
+    assert make_script(7, 25) == make_script(7, 25)
+    assert make_script(7, 25) != make_script(8, 25)
+    kinds = {s.kind for seed in range(1, 4) for s in make_script(seed, 25).stories}
+    assert {"plain", "window", "cancel_race", "operator_cancel"} <= kinds
+    assert luhn_valid("4242424242424242") and not luhn_valid("4242424242424241")
+
+
+# ── interleavings: the session stack ────────────────────────────────────────────────────────
+
+
+@pytest.fixture(scope="module")
+async def short_api(
+    app_settings: Settings, temporal_client: Client, worker: None
+) -> AsyncIterator[httpx.AsyncClient]:
+    async with api_client(short_policy(app_settings), temporal_client, TEST_API_KEY) as client:
+        yield client
+
+
+async def test_interleavings(
+    seed: int,
+    api: httpx.AsyncClient,
+    short_api: httpx.AsyncClient,
+    temporal_client: Client,
+    engine: AsyncEngine,
+    app_settings: Settings,
+) -> None:
+    rig = SimRig(api, short_api, temporal_client, engine, app_settings)
+    simulation = await simulate(rig, seed, "interleavings")
+    assert simulation.seen, "the script created no payment"
+
+
+# ── faults: a private stack whose worker, database and broker go away mid-run ──────────────
+
+FAULT_API_KEY = "psk_sim_fault_key_0123456789abcdefghijkl"
+FAULT_CLIENT = "sim-fault-client"
+
+
+@dataclass
+class FaultStack:
+    stack: Stack
+    worker: WorkerProcess
+    rig: SimRig
+
+    async def everything_up(self) -> None:
+        """A seed that failed half-way may have left a service down."""
+        stack = self.stack
+        assert stack.broker and stack.postgres and stack.temporal
+        for service in (stack.postgres, stack.broker):
+            if service.process is None or not service.process.running:
+                await asyncio.to_thread(service.start)
+        if not self.worker.running:
+            await self.worker.start()
+
+
+@pytest.fixture(scope="module")
+def sim_fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    home = tmp_path_factory.mktemp("sim-faults")
+    stack = Stack(private_stack_settings(home), home=home, temporal_ui=False)
+    stack.start()
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture(scope="module")
+async def fault_stack(sim_fault_stack: Stack) -> AsyncIterator[FaultStack]:
+    stack = sim_fault_stack
+    with FakeCrmServer() as crm:
+        settings = stack.service_settings().model_copy(
+            update={
+                "task_queue": f"sim-faults-{uuid.uuid4().hex[:8]}",
+                "api_keys": [
+                    ApiKey(
+                        client_id=FAULT_CLIENT,
+                        key_sha256=ApiKey.hash(FAULT_API_KEY),
+                        scopes=list(MERCHANT_SCOPES),
+                    )
+                ],
+                "crm_webhook_url": crm.url("/hooks/paysaga"),
+                "crm_timeout_seconds": 2.0,
+                "kafka_message_timeout_ms": 5000,
+                "db_max_retries": 3,
+            }
+        )
+        worker = WorkerProcess(
+            ManagedProcess(
+                "payment worker",
+                [sys.executable, "-m", "worker"],
+                stack.home / "worker.log",
+                env=_worker_env(stack, settings),
+                cwd=REPO,
+            )
+        )
+        engine = make_engine(stack.database_url, pool_size=5)
+        try:
+            await worker.start()
+            temporal = await connect_client(settings)
+            async with (
+                api_client(settings, temporal, FAULT_API_KEY) as api,
+                api_client(short_policy(settings), temporal, FAULT_API_KEY) as short,
+            ):
+                rig = SimRig(
+                    api, short, temporal, engine, settings, retry_seconds=120, settle_seconds=180
+                )
+                yield FaultStack(stack, worker, rig)
+        finally:
+            await engine.dispose()
+            await worker.stop()
+
+
+def fault_plan(seed: int) -> list[tuple[str, float, float]]:
+    """(fault, seconds into the run it starts, seconds it lasts) for each of the three, drawn
+    from the seed; they may overlap. Half the seeds kill the worker around the moment the short
+    windows close (payments start within 4 s, their windows last 12 s)."""
+    rng = random.Random(seed * 7919 + 17)
+    near_close = SHORT_WINDOW_SECONDS + rng.uniform(-1.0, 4.0)
+    return [
+        ("worker", near_close if rng.random() < 0.5 else rng.uniform(1, 10), rng.uniform(0.5, 3)),
+        ("postgres", rng.uniform(1, 18), rng.uniform(3, 8)),
+        ("broker", rng.uniform(1, 18), rng.uniform(1, 4)),
+    ]
+
+
+def chaos_of(faults: FaultStack, seed: int) -> Chaos:
+    async def chaos(simulation: Simulation) -> list[str]:
+        postgres, broker, done = faults.stack.postgres, faults.stack.broker, []
+        assert postgres is not None and broker is not None
+
+        async def inject(fault: str, at: float, lasts: float) -> None:
+            await asyncio.sleep(at)
+            if fault == "worker":
+                faults.worker.kill()
+                await asyncio.sleep(lasts)
+                await faults.worker.start()
+            elif fault == "postgres":
+                await asyncio.to_thread(postgres.stop)
+                await asyncio.sleep(lasts)
+                await asyncio.to_thread(postgres.start)
+            else:
+                await asyncio.to_thread(broker.kill)
+                await asyncio.sleep(lasts)
+                await asyncio.to_thread(broker.start)  # also recreates the topics
+            done.append(f"{fault} at {at:.1f}s for {lasts:.1f}s")
+
+        await asyncio.gather(simulation.run(), *(inject(*f) for f in fault_plan(seed)))
+        return done
+
+    return chaos
+
+
+@pytest.mark.slow
+async def test_faults(seed: int, fault_stack: FaultStack) -> None:
+    await fault_stack.everything_up()
+    simulation = await simulate(fault_stack.rig, seed, "faults", chaos_of(fault_stack, seed))
+    assert simulation.seen, "the script created no payment"
