@@ -195,6 +195,12 @@ class Settings(BaseSettings):
     # Connecting is bounded separately: a refused or unanswered connect means nothing was
     # sent, which is the one failure that is safe to retry blindly.
     acquirer_connect_timeout_seconds: float = 3.0
+    # `paysaga run` (and the tests' stack) starts the sandbox acquirer (sandboxes/acquirer.py)
+    # when no acquirer is configured, so payments authorize and capture on the default stack.
+    # No acquirer at all (sandbox off, no URL): payments are booked in the ledger only, as
+    # before issue 15 (docs/acquirer.md, "Without an acquirer").
+    acquirer_sandbox: bool = True
+    acquirer_sandbox_port: int = 8020
 
     # Temporal payload encryption (AES-GCM). The first key encrypts; all keys decrypt.
     encryption_keys: Annotated[list[EncryptionKey], NoDecode] = Field(default_factory=list)

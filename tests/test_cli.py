@@ -45,10 +45,11 @@ class Ports:
     temporal_metrics: int
     crm_sandbox: int
     api_metrics: int
+    acquirer_sandbox: int
 
     @classmethod
     def free(cls) -> Ports:
-        return cls(*(free_port() for _ in range(9)))
+        return cls(*(free_port() for _ in range(10)))
 
     def env(self) -> dict[str, str]:
         return {
@@ -61,12 +62,13 @@ class Ports:
             "PAYSAGA_TEMPORAL_METRICS_PORT": str(self.temporal_metrics),
             "PAYSAGA_CRM_SANDBOX_PORT": str(self.crm_sandbox),
             "PAYSAGA_API_METRICS_PORT": str(self.api_metrics),
+            "PAYSAGA_ACQUIRER_SANDBOX_PORT": str(self.acquirer_sandbox),
         }
 
     def of_the_stack(self) -> list[int]:
         return [
             self.api, self.temporal, self.ui, self.kafka, self.postgres, self.crm_sandbox,
-            self.api_metrics,
+            self.api_metrics, self.acquirer_sandbox,
         ]  # fmt: skip
 
 
@@ -201,6 +203,7 @@ def test_run_serves_payments_stops_cleanly_and_keeps_data_across_restarts(
     assert f"http://127.0.0.1:{ports.ui}" in first.output  # …and the Temporal UI
     assert f"http://127.0.0.1:{ports.api}/docs" in first.output
     assert f"http://127.0.0.1:{ports.crm_sandbox}" in first.output  # no CRM configured: the sandbox
+    assert f"http://127.0.0.1:{ports.acquirer_sandbox}" in first.output  # …and no acquirer
     # The API's metrics: on their own port, printed with the other URLs, not on the API's.
     metrics_url = f"http://127.0.0.1:{ports.api_metrics}/metrics"
     assert metrics_url in first.output
