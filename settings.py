@@ -199,6 +199,8 @@ class Settings(BaseSettings):
     # when no acquirer is configured, so payments authorize and capture on the default stack.
     # No acquirer at all (sandbox off, no URL): payments are booked in the ledger only, as
     # before issue 15 (docs/acquirer.md, "Without an acquirer").
+    # An ambiguous outcome is resolved by status for this long, then requires_attention.
+    acquirer_resolve_seconds: float = 600.0
     acquirer_sandbox: bool = True
     acquirer_sandbox_port: int = 8020
 

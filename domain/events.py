@@ -30,6 +30,8 @@ class EventKind(StrEnum):
     DISPUTE_OPENED = "dispute.opened"
     DISPUTE_WON = "dispute.won"
     DISPUTE_LOST = "dispute.lost"
+    # The acquirer (the issuer) declined the authorization: an outcome, not an error.
+    DECLINED = "declined"
     # Not a payment's event: a merchant's webhook endpoint kept failing and was switched off.
     WEBHOOK_ENDPOINT_DISABLED = "webhook_endpoint.disabled"
 

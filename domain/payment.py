@@ -395,6 +395,13 @@ class PaymentState(BaseModel):
     # can order a payment's events across topics: `data.sequence`.
     event_sequence: int = 0
     event_sequences: dict[str, int] = Field(default_factory=dict)
+    # Through the acquirer (PaymentPolicy.acquirer): its id of our authorization, what it held,
+    # and why it declined (`decline_code` one of domain.acquirer.DeclineCode; the acquirer's
+    # own code verbatim in `acquirer_decline_code`).
+    acquirer_reference: str | None = None
+    authorized_amount: int = 0
+    decline_code: str | None = None
+    acquirer_decline_code: str | None = None
 
     @property
     def refundable(self) -> int:
@@ -426,6 +433,14 @@ class PaymentPolicy(BaseModel):
     # payments started before tenants (no such field in their history) keep the shared codes
     # they were created with, so their refunds and disputes post to the same accounts.
     tenant_accounts: bool = False
+    # Money moves through the acquirer (docs/acquirer.md): authorize, then capture, refunds
+    # returned there too. False for payments booked in the ledger only: no acquirer was
+    # configured when they were created, or they were started before issue 15.
+    acquirer: bool = False
+    # How long an ambiguous acquirer outcome (timeout, 5xx, lost connection) is resolved by
+    # asking the status of our reference before the payment stops guessing nothing and hands
+    # the money to an operator (requires_attention).
+    acquirer_resolve_seconds: float = 600.0
 
 
 class PaymentWorkflowInput(BaseModel):

@@ -31,6 +31,7 @@ from domain.events import EventKind
 from domain.payment import FraudAssessment, PaymentState, PaymentWorkflowInput
 from settings import Settings
 from worker import workflow_runner
+from workflows import acquirer_steps
 from workflows import payment as payment_workflow
 from workflows.payment import PaymentWorkflow
 from workflows.webhook_delivery import WebhookDeliveryWorkflow
@@ -56,6 +57,11 @@ PATHS = {
     "refund_continues_as_new",  # a run ending in ContinueAsNew, carrying its state
     "continued_as_new",  # the carried run serving one more refund
     "refund_by_update",  # a refund Update, one refused by its validator, a refused signal
+    "acquirer_capture",  # authorized (partially), captured at once, posted
+    "acquirer_decline",  # declined by the issuer: payments.declined, the CRM told
+    "acquirer_timeout_resolved",  # authorize and capture timed out, resolved by status
+    "acquirer_refund",  # a refund returned at the acquirer, then posted
+    "acquirer_canceled_void",  # canceled during the authorization: the hold voided
     "requires_attention_resolved",  # a refused reversal waits for an operator's retry
     "window_closes_with_open_dispute",  # only the dispute's close is taken after the window
     "operator_cancel_with_open_dispute",  # canceled, kept until the dispute closes
@@ -143,6 +149,7 @@ def test_histories_cover_updates_and_every_patch() -> None:
         payment_workflow.PATCH_DRAIN_BEFORE_CONTINUE,
         payment_workflow.PATCH_CANCEL_FINISHES_FOLLOW_UPS,
         payment_workflow.PATCH_UNDO_FAILURE_NEEDS_ATTENTION,
+        acquirer_steps.PATCH_ACQUIRER,
     }
     assert updates >= 5
 

@@ -82,6 +82,7 @@ with workflow.unsafe.imports_passed_through():
         status_from_amounts,
     )
     from workflows import search_attributes as sa
+    from workflows.acquirer_steps import RELEASE_AT_ACQUIRER, AcquirerSteps
     from workflows.compensations import Compensations, FailedUndo
 
 # Retry bounds: infrastructure outages (Kafka, database) are waited out, never given up on;
@@ -148,7 +149,7 @@ class FollowUpRefused(ApplicationError):
 
 
 @workflow.defn(name="PaymentWorkflow")
-class PaymentWorkflow:
+class PaymentWorkflow(AcquirerSteps):
     @workflow.init
     def __init__(self, input: PaymentWorkflowInput) -> None:
         self.input = input
@@ -244,13 +245,24 @@ class PaymentWorkflow:
         # on it would never be reversed; a payments.confirmed landing after payments.canceled
         # would un-void the payment for consumers).
         saga = Compensations()
+        through_acquirer = self.through_acquirer()
         try:
+            if through_acquirer:
+                self.set_status(PaymentStatus.PROCESSING, "the acquirer's authorization")
+                saga.add(RELEASE_AT_ACQUIRER, self.release_at_acquirer)
+                await _run_to_completion(self.authorize_at_acquirer())
+                if self.declined:
+                    saga.clear()  # nothing is held
+                    await self.end_declined()
+                    return False
             self.set_status(PaymentStatus.PROCESSING, "publishing payments.raw to Kafka")
             saga.add(VOID_RAW, self.void_raw_event)
             await _run_to_completion(self.publish(EventKind.RAW, local=True))
 
             self.stop_if_canceled()
             self.posting_started = True
+            if through_acquirer:
+                await _run_to_completion(self.capture_in_full())
             self.set_status(PaymentStatus.PROCESSING, "posting the ledger transaction")
             saga.add(REVERSE_POSTING, self.reverse_posting)
             await _run_to_completion(self.post_capture())
@@ -508,9 +520,12 @@ class PaymentWorkflow:
     async def post_refund(self, signal: RefundSignal) -> None:
         refund = next(r for r in self.state.refunds if r.id == signal.refund_id)
         request = self.state.request
-        self.describe_waiting(f"posting refund {refund.id}")
         data = {"refund_id": refund.id, "amount": refund.amount}
         try:
+            if self.state.acquirer_reference is not None:
+                # The money goes back at the acquirer first; the ledger then records it.
+                await self.refund_at_acquirer(refund.id, refund.amount)
+            self.describe_waiting(f"posting refund {refund.id}")
             await self.post(
                 entries.refund_transaction(
                     self.state.id, refund.id, request.customer_id, request.merchant_id,
@@ -1161,23 +1176,32 @@ class PaymentWorkflow:
             return await workflow.execute_local_activity_method(step, arg, **options)
         return await workflow.execute_activity_method(step, arg, **options)
 
+    async def capture_in_full(self) -> None:
+        """`automatic` capture: everything the acquirer authorized (a partial approval's
+        part), posted to the ledger as the payment's capture."""
+        self.set_status(PaymentStatus.PROCESSING, "the acquirer's capture")
+        captured = await self.capture_at_acquirer()
+        self.acquirer_captured = captured.captured_amount
+
     async def post_capture(self) -> None:
         request = self.state.request
+        amount = self.acquirer_captured or request.amount
         await self.post(
             entries.payment_transaction(
                 self.state.id,
                 request.customer_id,
                 request.merchant_id,
-                request.amount,
+                amount,
                 request.currency,
                 self.account_tenant,
             ),
-            request.amount,
+            amount,
             EventKind.CONFIRMED,
+            data={"amount_captured": amount} if self.acquirer_captured else None,
             local=True,
         )
         self.state.ledger_posted = True
-        self.state.captured = request.amount
+        self.state.captured = amount
 
     async def notify_crm(
         self, kind: EventKind, reference: str = "", details: dict[str, Any] | None = None
