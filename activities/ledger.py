@@ -22,7 +22,7 @@ from temporalio.exceptions import ApplicationError
 
 from domain.errors import FailureType
 from domain.events import EventRecord, PaymentEvent
-from domain.ledger import Account, LedgerTransaction, TransactionKind
+from domain.ledger import HOLD_KINDS, Account, LedgerTransaction, TransactionKind
 from domain.payment import PaymentStatus, status_from_amounts
 from infra.database import is_data_error, run_serializable, sqlstate
 from infra.idempotency import record_started
@@ -180,7 +180,8 @@ class LedgerReceipt(BaseModel):
     transaction_id: str
     # True when this exact business event had already been posted (a retry): nothing was written.
     duplicate: bool
-    payment: RegisterRow
+    # None only for a hold posted before the payment is registered (its capture or outcome).
+    payment: RegisterRow | None
 
 
 class LedgerRejected(Exception):
@@ -280,7 +281,7 @@ class Ledger:
             assert existing is not None
             await _same_as_posted(conn, existing, txn)
             row = await _register(conn, txn.payment_id)
-            assert row is not None
+            assert row is not None or txn.kind in HOLD_KINDS
             return LedgerReceipt(transaction_id=str(existing), duplicate=True, payment=row)
 
         opened = await _open_accounts(conn, [e.account for e in txn.entries])
@@ -308,9 +309,12 @@ class Ledger:
 
     async def _update_register(
         self, conn: AsyncConnection, posting: LedgerPosting, now: datetime
-    ) -> RegisterRow:
+    ) -> RegisterRow | None:
         """The payment's register row after this posting (written and read in one statement)."""
         txn = posting.transaction
+        if txn.kind in HOLD_KINDS:
+            # The acquirer's hold moves no captured money: the register is the capture's.
+            return await _register(conn, txn.payment_id)
         if txn.kind == TransactionKind.PAYMENT:
             if posting.parties is None:
                 raise ValueError("a capture posting names its parties")

@@ -400,6 +400,9 @@ class PaymentState(BaseModel):
     # own code verbatim in `acquirer_decline_code`).
     acquirer_reference: str | None = None
     authorized_amount: int = 0
+    # What the ledger holds on the customer's account for the authorization (its
+    # `authorization_hold` posting); 0 before it and once it was released (captured or voided).
+    held: int = 0
     decline_code: str | None = None
     acquirer_decline_code: str | None = None
 

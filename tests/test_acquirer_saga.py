@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 from pydantic import SecretStr
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client
 
@@ -150,8 +151,33 @@ async def _captured_once(
     operations = await rig.operations(payment_id)
     assert len(_performed(operations, "authorize")) == 1
     assert len(_performed(operations, "capture")) == 1
+    await _ledger_holds_nothing(
+        engine, payment_id, ["authorization_hold", "hold_captured", "payment"]
+    )
+
+
+async def _ledger_holds_nothing(engine: AsyncEngine, payment_id: str, kinds: list[str]) -> None:
+    """The payment's postings, each balanced, in this order, and nothing left on hold."""
     rows = await assert_ledger_balanced(engine, payment_id)
-    assert [(r["kind"], r["currency"]) for r in rows] == [("payment", "USD")]
+    assert [r["kind"] for r in rows] == kinds
+    async with engine.connect() as conn:
+        held = await conn.scalar(
+            text(
+                "SELECT coalesce(sum(e.amount), 0) FROM ledger_entries e "
+                "JOIN ledger_transactions t ON t.id = e.transaction_id "
+                "JOIN accounts a ON a.id = e.account_id "
+                "WHERE t.payment_id = :p AND a.type = 'authorization_hold'"
+            ),
+            {"p": payment_id},
+        )
+    assert held == 0
+
+
+async def _event_types(rig: AcquirerRig, payment_id: str) -> list[str]:
+    """The payment's events as the events API shows them, oldest first."""
+    answer = await rig.api.get("/v1/events", params={"payment_id": payment_id, "limit": 100})
+    assert answer.status_code == 200, answer.text
+    return [e["type"] for e in reversed(answer.json()["data"])]
 
 
 async def test_an_approved_payment_is_authorized_then_captured_at_once(
@@ -164,6 +190,13 @@ async def test_an_approved_payment_is_authorized_then_captured_at_once(
     assert payment["decline_code"] is None
     assert payment["acquirer_reference"].startswith("acq_")
     await _captured_once(rig, engine, payment_id, 5000)
+    # The hold and its capture in the ledger, each with its event, before the confirmation.
+    assert await _event_types(rig, payment_id) == [
+        "payment.authorized",
+        "payment.raw",
+        "payment.captured",
+        "payment.confirmed",
+    ]
 
 
 async def test_a_partial_approval_captures_what_was_authorized(
@@ -256,6 +289,26 @@ async def test_a_refund_after_capture_goes_to_the_acquirer_then_the_ledger(
     assert await refund_rows_total(engine, payment_id) == 8000
     payment = (await rig.api.get(f"/v1/payments/{payment_id}")).json()
     assert payment["status"] == "refunded"
+
+
+async def test_a_cancel_during_the_authorization_voids_the_hold_at_the_acquirer_and_in_the_ledger(
+    rig: AcquirerRig, engine: AsyncEngine
+) -> None:
+    payment_id = await _pay(rig, "pm_card_approve_after_delay", 2600)
+    await wait_for_payment(
+        rig.api, payment_id, lambda p: "to authorize" in p["waiting_for"], timeout=20
+    )
+    canceled = await rig.api.post(f"/v1/payments/{payment_id}/cancel", json={})
+    assert canceled.status_code in (200, 202), canceled.text
+    payment = await _settled(rig, payment_id)
+    assert payment["status"] == "canceled", payment
+    record = await rig.record(payment_id)
+    assert record.state is AuthorizationState.VOIDED
+    assert record.released_amount == 2600
+    await _ledger_holds_nothing(engine, payment_id, ["authorization_hold", "hold_voided"])
+    types = await _event_types(rig, payment_id)
+    assert "payment.authorized" in types and "payment.voided" in types, types
+    assert "payment.captured" not in types and "payment.confirmed" not in types, types
 
 
 # ── an acquirer that never answers: bounded, then an operator ────────────────────────────────

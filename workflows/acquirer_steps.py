@@ -24,6 +24,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_
 
 with workflow.unsafe.imports_passed_through():
     from activities.acquirer import ACQUIRER_OUTCOME_UNKNOWN, AcquirerActivities
+    from domain import ledger as entries
     from domain.acquirer import (
         AcquirerAuthorization,
         AcquirerRefundRequest,
@@ -120,6 +121,19 @@ class AcquirerSteps:
             self, kind: EventKind, reference: str = "", details: dict[str, Any] | None = None
         ) -> None: ...
 
+        async def post(
+            self,
+            transaction: entries.LedgerTransaction,
+            amount: int,
+            kind: EventKind,
+            reference: str = "",
+            data: dict[str, Any] | None = None,
+            local: bool = False,
+        ) -> None: ...
+
+        @property
+        def account_tenant(self) -> str | None: ...
+
     def through_acquirer(self) -> bool:
         """Asked once, before the payment moves anything (a patch marker is a command)."""
         return self.policy.acquirer and workflow.patched(PATCH_ACQUIRER)
@@ -198,15 +212,67 @@ class AcquirerSteps:
         nothing to do."""
         deadline = self.resolve_deadline()
         record = await self.status_until_answered("release", deadline)
-        if record is None:
-            return
-        match record.state:
+        match record.state if record is not None else None:
             case AuthorizationState.AUTHORIZED:
                 await self.void_at_acquirer()
-            case AuthorizationState.CAPTURED if record.refundable_amount > 0:
+            case AuthorizationState.CAPTURED if record and record.refundable_amount > 0:
                 await self.refund_at_acquirer(REVERSAL_REFUND_ID, record.refundable_amount)
-            case _:
-                return
+        # Whatever the acquirer did, nothing stays held for this payment now.
+        await self.release_hold(captured=None)
+
+    # ── the hold in the ledger (one balanced posting each, with its event in the outbox) ──
+    async def post_hold(self) -> None:
+        """Authorized: the ledger holds what the acquirer holds (customer → authorization
+        hold), `payments.authorized`."""
+        request = self.state.request
+        amount = self.state.authorized_amount
+        self.describe_waiting("posting the authorization's hold")
+        await self.post(
+            entries.authorization_hold_transaction(
+                self.state.id, request.customer_id, amount, request.currency, self.account_tenant
+            ),
+            amount,
+            EventKind.AUTHORIZED,
+            data=self.hold_data(),
+            local=True,
+        )
+        self.state.held = amount
+        await self.publish(EventKind.AUTHORIZED, local=True)
+
+    async def release_hold(self, *, captured: int | None) -> None:
+        """The whole hold back to the customer, once: at capture (`captured`: the capture
+        posting then takes that part; `payments.captured`) or at a void or expiry
+        (`payments.voided`)."""
+        if self.state.held <= 0:
+            return
+        request = self.state.request
+        kind = EventKind.CAPTURED if captured is not None else EventKind.VOIDED
+        data = {**self.hold_data(), "released_amount": self.state.held - (captured or 0)}
+        if captured is not None:
+            data["captured_amount"] = captured
+        self.describe_waiting(f"posting the hold's release ({kind.value})")
+        await self.post(
+            entries.hold_released_transaction(
+                self.state.id,
+                request.customer_id,
+                self.state.held,
+                request.currency,
+                self.account_tenant,
+                captured=captured is not None,
+            ),
+            self.state.held,
+            kind,
+            data=data,
+            local=True,
+        )
+        self.state.held = 0
+        await self.publish(kind, local=True)
+
+    def hold_data(self) -> dict[str, Any]:
+        return {
+            "authorized_amount": self.state.authorized_amount,
+            "acquirer_reference": self.state.acquirer_reference,
+        }
 
     async def end_declined(self) -> None:
         """A decline is the payment's outcome: `declined` with its code, payments.declined,

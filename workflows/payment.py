@@ -255,6 +255,7 @@ class PaymentWorkflow(AcquirerSteps):
                     saga.clear()  # nothing is held
                     await self.end_declined()
                     return False
+                await _run_to_completion(self.post_hold())
             self.set_status(PaymentStatus.PROCESSING, "publishing payments.raw to Kafka")
             saga.add(VOID_RAW, self.void_raw_event)
             await _run_to_completion(self.publish(EventKind.RAW, local=True))
@@ -1182,6 +1183,7 @@ class PaymentWorkflow(AcquirerSteps):
         self.set_status(PaymentStatus.PROCESSING, "the acquirer's capture")
         captured = await self.capture_at_acquirer()
         self.acquirer_captured = captured.captured_amount
+        await self.release_hold(captured=captured.captured_amount)
 
     async def post_capture(self) -> None:
         request = self.state.request
