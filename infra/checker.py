@@ -49,6 +49,7 @@ REGISTER_MATCHES = "register-matches-ledger"
 OUTBOX_IN_KAFKA = "outbox-in-kafka"
 KAFKA_HAS_OUTBOX = "kafka-events-have-outbox"
 WORKFLOW_AGREES = "workflow-agrees-with-ledger"
+HOLDS_RELEASED = "authorization-holds-released"
 
 PROMISES: dict[str, str] = {
     LEDGER_BALANCED: "Every ledger transaction sums to zero per currency",
@@ -58,6 +59,8 @@ PROMISES: dict[str, str] = {
     OUTBOX_IN_KAFKA: "Every stored event (the outbox) reached Kafka at least once (by event id)",
     KAFKA_HAS_OUTBOX: "No ledger event in Kafka lacks its outbox row",
     WORKFLOW_AGREES: "Each payment's workflow status agrees with its ledger state",
+    HOLDS_RELEASED: "Each authorization hold is released once, captured or voided but never "
+    "both, captures no more than it held, and none outlives its payment",
 }
 
 # Workflow statuses of a payment between steps: not judged (the checker wants a quiet system).
@@ -274,7 +277,9 @@ moved AS (
         count(DISTINCT t.id) AS transactions,
         count(DISTINCT t.id) FILTER (WHERE t.kind = :payment) AS postings,
         count(DISTINCT t.id) FILTER (WHERE t.kind = :reversal) AS reversals,
-        count(DISTINCT t.id) FILTER (WHERE t.kind NOT IN (:payment, :reversal)) AS follow_ups,
+        count(DISTINCT t.id) FILTER (
+            WHERE t.kind NOT IN (:payment, :reversal, :hold, :hold_captured, :hold_voided)
+        ) AS follow_ups,
         -- Captured: what the customer's funding account was debited by the posting, net of a
         -- reversal. Returned: what it was credited back by refunds and lost disputes. Held:
         -- what the disputes account holds for this payment.
@@ -317,6 +322,10 @@ _KIND_PARAMS = {
     "lost": TransactionKind.DISPUTE_LOST.value,
     "customer": AccountType.CUSTOMER_FUNDING.value,
     "disputes": AccountType.DISPUTES.value,
+    "hold": TransactionKind.AUTHORIZATION_HOLD.value,
+    "hold_captured": TransactionKind.HOLD_CAPTURED.value,
+    "hold_voided": TransactionKind.HOLD_VOIDED.value,
+    "hold_account": AccountType.AUTHORIZATION_HOLD.value,
 }
 
 
@@ -498,6 +507,64 @@ def check_register_matches(payments: Sequence[PaymentLedger], max_examples: int)
         elif reg.status in CAPTURED:
             findings.violation(p.payment_id, f"register says {reg.status} with nothing captured")
     return findings.result
+
+
+# ── the acquirer's holds ─────────────────────────────────────────────────────────────────────
+_HOLDS_SQL = """
+SELECT t.payment_id, p.status,
+    count(DISTINCT t.id) FILTER (WHERE t.kind = :hold) AS holds,
+    count(DISTINCT t.id) FILTER (WHERE t.kind = :hold_captured) AS captures,
+    count(DISTINCT t.id) FILTER (WHERE t.kind = :hold_voided) AS voids,
+    coalesce(-sum(e.amount) FILTER (WHERE t.kind = :hold AND a.type = :hold_account), 0) AS held,
+    coalesce(sum(e.amount) FILTER (WHERE t.kind = :payment AND a.type = :customer), 0)
+        AS captured
+FROM ledger_transactions t
+LEFT JOIN ledger_entries e ON e.transaction_id = t.id
+LEFT JOIN accounts a ON a.id = e.account_id
+LEFT JOIN payments p ON p.payment_id = t.payment_id
+WHERE t.payment_id IN (
+    SELECT h.payment_id FROM ledger_transactions h WHERE h.kind = :hold AND {where}
+)
+GROUP BY t.payment_id, p.status
+ORDER BY t.payment_id
+"""
+
+
+async def check_holds_released(
+    engine: AsyncEngine, scope: CheckScope, max_examples: int
+) -> CheckResult:
+    """An authorization hold (issue 15) is released exactly once: with its capture, whose
+    posting takes no more than was held, or with a void or expiry. A payment the register
+    records as ended (its outcome, or its capture) never keeps a hold: the saga releases it on
+    every path, the expiry timer included."""
+    findings = _Findings(HOLDS_RELEASED, max_examples)
+    sql = _HOLDS_SQL.format(where=_scope_sql(scope, "h", "created_at"))
+    for row in await _rows(engine, sql, {**_scope_params(scope), **_KIND_PARAMS}):
+        findings.checked(1)
+        payment_id = str(row["payment_id"])
+        holds, captures, voids = _int(row["holds"]), _int(row["captures"]), _int(row["voids"])
+        held, captured = _int(row["held"]), _int(row["captured"])
+        if holds > 1:
+            findings.violation(payment_id, f"held {holds} times")
+        if captures and voids:
+            findings.violation(payment_id, "the hold was both captured and voided")
+        elif captures + voids > 1:
+            findings.violation(payment_id, f"the hold was released {captures + voids} times")
+        if captured > held:
+            findings.violation(payment_id, f"captured {captured} of the {held} held")
+        if captured and not captures:
+            findings.violation(payment_id, f"captured {captured} without releasing its hold")
+        status = row["status"]
+        if not captures + voids and status is not None and status not in _HOLD_MAY_STAND:
+            findings.violation(
+                payment_id, f"the payment is {status} but its hold of {held} was never released"
+            )
+    return findings.result
+
+
+# Register statuses under which a hold may still stand: none yet (in flight, unregistered), or
+# an operator still has to act.
+_HOLD_MAY_STAND = frozenset({PaymentStatus.REQUIRES_ATTENTION.value})
 
 
 # ── Kafka ────────────────────────────────────────────────────────────────────────────────────
@@ -896,7 +963,8 @@ def _judge(p: PaymentLedger | None, wf: WorkflowView | None) -> _Verdict | str:
             f"workflow {closed} says {status}; the ledger ({p.moved}, {p.postings} posting(s), "
             f"{p.reversals} reversal(s)) implies {implied}"
         )
-    if p.register is not None and wf.amount is not None and wf.amount != p.register.amount:
+    # A partial approval at the acquirer captures less than the payment asked, never more.
+    if p.register is not None and wf.amount is not None and wf.amount < p.register.amount:
         return f"workflow amount {wf.amount} but the register has {p.register.amount}"
     if (
         not wf.running
@@ -977,7 +1045,8 @@ async def _check_once(
                 WORKFLOW_AGREES, _workflow_check(temporal, payments, scope, max_examples)
             ),
         ]
-    results = [balanced, *payment_checks, *kafka_checks]
+    holds = await _guarded(HOLDS_RELEASED, check_holds_released(engine, scope, max_examples))
+    results = [balanced, *payment_checks, *kafka_checks, holds]
     return sorted(results, key=lambda r: list(PROMISES).index(r.name))
 
 

@@ -22,8 +22,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client
 
 from activities.acquirer import HttpAcquirer
-from domain.acquirer import AcquirerAuthorization, AuthorizationState
+from domain.acquirer import AcquirerAuthorization, AuthorizationRequest, AuthorizationState
 from domain.events import EventKind, event_id
+from infra.checker import HOLDS_RELEASED, CheckScope, run_checks
 from infra.stack import Stack
 from settings import Settings
 from tests.api_client import api_client
@@ -44,6 +45,8 @@ from workflows.acquirer_steps import acquirer_refund_reference
 # The worker gives up on an answer well before pm_card_timeout's held one comes back.
 IMPATIENT_SECONDS = 1.0
 RESOLVE_SECONDS = 60.0
+# Every payment this module made through the sandbox, for the checker's verdict at the end.
+PAID: list[str] = []
 
 
 @dataclass
@@ -119,6 +122,7 @@ async def _pay(rig: AcquirerRig, payment_method: str, amount: int = 5000) -> str
     created = await create_payment(rig.api, body, wait=0)
     assert created.status_code == 201, created.text
     payment_id: str = created.json()["id"]
+    PAID.append(payment_id)
     return payment_id
 
 
@@ -178,6 +182,41 @@ async def _event_types(rig: AcquirerRig, payment_id: str) -> list[str]:
     answer = await rig.api.get("/v1/events", params={"payment_id": payment_id, "limit": 100})
     assert answer.status_code == 200, answer.text
     return [e["type"] for e in reversed(answer.json()["data"])]
+
+
+async def test_the_stack_starts_the_sandbox_acquirer_and_points_the_services_at_it(
+    stack: Stack,
+) -> None:
+    settings = stack.service_settings()
+    assert stack.acquirer_sandbox_url is not None
+    assert settings.acquirer_url == stack.acquirer_sandbox_url
+    key = settings.acquirer_api_key.get_secret_value()
+    # A key of its own, kept under the home, never the documented public test key.
+    assert key.startswith("sk_test_") and key != "sk_test_paysaga_sandbox"
+    assert stack.service_env()["PAYSAGA_ACQUIRER_URL"] == stack.acquirer_sandbox_url
+    async with httpx.AsyncClient() as http:
+        health = await http.get(f"{stack.acquirer_sandbox_url}/healthz")
+        assert health.status_code == 200 and health.json()["status"] == "ok"
+    # The key the services got is the one the sandbox accepts, and only it.
+    acquirer = HttpAcquirer.from_settings(settings)
+    reference = f"pay_{uuid.uuid4().hex[:24]}"
+    try:
+        result = await acquirer.authorize(
+            AuthorizationRequest(
+                reference=reference, amount=1234, currency="USD", payment_method="pm_card_visa"
+            )
+        )
+        assert result.approved and result.authorized_amount == 1234
+        record = await acquirer.status(reference)
+        assert record is not None and record.state is AuthorizationState.AUTHORIZED
+    finally:
+        await acquirer.aclose()
+    stranger = HttpAcquirer(settings.acquirer_url or "", SecretStr("sk_test_paysaga_sandbox"))
+    try:
+        with pytest.raises(Exception, match="401"):
+            await stranger.status(reference)
+    finally:
+        await stranger.aclose()
 
 
 async def test_an_approved_payment_is_authorized_then_captured_at_once(
@@ -309,6 +348,24 @@ async def test_a_cancel_during_the_authorization_voids_the_hold_at_the_acquirer_
     types = await _event_types(rig, payment_id)
     assert "payment.authorized" in types and "payment.voided" in types, types
     assert "payment.captured" not in types and "payment.confirmed" not in types, types
+
+
+async def test_the_checker_finds_every_promise_kept_by_the_payments_above(
+    rig: AcquirerRig, app_settings: Settings, engine: AsyncEngine, temporal_client: Client
+) -> None:
+    """Holds released once, captures within them, the register, the outbox in Kafka, the
+    workflows: `paysaga check` over every payment this module made through the acquirer."""
+    assert len(PAID) >= 8
+    report = await run_checks(
+        app_settings,
+        scope=CheckScope(payment_ids=frozenset(PAID)),
+        engine=engine,
+        temporal=temporal_client,
+        max_examples=20,
+        settle_seconds=20,
+    )
+    assert report.passed, [r for r in report.results if not r.passed]
+    assert report.result(HOLDS_RELEASED).checked >= 6
 
 
 # ── an acquirer that never answers: bounded, then an operator ────────────────────────────────
