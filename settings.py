@@ -201,6 +201,8 @@ class Settings(BaseSettings):
     # before issue 15 (docs/acquirer.md, "Without an acquirer").
     # An ambiguous outcome is resolved by status for this long, then requires_attention.
     acquirer_resolve_seconds: float = 600.0
+    # `capture_method: manual`: an authorization left uncaptured this long is voided.
+    authorization_expiry_seconds: float = 7 * 86400.0
     acquirer_sandbox: bool = True
     acquirer_sandbox_port: int = 8020
 

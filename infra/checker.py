@@ -65,7 +65,13 @@ PROMISES: dict[str, str] = {
 
 # Workflow statuses of a payment between steps: not judged (the checker wants a quiet system).
 IN_FLIGHT = frozenset(
-    {PaymentStatus.RECEIVED, PaymentStatus.REQUIRES_REVIEW, PaymentStatus.PROCESSING}
+    {
+        PaymentStatus.RECEIVED,
+        PaymentStatus.REQUIRES_REVIEW,
+        PaymentStatus.PROCESSING,
+        # Authorized and held, waiting for a capture or a void (the hold is checked apart).
+        PaymentStatus.REQUIRES_CAPTURE,
+    }
 )
 # Statuses that say money was captured and still is.
 CAPTURED = frozenset(
@@ -274,7 +280,9 @@ WITH scoped AS (
 ),
 moved AS (
     SELECT t.payment_id,
-        count(DISTINCT t.id) AS transactions,
+        count(DISTINCT t.id) FILTER (
+            WHERE t.kind NOT IN (:hold, :hold_captured, :hold_voided)
+        ) AS transactions,
         count(DISTINCT t.id) FILTER (WHERE t.kind = :payment) AS postings,
         count(DISTINCT t.id) FILTER (WHERE t.kind = :reversal) AS reversals,
         count(DISTINCT t.id) FILTER (
@@ -459,7 +467,9 @@ def check_posted_once(payments: Sequence[PaymentLedger], max_examples: int) -> C
 def _posting_problems(p: PaymentLedger) -> Iterator[str]:
     counts = f"{p.postings} posting(s), {p.reversals} reversal(s)"
     if p.register is None:
-        yield f"{p.transactions} ledger transaction(s) for a payment missing from the register"
+        # An authorization's hold comes before the register (the capture, or the outcome).
+        if p.transactions:
+            yield f"{p.transactions} ledger transaction(s) for a payment missing from the register"
         return
     status = p.register.status
     if p.postings > 1:

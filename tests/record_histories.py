@@ -42,6 +42,7 @@ from domain.events import EventKind, PaymentEvent, event_id
 from domain.payment import (
     AttentionResolution,
     CancelSignal,
+    CaptureSignal,
     CrmSync,
     DisputeClosedSignal,
     DisputeOpenedSignal,
@@ -54,6 +55,7 @@ from domain.payment import (
     RefundSignal,
     ResolutionRecord,
     ReviewDecision,
+    VoidSignal,
     payment_id_for,
 )
 from domain.webhooks import DeliveryResult
@@ -99,6 +101,7 @@ class Recorder:
         queue: str | None = None,
         payment_id: str | None = None,
         payment_method: str = "pm_card_visa_0001",
+        capture_method: Literal["automatic", "manual"] = "automatic",
         **policy: Any,
     ) -> WorkflowHandle[Any, Any]:
         """A payment of a first-time customer and a merchant of the path's own, started the way
@@ -109,6 +112,7 @@ class Recorder:
             customer_id=f"cus_replay_{path}",
             merchant_id=f"mer_replay_{path}",
             payment_method=payment_method,
+            capture_method=capture_method,
             description=f"replay history: {path}",
         )
         payment_id = payment_id or new_payment_id(path)
@@ -633,6 +637,50 @@ async def acquirer_canceled_void(r: Recorder) -> WorkflowHandle[Any, Any]:
     return handle
 
 
+async def _requires_capture(r: Recorder, path: str, **policy: Any) -> WorkflowHandle[Any, Any]:
+    handle = await r.start(
+        path, 5000, payment_method="pm_card_visa", capture_method="manual", acquirer=True, **policy
+    )
+    await wait_until(handle, lambda s: s.status == PaymentStatus.REQUIRES_CAPTURE)
+    return handle
+
+
+async def acquirer_manual_capture(r: Recorder) -> WorkflowHandle[Any, Any]:
+    """requires_capture; a capture over the authorization refused by the validator; a partial
+    capture (the rest released)."""
+    handle = await _requires_capture(r, "acquirer_manual_capture")
+    try:
+        await handle.execute_update(
+            "capture", CaptureSignal(amount_to_capture=5001), id="capture-too-much"
+        )
+    except WorkflowUpdateFailedError:
+        pass
+    else:
+        raise AssertionError("a capture over the authorization was accepted")
+    state = await handle.execute_update(
+        "capture", CaptureSignal(amount_to_capture=3000), id="capture", result_type=PaymentState
+    )
+    assert state.captured == 3000, state
+    await wait_until(handle, succeeded_and_synced)
+    return handle
+
+
+async def acquirer_manual_void(r: Recorder) -> WorkflowHandle[Any, Any]:
+    handle = await _requires_capture(r, "acquirer_manual_void")
+    await handle.execute_update("void", VoidSignal(reason="replay"), id="void")
+    await ended(handle, PaymentStatus.CANCELED)
+    return handle
+
+
+async def acquirer_authorization_expires(r: Recorder) -> WorkflowHandle[Any, Any]:
+    """Nobody captures: the durable timer voids the authorization (2 s here, 7 days by default)."""
+    handle = await _requires_capture(
+        r, "acquirer_authorization_expires", authorization_expiry_seconds=2.0
+    )
+    await ended(handle, PaymentStatus.CANCELED)
+    return handle
+
+
 PATHS: dict[str, Callable[[Recorder], Awaitable[WorkflowHandle[Any, Any]]]] = {
     "success": success,
     "success_regular_activities": success_regular_activities,
@@ -663,6 +711,9 @@ PATHS: dict[str, Callable[[Recorder], Awaitable[WorkflowHandle[Any, Any]]]] = {
     "acquirer_timeout_resolved": acquirer_timeout_resolved,
     "acquirer_refund": acquirer_refund,
     "acquirer_canceled_void": acquirer_canceled_void,
+    "acquirer_manual_capture": acquirer_manual_capture,
+    "acquirer_manual_void": acquirer_manual_void,
+    "acquirer_authorization_expires": acquirer_authorization_expires,
 }
 
 

@@ -53,6 +53,7 @@ PAID: list[str] = []
 class AcquirerRig:
     api: httpx.AsyncClient
     settings: Settings
+    temporal: Client
 
     def connector(self) -> HttpAcquirer:
         return HttpAcquirer.from_settings(self.settings)
@@ -103,7 +104,7 @@ async def rig(
         payment_worker(settings, temporal_client),
         api_client(settings, temporal_client, TEST_API_KEY) as api,
     ):
-        yield AcquirerRig(api=api, settings=settings)
+        yield AcquirerRig(api=api, settings=settings, temporal=temporal_client)
 
 
 def _performed(operations: list[dict[str, Any]], operation: str) -> list[dict[str, Any]]:
@@ -117,8 +118,9 @@ def _performed(operations: list[dict[str, Any]], operation: str) -> list[dict[st
     ]
 
 
-async def _pay(rig: AcquirerRig, payment_method: str, amount: int = 5000) -> str:
+async def _pay(rig: AcquirerRig, payment_method: str, amount: int = 5000, **overrides: Any) -> str:
     body = payment_body(amount=amount, payment_method=payment_method, merchant_id=new_merchant())
+    body.update(overrides)
     created = await create_payment(rig.api, body, wait=0)
     assert created.status_code == 201, created.text
     payment_id: str = created.json()["id"]
@@ -348,6 +350,111 @@ async def test_a_cancel_during_the_authorization_voids_the_hold_at_the_acquirer_
     types = await _event_types(rig, payment_id)
     assert "payment.authorized" in types and "payment.voided" in types, types
     assert "payment.captured" not in types and "payment.confirmed" not in types, types
+
+
+# ── capture_method: manual ───────────────────────────────────────────────────────────────────
+
+
+async def _requires_capture(rig: AcquirerRig, amount: int) -> str:
+    payment_id = await _pay(rig, "pm_card_visa", amount, capture_method="manual")
+    payment = await wait_for_payment(
+        rig.api, payment_id, lambda p: p["status"] == "requires_capture", timeout=30
+    )
+    assert (payment["amount_authorized"], payment["amount_captured"]) == (amount, 0)
+    assert "expires" in payment["waiting_for"]
+    return payment_id
+
+
+async def test_manual_capture_of_part_releases_the_rest_once_captured(
+    rig: AcquirerRig, engine: AsyncEngine
+) -> None:
+    payment_id = await _requires_capture(rig, 5000)
+    record = await rig.record(payment_id)
+    assert record.state is AuthorizationState.AUTHORIZED
+    await _ledger_holds_nothing_but(engine, payment_id, 5000)
+    # Waiting for its capture, holding money, the payment keeps every promise of the checker.
+    waiting = await run_checks(
+        rig.settings,
+        scope=CheckScope(payment_ids=frozenset({payment_id})),
+        engine=engine,
+        temporal=rig.temporal,
+        max_examples=5,
+    )
+    assert waiting.passed, [r for r in waiting.results if not r.passed]
+
+    too_much = await rig.api.post(
+        f"/v1/payments/{payment_id}/capture", json={"amount_to_capture": 5001}
+    )
+    assert too_much.status_code == 400, too_much.text
+    assert too_much.json()["error"]["code"] == "amount_too_large"
+
+    captured = await rig.api.post(
+        f"/v1/payments/{payment_id}/capture", json={"amount_to_capture": 3000}
+    )
+    assert captured.status_code == 200, captured.text
+    payment = captured.json()
+    assert (payment["status"], payment["amount_captured"]) == ("succeeded", 3000)
+    record = await rig.record(payment_id)
+    assert record.state is AuthorizationState.CAPTURED
+    assert (record.captured_amount, record.released_amount) == (3000, 2000)
+    await _ledger_holds_nothing(
+        engine, payment_id, ["authorization_hold", "hold_captured", "payment"]
+    )
+    assert await account_balance_of_payment(engine, payment_id, "payment") == 3000
+
+    # Asked again, the capture answers as it did (one capture per payment, one Update id).
+    again = await rig.api.post(f"/v1/payments/{payment_id}/capture", json={})
+    assert again.status_code == 200, again.text
+    assert again.json()["amount_captured"] == 3000
+    void = await rig.api.post(f"/v1/payments/{payment_id}/void")
+    assert void.status_code == 409 and void.json()["error"]["code"] == "payment_not_capturable"
+    assert len(_performed(await rig.operations(payment_id), "capture")) == 1
+
+
+async def test_manual_void_releases_the_whole_authorization(
+    rig: AcquirerRig, engine: AsyncEngine
+) -> None:
+    payment_id = await _requires_capture(rig, 4100)
+    voided = await rig.api.post(f"/v1/payments/{payment_id}/void")
+    assert voided.status_code == 200, voided.text
+    assert voided.json()["status"] == "canceled"
+    record = await rig.record(payment_id)
+    assert (record.state, record.released_amount) == (AuthorizationState.VOIDED, 4100)
+    await _ledger_holds_nothing(engine, payment_id, ["authorization_hold", "hold_voided"])
+    late = await rig.api.post(f"/v1/payments/{payment_id}/capture", json={})
+    assert late.status_code == 409, late.text
+    # Voiding again answers with the same voided payment.
+    assert (await rig.api.post(f"/v1/payments/{payment_id}/void")).json()["status"] == "canceled"
+
+
+async def test_an_automatic_payment_cannot_be_captured_or_voided(rig: AcquirerRig) -> None:
+    payment_id = await _pay(rig, "pm_card_visa", 1500)
+    assert (await _settled(rig, payment_id))["status"] == "succeeded"
+    for action in ("capture", "void"):
+        refused = await rig.api.post(f"/v1/payments/{payment_id}/{action}", json={})
+        assert refused.status_code == 409, refused.text
+        assert refused.json()["error"]["code"] == "payment_not_capturable"
+
+
+async def _ledger_holds_nothing_but(engine: AsyncEngine, payment_id: str, held: int) -> None:
+    rows = await assert_ledger_balanced(engine, payment_id)
+    assert [r["kind"] for r in rows] == ["authorization_hold"]
+    assert await account_balance_of_payment(engine, payment_id, "authorization_hold") == held
+
+
+async def account_balance_of_payment(engine: AsyncEngine, payment_id: str, kind: str) -> int:
+    """What the payment's `kind` postings debited the customer's funding account by."""
+    async with engine.connect() as conn:
+        value = await conn.scalar(
+            text(
+                "SELECT coalesce(sum(e.amount), 0) FROM ledger_entries e "
+                "JOIN ledger_transactions t ON t.id = e.transaction_id "
+                "JOIN accounts a ON a.id = e.account_id "
+                "WHERE t.payment_id = :p AND t.kind = :k AND a.type = 'customer_funding'"
+            ),
+            {"p": payment_id, "k": kind},
+        )
+    return int(value or 0)
 
 
 async def test_the_checker_finds_every_promise_kept_by_the_payments_above(

@@ -62,6 +62,9 @@ PATHS = {
     "acquirer_timeout_resolved",  # authorize and capture timed out, resolved by status
     "acquirer_refund",  # a refund returned at the acquirer, then posted
     "acquirer_canceled_void",  # canceled during the authorization: the hold voided
+    "acquirer_manual_capture",  # requires_capture, a refused capture Update, a partial capture
+    "acquirer_manual_void",  # requires_capture, voided by Update
+    "acquirer_authorization_expires",  # requires_capture until the expiry timer voids it
     "requires_attention_resolved",  # a refused reversal waits for an operator's retry
     "window_closes_with_open_dispute",  # only the dispute's close is taken after the window
     "operator_cancel_with_open_dispute",  # canceled, kept until the dispute closes

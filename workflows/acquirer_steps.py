@@ -40,13 +40,20 @@ with workflow.unsafe.imports_passed_through():
     )
     from domain.errors import NON_RETRYABLE
     from domain.events import EventKind
-    from domain.payment import PaymentPolicy, PaymentState, PaymentStatus
+    from domain.payment import (
+        CancelSignal,
+        CaptureSignal,
+        PaymentPolicy,
+        PaymentState,
+        PaymentStatus,
+    )
 
 # New payments with an acquirer authorize and capture there before the ledger posting; payments
 # whose history was written before keep the commands they recorded (docs/upgrades.md).
 PATCH_ACQUIRER = "acquirer-authorize-capture"
 RELEASE_AT_ACQUIRER = "release the authorization at the acquirer"
 ACQUIRER_OUTCOME_UNRESOLVED = "AcquirerOutcomeUnresolved"
+AUTHORIZATION_EXPIRED = "the authorization expired uncaptured"
 # The compensation's refund: no client refund id can take it (`~` is outside their charset).
 REVERSAL_REFUND_ID = "~reversal"
 
@@ -98,12 +105,15 @@ def _failure_type(error: BaseException) -> str | None:
 class AcquirerSteps:
     """Mixed into PaymentWorkflow: the acquirer's part of the saga."""
 
-    # What the acquirer captured in this run (`automatic` capture), for the ledger posting.
+    # What the acquirer captured in this run, for the ledger posting.
     acquirer_captured: int | None = None
+    # `capture_method: manual`: the capture asked for (the `capture` Update).
+    capture_requested: CaptureSignal | None = None
 
     if TYPE_CHECKING:
         state: PaymentState
         policy: PaymentPolicy
+        cancel_requested: CancelSignal | None
 
         def set_status(self, status: PaymentStatus, waiting_for: str, note: str = "") -> None: ...
 
@@ -141,6 +151,30 @@ class AcquirerSteps:
     @property
     def declined(self) -> bool:
         return self.state.decline_code is not None
+
+    @property
+    def manual_capture(self) -> bool:
+        return self.state.request.capture_method == "manual"
+
+    async def await_capture(self) -> None:
+        """`capture_method: manual`: held until a capture, a void or a cancel, or until the
+        authorization expires, which voids it (a durable timer: it fires after any restart)."""
+        expires_at = workflow.now() + timedelta(seconds=self.policy.authorization_expiry_seconds)
+        self.state.authorization_expires_at = expires_at
+        self.set_status(
+            PaymentStatus.REQUIRES_CAPTURE,
+            "a capture or a void; the authorization expires (is voided) at "
+            f"{expires_at:%Y-%m-%d %H:%M} UTC",
+        )
+        try:
+            await workflow.wait_condition(
+                lambda: self.capture_requested is not None or self.cancel_requested is not None,
+                timeout=timedelta(seconds=self.policy.authorization_expiry_seconds),
+            )
+        except TimeoutError:
+            self.cancel_requested = CancelSignal(reason=AUTHORIZATION_EXPIRED)
+        if self.cancel_requested is None:
+            self.set_status(PaymentStatus.PROCESSING, "the acquirer's capture")
 
     # ── the instructions ─────────────────────────────────────────────────────────────────
     async def authorize_at_acquirer(self) -> None:

@@ -52,17 +52,20 @@ with workflow.unsafe.imports_passed_through():
         Refused,
         Taking,
         cancel_refusal,
+        capture_refusal,
         dispute_closed_refusal,
         dispute_opened_refusal,
         not_cancelable_reason,
         refund_refusal,
         resolution_refusal,
+        void_refusal,
     )
     from domain.money import MAX_INT64
     from domain.payment import (
         Attention,
         AttentionResolution,
         CancelSignal,
+        CaptureSignal,
         CrmSync,
         Dispute,
         DisputeClosedSignal,
@@ -79,6 +82,7 @@ with workflow.unsafe.imports_passed_through():
         ReviewDecision,
         StatusChange,
         UndoFailure,
+        VoidSignal,
         status_from_amounts,
     )
     from workflows import search_attributes as sa
@@ -260,6 +264,8 @@ class PaymentWorkflow(AcquirerSteps):
             saga.add(VOID_RAW, self.void_raw_event)
             await _run_to_completion(self.publish(EventKind.RAW, local=True))
 
+            if through_acquirer and self.manual_capture:
+                await self.await_capture()
             self.stop_if_canceled()
             self.posting_started = True
             if through_acquirer:
@@ -739,6 +745,41 @@ class PaymentWorkflow(AcquirerSteps):
             return
         self.take_dispute_closed(signal)
 
+    @workflow.update(name="capture")
+    async def capture_authorization(self, request: CaptureSignal) -> PaymentState:
+        """`capture_method: manual`: capture all or part of the authorization (the rest is
+        released); the answer is the payment once captured and posted (or failed)."""
+        if self.capture_requested is None:
+            self.capture_requested = CaptureSignal(amount_to_capture=request.amount_to_capture)
+        await workflow.wait_condition(
+            lambda: (
+                self.state.status not in (PaymentStatus.REQUIRES_CAPTURE, PaymentStatus.PROCESSING)
+            )
+        )
+        return self.state
+
+    @capture_authorization.validator
+    def _capture_allowed(self, request: CaptureSignal) -> None:
+        self.refuse(
+            capture_refusal(
+                self.state,
+                request,
+                requested=self.capture_requested is not None,
+                voiding=self.cancel_requested is not None,
+            )
+        )
+
+    @workflow.update(name="void")
+    async def void_authorization(self, request: VoidSignal) -> PaymentState:
+        """Release an uncaptured authorization: the payment ends `canceled`, nothing captured."""
+        self.take_cancel(CancelSignal(reason=request.reason))
+        await workflow.wait_condition(lambda: self.state.status in ENDED)
+        return self.state
+
+    @void_authorization.validator
+    def _void_allowed(self, request: VoidSignal) -> None:
+        self.refuse(void_refusal(self.state, capture_requested=self.capture_requested is not None))
+
     @workflow.update(name="resolve_attention")
     async def resolve_attention(self, resolution: AttentionResolution) -> ResolutionRecord:
         """An operator's answer to `requires_attention`; the answer is what it achieved."""
@@ -1181,7 +1222,8 @@ class PaymentWorkflow(AcquirerSteps):
         """`automatic` capture: everything the acquirer authorized (a partial approval's
         part), posted to the ledger as the payment's capture."""
         self.set_status(PaymentStatus.PROCESSING, "the acquirer's capture")
-        captured = await self.capture_at_acquirer()
+        asked = self.capture_requested
+        captured = await self.capture_at_acquirer(asked.amount_to_capture if asked else None)
         self.acquirer_captured = captured.captured_amount
         await self.release_hold(captured=captured.captured_amount)
 

@@ -81,6 +81,7 @@ def payment_policy(settings: Settings, body: PaymentRequest) -> PaymentPolicy:
         tenant_accounts=True,
         acquirer=bool(settings.acquirer_url),
         acquirer_resolve_seconds=settings.acquirer_resolve_seconds,
+        authorization_expiry_seconds=settings.authorization_expiry_seconds,
     )
 
 
