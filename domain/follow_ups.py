@@ -260,3 +260,23 @@ def void_refusal(state: PaymentState, *, capture_requested: bool) -> Refused | N
         + (" and being captured" if capture_requested else "")
         + "; only a requires_capture payment is voided (refund a captured one).",
     )
+
+
+def refund_by_void_refusal(
+    state: PaymentState, request: RefundSignal, *, capture_requested: bool
+) -> Refused | None:
+    """A payment not captured yet is refunded by voiding its whole authorization."""
+    problem = _text_problem("reason", request.reason, TEXT_MAX) if request.reason else None
+    if problem:
+        return problem
+    if capture_requested:
+        return Refused(
+            Refusal.NOT_CAPTURABLE, "Cannot refund: the payment is being captured; refund it after."
+        )
+    if request.amount is not None and request.amount != state.authorized_amount:
+        return Refused(
+            Refusal.AMOUNT_INVALID,
+            f"A payment not captured yet is refunded whole ({state.authorized_amount}), by "
+            "voiding its authorization; to keep part of it, capture less instead.",
+        )
+    return None

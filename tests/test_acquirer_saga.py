@@ -427,6 +427,24 @@ async def test_manual_void_releases_the_whole_authorization(
     assert (await rig.api.post(f"/v1/payments/{payment_id}/void")).json()["status"] == "canceled"
 
 
+async def test_a_refund_of_an_uncaptured_payment_voids_its_authorization(
+    rig: AcquirerRig, engine: AsyncEngine
+) -> None:
+    payment_id = await _requires_capture(rig, 2700)
+    partial = await refund(rig.api, payment_id, 1000)
+    assert partial.status_code == 400, partial.text
+    assert partial.json()["error"]["code"] == "amount_invalid"
+    whole = await refund(rig.api, payment_id)
+    assert whole.status_code == 201, whole.text
+    assert (whole.json()["status"], whole.json()["amount"]) == ("succeeded", 2700)
+    payment = (await rig.api.get(f"/v1/payments/{payment_id}")).json()
+    assert (payment["status"], payment["amount_captured"]) == ("canceled", 0)
+    record = await rig.record(payment_id)
+    assert (record.state, record.released_amount) == (AuthorizationState.VOIDED, 2700)
+    assert record.refunds == ()  # nothing was captured, so nothing was refunded: voided
+    await _ledger_holds_nothing(engine, payment_id, ["authorization_hold", "hold_voided"])
+
+
 async def test_an_automatic_payment_cannot_be_captured_or_voided(rig: AcquirerRig) -> None:
     payment_id = await _pay(rig, "pm_card_visa", 1500)
     assert (await _settled(rig, payment_id))["status"] == "succeeded"

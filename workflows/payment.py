@@ -56,6 +56,7 @@ with workflow.unsafe.imports_passed_through():
         dispute_closed_refusal,
         dispute_opened_refusal,
         not_cancelable_reason,
+        refund_by_void_refusal,
         refund_refusal,
         resolution_refusal,
         void_refusal,
@@ -684,13 +685,41 @@ class PaymentWorkflow(AcquirerSteps):
     @workflow.update(name="refund")
     async def refund_payment(self, request: RefundSignal) -> Refund:
         """The refund once the ledger posted it (`succeeded`) or refused it (`failed`)."""
+        if self.state.status == PaymentStatus.REQUIRES_CAPTURE:
+            return await self.refund_by_void(request)
         refund = self.take_refund(request, self.current_door())
         await workflow.wait_condition(lambda: refund.status != FollowUpStatus.PENDING)
         return refund
 
     @refund_payment.validator
     def _refund_allowed(self, request: RefundSignal) -> None:
+        if self.state.status == PaymentStatus.REQUIRES_CAPTURE:
+            self.refuse(
+                refund_by_void_refusal(
+                    self.state, request, capture_requested=self.capture_requested is not None
+                )
+            )
+            return
         self.refuse(refund_refusal(self.state, request, self.current_door()))
+
+    async def refund_by_void(self, request: RefundSignal) -> Refund:
+        """A refund of a payment not captured yet is a void: the whole authorization goes back
+        to the customer, nothing was ever taken. Recorded as a refund of what was held."""
+        self.take_cancel(CancelSignal(reason="refunded before capture: authorization voided"))
+        await workflow.wait_condition(lambda: self.state.status in ENDED)
+        refund = Refund(
+            id=request.refund_id[:ID_MAX],
+            amount=self.state.authorized_amount,
+            reason=clipped_text(request.reason) if request.reason is not None else None,
+            created_at=workflow.now(),
+        )
+        if self.state.status == PaymentStatus.CANCELED:
+            refund.status = FollowUpStatus.SUCCEEDED
+        else:
+            refund.status = FollowUpStatus.FAILED
+            refund.failure_reason = f"the authorization was not voided: {self.state.status}"
+        self.state.refunds.append(refund)
+        return refund
 
     @workflow.signal
     def refund(self, signal: RefundSignal) -> None:
