@@ -9,22 +9,30 @@ how many times each instruction really ran), the ledger, the events and the CRM.
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 from pydantic import SecretStr
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client
 
 from activities.acquirer import HttpAcquirer
+from api.app import create_app
 from domain.acquirer import AcquirerAuthorization, AuthorizationRequest, AuthorizationState
 from domain.events import EventKind, event_id
 from infra.checker import HOLDS_RELEASED, CheckScope, run_checks
+from infra.process import free_port
 from infra.stack import Stack
 from settings import Settings
 from tests.api_client import api_client
@@ -443,6 +451,56 @@ async def test_a_refund_of_an_uncaptured_payment_voids_its_authorization(
     assert (record.state, record.released_amount) == (AuthorizationState.VOIDED, 2700)
     assert record.refunds == ()  # nothing was captured, so nothing was refunded: voided
     await _ledger_holds_nothing(engine, payment_id, ["authorization_hold", "hold_voided"])
+
+
+async def test_the_cli_pays_with_manual_capture_then_captures_and_voids(
+    rig: AcquirerRig, temporal_client: Client
+) -> None:
+    """`paysaga pay --manual-capture`, `paysaga capture --amount`, `paysaga void`: the commands
+    the README and docs/signals.md show, against the API on a real port."""
+    app = create_app(rig.settings, temporal_client)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    serving = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.05)
+    api = ["--api-url", f"http://127.0.0.1:{port}", "--api-key", TEST_API_KEY]
+
+    async def paysaga(*args: str) -> str:
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [str(Path(sys.executable).parent / "paysaga"), *args, *api],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "COLUMNS": "200"},
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    try:
+        paid = await paysaga(
+            "pay", "6000", "USD", "--customer", "cus_cli_manual", "--merchant", new_merchant(),
+            "--token", "pm_card_visa", "--manual-capture", "--wait", "15",
+        )  # fmt: skip
+        assert "requires_capture" in paid, paid
+        first = re.findall(r"pay_[0-9a-f]{24}", paid)[0]
+        captured = await paysaga("capture", first, "--amount", "3500", "--wait", "15")
+        assert "succeeded" in captured, captured
+        record = await rig.record(first)
+        assert (record.captured_amount, record.released_amount) == (3500, 2500)
+
+        paid = await paysaga(
+            "pay", "1200", "USD", "--customer", "cus_cli_manual", "--merchant", new_merchant(),
+            "--token", "pm_card_visa", "--manual-capture", "--wait", "15",
+        )  # fmt: skip
+        second = re.findall(r"pay_[0-9a-f]{24}", paid)[0]
+        voided = await paysaga("void", second, "--wait", "15")
+        assert "canceled" in voided, voided
+        assert (await rig.record(second)).state is AuthorizationState.VOIDED
+    finally:
+        server.should_exit = True
+        await serving
 
 
 async def test_an_automatic_payment_cannot_be_captured_or_voided(rig: AcquirerRig) -> None:
