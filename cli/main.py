@@ -273,8 +273,7 @@ def capture(
         typer.Option(
             "--amount",
             min=1,
-            help="Minor units to capture; default: all that was authorized (the rest is "
-            "released).",
+            help="Minor units to capture; default: all that was authorized (the rest is released).",
             show_default=False,
         ),
     ] = None,
