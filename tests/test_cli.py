@@ -233,7 +233,13 @@ def test_run_serves_payments_stops_cleanly_and_keeps_data_across_restarts(
     # The dev key names its scopes: it can refund, as the README's examples do.
     refunded = paysaga_cli(home, ports, "refund", payment_id, "--amount", "200")
     assert refunded.returncode == 0, refunded.stdout + refunded.stderr
-    postings = [("payment", "EUR", 0), ("refund", "EUR", 0)]
+    # Through the sandbox acquirer: its hold and the hold's release at capture (issue 15).
+    postings = [
+        ("authorization_hold", "EUR", 0),
+        ("hold_captured", "EUR", 0),
+        ("payment", "EUR", 0),
+        ("refund", "EUR", 0),
+    ]
     assert sorted(ledger_postings(ports, payment_id)) == postings
     assert httpx.get(f"http://127.0.0.1:{ports.ui}/", timeout=10).status_code == 200
 
@@ -276,7 +282,9 @@ def test_run_serves_payments_stops_cleanly_and_keeps_data_across_restarts(
     assert_all_gone(children, ports)
 
 
-@pytest.mark.parametrize("env_var", ["PAYSAGA_API_PORT", "PAYSAGA_KAFKA_PORT"])
+@pytest.mark.parametrize(
+    "env_var", ["PAYSAGA_API_PORT", "PAYSAGA_KAFKA_PORT", "PAYSAGA_ACQUIRER_SANDBOX_PORT"]
+)
 def test_a_taken_port_is_named_with_its_setting_and_nothing_starts(
     tmp_path: Path, env_var: str
 ) -> None:
