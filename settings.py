@@ -197,6 +197,16 @@ class Settings(BaseSettings):
     # Connecting is bounded separately: a refused or unanswered connect means nothing was
     # sent, which is the one failure that is safe to retry blindly.
     acquirer_connect_timeout_seconds: float = 3.0
+    # `paysaga run` (and the tests' stack) starts the sandbox acquirer (sandboxes/acquirer.py)
+    # when no acquirer is configured, so payments authorize and capture on the default stack.
+    # No acquirer at all (sandbox off, no URL): payments are booked in the ledger only, as
+    # before issue 15 (docs/acquirer.md, "Without an acquirer").
+    # An ambiguous outcome is resolved by status for this long, then requires_attention.
+    acquirer_resolve_seconds: float = 600.0
+    # `capture_method: manual`: an authorization left uncaptured this long is voided.
+    authorization_expiry_seconds: float = 7 * 86400.0
+    acquirer_sandbox: bool = True
+    acquirer_sandbox_port: int = 8020
 
     # Temporal payload encryption (AES-GCM). The first key encrypts; all keys decrypt.
     encryption_keys: Annotated[list[EncryptionKey], NoDecode] = Field(default_factory=list)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from domain.payment import (
     CrmSync,
@@ -95,6 +95,18 @@ class PaymentResource(BaseModel):
     amount_disputed: int
     amount_dispute_lost: int
     amount_refundable: int
+    amount_authorized: int = Field(
+        0, description="What the acquirer authorized (held), minor units; 0 without one."
+    )
+    decline_code: str | None = Field(
+        None,
+        description="Why the issuer declined (`status: declined` by the acquirer): "
+        "insufficient_funds, do_not_honor, expired_card, card_velocity_exceeded, lost_card, "
+        "stolen_card or generic_decline (docs/acquirer.md).",
+    )
+    acquirer_reference: str | None = Field(
+        None, description="The acquirer's id of the authorization."
+    )
     fraud_score: float | None
     fraud_reasons: list[str]
     fraud_scoring_ms: float | None
@@ -127,6 +139,9 @@ class PaymentResource(BaseModel):
             amount_disputed=state.disputed,
             amount_dispute_lost=state.dispute_lost,
             amount_refundable=max(state.refundable, 0),
+            amount_authorized=state.authorized_amount,
+            decline_code=state.decline_code,
+            acquirer_reference=state.acquirer_reference,
             fraud_score=state.fraud.score if state.fraud else None,
             fraud_reasons=state.fraud.reasons if state.fraud else [],
             fraud_scoring_ms=state.fraud.elapsed_ms if state.fraud else None,

@@ -34,7 +34,13 @@ from ledger.records import RegisterRow
 
 # Workflow statuses of a payment between steps: not judged (the checker wants a quiet system).
 IN_FLIGHT = frozenset(
-    {PaymentStatus.RECEIVED, PaymentStatus.REQUIRES_REVIEW, PaymentStatus.PROCESSING}
+    {
+        PaymentStatus.RECEIVED,
+        PaymentStatus.REQUIRES_REVIEW,
+        PaymentStatus.PROCESSING,
+        # Authorized and held, waiting for a capture or a void (checker/holds.py checks the hold).
+        PaymentStatus.REQUIRES_CAPTURE,
+    }
 )
 # Statuses that say money was captured and still is.
 CAPTURED = frozenset(
@@ -144,10 +150,14 @@ WITH scoped AS (
 ),
 moved AS (
     SELECT t.payment_id,
-        count(DISTINCT t.id) AS transactions,
+        count(DISTINCT t.id) FILTER (
+            WHERE t.kind NOT IN (:hold, :hold_captured, :hold_voided)
+        ) AS transactions,
         count(DISTINCT t.id) FILTER (WHERE t.kind = :payment) AS postings,
         count(DISTINCT t.id) FILTER (WHERE t.kind = :reversal) AS reversals,
-        count(DISTINCT t.id) FILTER (WHERE t.kind NOT IN (:payment, :reversal)) AS follow_ups,
+        count(DISTINCT t.id) FILTER (
+            WHERE t.kind NOT IN (:payment, :reversal, :hold, :hold_captured, :hold_voided)
+        ) AS follow_ups,
         -- Captured: what the customer's funding account was debited by the posting, net of a
         -- reversal. Returned: what it was credited back by refunds and lost disputes. Held:
         -- what the disputes account holds for this payment.
@@ -176,13 +186,17 @@ LEFT JOIN moved m ON m.payment_id = s.payment_id
 ORDER BY s.payment_id
 """
 
-_KIND_PARAMS = {
+KIND_PARAMS = {
     "payment": TransactionKind.PAYMENT.value,
     "reversal": TransactionKind.PAYMENT_REVERSAL.value,
     "refund": TransactionKind.REFUND.value,
     "lost": TransactionKind.DISPUTE_LOST.value,
     "customer": AccountType.CUSTOMER_FUNDING.value,
     "disputes": AccountType.DISPUTES.value,
+    "hold": TransactionKind.AUTHORIZATION_HOLD.value,
+    "hold_captured": TransactionKind.HOLD_CAPTURED.value,
+    "hold_voided": TransactionKind.HOLD_VOIDED.value,
+    "hold_account": AccountType.AUTHORIZATION_HOLD.value,
 }
 
 
@@ -220,7 +234,7 @@ async def load_payments(engine: AsyncEngine, scope: CheckScope) -> list[PaymentL
         register_where=scope_sql(scope, "p", "updated_at"),
         ledger_where=scope_sql(scope, "t", "created_at"),
     )
-    rows = await fetch_rows(engine, sql, {**scope_params(scope), **_KIND_PARAMS})
+    rows = await fetch_rows(engine, sql, {**scope_params(scope), **KIND_PARAMS})
     return [_payment_ledger(row) for row in rows]
 
 
@@ -287,7 +301,9 @@ def check_posted_once(payments: Sequence[PaymentLedger], max_examples: int) -> C
 def _posting_problems(p: PaymentLedger) -> Iterator[str]:
     counts = f"{p.postings} posting(s), {p.reversals} reversal(s)"
     if p.register is None:
-        yield f"{p.transactions} ledger transaction(s) for a payment missing from the register"
+        # An authorization's hold comes before the register (the capture, or the outcome).
+        if p.transactions:
+            yield f"{p.transactions} ledger transaction(s) for a payment missing from the register"
         return
     status = p.register.status
     if p.postings > 1:

@@ -19,6 +19,7 @@ REGISTER_MATCHES = "register-matches-ledger"
 OUTBOX_IN_KAFKA = "outbox-in-kafka"
 KAFKA_HAS_OUTBOX = "kafka-events-have-outbox"
 WORKFLOW_AGREES = "workflow-agrees-with-ledger"
+HOLDS_RELEASED = "authorization-holds-released"
 
 PROMISES: dict[str, str] = {
     LEDGER_BALANCED: "Every ledger transaction sums to zero per currency",
@@ -28,6 +29,8 @@ PROMISES: dict[str, str] = {
     OUTBOX_IN_KAFKA: "Every stored event (the outbox) reached Kafka at least once (by event id)",
     KAFKA_HAS_OUTBOX: "No ledger event in Kafka lacks its outbox row",
     WORKFLOW_AGREES: "Each payment's workflow status agrees with its ledger state",
+    HOLDS_RELEASED: "Each authorization hold is released once, captured or voided but never "
+    "both, captures no more than it held, and none outlives its payment",
 }
 
 

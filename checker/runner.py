@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client
 
+from checker.holds import check_holds_released
 from checker.kafka import (
     LEDGER_TOPICS,
     check_kafka_has_outbox,
@@ -28,6 +29,7 @@ from checker.ledger import (
     load_payments,
 )
 from checker.report import (
+    HOLDS_RELEASED,
     KAFKA_HAS_OUTBOX,
     LEDGER_BALANCED,
     OUTBOX_IN_KAFKA,
@@ -105,7 +107,8 @@ async def _check_once(
                 WORKFLOW_AGREES, _workflow_check(temporal, payments, scope, max_examples)
             ),
         ]
-    results = [balanced, *payment_checks, *kafka_checks]
+    holds = await _guarded(HOLDS_RELEASED, check_holds_released(engine, scope, max_examples))
+    results = [balanced, *payment_checks, *kafka_checks, holds]
     return sorted(results, key=lambda r: list(PROMISES).index(r.name))
 
 

@@ -193,7 +193,8 @@ def _judge(p: PaymentLedger | None, wf: WorkflowView | None) -> _Verdict | str:
             f"workflow {closed} says {status}; the ledger ({p.moved}, {p.postings} posting(s), "
             f"{p.reversals} reversal(s)) implies {implied}"
         )
-    if p.register is not None and wf.amount is not None and wf.amount != p.register.amount:
+    # A partial approval at the acquirer captures less than the payment asked, never more.
+    if p.register is not None and wf.amount is not None and wf.amount < p.register.amount:
         return f"workflow amount {wf.amount} but the register has {p.register.amount}"
     if (
         not wf.running

@@ -136,6 +136,13 @@ def pay(
         typer.Option("--token", help="Payment-method token (pm_…), never a card number."),
     ] = "pm_card_visa_0001",
     description: Annotated[str | None, typer.Option(show_default=False)] = None,
+    manual_capture: Annotated[
+        bool,
+        typer.Option(
+            "--manual-capture",
+            help="Stop at requires_capture: `paysaga capture` or `paysaga void` it later.",
+        ),
+    ] = False,
     idempotency_key: IdempotencyKey = None,
     wait: Wait = 10.0,
     api_url: ApiUrl = DEFAULT_API_URL,
@@ -153,6 +160,8 @@ def pay(
     }
     if description is not None:
         body["description"] = description
+    if manual_capture:
+        body["capture_method"] = "manual"
     with reporting_api_errors():
         payment = api_client(api_url, api_key, home).call(
             "POST", "/v1/payments", json=body, wait=wait, idempotency_key=key
@@ -253,6 +262,48 @@ def cancel(
     with reporting_api_errors():
         payment = api_client(api_url, api_key, home).call(
             "POST", f"/v1/payments/{payment_id}/cancel", wait=wait
+        )
+    show_payment(payment)
+
+
+@app.command()
+def capture(
+    payment_id: Annotated[str, typer.Argument(help="pay_… in requires_capture")],
+    amount: Annotated[
+        int | None,
+        typer.Option(
+            "--amount",
+            min=1,
+            help="Minor units to capture; default: all that was authorized (the rest is released).",
+            show_default=False,
+        ),
+    ] = None,
+    wait: Wait = 10.0,
+    api_url: ApiUrl = DEFAULT_API_URL,
+    api_key: ApiKey = None,
+    home: Home = None,
+) -> None:
+    """Capture a payment created with --manual-capture, all or part of its authorization."""
+    body = {"amount_to_capture": amount} if amount is not None else {}
+    with reporting_api_errors():
+        payment = api_client(api_url, api_key, home).call(
+            "POST", f"/v1/payments/{payment_id}/capture", json=body, wait=wait
+        )
+    show_payment(payment)
+
+
+@app.command()
+def void(
+    payment_id: Annotated[str, typer.Argument(help="pay_… in requires_capture")],
+    wait: Wait = 10.0,
+    api_url: ApiUrl = DEFAULT_API_URL,
+    api_key: ApiKey = None,
+    home: Home = None,
+) -> None:
+    """Void a payment's uncaptured authorization: the whole hold is released."""
+    with reporting_api_errors():
+        payment = api_client(api_url, api_key, home).call(
+            "POST", f"/v1/payments/{payment_id}/void", wait=wait
         )
     show_payment(payment)
 

@@ -242,7 +242,13 @@ def wait_until_ready(url: str, services: Services, timeout: float) -> None:
 
 
 def stack_processes(stack: Stack) -> list[ManagedProcess]:
-    parts = (stack.postgres, stack.broker, stack.temporal, stack.crm_sandbox)
+    parts = (
+        stack.postgres,
+        stack.broker,
+        stack.temporal,
+        stack.crm_sandbox,
+        stack.acquirer_sandbox,
+    )
     return [p.process for p in parts if p is not None and p.process is not None]
 
 
@@ -274,6 +280,11 @@ def readiness_panel(settings: Settings, stack: Stack, url: str, key: str) -> Pan
     grid.add_row("PostgreSQL", _where(stack.postgres is not None, _without_password(stack)))
     if stack.crm_sandbox_url is not None:
         grid.add_row("CRM sandbox", f"{stack.crm_sandbox_url}  (or: paysaga crm tail --follow)")
+    if stack.acquirer_sandbox_url is not None:
+        grid.add_row(
+            "sandbox acquirer",
+            f"{stack.acquirer_sandbox_url}  (test payment methods: docs/acquirer.md)",
+        )
     grid.add_row("dev API key", Text(key, style="bold yellow"))
     grid.add_row("data", str(home))
     grid.add_row("logs", str(home / "logs"))
@@ -341,6 +352,7 @@ def stop_everything(services: Services | None, stack: Stack) -> None:
                 ("Kafka", stack.broker),
                 ("PostgreSQL", stack.postgres),
                 ("CRM sandbox", stack.crm_sandbox),
+                ("sandbox acquirer", stack.acquirer_sandbox),
             )
             if part is not None and part.process is not None and part.process.running
         ]

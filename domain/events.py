@@ -30,6 +30,12 @@ class EventKind(StrEnum):
     DISPUTE_OPENED = "dispute.opened"
     DISPUTE_WON = "dispute.won"
     DISPUTE_LOST = "dispute.lost"
+    # The acquirer (the issuer) declined the authorization: an outcome, not an error.
+    DECLINED = "declined"
+    # The acquirer's hold in the ledger: posted, captured (the rest released), voided/expired.
+    AUTHORIZED = "authorized"
+    CAPTURED = "captured"
+    VOIDED = "voided"
     # Not a payment's event: a merchant's webhook endpoint kept failing and was switched off.
     WEBHOOK_ENDPOINT_DISABLED = "webhook_endpoint.disabled"
 
@@ -75,6 +81,9 @@ LEDGER_EVENT_KINDS = frozenset(
         EventKind.DISPUTE_OPENED,
         EventKind.DISPUTE_WON,
         EventKind.DISPUTE_LOST,
+        EventKind.AUTHORIZED,
+        EventKind.CAPTURED,
+        EventKind.VOIDED,
     }
 )
 

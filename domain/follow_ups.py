@@ -16,6 +16,7 @@ from domain.money import MAX_INT64
 from domain.payment import (
     AttentionResolution,
     CancelSignal,
+    CaptureSignal,
     DisputeClosedSignal,
     DisputeOpenedSignal,
     PaymentState,
@@ -55,6 +56,7 @@ class Refusal(StrEnum):
     DISPUTE_CLOSED = "dispute_closed"
     NOT_CANCELABLE = "payment_not_cancelable"
     NOTHING_TO_RESOLVE = "nothing_to_resolve"
+    NOT_CAPTURABLE = "payment_not_capturable"
 
 
 @dataclass(frozen=True)
@@ -216,5 +218,65 @@ def _text_problem(name: str, value: str | None, limit: int) -> Refused | None:
     if len(value) > limit or has_control_characters(value):
         return Refused(
             Refusal.INVALID, f"{name} must be at most {limit} characters, without control ones."
+        )
+    return None
+
+
+# ── manual capture (issue 15) ────────────────────────────────────────────────────────────────
+
+
+def capture_refusal(
+    state: PaymentState, request: CaptureSignal, *, requested: bool, voiding: bool
+) -> Refused | None:
+    """A capture is taken once, while the payment is `requires_capture`, for at most what the
+    acquirer authorized."""
+    if state.status != PaymentStatus.REQUIRES_CAPTURE or requested or voiding:
+        return Refused(
+            Refusal.NOT_CAPTURABLE,
+            f"Cannot capture: the payment is {state.status}"
+            + (" and already being captured or voided" if requested or voiding else "")
+            + "; only a requires_capture payment is captured, once.",
+        )
+    amount = request.amount_to_capture
+    if amount is not None and amount <= 0:
+        return Refused(Refusal.AMOUNT_INVALID, "amount_to_capture must be a positive integer.")
+    if amount is not None and amount > state.authorized_amount:
+        return Refused(
+            Refusal.AMOUNT_TOO_LARGE,
+            f"amount_to_capture {amount} exceeds the {state.authorized_amount} authorized.",
+        )
+    return None
+
+
+def void_refusal(state: PaymentState, *, capture_requested: bool) -> Refused | None:
+    """Only an uncaptured authorization is voided: a captured payment is refunded instead."""
+    if state.status == PaymentStatus.REQUIRES_CAPTURE and not capture_requested:
+        return None
+    if state.status == PaymentStatus.CANCELED:
+        return None  # voided already: the same answer
+    return Refused(
+        Refusal.NOT_CAPTURABLE,
+        f"Cannot void: the payment is {state.status}"
+        + (" and being captured" if capture_requested else "")
+        + "; only a requires_capture payment is voided (refund a captured one).",
+    )
+
+
+def refund_by_void_refusal(
+    state: PaymentState, request: RefundSignal, *, capture_requested: bool
+) -> Refused | None:
+    """A payment not captured yet is refunded by voiding its whole authorization."""
+    problem = _text_problem("reason", request.reason, TEXT_MAX) if request.reason else None
+    if problem:
+        return problem
+    if capture_requested:
+        return Refused(
+            Refusal.NOT_CAPTURABLE, "Cannot refund: the payment is being captured; refund it after."
+        )
+    if request.amount is not None and request.amount != state.authorized_amount:
+        return Refused(
+            Refusal.AMOUNT_INVALID,
+            f"A payment not captured yet is refunded whole ({state.authorized_amount}), by "
+            "voiding its authorization; to keep part of it, capture less instead.",
         )
     return None

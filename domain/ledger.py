@@ -23,6 +23,9 @@ class AccountType(StrEnum):
     # Platform money an operator still has to recover or place: a manual resolution of a
     # reversal the merchant's account refused is posted against it (docs/runbook.md).
     SUSPENSE = "suspense"
+    # What an acquirer holds on a customer's card for an authorization not yet captured or
+    # released (TigerBeetle's pending transfer): one per customer and currency.
+    AUTHORIZATION_HOLD = "authorization_hold"
 
 
 class TransactionKind(StrEnum):
@@ -33,6 +36,21 @@ class TransactionKind(StrEnum):
     DISPUTE_WON = "dispute_won"
     DISPUTE_LOST = "dispute_lost"
     CHARGEBACK_FEE = "chargeback_fee"
+    # The acquirer's hold (issue 15): posted at authorization, released once, either when the
+    # authorization is captured (the capture posting, `payment`, then moves what was captured)
+    # or when it is voided or expires. Never both: they share the release's meaning.
+    AUTHORIZATION_HOLD = "authorization_hold"
+    HOLD_CAPTURED = "hold_captured"
+    HOLD_VOIDED = "hold_voided"
+
+
+HOLD_KINDS = frozenset(
+    {
+        TransactionKind.AUTHORIZATION_HOLD,
+        TransactionKind.HOLD_CAPTURED,
+        TransactionKind.HOLD_VOIDED,
+    }
+)
 
 
 class Account(BaseModel, frozen=True):
@@ -274,4 +292,62 @@ def dispute_lost_transaction(
         description="dispute lost: chargeback",
         entries=entries,
         event_kind=EventKind.DISPUTE_LOST,
+    )
+
+
+# The acquirer's hold. The customer's funding account is debited by what the acquirer holds;
+# the release credits it back in full, and the capture posting (`payment_transaction`) debits
+# what was captured: captured + released = authorized, each step balanced on its own.
+
+
+def authorization_hold_account(customer_id: str, ccy: str, tenant: str | None = None) -> Account:
+    return Account(
+        code=f"authorization_hold:{_owner(tenant, customer_id)}:{ccy}",
+        type=AccountType.AUTHORIZATION_HOLD,
+        currency=ccy,
+    )
+
+
+def authorization_hold_transaction(
+    payment_id: str, customer_id: str, amount: int, ccy: str, tenant: str | None = None
+) -> LedgerTransaction:
+    """Authorized: the acquirer holds `amount` of the customer's money (pending)."""
+    return LedgerTransaction(
+        payment_id=payment_id,
+        kind=TransactionKind.AUTHORIZATION_HOLD,
+        description="authorization: funds held by the acquirer",
+        entries=transfer(
+            customer_account(customer_id, ccy, tenant),
+            authorization_hold_account(customer_id, ccy, tenant),
+            amount,
+        ),
+        event_kind=EventKind.AUTHORIZED,
+    )
+
+
+def hold_released_transaction(
+    payment_id: str,
+    customer_id: str,
+    held: int,
+    ccy: str,
+    tenant: str | None = None,
+    *,
+    captured: bool,
+) -> LedgerTransaction:
+    """The whole hold back to the customer: at capture (the capture posting then takes what
+    was captured, so the rest stays released) or at a void or expiry (everything released)."""
+    return LedgerTransaction(
+        payment_id=payment_id,
+        kind=TransactionKind.HOLD_CAPTURED if captured else TransactionKind.HOLD_VOIDED,
+        description=(
+            "authorization captured: hold released, the capture posting takes its part"
+            if captured
+            else "authorization voided: hold released"
+        ),
+        entries=transfer(
+            authorization_hold_account(customer_id, ccy, tenant),
+            customer_account(customer_id, ccy, tenant),
+            held,
+        ),
+        event_kind=EventKind.CAPTURED if captured else EventKind.VOIDED,
     )

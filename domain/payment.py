@@ -148,6 +148,12 @@ class PaymentRequest(StrictRequest):
         Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9]{15,18}$")] | None
     ) = None
     hubspot_deal_id: Annotated[str, StringConstraints(pattern=r"^[0-9]{1,20}$")] | None = None
+    capture_method: Literal["automatic", "manual"] = Field(
+        default="automatic",
+        description="`automatic`: captured as soon as the acquirer authorizes it. `manual`: the "
+        "payment stops at `requires_capture` until `POST /v1/payments/{id}/capture` (or "
+        "`/void`); an authorization left uncaptured expires (7 days by default) and is voided.",
+    )
 
     @model_validator(mode="after")
     def _within_currency_limit(self) -> PaymentRequest:
@@ -162,7 +168,11 @@ class PaymentRequest(StrictRequest):
 
     def fingerprint(self) -> str:
         """Stable hash of the body: the same key with a different body is a client bug (409)."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        # The default capture method is left out: keys sent before it existed keep their body.
+        body = self.model_dump(
+            mode="json", exclude={"capture_method"} if self.capture_method == "automatic" else None
+        )
+        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -181,6 +191,8 @@ class PaymentStatus(StrEnum):
     # A compensation could not complete (the ledger refused a reversal): the payment waits for
     # an operator's `resolve_attention` (docs/runbook.md).
     REQUIRES_ATTENTION = "requires_attention"
+    # `capture_method: manual`: authorized and held, waiting for a capture or a void (issue 15).
+    REQUIRES_CAPTURE = "requires_capture"
 
     @property
     def settled_for_wait(self) -> bool:
@@ -390,6 +402,18 @@ class PaymentState(BaseModel):
     # can order a payment's events across topics: `data.sequence`.
     event_sequence: int = 0
     event_sequences: dict[str, int] = Field(default_factory=dict)
+    # Through the acquirer (PaymentPolicy.acquirer): its id of our authorization, what it held,
+    # and why it declined (`decline_code` one of domain.acquirer.DeclineCode; the acquirer's
+    # own code verbatim in `acquirer_decline_code`).
+    acquirer_reference: str | None = None
+    authorized_amount: int = 0
+    # What the ledger holds on the customer's account for the authorization (its
+    # `authorization_hold` posting); 0 before it and once it was released (captured or voided).
+    held: int = 0
+    # `capture_method: manual`: when the authorization expires (is voided) if not captured.
+    authorization_expires_at: datetime | None = None
+    decline_code: str | None = None
+    acquirer_decline_code: str | None = None
 
     @property
     def refundable(self) -> int:
@@ -421,6 +445,16 @@ class PaymentPolicy(BaseModel):
     # payments started before tenants (no such field in their history) keep the shared codes
     # they were created with, so their refunds and disputes post to the same accounts.
     tenant_accounts: bool = False
+    # Money moves through the acquirer (docs/acquirer.md): authorize, then capture, refunds
+    # returned there too. False for payments booked in the ledger only: no acquirer was
+    # configured when they were created, or they were started before issue 15.
+    acquirer: bool = False
+    # How long an ambiguous acquirer outcome (timeout, 5xx, lost connection) is resolved by
+    # asking the status of our reference before the payment stops guessing nothing and hands
+    # the money to an operator (requires_attention).
+    acquirer_resolve_seconds: float = 600.0
+    # An authorization left uncaptured (`capture_method: manual`) is voided after this.
+    authorization_expiry_seconds: float = 7 * 86400.0
 
 
 class PaymentWorkflowInput(BaseModel):
@@ -443,3 +477,25 @@ def payment_id_for(client_id: str, idempotency_key: str) -> str:
     retried POST can only ever address the same workflow."""
     digest = hashlib.sha256(f"{client_id}\x1f{idempotency_key}".encode()).hexdigest()
     return f"pay_{digest[:24]}"
+
+
+class PaymentCaptureRequest(StrictRequest):
+    """`POST /v1/payments/{id}/capture` of a `requires_capture` payment."""
+
+    amount_to_capture: FollowUpAmount | None = Field(
+        default=None,
+        description="Minor units, at most what was authorized; default all of it. The rest of "
+        "the authorization is released.",
+    )
+
+
+class CaptureSignal(CardDataFree):
+    """The `capture` Update (the API, the CLI, an operator)."""
+
+    amount_to_capture: int | None = None
+
+
+class VoidSignal(CardDataFree):
+    """The `void` Update: release an uncaptured authorization."""
+
+    reason: str = "voided"

@@ -59,7 +59,8 @@ class LedgerReceipt(BaseModel):
     transaction_id: str
     # True when this exact business event had already been posted (a retry): nothing was written.
     duplicate: bool
-    payment: RegisterRow
+    # None only for a hold posted before the payment is registered (its capture or outcome).
+    payment: RegisterRow | None
 
 
 class LedgerRejected(Exception):

@@ -41,6 +41,7 @@ from domain.events import EventKind, PaymentEvent, event_id
 from domain.payment import (
     AttentionResolution,
     CancelSignal,
+    CaptureSignal,
     CrmSync,
     DisputeClosedSignal,
     DisputeOpenedSignal,
@@ -53,6 +54,7 @@ from domain.payment import (
     RefundSignal,
     ResolutionRecord,
     ReviewDecision,
+    VoidSignal,
     payment_id_for,
 )
 from domain.webhooks import DeliveryResult
@@ -98,6 +100,8 @@ class Recorder:
         *,
         queue: str | None = None,
         payment_id: str | None = None,
+        payment_method: str = "pm_card_visa_0001",
+        capture_method: Literal["automatic", "manual"] = "automatic",
         **policy: Any,
     ) -> WorkflowHandle[Any, Any]:
         """A payment of a first-time customer and a merchant of the path's own, started the way
@@ -107,7 +111,8 @@ class Recorder:
             currency="USD",
             customer_id=f"cus_replay_{path}",
             merchant_id=f"mer_replay_{path}",
-            payment_method="pm_card_visa_0001",
+            payment_method=payment_method,
+            capture_method=capture_method,
             description=f"replay history: {path}",
         )
         payment_id = payment_id or new_payment_id(path)
@@ -116,7 +121,10 @@ class Recorder:
             client_id=CLIENT_ID,
             request=request,
             fingerprint=request.fingerprint(),
-            policy=payment_policy(self.settings, request).model_copy(update=policy),
+            # Through the sandbox acquirer only where a path asks for it (`acquirer=True`).
+            policy=payment_policy(self.settings, request).model_copy(
+                update={"acquirer": False, **policy}
+            ),
         )
         return await self.client.start_workflow(
             PaymentWorkflow.run,
@@ -591,6 +599,105 @@ async def webhook_manual_redelivery(r: Recorder) -> WorkflowHandle[Any, Any]:
     return handle
 
 
+# ── through the sandbox acquirer (issue 15) ──────────────────────────────────────────────────
+
+
+async def acquirer_capture(r: Recorder) -> WorkflowHandle[Any, Any]:
+    """Authorized, then captured at once (`automatic`); a partial approval's half."""
+    handle = await r.start(
+        "acquirer_capture", 5001, payment_method="pm_card_partial_approval", acquirer=True
+    )
+    state = await wait_until(handle, succeeded_and_synced)
+    assert (state.authorized_amount, state.captured) == (2500, 2500), state
+    return handle
+
+
+async def acquirer_decline(r: Recorder) -> WorkflowHandle[Any, Any]:
+    handle = await r.start(
+        "acquirer_decline", payment_method="pm_card_decline_do_not_honor", acquirer=True
+    )
+    await ended(handle, PaymentStatus.DECLINED)
+    return handle
+
+
+async def acquirer_timeout_resolved(r: Recorder) -> WorkflowHandle[Any, Any]:
+    """pm_card_timeout: authorize and capture each time out, resolved by status."""
+    handle = await r.start(
+        "acquirer_timeout_resolved", payment_method="pm_card_timeout", acquirer=True
+    )
+    await wait_until(handle, succeeded_and_synced, timeout=60)
+    return handle
+
+
+async def acquirer_refund(r: Recorder) -> WorkflowHandle[Any, Any]:
+    handle = await r.start("acquirer_refund", 6000, payment_method="pm_card_visa", acquirer=True)
+    await wait_until(handle, succeeded_and_synced)
+    refunded = await handle.execute_update(
+        "refund", RefundSignal(refund_id="re_replay_acquirer", amount=2000), result_type=Refund
+    )
+    assert refunded.status == FollowUpStatus.SUCCEEDED, refunded
+    await wait_until(handle, follow_ups_settled(PaymentStatus.PARTIALLY_REFUNDED))
+    return handle
+
+
+async def acquirer_canceled_void(r: Recorder) -> WorkflowHandle[Any, Any]:
+    """Canceled while the acquirer takes its time to authorize: the hold is voided."""
+    handle = await r.start(
+        "acquirer_canceled_void", payment_method="pm_card_approve_after_delay", acquirer=True
+    )
+    deadline = time.monotonic() + 30
+    while "to authorize" not in (await state_of(handle)).waiting_for:
+        assert time.monotonic() < deadline, "never reached the authorization"
+        await asyncio.sleep(0.05)
+    await handle.signal("cancel", CancelSignal(reason="customer changed their mind"))
+    await ended(handle, PaymentStatus.CANCELED)
+    return handle
+
+
+async def _requires_capture(r: Recorder, path: str, **policy: Any) -> WorkflowHandle[Any, Any]:
+    handle = await r.start(
+        path, 5000, payment_method="pm_card_visa", capture_method="manual", acquirer=True, **policy
+    )
+    await wait_until(handle, lambda s: s.status == PaymentStatus.REQUIRES_CAPTURE)
+    return handle
+
+
+async def acquirer_manual_capture(r: Recorder) -> WorkflowHandle[Any, Any]:
+    """requires_capture; a capture over the authorization refused by the validator; a partial
+    capture (the rest released)."""
+    handle = await _requires_capture(r, "acquirer_manual_capture")
+    try:
+        await handle.execute_update(
+            "capture", CaptureSignal(amount_to_capture=5001), id="capture-too-much"
+        )
+    except WorkflowUpdateFailedError:
+        pass
+    else:
+        raise AssertionError("a capture over the authorization was accepted")
+    state = await handle.execute_update(
+        "capture", CaptureSignal(amount_to_capture=3000), id="capture", result_type=PaymentState
+    )
+    assert state.captured == 3000, state
+    await wait_until(handle, succeeded_and_synced)
+    return handle
+
+
+async def acquirer_manual_void(r: Recorder) -> WorkflowHandle[Any, Any]:
+    handle = await _requires_capture(r, "acquirer_manual_void")
+    await handle.execute_update("void", VoidSignal(reason="replay"), id="void")
+    await ended(handle, PaymentStatus.CANCELED)
+    return handle
+
+
+async def acquirer_authorization_expires(r: Recorder) -> WorkflowHandle[Any, Any]:
+    """Nobody captures: the durable timer voids the authorization (2 s here, 7 days by default)."""
+    handle = await _requires_capture(
+        r, "acquirer_authorization_expires", authorization_expiry_seconds=2.0
+    )
+    await ended(handle, PaymentStatus.CANCELED)
+    return handle
+
+
 PATHS: dict[str, Callable[[Recorder], Awaitable[WorkflowHandle[Any, Any]]]] = {
     "success": success,
     "success_regular_activities": success_regular_activities,
@@ -617,6 +724,14 @@ PATHS: dict[str, Callable[[Recorder], Awaitable[WorkflowHandle[Any, Any]]]] = {
     "webhook_delivered_after_retries": webhook_delivered_after_retries,
     "webhook_gave_up_disabled": webhook_gave_up_disabled,
     "webhook_manual_redelivery": webhook_manual_redelivery,
+    "acquirer_capture": acquirer_capture,
+    "acquirer_decline": acquirer_decline,
+    "acquirer_timeout_resolved": acquirer_timeout_resolved,
+    "acquirer_refund": acquirer_refund,
+    "acquirer_canceled_void": acquirer_canceled_void,
+    "acquirer_manual_capture": acquirer_manual_capture,
+    "acquirer_manual_void": acquirer_manual_void,
+    "acquirer_authorization_expires": acquirer_authorization_expires,
 }
 
 
@@ -661,7 +776,13 @@ async def record(targets: dict[str, Path]) -> None:
     HISTORIES.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="paysaga-replay-") as tmp, FakeCrmServer() as crm:
         home = Path(tmp)
-        stack = Stack(recording_settings(home), home=home, temporal_ui=False)
+        stack = Stack(
+            recording_settings(home),
+            home=home,
+            temporal_ui=False,
+            acquirer=True,
+            acquirer_sandbox_args=["--hang-seconds", "3", "--delay-seconds", "2"],
+        )
         await asyncio.to_thread(stack.start)
         try:
             settings = stack.service_settings().model_copy(
@@ -671,6 +792,8 @@ async def record(targets: dict[str, Path]) -> None:
                     # Signs the webhooks only; never part of a history.
                     "crm_webhook_secret": SecretStr(f"whsec_{uuid.uuid4().hex}"),
                     "crm_timeout_seconds": 2.0,
+                    # pm_card_timeout's answers are held 3 s: the worker gives up after 1.
+                    "acquirer_timeout_seconds": 1.0,
                 }
             )
             gated = settings.model_copy(update={"task_queue": "replay-recorder-gated"})

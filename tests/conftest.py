@@ -46,7 +46,13 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     home = tmp_path_factory.mktemp("stack")
-    stack = Stack(private_stack_settings(home), home=home, temporal_ui=True)
+    stack = Stack(
+        private_stack_settings(home),
+        home=home,
+        temporal_ui=True,
+        acquirer=True,
+        acquirer_sandbox_args=list(ACQUIRER_SANDBOX_ARGS),
+    )
     stack.start()
     try:
         yield stack
@@ -67,6 +73,10 @@ TEST_API_KEY = "psk_test_writer_key_0123456789abcdefghij"
 READONLY_API_KEY = "psk_test_reader_key_0123456789abcdefghij"
 OTHER_CLIENT_KEY = "psk_test_other_client_0123456789abcdefgh"
 WEBHOOK_SECRET = "whsec_test_0123456789"
+# The session's sandbox acquirer: pm_card_timeout holds its first answers ACQUIRER_HANG_SECONDS,
+# which tests/test_acquirer_saga.py's workers give up on much sooner.
+ACQUIRER_HANG_SECONDS = 3.0
+ACQUIRER_SANDBOX_ARGS = ("--hang-seconds", str(ACQUIRER_HANG_SECONDS), "--delay-seconds", "0.5")
 # What the test clients may do: every payment operation, named (a key without scopes gets
 # payments:read + payments:write only).
 MERCHANT_SCOPES: tuple[Scope, ...] = (
@@ -111,6 +121,10 @@ def app_settings(stack: Stack, crm_server: FakeCrmServer) -> Settings:
             "crm_webhook_url": crm_server.url("/hooks/paysaga"),
             "crm_webhook_secret": SecretStr(WEBHOOK_SECRET),
             "crm_timeout_seconds": 2.0,
+            # The shared worker books payments without an acquirer, as before issue 15, so the
+            # suite's exact event sequences hold; tests/test_acquirer_saga.py runs its own
+            # worker against the session's sandbox acquirer (stack.service_settings()).
+            "acquirer_url": None,
             # Every in-process test worker runs workflows in the sandbox, so nondeterministic
             # workflow code fails here even though production may run unsandboxed.
             "workflow_sandbox": True,

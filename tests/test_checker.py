@@ -26,6 +26,7 @@ from temporalio.client import Client
 from typer.testing import CliRunner
 
 from checker.report import (
+    HOLDS_RELEASED,
     KAFKA_HAS_OUTBOX,
     LEDGER_BALANCED,
     OUTBOX_IN_KAFKA,
@@ -40,10 +41,16 @@ from checker.report import (
 from checker.runner import run_checks
 from cli import check as check_cli
 from domain.events import EventKind, PaymentEvent, event_id
-from domain.ledger import payment_transaction
+from domain.ledger import (
+    LedgerTransaction,
+    authorization_hold_transaction,
+    hold_released_transaction,
+    payment_transaction,
+)
+from domain.payment import PaymentStatus
 from infra.embedded.process import free_port
 from infra.embedded.stack import Stack
-from ledger.records import LedgerPosting, PaymentParties
+from ledger.records import LedgerPosting, PaymentOutcome, PaymentParties
 from ledger.store import Ledger
 from settings import Settings
 from tests.helpers.saga import create_payment, payment_body, wait_for_payment
@@ -477,3 +484,72 @@ async def test_a_service_that_does_not_answer_fails_the_check_instead_of_passing
     assert check_cli.exit_status(report) == check_cli.EXIT_UNCHECKED
     # The ledger and Temporal were still judged.
     assert report.result(POSTED_ONCE).passed and report.result(WORKFLOW_AGREES).passed
+
+
+# ── the acquirer's holds (issue 15) ──────────────────────────────────────────────────────────
+
+
+async def _post(engine: AsyncEngine, txn: LedgerTransaction, amount: int) -> None:
+    customer = txn.entries[0].account.code.split(":")[1]
+    await Ledger(engine).post(
+        LedgerPosting(
+            transaction=txn,
+            amount=amount,
+            parties=PaymentParties(
+                client_id="test-client",
+                customer_id=customer,
+                merchant_id=FAKE_MERCHANT,
+                currency="USD",
+            ),
+        )
+    )
+
+
+async def test_holds_released_twice_over_captured_or_outliving_their_payment_are_caught(
+    planted: Planted, app_settings: Settings, engine: AsyncEngine, temporal_client: Client
+) -> None:
+    """Each hold posted through the ledger's own write path; the saga never writes these."""
+    fine, both, over, kept = (_fake_payment_id() for _ in range(4))
+    planted.payment_ids.update({fine, both, over, kept})
+    for payment_id, captured in ((fine, 1000), (both, 1000), (over, 1500)):
+        customer = f"cus_{payment_id[4:14]}"
+        await _post(engine, authorization_hold_transaction(payment_id, customer, 1000, "USD"), 1000)
+        await _post(
+            engine,
+            hold_released_transaction(payment_id, customer, 1000, "USD", captured=True),
+            1000,
+        )
+        await _post(
+            engine,
+            payment_transaction(payment_id, customer, FAKE_MERCHANT, captured, "USD"),
+            captured,
+        )
+    customer = f"cus_{both[4:14]}"
+    await _post(
+        engine, hold_released_transaction(both, customer, 1000, "USD", captured=False), 1000
+    )
+    customer = f"cus_{kept[4:14]}"
+    await _post(engine, authorization_hold_transaction(kept, customer, 700, "USD"), 700)
+    await Ledger(engine).record_outcome(
+        PaymentOutcome(
+            payment_id=kept,
+            parties=PaymentParties(
+                client_id="test-client",
+                customer_id=customer,
+                merchant_id=FAKE_MERCHANT,
+                currency="USD",
+            ),
+            amount=700,
+            status=PaymentStatus.CANCELED,
+            summary={},
+        )
+    )
+
+    report = await _check(app_settings, engine, temporal_client, {fine, both, over, kept})
+    holds = report.result(HOLDS_RELEASED)
+    assert holds.checked == 4
+    assert not any(v.payment_id == fine for v in holds.examples), holds.examples
+    assert _flagged(report, HOLDS_RELEASED, both, "both captured and voided")
+    assert _flagged(report, HOLDS_RELEASED, over, "captured 1500 of the 1000 held")
+    assert _flagged(report, HOLDS_RELEASED, kept, "canceled but its hold of 700 was never")
+    assert holds.violation_count == 3

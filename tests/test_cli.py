@@ -45,10 +45,11 @@ class Ports:
     temporal_metrics: int
     crm_sandbox: int
     api_metrics: int
+    acquirer_sandbox: int
 
     @classmethod
     def free(cls) -> Ports:
-        return cls(*(free_port() for _ in range(9)))
+        return cls(*(free_port() for _ in range(10)))
 
     def env(self) -> dict[str, str]:
         return {
@@ -61,12 +62,13 @@ class Ports:
             "PAYSAGA_TEMPORAL_METRICS_PORT": str(self.temporal_metrics),
             "PAYSAGA_CRM_SANDBOX_PORT": str(self.crm_sandbox),
             "PAYSAGA_API_METRICS_PORT": str(self.api_metrics),
+            "PAYSAGA_ACQUIRER_SANDBOX_PORT": str(self.acquirer_sandbox),
         }
 
     def of_the_stack(self) -> list[int]:
         return [
             self.api, self.temporal, self.ui, self.kafka, self.postgres, self.crm_sandbox,
-            self.api_metrics,
+            self.api_metrics, self.acquirer_sandbox,
         ]  # fmt: skip
 
 
@@ -201,6 +203,7 @@ def test_run_serves_payments_stops_cleanly_and_keeps_data_across_restarts(
     assert f"http://127.0.0.1:{ports.ui}" in first.output  # …and the Temporal UI
     assert f"http://127.0.0.1:{ports.api}/docs" in first.output
     assert f"http://127.0.0.1:{ports.crm_sandbox}" in first.output  # no CRM configured: the sandbox
+    assert f"http://127.0.0.1:{ports.acquirer_sandbox}" in first.output  # …and no acquirer
     # The API's metrics: on their own port, printed with the other URLs, not on the API's.
     metrics_url = f"http://127.0.0.1:{ports.api_metrics}/metrics"
     assert metrics_url in first.output
@@ -230,7 +233,13 @@ def test_run_serves_payments_stops_cleanly_and_keeps_data_across_restarts(
     # The dev key names its scopes: it can refund, as the README's examples do.
     refunded = paysaga_cli(home, ports, "refund", payment_id, "--amount", "200")
     assert refunded.returncode == 0, refunded.stdout + refunded.stderr
-    postings = [("payment", "EUR", 0), ("refund", "EUR", 0)]
+    # Through the sandbox acquirer: its hold and the hold's release at capture (issue 15).
+    postings = [
+        ("authorization_hold", "EUR", 0),
+        ("hold_captured", "EUR", 0),
+        ("payment", "EUR", 0),
+        ("refund", "EUR", 0),
+    ]
     assert sorted(ledger_postings(ports, payment_id)) == postings
     assert httpx.get(f"http://127.0.0.1:{ports.ui}/", timeout=10).status_code == 200
 
@@ -273,7 +282,9 @@ def test_run_serves_payments_stops_cleanly_and_keeps_data_across_restarts(
     assert_all_gone(children, ports)
 
 
-@pytest.mark.parametrize("env_var", ["PAYSAGA_API_PORT", "PAYSAGA_KAFKA_PORT"])
+@pytest.mark.parametrize(
+    "env_var", ["PAYSAGA_API_PORT", "PAYSAGA_KAFKA_PORT", "PAYSAGA_ACQUIRER_SANDBOX_PORT"]
+)
 def test_a_taken_port_is_named_with_its_setting_and_nothing_starts(
     tmp_path: Path, env_var: str
 ) -> None:

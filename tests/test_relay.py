@@ -134,7 +134,9 @@ async def test_make_run_payments_ctrl_c_make_run_then_check_passes_and_the_crm_s
         scope = CheckScope(payment_ids=frozenset(ids))
         # Before anything republishes: the new broker has none of the stored events.
         lost = await run_checks(second.service_settings(), scope=scope, engine=engine)
-        assert lost.result(OUTBOX_IN_KAFKA).violation_count == 2 * PAYMENTS + 1  # raw, confirmed
+        # Each payment's authorized, raw, captured and confirmed (the sandbox acquirer's flow),
+        # and one refund.
+        assert lost.result(OUTBOX_IN_KAFKA).violation_count == 4 * PAYMENTS + 1
         async with running_system(second):
             report = await run_checks(
                 second.service_settings(), scope=scope, engine=engine, settle_seconds=60
@@ -144,7 +146,7 @@ async def test_make_run_payments_ctrl_c_make_run_then_check_passes_and_the_crm_s
             }
             assert report.passed, broken
             stored = await _stored_ids(engine, ids)
-            assert len(stored) == 2 * PAYMENTS + 1
+            assert len(stored) == 4 * PAYMENTS + 1
             on_kafka = await _on_kafka(second.kafka_bootstrap_servers, set(stored))
             assert set(stored) <= set(on_kafka)
             # The CRM sandbox kept what it received across the restart.

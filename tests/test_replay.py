@@ -31,6 +31,7 @@ from domain.events import EventKind
 from domain.payment import FraudAssessment, PaymentState, PaymentWorkflowInput
 from settings import Settings
 from worker import workflow_runner
+from workflows import acquirer_steps
 from workflows import payment as payment_workflow
 from workflows.payment import PaymentWorkflow
 from workflows.webhook_delivery import WebhookDeliveryWorkflow
@@ -56,6 +57,14 @@ PATHS = {
     "refund_continues_as_new",  # a run ending in ContinueAsNew, carrying its state
     "continued_as_new",  # the carried run serving one more refund
     "refund_by_update",  # a refund Update, one refused by its validator, a refused signal
+    "acquirer_capture",  # authorized (partially), captured at once, posted
+    "acquirer_decline",  # declined by the issuer: payments.declined, the CRM told
+    "acquirer_timeout_resolved",  # authorize and capture timed out, resolved by status
+    "acquirer_refund",  # a refund returned at the acquirer, then posted
+    "acquirer_canceled_void",  # canceled during the authorization: the hold voided
+    "acquirer_manual_capture",  # requires_capture, a refused capture Update, a partial capture
+    "acquirer_manual_void",  # requires_capture, voided by Update
+    "acquirer_authorization_expires",  # requires_capture until the expiry timer voids it
     "requires_attention_resolved",  # a refused reversal waits for an operator's retry
     "window_closes_with_open_dispute",  # only the dispute's close is taken after the window
     "operator_cancel_with_open_dispute",  # canceled, kept until the dispute closes
@@ -144,6 +153,7 @@ def test_histories_cover_updates_and_every_patch() -> None:
         payment_workflow.PATCH_CANCEL_FINISHES_FOLLOW_UPS,
         payment_workflow.PATCH_UNDO_FAILURE_NEEDS_ATTENTION,
         payment_workflow.PATCH_CRM_STEP_OUTLIVES_CANCEL,
+        acquirer_steps.PATCH_ACQUIRER,
     }
     assert updates >= 5
 

@@ -46,17 +46,21 @@ with workflow.unsafe.imports_passed_through():
         Refused,
         Taking,
         cancel_refusal,
+        capture_refusal,
         dispute_closed_refusal,
         dispute_opened_refusal,
         not_cancelable_reason,
+        refund_by_void_refusal,
         refund_refusal,
         resolution_refusal,
+        void_refusal,
     )
     from domain.money import MAX_INT64
     from domain.payment import (
         Attention,
         AttentionResolution,
         CancelSignal,
+        CaptureSignal,
         CrmSync,
         Dispute,
         DisputeClosedSignal,
@@ -73,11 +77,13 @@ with workflow.unsafe.imports_passed_through():
         ReviewDecision,
         StatusChange,
         UndoFailure,
+        VoidSignal,
         status_from_amounts,
     )
     from ledger.activity import LedgerActivities
     from ledger.records import LedgerPosting, PaymentOutcome, PaymentParties
     from workflows import search_attributes as sa
+    from workflows.acquirer_steps import RELEASE_AT_ACQUIRER, AcquirerSteps
     from workflows.compensations import Compensations, FailedUndo
 
 # Retry bounds: infrastructure outages (Kafka, database) are waited out, never given up on;
@@ -148,7 +154,7 @@ class FollowUpRefused(ApplicationError):
 
 
 @workflow.defn(name="PaymentWorkflow")
-class PaymentWorkflow:
+class PaymentWorkflow(AcquirerSteps):
     @workflow.init
     def __init__(self, input: PaymentWorkflowInput) -> None:
         self.input = input
@@ -244,13 +250,27 @@ class PaymentWorkflow:
         # on it would never be reversed; a payments.confirmed landing after payments.canceled
         # would un-void the payment for consumers).
         saga = Compensations()
+        through_acquirer = self.through_acquirer()
         try:
+            if through_acquirer:
+                self.set_status(PaymentStatus.PROCESSING, "the acquirer's authorization")
+                saga.add(RELEASE_AT_ACQUIRER, self.release_at_acquirer)
+                await _run_to_completion(self.authorize_at_acquirer())
+                if self.declined:
+                    saga.clear()  # nothing is held
+                    await self.end_declined()
+                    return False
+                await _run_to_completion(self.post_hold())
             self.set_status(PaymentStatus.PROCESSING, "publishing payments.raw to Kafka")
             saga.add(VOID_RAW, self.void_raw_event)
             await _run_to_completion(self.publish(EventKind.RAW, local=True))
 
+            if through_acquirer and self.manual_capture:
+                await self.await_capture()
             self.stop_if_canceled()
             self.posting_started = True
+            if through_acquirer:
+                await _run_to_completion(self.capture_in_full())
             self.set_status(PaymentStatus.PROCESSING, "posting the ledger transaction")
             saga.add(REVERSE_POSTING, self.reverse_posting)
             await _run_to_completion(self.post_capture())
@@ -513,9 +533,12 @@ class PaymentWorkflow:
     async def post_refund(self, signal: RefundSignal) -> None:
         refund = next(r for r in self.state.refunds if r.id == signal.refund_id)
         request = self.state.request
-        self.describe_waiting(f"posting refund {refund.id}")
         data = {"refund_id": refund.id, "amount": refund.amount}
         try:
+            if self.state.acquirer_reference is not None:
+                # The money goes back at the acquirer first; the ledger then records it.
+                await self.refund_at_acquirer(refund.id, refund.amount)
+            self.describe_waiting(f"posting refund {refund.id}")
             await self.post(
                 entries.refund_transaction(
                     self.state.id, refund.id, request.customer_id, request.merchant_id,
@@ -667,13 +690,41 @@ class PaymentWorkflow:
     @workflow.update(name="refund")
     async def refund_payment(self, request: RefundSignal) -> Refund:
         """The refund once the ledger posted it (`succeeded`) or refused it (`failed`)."""
+        if self.state.status == PaymentStatus.REQUIRES_CAPTURE:
+            return await self.refund_by_void(request)
         refund = self.take_refund(request, self.current_door())
         await workflow.wait_condition(lambda: refund.status != FollowUpStatus.PENDING)
         return refund
 
     @refund_payment.validator
     def _refund_allowed(self, request: RefundSignal) -> None:
+        if self.state.status == PaymentStatus.REQUIRES_CAPTURE:
+            self.refuse(
+                refund_by_void_refusal(
+                    self.state, request, capture_requested=self.capture_requested is not None
+                )
+            )
+            return
         self.refuse(refund_refusal(self.state, request, self.current_door()))
+
+    async def refund_by_void(self, request: RefundSignal) -> Refund:
+        """A refund of a payment not captured yet is a void: the whole authorization goes back
+        to the customer, nothing was ever taken. Recorded as a refund of what was held."""
+        self.take_cancel(CancelSignal(reason="refunded before capture: authorization voided"))
+        await workflow.wait_condition(lambda: self.state.status in ENDED)
+        refund = Refund(
+            id=request.refund_id[:ID_MAX],
+            amount=self.state.authorized_amount,
+            reason=clipped_text(request.reason) if request.reason is not None else None,
+            created_at=workflow.now(),
+        )
+        if self.state.status == PaymentStatus.CANCELED:
+            refund.status = FollowUpStatus.SUCCEEDED
+        else:
+            refund.status = FollowUpStatus.FAILED
+            refund.failure_reason = f"the authorization was not voided: {self.state.status}"
+        self.state.refunds.append(refund)
+        return refund
 
     @workflow.signal
     def refund(self, signal: RefundSignal) -> None:
@@ -727,6 +778,41 @@ class PaymentWorkflow:
         if dispute is None or dispute.status not in ("pending", "open"):
             return
         self.take_dispute_closed(signal)
+
+    @workflow.update(name="capture")
+    async def capture_authorization(self, request: CaptureSignal) -> PaymentState:
+        """`capture_method: manual`: capture all or part of the authorization (the rest is
+        released); the answer is the payment once captured and posted (or failed)."""
+        if self.capture_requested is None:
+            self.capture_requested = CaptureSignal(amount_to_capture=request.amount_to_capture)
+        await workflow.wait_condition(
+            lambda: (
+                self.state.status not in (PaymentStatus.REQUIRES_CAPTURE, PaymentStatus.PROCESSING)
+            )
+        )
+        return self.state
+
+    @capture_authorization.validator
+    def _capture_allowed(self, request: CaptureSignal) -> None:
+        self.refuse(
+            capture_refusal(
+                self.state,
+                request,
+                requested=self.capture_requested is not None,
+                voiding=self.cancel_requested is not None,
+            )
+        )
+
+    @workflow.update(name="void")
+    async def void_authorization(self, request: VoidSignal) -> PaymentState:
+        """Release an uncaptured authorization: the payment ends `canceled`, nothing captured."""
+        self.take_cancel(CancelSignal(reason=request.reason))
+        await workflow.wait_condition(lambda: self.state.status in ENDED)
+        return self.state
+
+    @void_authorization.validator
+    def _void_allowed(self, request: VoidSignal) -> None:
+        self.refuse(void_refusal(self.state, capture_requested=self.capture_requested is not None))
 
     @workflow.update(name="resolve_attention")
     async def resolve_attention(self, resolution: AttentionResolution) -> ResolutionRecord:
@@ -1166,23 +1252,34 @@ class PaymentWorkflow:
             return await workflow.execute_local_activity_method(step, arg, **options)
         return await workflow.execute_activity_method(step, arg, **options)
 
+    async def capture_in_full(self) -> None:
+        """`automatic` capture: everything the acquirer authorized (a partial approval's
+        part), posted to the ledger as the payment's capture."""
+        self.set_status(PaymentStatus.PROCESSING, "the acquirer's capture")
+        asked = self.capture_requested
+        captured = await self.capture_at_acquirer(asked.amount_to_capture if asked else None)
+        self.acquirer_captured = captured.captured_amount
+        await self.release_hold(captured=captured.captured_amount)
+
     async def post_capture(self) -> None:
         request = self.state.request
+        amount = self.acquirer_captured or request.amount
         await self.post(
             entries.payment_transaction(
                 self.state.id,
                 request.customer_id,
                 request.merchant_id,
-                request.amount,
+                amount,
                 request.currency,
                 self.account_tenant,
             ),
-            request.amount,
+            amount,
             EventKind.CONFIRMED,
+            data={"amount_captured": amount} if self.acquirer_captured else None,
             local=True,
         )
         self.state.ledger_posted = True
-        self.state.captured = request.amount
+        self.state.captured = amount
 
     async def notify_crm(
         self, kind: EventKind, reference: str = "", details: dict[str, Any] | None = None

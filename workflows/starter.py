@@ -79,6 +79,9 @@ def payment_policy(settings: Settings, body: PaymentRequest) -> PaymentPolicy:
         local_activities=settings.local_activities,
         crm_targets=[t.value for t in crm_targets_for(settings, probe)],
         tenant_accounts=True,
+        acquirer=bool(settings.acquirer_url),
+        acquirer_resolve_seconds=settings.acquirer_resolve_seconds,
+        authorization_expiry_seconds=settings.authorization_expiry_seconds,
     )
 
 

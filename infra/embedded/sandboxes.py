@@ -24,6 +24,8 @@ class SandboxService:
     data_dir: Path
     args: list[str] = field(default_factory=list)
     process: ManagedProcess | None = None
+    # Secrets the sandbox reads from its environment (never its command line, which `ps` shows).
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -36,7 +38,10 @@ class SandboxService:
             "--data-dir", str(self.data_dir), *self.args,
         ]  # fmt: skip
         self.process = ManagedProcess(
-            f"{self.name} sandbox", argv, self.data_dir / "sandbox.log", env=dict(os.environ)
+            f"{self.name} sandbox",
+            argv,
+            self.data_dir / "sandbox.log",
+            env={**os.environ, **self.env},
         )
         self.process.start()
         wait_until(

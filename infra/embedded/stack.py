@@ -2,7 +2,8 @@
 
 `paysaga run` and the test fixtures both use `Stack`: one implementation. With `sandboxes`,
 the stack also starts the CRM sandbox (sandboxes/crm.py) when no CRM is configured, and points
-the services' CRM webhook at it.
+the services' CRM webhook at it; and the sandbox acquirer (sandboxes/acquirer.py) when no
+acquirer is configured, pointing the services' acquirer URL and key at it.
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ from infra.embedded.sandboxes import SandboxService, load_or_create_secret
 from infra.embedded.temporal import TemporalDevServer
 from infra.temporal_client import connect_when_ready, register_search_attributes
 from infra.topics import ensure_topics
+from sandboxes.acquirer import API_KEY_ENV
 from settings import Settings
 
 log = logging.getLogger(__name__)
 
 CRM_SECRET_FILE = "crm-webhook-secret"  # noqa: S105 - a file name, not a secret
 CRM_RECEIVER_PATH = "/webhooks/paysaga"
+ACQUIRER_KEY_FILE = "acquirer-api-key"
 
 
 @dataclass
@@ -45,6 +48,11 @@ class Stack:
     broker: EmbeddedBroker | None = None
     postgres: EmbeddedPostgres | None = None
     crm_sandbox: SandboxService | None = None
+    # The sandbox acquirer also without `sandboxes` (the tests' stack: their CRM is their own),
+    # and the options it is started with (the tests' shorter delays).
+    acquirer: bool = False
+    acquirer_sandbox_args: list[str] = field(default_factory=list)
+    acquirer_sandbox: SandboxService | None = None
     _started: list[str] = field(default_factory=list)
 
     @property
@@ -85,6 +93,22 @@ class Stack:
         configured = s.crm_webhook_url or s.salesforce_base_url or s.hubspot_base_url
         return self.sandboxes and s.crm_sandbox and not configured
 
+    @property
+    def acquirer_sandbox_url(self) -> str | None:
+        return self.acquirer_sandbox.url if self.acquirer_sandbox is not None else None
+
+    @property
+    def wants_acquirer_sandbox(self) -> bool:
+        """No acquirer configured: the sandbox acquirer stands in, so payments authorize."""
+        s = self.settings
+        return (self.sandboxes or self.acquirer) and s.acquirer_sandbox and not s.acquirer_url
+
+    def _acquirer(self) -> tuple[str, str] | None:
+        if self.acquirer_sandbox is None:
+            return None
+        key = load_or_create_secret(self.home / ACQUIRER_KEY_FILE, prefix="sk_test_")
+        return self.acquirer_sandbox.url, key
+
     def _crm_webhook(self) -> tuple[str, str] | None:
         if self.crm_sandbox is None:
             return None
@@ -102,6 +126,9 @@ class Stack:
         crm = self._crm_webhook()
         if crm is not None:
             update["crm_webhook_url"], update["crm_webhook_secret"] = crm[0], SecretStr(crm[1])
+        acquirer = self._acquirer()
+        if acquirer is not None:
+            update["acquirer_url"], update["acquirer_api_key"] = acquirer[0], SecretStr(acquirer[1])
         return self.settings.model_copy(update=update)
 
     def service_env(self) -> dict[str, str]:
@@ -114,6 +141,9 @@ class Stack:
         crm = self._crm_webhook()
         if crm is not None:
             env["PAYSAGA_CRM_WEBHOOK_URL"], env["PAYSAGA_CRM_WEBHOOK_SECRET"] = crm
+        acquirer = self._acquirer()
+        if acquirer is not None:
+            env["PAYSAGA_ACQUIRER_URL"], env["PAYSAGA_ACQUIRER_API_KEY"] = acquirer
         return env
 
     def check_ports(self) -> None:
@@ -128,6 +158,10 @@ class Stack:
             require_free_port(s.postgres_port, "PostgreSQL", "PAYSAGA_POSTGRES_PORT")
         if self.wants_crm_sandbox:
             require_free_port(s.crm_sandbox_port, "the CRM sandbox", "PAYSAGA_CRM_SANDBOX_PORT")
+        if self.wants_acquirer_sandbox:
+            require_free_port(
+                s.acquirer_sandbox_port, "the sandbox acquirer", "PAYSAGA_ACQUIRER_SANDBOX_PORT"
+            )
 
     def start(self) -> None:
         self.check_ports()
@@ -173,6 +207,22 @@ class Stack:
             )
             self.crm_sandbox.start()
             self._started.append("crm_sandbox")
+        if self.wants_acquirer_sandbox:
+            self._start_acquirer_sandbox()
+
+    def _start_acquirer_sandbox(self) -> None:
+        # A key of its own per home (kept 0600 like the CRM's secret), handed over in the
+        # environment: the documented public test key is for a sandbox only you can reach.
+        key = load_or_create_secret(self.home / ACQUIRER_KEY_FILE, prefix="sk_test_")
+        self.acquirer_sandbox = SandboxService(
+            "acquirer",
+            self.settings.acquirer_sandbox_port,
+            self.home / "acquirer-sandbox",
+            list(self.acquirer_sandbox_args),
+            env={API_KEY_ENV: key},
+        )
+        self.acquirer_sandbox.start()
+        self._started.append("acquirer_sandbox")
 
     async def _prepare_temporal(self) -> None:
         client = await connect_when_ready(self.temporal_address, self.settings.temporal_namespace)
@@ -185,6 +235,7 @@ class Stack:
                 "broker": self.broker,
                 "temporal": self.temporal,
                 "crm_sandbox": self.crm_sandbox,
+                "acquirer_sandbox": self.acquirer_sandbox,
             }[name]
             try:
                 if service is not None:

@@ -24,6 +24,7 @@ def private_stack_settings(home: Path, **overrides: Any) -> Settings:
         "kafka_port": free_port(),
         "postgres_port": free_port(),
         "crm_sandbox_port": free_port(),
+        "acquirer_sandbox_port": free_port(),
         "kafka_session_timeout_ms": 2000,
         # Many apps run in one test process: the API's metrics port is opened where a test
         # asks for it (test_observability.py), never by default.

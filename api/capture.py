@@ -1,0 +1,105 @@
+"""Manual capture (issue 15): `POST /v1/payments/{id}/capture` and `/void` of a payment created
+with `capture_method: manual`, answered by the payment's workflow through Updates whose
+validators refuse what it cannot do (a payment not `requires_capture`, more than authorized)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request, Response
+
+from api.auth import ApiClient, require_scope
+from api.errors import error_responses
+from api.ids import PaymentId
+from api.payments import (
+    _ACCEPTED,
+    Wait,
+    _ask_workflow,
+    _pending_record,
+    load_payment,
+)
+from api.resources import PaymentResource
+from domain.payment import (
+    CaptureSignal,
+    PaymentCaptureRequest,
+    PaymentState,
+    PaymentStatus,
+    VoidSignal,
+)
+from workflows.payment import PaymentWorkflow
+
+router = APIRouter(prefix="/v1", tags=["payments"])
+
+_STILL_UNDER_WAY: dict[str, Any] = {
+    "model": PaymentResource,
+    "description": "Accepted; the acquirer has not answered yet (poll the payment).",
+}
+
+
+@router.post(
+    "/payments/{payment_id}/capture",
+    response_model=PaymentResource,
+    responses={**error_responses(400, 401, 403, 404, 409, 413, 422, 503), 202: _STILL_UNDER_WAY},
+    summary="Capture a requires_capture payment, all or part of its authorization",
+    description="200 with the payment once captured and posted (`amount_to_capture` of the "
+    "authorization, all of it by default; the rest is released); 409 when the payment is not "
+    "`requires_capture` (or is being captured or voided); 400 over the authorized amount.",
+)
+async def capture_payment(
+    payment_id: PaymentId,
+    body: PaymentCaptureRequest,
+    request: Request,
+    response: Response,
+    wait: Wait = 10,
+    client: ApiClient = Depends(require_scope("payments:write")),
+) -> PaymentResource:
+    await load_payment(request, payment_id, client)  # 404 for another client's payment
+    result = await _ask_workflow(
+        request,
+        payment_id,
+        PaymentWorkflow.capture_authorization,
+        CaptureSignal(amount_to_capture=body.amount_to_capture),
+        f"capture-{payment_id}",
+        wait,
+        refusal_param="amount_to_capture",
+    )
+    return await _answer(request, payment_id, response, result)
+
+
+@router.post(
+    "/payments/{payment_id}/void",
+    response_model=PaymentResource,
+    responses={**error_responses(401, 403, 404, 409, 413, 422, 503), 202: _STILL_UNDER_WAY},
+    summary="Void a requires_capture payment: its whole authorization is released",
+    description="200 with the payment `canceled` once the acquirer released the hold; 409 when "
+    "it is not `requires_capture` (a captured payment is refunded instead).",
+)
+async def void_payment(
+    payment_id: PaymentId,
+    request: Request,
+    response: Response,
+    wait: Wait = 10,
+    client: ApiClient = Depends(require_scope("payments:write")),
+) -> PaymentResource:
+    state = await load_payment(request, payment_id, client)
+    if state.status == PaymentStatus.CANCELED:
+        return PaymentResource.of(state)
+    result = await _ask_workflow(
+        request,
+        payment_id,
+        PaymentWorkflow.void_authorization,
+        VoidSignal(reason="voided by request"),
+        f"void-{payment_id}",
+        wait,
+    )
+    return await _answer(request, payment_id, response, result)
+
+
+async def _answer(
+    request: Request, payment_id: str, response: Response, result: Any
+) -> PaymentResource:
+    if isinstance(result, PaymentState):
+        return PaymentResource.of(result)
+    assert result is _ACCEPTED
+    response.status_code = 202
+    return PaymentResource.of(await _pending_record(request, payment_id))
