@@ -82,6 +82,7 @@ async def payment_worker(
             fraud.assess_payment,
             kafka.publish_payment_event,
             ledger.post_ledger_transaction,
+            ledger.captured_in_ledger,
             ledger.record_payment_outcome,
             crm.notify_crm,
             acquirer.authorize_payment,

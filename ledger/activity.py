@@ -34,6 +34,17 @@ class LedgerActivities:
         except DBAPIError as exc:
             raise _classified(exc, f"{txn.kind} for {txn.payment_id}") from exc
 
+    @activity.defn(name="captured_in_ledger")
+    async def captured_in_ledger(self, payment_id: str) -> int:
+        """What the payment's capture posting took from the customer and no reversal returned:
+        the truth a reversal goes by when the workflow cannot know whether its posting
+        committed (an attempt in a lost workflow task)."""
+        try:
+            row = await self.ledger.payment(payment_id)
+        except DBAPIError as exc:
+            raise _classified(exc, f"the register row of {payment_id}") from exc
+        return row.captured if row is not None else 0
+
     @activity.defn(name="record_payment_outcome")
     async def record_payment_outcome(self, outcome: PaymentOutcome) -> None:
         try:

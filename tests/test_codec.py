@@ -207,6 +207,7 @@ def test_the_dev_key_is_created_once_and_private(tmp_path: Path) -> None:
 
 
 # What temporalio records about a local activity in its marker, besides the encrypted result.
+PATCH_MARKER_FIELDS = {"id", "deprecated"}
 LOCAL_ACTIVITY_MARKER_FIELDS = {
     "seq",
     "activation_index",
@@ -331,6 +332,10 @@ async def test_customer_data_in_history_is_ciphertext_without_the_key(
                 # A local activity's marker: the SDK's own bookkeeping, never user data (its
                 # result, under details[result], goes through the codec like any other).
                 assert set(json.loads(payload.data)) <= LOCAL_ACTIVITY_MARKER_FIELDS
+                continue
+            if path == "marker_recorded_event_attributes.details[patch-data].payloads[0]":
+                # A `workflow.patched()` marker: the SDK writes the patch's id, never user data.
+                assert set(json.loads(payload.data)) <= PATCH_MARKER_FIELDS
                 continue
             assert payload.metadata["encoding"] == ENCODING, f"{event.event_type} {path}"
             assert payload.metadata[KEY_ID_METADATA] == b"k-new"

@@ -21,7 +21,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio import activity
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
-from temporalio.exceptions import CancelledError
+from temporalio.exceptions import ApplicationError, CancelledError
 
 from activities.fraud import amount_for_limit_share
 from activities.kafka import EventPublisher
@@ -188,12 +188,15 @@ class Rig:
 
 
 class FlakyLedger(LedgerActivities):
-    """Fails the first attempt of a chosen payment's reversal, as a database blip would."""
+    """Fails the first attempt of a chosen payment's reversal, as a database blip would; or
+    commits a chosen payment's capture and then fails the step for good, so the workflow never
+    learns that its posting committed (as when the workflow task that ran it was lost)."""
 
     def __init__(self, ledger: Ledger) -> None:
         super().__init__(ledger)
         self.flaky: set[str] = set()
         self.attempts: dict[str, int] = {}
+        self.unknown_commits: set[str] = set()
 
     @activity.defn(name="post_ledger_transaction")
     async def post_ledger_transaction(self, posting: LedgerPosting) -> LedgerReceipt:
@@ -202,7 +205,10 @@ class FlakyLedger(LedgerActivities):
             self.attempts[txn.payment_id] = self.attempts.get(txn.payment_id, 0) + 1
             if txn.payment_id in self.flaky and self.attempts[txn.payment_id] == 1:
                 raise RuntimeError("connection reset while posting the reversal")
-        return await super().post_ledger_transaction(posting)
+        receipt = await super().post_ledger_transaction(posting)
+        if txn.kind == TransactionKind.PAYMENT and txn.payment_id in self.unknown_commits:
+            raise ApplicationError("the answer to the commit was lost", non_retryable=True)
+        return receipt
 
 
 @pytest.fixture(scope="module")
@@ -364,6 +370,27 @@ async def test_a_compensation_that_fails_once_is_retried_and_posts_once(
     assert state.status == "canceled"
     rows = await assert_ledger_balanced(engine, pid)
     assert [r["kind"] for r in rows] == ["payment", "payment_reversal"]
+    assert await account_balance(engine, f"merchant:{CLIENT}:{body['merchant_id']}:USD") == 0
+
+
+async def test_a_capture_that_committed_without_the_workflow_knowing_is_reversed(
+    rig: Rig, engine: AsyncEngine
+) -> None:
+    """The saga cannot know whether a posting whose step failed had committed: the reversal
+    asks the ledger, so the money is never left captured on a payment that did not succeed."""
+    key = f"key-{uuid.uuid4().hex}"
+    body = payment_body(amount=4300, merchant_id=new_merchant())
+    pid = payment_id_for(CLIENT, key)
+    rig.ledger.unknown_commits.add(pid)
+    created = await create_payment(rig.api, body, key=key, wait=0)
+    assert created.status_code == 201, created.text
+
+    payment = await wait_for_payment(rig.api, pid, lambda p: p["status"] == "failed")
+    assert payment["amount_captured"] == 0
+    rows = await assert_ledger_balanced(engine, pid)
+    assert [r["kind"] for r in rows] == ["payment", "payment_reversal"]
+    register = await register_row(engine, pid)
+    assert register is not None and register["captured"] == 0
     assert await account_balance(engine, f"merchant:{CLIENT}:{body['merchant_id']}:USD") == 0
 
 

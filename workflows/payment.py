@@ -137,6 +137,11 @@ PATCH_UNDO_FAILURE_NEEDS_ATTENTION = "undo-failure-needs-attention"
 # payment is succeeded and keeps its money); before, the notification was abandoned and the
 # payment's record kept saying it waited for the CRM (found by the simulation, seed 1).
 PATCH_CRM_STEP_OUTLIVES_CANCEL = "crm-step-outlives-operator-cancel"
+# A capture posting can commit in a workflow task that is then lost (a worker killed while the
+# local activity ran): the next attempt, meeting a cancel first, took the path where nothing
+# was posted and left the money captured. The reversal is armed from payments.raw on and asks
+# the ledger what it holds (found by the simulation, faults profile, seed 1).
+PATCH_REVERSAL_ASKS_THE_LEDGER = "reversal-asks-the-ledger"
 
 REVERSE_POSTING = "reverse the ledger posting"
 VOID_RAW = "void payments.raw"
@@ -180,6 +185,8 @@ class PaymentWorkflow(AcquirerSteps):
         self.cancel_requested: CancelSignal | None = None
         self.posting_started = self.state.ledger_posted
         self.posting_reversed = False
+        # Whether the reversal asks the ledger what was captured (PATCH_REVERSAL_ASKS_THE_LEDGER).
+        self.reversal_asks_the_ledger = False
         # What the payment takes right now (domain/follow_ups.py): it only narrows, and always
         # before the workflow stops serving what it took.
         self.door = Door(Taking.NOT_YET)
@@ -264,6 +271,9 @@ class PaymentWorkflow(AcquirerSteps):
             self.set_status(PaymentStatus.PROCESSING, "publishing payments.raw to Kafka")
             saga.add(VOID_RAW, self.void_raw_event)
             await _run_to_completion(self.publish(EventKind.RAW, local=True))
+            if workflow.patched(PATCH_REVERSAL_ASKS_THE_LEDGER):
+                self.reversal_asks_the_ledger = True
+                saga.add(REVERSE_POSTING, self.reverse_posting)
 
             if through_acquirer and self.manual_capture:
                 await self.await_capture()
@@ -272,7 +282,8 @@ class PaymentWorkflow(AcquirerSteps):
             if through_acquirer:
                 await _run_to_completion(self.capture_in_full())
             self.set_status(PaymentStatus.PROCESSING, "posting the ledger transaction")
-            saga.add(REVERSE_POSTING, self.reverse_posting)
+            if not self.reversal_asks_the_ledger:
+                saga.add(REVERSE_POSTING, self.reverse_posting)
             await _run_to_completion(self.post_capture())
 
             self.set_status(PaymentStatus.PROCESSING, "publishing payments.confirmed to Kafka")
@@ -417,7 +428,14 @@ class PaymentWorkflow(AcquirerSteps):
         """Idempotent: the ledger keys the reversal by (payment, kind), so a retried or replayed
         reversal posts once."""
         if not self.state.ledger_posted:
-            return  # the capture never committed (the posting ran to completion: we know)
+            if not self.reversal_asks_the_ledger:
+                return  # the capture never committed (the posting ran to completion: we know)
+            captured = await self.run_step(
+                LedgerActivities.captured_in_ledger, self.state.id, _LEDGER, local=True
+            )
+            if not captured:
+                return
+            self.state.ledger_posted, self.state.captured = True, captured
         request = self.state.request
         await self.post(
             entries.reversal_transaction(
