@@ -17,6 +17,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,7 @@ from tests.helpers.saga import (
     wait_for_payment,
 )
 from worker import payment_worker
+from workflows import search_attributes as sa
 from workflows.acquirer_steps import acquirer_refund_reference
 
 # The worker gives up on an answer well before pm_card_timeout's held one comes back.
@@ -430,6 +432,45 @@ async def test_manual_capture_of_part_releases_the_rest_once_captured(
     void = await rig.api.post(f"/v1/payments/{payment_id}/void")
     assert void.status_code == 409 and void.json()["error"]["code"] == "payment_not_capturable"
     assert len(_performed(await rig.operations(payment_id), "capture")) == 1
+
+
+async def _listed(temporal: Client, query: str, payment_id: str, expected: bool) -> None:
+    """Visibility is eventually consistent: poll until the payment is (not) listed."""
+    for _ in range(100):
+        found = [w.id async for w in temporal.list_workflows(query)]
+        if (payment_id in found) == expected:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{payment_id} listed={not expected} by {query}")
+
+
+async def test_an_authorization_awaiting_capture_is_found_by_when_it_expires(
+    rig: AcquirerRig,
+) -> None:
+    """The runbook's "authorizations expiring within 24 h" query, on AuthorizationExpiresAt:
+    set on entering requires_capture to the moment the expiry timer voids the authorization."""
+    payment_id = await _requires_capture(rig, 3300)
+    state = await _state_of(rig.temporal, payment_id)
+    expires = state.authorization_expires_at
+    assert expires is not None
+    described = await rig.temporal.get_workflow_handle(payment_id).describe()
+    attribute = described.typed_search_attributes.get(sa.AUTHORIZATION_EXPIRES_AT)
+    assert attribute is not None and abs((attribute - expires).total_seconds()) < 1
+
+    def expiring_within_24h_of(now: datetime) -> str:
+        return (
+            'WorkflowType="PaymentWorkflow" AND ExecutionStatus="Running" AND '
+            'PaymentStatus="requires_capture" AND '
+            f'AuthorizationExpiresAt < "{now + timedelta(hours=24):%Y-%m-%dT%H:%M:%SZ}"'
+        )
+
+    # The default expiry is 7 days: not within 24 h today, within 24 h of its sixth day.
+    now = datetime.now(UTC)
+    await _listed(rig.temporal, expiring_within_24h_of(now), payment_id, expected=False)
+    sixth_day = expires - timedelta(hours=12)
+    await _listed(rig.temporal, expiring_within_24h_of(sixth_day), payment_id, expected=True)
+    voided = await rig.api.post(f"/v1/payments/{payment_id}/void")
+    assert voided.status_code == 200, voided.text
 
 
 async def test_manual_void_releases_the_whole_authorization(
