@@ -756,14 +756,16 @@ async def test_a_refund_the_ledger_refuses_after_the_acquirer_paid_it_requires_a
 async def _refunds_unanswered(sandbox: Settings) -> AsyncIterator[tuple[str, dict[str, bool]]]:
     """A proxy in front of the sandbox acquirer. While `broken`, a refund reaches the sandbox
     (the money moves) but its answer is a 500, and every status request answers 500 too: the
-    refund's outcome cannot be known. Everything else passes through."""
-    switch = {"broken": False}
+    refund's outcome cannot be known. With `drop_refunds` too, the refund never reaches it.
+    Everything else passes through."""
+    switch = {"broken": False, "drop_refunds": False}
     proxy = FastAPI()
 
     @proxy.api_route("/{path:path}", methods=["GET", "POST"])
     async def forward(path: str, request: Request) -> Response:
         is_status = request.method == "GET" and path.startswith("v1/authorizations/")
-        if switch["broken"] and is_status:
+        lost = is_status or (switch["drop_refunds"] and path.endswith("/refunds"))
+        if switch["broken"] and lost:
             return JSONResponse({"error": {"type": "internal_error"}}, status_code=500)
         async with httpx.AsyncClient() as http:
             answer = await http.request(
@@ -858,3 +860,37 @@ async def test_a_refund_whose_outcome_stays_unknown_requires_attention_never_fai
                 await acquirer.aclose()
             assert record is not None and record.refunded_amount == 1500
             assert len(record.refunds) == 1  # replayed, never refunded twice
+
+            # A refund that never reached the acquirer, its outcome unknown all the same: the
+            # operator learns from the acquirer that it did not refund and settles it by hand.
+            switch["broken"] = switch["drop_refunds"] = True
+            lost = await refund(api, payment_id, 500, wait=0)
+            assert lost.status_code in (201, 202), lost.text
+            await wait_for_payment(
+                api, payment_id, lambda p: p["status"] == "requires_attention", timeout=60
+            )
+            switch["broken"] = switch["drop_refunds"] = False
+            settled = await handle.execute_update(
+                "resolve_attention",
+                AttentionResolution(
+                    action="manual", operator="ops-1", reason="acquirer has no such refund"
+                ),
+                result_type=ResolutionRecord,
+            )
+            assert settled.resolved, settled
+            await wait_for_payment(
+                api, payment_id, lambda p: p["status"] == "partially_refunded", timeout=30
+            )
+            state = await _state_of(temporal_client, payment_id)
+            assert [r.status for r in state.refunds] == [
+                FollowUpStatus.SUCCEEDED,
+                FollowUpStatus.FAILED,
+            ]
+            assert "acquirer has no such refund" in (state.refunds[1].failure_reason or "")
+            assert await refund_rows_total(engine, payment_id) == 1500
+            acquirer = HttpAcquirer.from_settings(sandbox)
+            try:
+                record = await acquirer.status(payment_id)
+            finally:
+                await acquirer.aclose()
+            assert record is not None and record.refunded_amount == 1500
