@@ -20,6 +20,9 @@ class FailureType(StrEnum):
     # The (payment, kind, reference) slot already holds a posting that moved other amounts,
     # currency or accounts: never a harmless duplicate, and never worth retrying.
     POSTING_CONFLICT = "PostingConflict"
+    # A second release of an acquirer's hold (captured after voided, voided or captured again
+    # under another reference): the hold was released once, a second release moves money twice.
+    HOLD_ALREADY_RELEASED = "HoldAlreadyReleased"
     # The database refused the data itself (SQLSTATE class 22 or 23: a value too long, out of
     # range, a constraint): the same input would fail on every retry.
     DATA_REJECTED = "DataRejected"

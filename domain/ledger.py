@@ -211,6 +211,29 @@ def manual_reversal_transaction(
     )
 
 
+def manual_refund_transaction(
+    payment_id: str,
+    refund_id: str,
+    customer_id: str,
+    amount: int,
+    ccy: str,
+    description: str,
+    tenant: str | None = None,
+) -> LedgerTransaction:
+    """An operator's resolution of a refund the acquirer paid and the ledger refused (the
+    merchant's account closed or over its limit): the customer's refund is recorded from the
+    suspense account, whose balance is what operations still has to recover from the merchant.
+    It takes the refund's own slot (payment, `refund`, refund id): never posted twice."""
+    return LedgerTransaction(
+        payment_id=payment_id,
+        kind=TransactionKind.REFUND,
+        reference=refund_id,
+        description=description,
+        entries=transfer(suspense_account(ccy), customer_account(customer_id, ccy, tenant), amount),
+        event_kind=EventKind.REFUNDED,
+    )
+
+
 def refund_transaction(
     payment_id: str,
     refund_id: str,

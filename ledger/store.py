@@ -31,6 +31,9 @@ from ledger.records import (
 )
 from ledger.tables import accounts, ledger_entries, ledger_transactions, outbox_events, payments
 
+# The two ways an acquirer's hold ends; a payment's hold ends once.
+HOLD_RELEASES = frozenset({TransactionKind.HOLD_CAPTURED, TransactionKind.HOLD_VOIDED})
+
 
 async def insert_event(
     conn: AsyncConnection,
@@ -162,6 +165,8 @@ class Ledger:
             assert row is not None or txn.kind in HOLD_KINDS
             return LedgerReceipt(transaction_id=str(existing), duplicate=True, payment=row)
 
+        if txn.kind in HOLD_RELEASES:
+            await _first_release(conn, txn, txn_id)
         opened = await _open_accounts(conn, [e.account for e in txn.entries])
         await _hold_within_limits(conn, txn, opened)
         account_ids = {code: account.id for code, account in opened.items()}
@@ -333,6 +338,30 @@ async def _same_as_posted(
             FailureType.POSTING_CONFLICT,
             f"{txn.kind} {txn.reference or ''} of {txn.payment_id} was already posted with other "
             f"entries ({_describe(posted)}); refusing a different one ({_describe(asked)})",
+        )
+
+
+async def _first_release(
+    conn: AsyncConnection, txn: LedgerTransaction, transaction_id: uuid.UUID
+) -> None:
+    """A hold is released once: captured or voided, never both, never twice. The same release
+    retried is a duplicate (its own slot, found above); any other release of the payment's hold
+    is refused here, in the posting's transaction, before it moves anything (SERIALIZABLE: two
+    releases racing cannot both see none)."""
+    earlier = (
+        await conn.execute(
+            sa.select(ledger_transactions.c.kind, ledger_transactions.c.reference).where(
+                ledger_transactions.c.payment_id == txn.payment_id,
+                ledger_transactions.c.kind.in_([k.value for k in HOLD_RELEASES]),
+                ledger_transactions.c.id != transaction_id,
+            )
+        )
+    ).first()
+    if earlier is not None:
+        raise LedgerRejected(
+            FailureType.HOLD_ALREADY_RELEASED,
+            f"the hold of {txn.payment_id} was already released ({earlier.kind} "
+            f"{earlier.reference!r}); refusing a second release ({txn.kind} {txn.reference!r})",
         )
 
 

@@ -640,6 +640,33 @@ async def acquirer_refund(r: Recorder) -> WorkflowHandle[Any, Any]:
     return handle
 
 
+async def acquirer_refund_needs_attention(r: Recorder) -> WorkflowHandle[Any, Any]:
+    """Refunded at the acquirer, refused by the ledger (the merchant's account closed): the
+    payment waits in requires_attention, the refund pending; the account reopened, an
+    operator's retry posts it (patch refund-that-may-have-moved-needs-attention)."""
+    path = "acquirer_refund_needs_attention"
+    handle = await r.start(path, 6000, payment_method="pm_card_visa", acquirer=True)
+    await wait_until(handle, succeeded_and_synced)
+    merchant_account = f"merchant:{CLIENT_ID}:mer_replay_{path}:USD"
+    await r.ledger.close_account(merchant_account)
+    await handle.signal("refund", RefundSignal(refund_id="re_replay_attention", amount=2000))
+    await wait_until(handle, lambda s: s.status == PaymentStatus.REQUIRES_ATTENTION)
+    async with r.ledger.engine.begin() as conn:
+        await conn.execute(
+            text("UPDATE accounts SET status = 'open' WHERE code = :c"), {"c": merchant_account}
+        )
+    resolved = await handle.execute_update(
+        "resolve_attention",
+        AttentionResolution(action="retry", operator="replay", reason="account reopened"),
+        id="resolve-1",
+        result_type=ResolutionRecord,
+    )
+    assert resolved.resolved, resolved
+    state = await wait_until(handle, follow_ups_settled(PaymentStatus.PARTIALLY_REFUNDED))
+    assert [r.status for r in state.refunds] == [FollowUpStatus.SUCCEEDED], state
+    return handle
+
+
 async def acquirer_canceled_void(r: Recorder) -> WorkflowHandle[Any, Any]:
     """Canceled while the acquirer takes its time to authorize: the hold is voided."""
     handle = await r.start(
@@ -728,6 +755,7 @@ PATHS: dict[str, Callable[[Recorder], Awaitable[WorkflowHandle[Any, Any]]]] = {
     "acquirer_decline": acquirer_decline,
     "acquirer_timeout_resolved": acquirer_timeout_resolved,
     "acquirer_refund": acquirer_refund,
+    "acquirer_refund_needs_attention": acquirer_refund_needs_attention,
     "acquirer_canceled_void": acquirer_canceled_void,
     "acquirer_manual_capture": acquirer_manual_capture,
     "acquirer_manual_void": acquirer_manual_void,

@@ -9,6 +9,7 @@ how many times each instruction really ran), the ledger, the events and the CRM.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import subprocess
@@ -16,12 +17,15 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import uvicorn
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
 from pydantic import SecretStr
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -33,8 +37,11 @@ from checker.report import HOLDS_RELEASED, CheckScope
 from checker.runner import run_checks
 from domain.acquirer import AcquirerAuthorization, AuthorizationRequest, AuthorizationState
 from domain.events import EventKind, event_id
+from domain.ledger import merchant_account
+from domain.payment import AttentionResolution, FollowUpStatus, PaymentState, ResolutionRecord
 from infra.embedded.process import free_port
 from infra.embedded.stack import Stack
+from ledger.store import Ledger
 from settings import Settings
 from tests.conftest import ACQUIRER_HANG_SECONDS, TEST_API_KEY
 from tests.helpers.api_client import api_client
@@ -47,8 +54,15 @@ from tests.helpers.follow_ups import (
     refund,
     refund_rows_total,
 )
-from tests.helpers.saga import create_payment, ledger_rows, payment_body, wait_for_payment
+from tests.helpers.saga import (
+    account_balance,
+    create_payment,
+    ledger_rows,
+    payment_body,
+    wait_for_payment,
+)
 from worker import payment_worker
+from workflows import search_attributes as sa
 from workflows.acquirer_steps import acquirer_refund_reference
 
 # The worker gives up on an answer well before pm_card_timeout's held one comes back.
@@ -420,6 +434,45 @@ async def test_manual_capture_of_part_releases_the_rest_once_captured(
     assert len(_performed(await rig.operations(payment_id), "capture")) == 1
 
 
+async def _listed(temporal: Client, query: str, payment_id: str, expected: bool) -> None:
+    """Visibility is eventually consistent: poll until the payment is (not) listed."""
+    for _ in range(100):
+        found = [w.id async for w in temporal.list_workflows(query)]
+        if (payment_id in found) == expected:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{payment_id} listed={not expected} by {query}")
+
+
+async def test_an_authorization_awaiting_capture_is_found_by_when_it_expires(
+    rig: AcquirerRig,
+) -> None:
+    """The runbook's "authorizations expiring within 24 h" query, on AuthorizationExpiresAt:
+    set on entering requires_capture to the moment the expiry timer voids the authorization."""
+    payment_id = await _requires_capture(rig, 3300)
+    state = await _state_of(rig.temporal, payment_id)
+    expires = state.authorization_expires_at
+    assert expires is not None
+    described = await rig.temporal.get_workflow_handle(payment_id).describe()
+    attribute = described.typed_search_attributes.get(sa.AUTHORIZATION_EXPIRES_AT)
+    assert attribute is not None and abs((attribute - expires).total_seconds()) < 1
+
+    def expiring_within_24h_of(now: datetime) -> str:
+        return (
+            'WorkflowType="PaymentWorkflow" AND ExecutionStatus="Running" AND '
+            'PaymentStatus="requires_capture" AND '
+            f'AuthorizationExpiresAt < "{now + timedelta(hours=24):%Y-%m-%dT%H:%M:%SZ}"'
+        )
+
+    # The default expiry is 7 days: not within 24 h today, within 24 h of its sixth day.
+    now = datetime.now(UTC)
+    await _listed(rig.temporal, expiring_within_24h_of(now), payment_id, expected=False)
+    sixth_day = expires - timedelta(hours=12)
+    await _listed(rig.temporal, expiring_within_24h_of(sixth_day), payment_id, expected=True)
+    voided = await rig.api.post(f"/v1/payments/{payment_id}/void")
+    assert voided.status_code == 200, voided.text
+
+
 async def test_manual_void_releases_the_whole_authorization(
     rig: AcquirerRig, engine: AsyncEngine
 ) -> None:
@@ -616,3 +669,228 @@ async def test_an_outcome_unknown_past_the_bound_requires_attention_never_a_gues
                 api, payment_id, lambda p: p["status"] == "failed", timeout=30
             )
             assert "AcquirerOutcomeUnresolved" in (payment["failure_reason"] or "")
+
+
+# ── a refund whose money may have moved: an operator, never `failed` ─────────────────────────
+
+
+async def _state_of(temporal: Client, payment_id: str) -> PaymentState:
+    state: PaymentState = await temporal.get_workflow_handle(payment_id).query(
+        "state", result_type=PaymentState
+    )
+    return state
+
+
+async def test_a_refund_the_ledger_refuses_after_the_acquirer_paid_it_requires_attention(
+    rig: AcquirerRig, engine: AsyncEngine
+) -> None:
+    """The acquirer refunded; the merchant's account is closed, so the ledger refuses the
+    posting for good. The refund is not `failed` (the customer has the money): the payment
+    waits for an operator, who settles it by hand against suspense; a second refund after the
+    account is reopened is retried by the operator and posted against the merchant."""
+    body = payment_body(amount=6000, payment_method="pm_card_visa", merchant_id=new_merchant())
+    created = await create_payment(rig.api, body, wait=0)
+    assert created.status_code == 201, created.text
+    payment_id: str = created.json()["id"]
+    assert (await _settled(rig, payment_id))["status"] == "succeeded"
+    merchant = merchant_account(body["merchant_id"], "USD", "test-client").code
+    await Ledger(engine).close_account(merchant)
+    suspense_before = await account_balance(engine, "suspense:USD")
+
+    asked = await refund(rig.api, payment_id, 2000, wait=0)
+    assert asked.status_code in (201, 202), asked.text
+    refund_id = asked.json()["id"]
+    payment = await wait_for_payment(
+        rig.api, payment_id, lambda p: p["status"] == "requires_attention", timeout=30
+    )
+    assert "The acquirer refunded" in payment["waiting_for"], payment
+    assert "AccountClosed" in payment["waiting_for"], payment
+    record = await rig.record(payment_id)
+    assert record.refunded_amount == 2000  # the money moved at the acquirer
+    state = await _state_of(rig.temporal, payment_id)
+    assert [r.status for r in state.refunds] == [FollowUpStatus.PENDING]
+    assert await refund_rows_total(engine, payment_id) == 0
+
+    handle = rig.temporal.get_workflow_handle(payment_id)
+    settled = await handle.execute_update(
+        "resolve_attention",
+        AttentionResolution(action="manual", operator="ops-1", reason="merchant offboarded"),
+        result_type=ResolutionRecord,
+    )
+    assert settled.resolved, settled
+    payment = await wait_for_payment(
+        rig.api, payment_id, lambda p: p["status"] == "partially_refunded", timeout=30
+    )
+    state = await _state_of(rig.temporal, payment_id)
+    assert [(r.id, r.status) for r in state.refunds] == [(refund_id, FollowUpStatus.SUCCEEDED)]
+    # Against suspense, not the (closed) merchant; the acquirer refunded once.
+    assert await refund_rows_total(engine, payment_id) == 0
+    assert await account_balance(engine, "suspense:USD") == suspense_before + 2000
+    assert (await rig.record(payment_id)).refunded_amount == 2000
+
+    # Another refund, refused the same way; the account reopened, the operator retries.
+    again = await refund(rig.api, payment_id, 1000, wait=0)
+    assert again.status_code in (201, 202), again.text
+    await wait_for_payment(
+        rig.api, payment_id, lambda p: p["status"] == "requires_attention", timeout=30
+    )
+    async with engine.begin() as conn:
+        await conn.execute(
+            text("UPDATE accounts SET status = 'open' WHERE code = :c"), {"c": merchant}
+        )
+    retried = await handle.execute_update(
+        "resolve_attention",
+        AttentionResolution(action="retry", operator="ops-1", reason="account reopened"),
+        result_type=ResolutionRecord,
+    )
+    assert retried.resolved, retried
+    await wait_for_payment(
+        rig.api, payment_id, lambda p: p["status"] == "partially_refunded", timeout=30
+    )
+    assert await refund_rows_total(engine, payment_id) == 1000
+    assert (await rig.record(payment_id)).refunded_amount == 3000
+    await assert_ledger_balanced(engine, payment_id)
+
+
+@contextlib.asynccontextmanager
+async def _refunds_unanswered(sandbox: Settings) -> AsyncIterator[tuple[str, dict[str, bool]]]:
+    """A proxy in front of the sandbox acquirer. While `broken`, a refund reaches the sandbox
+    (the money moves) but its answer is a 500, and every status request answers 500 too: the
+    refund's outcome cannot be known. With `drop_refunds` too, the refund never reaches it.
+    Everything else passes through."""
+    switch = {"broken": False, "drop_refunds": False}
+    proxy = FastAPI()
+
+    @proxy.api_route("/{path:path}", methods=["GET", "POST"])
+    async def forward(path: str, request: Request) -> Response:
+        is_status = request.method == "GET" and path.startswith("v1/authorizations/")
+        lost = is_status or (switch["drop_refunds"] and path.endswith("/refunds"))
+        if switch["broken"] and lost:
+            return JSONResponse({"error": {"type": "internal_error"}}, status_code=500)
+        async with httpx.AsyncClient() as http:
+            answer = await http.request(
+                request.method,
+                f"{sandbox.acquirer_url}/{path}",
+                params=request.query_params,
+                content=await request.body(),
+                headers={
+                    k: v
+                    for k, v in request.headers.items()
+                    if k.lower() in ("authorization", "content-type")
+                },
+            )
+        if switch["broken"] and path.endswith("/refunds"):
+            return JSONResponse({"error": {"type": "internal_error"}}, status_code=500)
+        return Response(
+            answer.content,
+            status_code=answer.status_code,
+            media_type=answer.headers.get("content-type"),
+        )
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(proxy, host="127.0.0.1", port=port, log_level="warning"))
+    serving = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}", switch
+    finally:
+        server.should_exit = True
+        await serving
+
+
+async def test_a_refund_whose_outcome_stays_unknown_requires_attention_never_failed(
+    stack: Stack, app_settings: Settings, temporal_client: Client, engine: AsyncEngine
+) -> None:
+    """The acquirer refunds but its answer is lost and its status never answers within the
+    bound: the money may have moved, so the refund stays `pending` and the payment waits for an
+    operator. Once the acquirer answers again, `retry` sends the same reference: the acquirer
+    replays its refund (never a second one) and the ledger records it."""
+    sandbox = acquirer_settings(stack, app_settings)
+    async with _refunds_unanswered(sandbox) as (url, switch):
+        settings = acquirer_settings(
+            stack, app_settings, acquirer_url=url, acquirer_resolve_seconds=3.0
+        )
+        async with (
+            payment_worker(settings, temporal_client),
+            api_client(settings, temporal_client, TEST_API_KEY) as api,
+        ):
+            body = payment_body(amount=5000, payment_method="pm_card_visa")
+            body["merchant_id"] = new_merchant()
+            created = await create_payment(api, body, wait=0)
+            assert created.status_code == 201, created.text
+            payment_id: str = created.json()["id"]
+            await wait_for_payment(api, payment_id, lambda p: p["status"] == "succeeded")
+            switch["broken"] = True
+            asked = await refund(api, payment_id, 1500, wait=0)
+            assert asked.status_code in (201, 202), asked.text
+            payment = await wait_for_payment(
+                api, payment_id, lambda p: p["status"] == "requires_attention", timeout=60
+            )
+            assert "AcquirerOutcomeUnresolved" in payment["waiting_for"], payment
+            assert "the money may have moved" in payment["waiting_for"], payment
+            state = await _state_of(temporal_client, payment_id)
+            assert [r.status for r in state.refunds] == [FollowUpStatus.PENDING]
+            assert await refund_rows_total(engine, payment_id) == 0
+            acquirer = HttpAcquirer.from_settings(sandbox)
+            try:
+                record = await acquirer.status(payment_id)
+            finally:
+                await acquirer.aclose()
+            assert record is not None and record.refunded_amount == 1500  # it did move
+
+            switch["broken"] = False
+            handle = temporal_client.get_workflow_handle(payment_id)
+            retried = await handle.execute_update(
+                "resolve_attention",
+                AttentionResolution(action="retry", operator="ops-1", reason="acquirer back"),
+                result_type=ResolutionRecord,
+            )
+            assert retried.resolved, retried
+            await wait_for_payment(
+                api, payment_id, lambda p: p["status"] == "partially_refunded", timeout=30
+            )
+            state = await _state_of(temporal_client, payment_id)
+            assert [r.status for r in state.refunds] == [FollowUpStatus.SUCCEEDED]
+            assert await refund_rows_total(engine, payment_id) == 1500
+            acquirer = HttpAcquirer.from_settings(sandbox)
+            try:
+                record = await acquirer.status(payment_id)
+            finally:
+                await acquirer.aclose()
+            assert record is not None and record.refunded_amount == 1500
+            assert len(record.refunds) == 1  # replayed, never refunded twice
+
+            # A refund that never reached the acquirer, its outcome unknown all the same: the
+            # operator learns from the acquirer that it did not refund and settles it by hand.
+            switch["broken"] = switch["drop_refunds"] = True
+            lost = await refund(api, payment_id, 500, wait=0)
+            assert lost.status_code in (201, 202), lost.text
+            await wait_for_payment(
+                api, payment_id, lambda p: p["status"] == "requires_attention", timeout=60
+            )
+            switch["broken"] = switch["drop_refunds"] = False
+            settled = await handle.execute_update(
+                "resolve_attention",
+                AttentionResolution(
+                    action="manual", operator="ops-1", reason="acquirer has no such refund"
+                ),
+                result_type=ResolutionRecord,
+            )
+            assert settled.resolved, settled
+            await wait_for_payment(
+                api, payment_id, lambda p: p["status"] == "partially_refunded", timeout=30
+            )
+            state = await _state_of(temporal_client, payment_id)
+            assert [r.status for r in state.refunds] == [
+                FollowUpStatus.SUCCEEDED,
+                FollowUpStatus.FAILED,
+            ]
+            assert "acquirer has no such refund" in (state.refunds[1].failure_reason or "")
+            assert await refund_rows_total(engine, payment_id) == 1500
+            acquirer = HttpAcquirer.from_settings(sandbox)
+            try:
+                record = await acquirer.status(payment_id)
+            finally:
+                await acquirer.aclose()
+            assert record is not None and record.refunded_amount == 1500

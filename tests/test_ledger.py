@@ -20,7 +20,9 @@ from domain.ledger import (
     Entry,
     LedgerTransaction,
     TransactionKind,
+    authorization_hold_transaction,
     customer_account,
+    hold_released_transaction,
     merchant_account,
     payment_transaction,
     refund_transaction,
@@ -263,6 +265,54 @@ async def test_a_different_posting_in_a_claimed_slot_is_refused_not_a_duplicate(
         await _scalar(engine, "SELECT count(*) FROM ledger_transactions WHERE payment_id=:p", p=pid)
         == 2
     )
+    await _ledger_sums_to_zero(engine)
+
+
+async def test_a_hold_is_released_once_and_a_second_release_is_refused_by_name(
+    engine: AsyncEngine,
+) -> None:
+    """The write path itself refuses a second release of a hold (captured after voided, voided
+    after captured, either again under another reference): a named, non-retryable refusal
+    that writes nothing, not something only the checker finds later. The same release retried
+    stays a harmless duplicate."""
+    ledger = Ledger(engine)
+    activities = LedgerActivities(ledger)
+    env = ActivityEnvironment()
+
+    for first_captured in (False, True):
+        pid = f"pay_{uuid.uuid4().hex[:12]}"
+        customer = f"cus_{pid}"
+        await ledger.post(
+            LedgerPosting(
+                transaction=authorization_hold_transaction(pid, customer, 1000, "USD"),
+                amount=1000,
+            )
+        )
+        first = hold_released_transaction(pid, customer, 1000, "USD", captured=first_captured)
+        await ledger.post(LedgerPosting(transaction=first, amount=1000))
+        assert (await ledger.post(LedgerPosting(transaction=first, amount=1000))).duplicate
+
+        other = hold_released_transaction(pid, customer, 1000, "USD", captured=not first_captured)
+        again = first.model_copy(update={"reference": "second"})
+        for second in (other, again):
+            with pytest.raises(LedgerRejected, match="already released") as refused:
+                await ledger.post(LedgerPosting(transaction=second, amount=1000))
+            assert refused.value.failure == FailureType.HOLD_ALREADY_RELEASED
+            with pytest.raises(ApplicationError) as named:
+                await env.run(
+                    activities.post_ledger_transaction,
+                    LedgerPosting(transaction=second, amount=1000),
+                )
+            assert named.value.type == FailureType.HOLD_ALREADY_RELEASED
+            assert named.value.non_retryable
+
+        # Nothing of the refused releases was written: the hold and its one release.
+        assert (
+            await _scalar(
+                engine, "SELECT count(*) FROM ledger_transactions WHERE payment_id=:p", p=pid
+            )
+            == 2
+        )
     await _ledger_sums_to_zero(engine)
 
 

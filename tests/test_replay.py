@@ -61,6 +61,7 @@ PATHS = {
     "acquirer_decline",  # declined by the issuer: payments.declined, the CRM told
     "acquirer_timeout_resolved",  # authorize and capture timed out, resolved by status
     "acquirer_refund",  # a refund returned at the acquirer, then posted
+    "acquirer_refund_needs_attention",  # refunded there, refused by the ledger: an operator
     "acquirer_canceled_void",  # canceled during the authorization: the hold voided
     "acquirer_manual_capture",  # requires_capture, a refused capture Update, a partial capture
     "acquirer_manual_void",  # requires_capture, voided by Update
@@ -153,7 +154,9 @@ def test_histories_cover_updates_and_every_patch() -> None:
         payment_workflow.PATCH_CANCEL_FINISHES_FOLLOW_UPS,
         payment_workflow.PATCH_UNDO_FAILURE_NEEDS_ATTENTION,
         payment_workflow.PATCH_CRM_STEP_OUTLIVES_CANCEL,
+        payment_workflow.PATCH_REFUND_NEEDS_ATTENTION,
         acquirer_steps.PATCH_ACQUIRER,
+        acquirer_steps.PATCH_EXPIRY_SEARCH_ATTRIBUTE,
     }
     assert updates >= 5
 

@@ -47,10 +47,13 @@ with workflow.unsafe.imports_passed_through():
         PaymentState,
         PaymentStatus,
     )
+    from workflows import search_attributes as sa
 
 # New payments with an acquirer authorize and capture there before the ledger posting; payments
 # whose history was written before keep the commands they recorded (docs/upgrades.md).
 PATCH_ACQUIRER = "acquirer-authorize-capture"
+# The AuthorizationExpiresAt search attribute, upserted on entering requires_capture (a command).
+PATCH_EXPIRY_SEARCH_ATTRIBUTE = "authorization-expires-at-search-attribute"
 RELEASE_AT_ACQUIRER = "release the authorization at the acquirer"
 ACQUIRER_OUTCOME_UNRESOLVED = "AcquirerOutcomeUnresolved"
 AUTHORIZATION_EXPIRED = "the authorization expired uncaptured"
@@ -161,6 +164,8 @@ class AcquirerSteps:
         authorization expires, which voids it (a durable timer: it fires after any restart)."""
         expires_at = workflow.now() + timedelta(seconds=self.policy.authorization_expiry_seconds)
         self.state.authorization_expires_at = expires_at
+        if workflow.patched(PATCH_EXPIRY_SEARCH_ATTRIBUTE):
+            workflow.upsert_search_attributes([sa.AUTHORIZATION_EXPIRES_AT.value_set(expires_at)])
         self.set_status(
             PaymentStatus.REQUIRES_CAPTURE,
             "a capture or a void; the authorization expires (is voided) at "

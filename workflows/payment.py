@@ -83,7 +83,11 @@ with workflow.unsafe.imports_passed_through():
     from ledger.activity import LedgerActivities
     from ledger.records import LedgerPosting, PaymentOutcome, PaymentParties
     from workflows import search_attributes as sa
-    from workflows.acquirer_steps import RELEASE_AT_ACQUIRER, AcquirerSteps
+    from workflows.acquirer_steps import (
+        ACQUIRER_OUTCOME_UNRESOLVED,
+        RELEASE_AT_ACQUIRER,
+        AcquirerSteps,
+    )
     from workflows.compensations import Compensations, FailedUndo
 
 # Retry bounds: infrastructure outages (Kafka, database) are waited out, never given up on;
@@ -143,7 +147,15 @@ PATCH_CRM_STEP_OUTLIVES_CANCEL = "crm-step-outlives-operator-cancel"
 # the ledger what it holds (found by the simulation, faults profile, seed 1).
 PATCH_REVERSAL_ASKS_THE_LEDGER = "reversal-asks-the-ledger"
 
+# A refund whose money may have moved at the acquirer (its outcome unresolved past the bound,
+# or refunded there and then refused by the ledger) waits for an operator in
+# `requires_attention`; before, it was recorded `failed` while the customer may have been paid.
+PATCH_REFUND_NEEDS_ATTENTION = "refund-that-may-have-moved-needs-attention"
+
 REVERSE_POSTING = "reverse the ledger posting"
+# The FailedUndo name of a refund waiting for an operator (followed by the refund's id).
+REFUND_AT_ACQUIRER = "refund at the acquirer"
+POST_ACQUIRER_REFUND = "post in the ledger the refund the acquirer made"
 VOID_RAW = "void payments.raw"
 
 
@@ -203,6 +215,8 @@ class PaymentWorkflow(AcquirerSteps):
         self.undo_left: list[FailedUndo] = []
         self.resolutions: deque[AttentionResolution] = deque()
         self.resolutions_done = 0
+        # A refund waiting for an operator: how `manual` settles it (refund_needs_attention).
+        self.refund_settlements: dict[str, Callable[[AttentionResolution], Awaitable[None]]] = {}
         self.resolutions_taken = 0
         # A ledger event is built once, for its posting (the outbox row), and published as is:
         # one id, one body, whether a consumer reads it from Kafka, the relay or /v1/events.
@@ -550,27 +564,30 @@ class PaymentWorkflow(AcquirerSteps):
 
     async def post_refund(self, signal: RefundSignal) -> None:
         refund = next(r for r in self.state.refunds if r.id == signal.refund_id)
-        request = self.state.request
         data = {"refund_id": refund.id, "amount": refund.amount}
+        refunded_at_acquirer = False
         try:
             if self.state.acquirer_reference is not None:
                 # The money goes back at the acquirer first; the ledger then records it.
                 await self.refund_at_acquirer(refund.id, refund.amount)
-            self.describe_waiting(f"posting refund {refund.id}")
-            await self.post(
-                entries.refund_transaction(
-                    self.state.id, refund.id, request.customer_id, request.merchant_id,
-                    refund.amount, request.currency, self.account_tenant,
-                ),
-                refund.amount,
-                EventKind.REFUNDED,
-                reference=refund.id,
-                data=data,
-            )  # fmt: skip
+                refunded_at_acquirer = True
+            await self.post_refund_in_ledger(refund)
         except STEP_FAILURES as failure:
-            # The ledger refused it (it re-checks refunded + disputed <= captured itself).
-            refund.status, refund.failure_reason = FollowUpStatus.FAILED, _failure_message(failure)
-            return
+            if is_cancelled_exception(failure):
+                raise
+            may_have_moved = refunded_at_acquirer or (
+                isinstance(failure, ApplicationError)
+                and failure.type == ACQUIRER_OUTCOME_UNRESOLVED
+            )
+            if not (may_have_moved and workflow.patched(PATCH_REFUND_NEEDS_ATTENTION)):
+                # Refused before any money moved: by the acquirer, or by the ledger (it
+                # re-checks refunded + disputed <= captured itself) with no acquirer involved.
+                refund.status = FollowUpStatus.FAILED
+                refund.failure_reason = _failure_message(failure)
+                return
+            await self.refund_needs_attention(refund, failure, refunded_at_acquirer)
+            if refund.status != FollowUpStatus.SUCCEEDED:
+                return
         refund.status = FollowUpStatus.SUCCEEDED
         self.state.refunded += refund.amount
         self.set_status(self.status_from_amounts(), f"publishing refund {refund.id}")
@@ -580,6 +597,66 @@ class PaymentWorkflow(AcquirerSteps):
             reference=refund.id,
             details={"refund_id": refund.id, "refund_amount": refund.amount},
         )
+
+    async def post_refund_in_ledger(self, refund: Refund, description: str = "") -> None:
+        """The refund's posting: merchant → customer, or, `description` given (an operator's
+        manual resolution), suspense → customer. Either takes the refund's own slot (payment,
+        `refund`, refund id), so a refund is never posted twice."""
+        request = self.state.request
+        data: dict[str, Any] = {"refund_id": refund.id, "amount": refund.amount}
+        transaction = entries.refund_transaction(
+            self.state.id, refund.id, request.customer_id, request.merchant_id,
+            refund.amount, request.currency, self.account_tenant,
+        )  # fmt: skip
+        if description:
+            transaction = entries.manual_refund_transaction(
+                self.state.id, refund.id, request.customer_id, refund.amount,
+                request.currency, description, self.account_tenant,
+            )  # fmt: skip
+            data["manual_resolution"] = description
+        self.describe_waiting(f"posting refund {refund.id}")
+        await self.post(
+            transaction, refund.amount, EventKind.REFUNDED, reference=refund.id, data=data
+        )
+
+    async def refund_needs_attention(
+        self, refund: Refund, failure: BaseException, refunded_at_acquirer: bool
+    ) -> None:
+        """The refund may have moved money (the acquirer's outcome unresolved past the bound,
+        or the acquirer refunded and the ledger refused the posting): never `failed`. The
+        payment waits in `requires_attention`, the refund `pending`, until an operator retries
+        (the same acquirer reference: it never refunds twice) or settles it by hand."""
+        progress = {"at_acquirer": refunded_at_acquirer}
+
+        async def carry_out() -> None:
+            if not progress["at_acquirer"]:
+                await self.refund_at_acquirer(refund.id, refund.amount)
+                progress["at_acquirer"] = True
+            await self.post_refund_in_ledger(refund)
+            refund.status = FollowUpStatus.SUCCEEDED
+
+        async def settle_by_hand(resolution: AttentionResolution) -> None:
+            description = clipped_text(
+                f"manual resolution by {resolution.operator}: {resolution.reason}", TEXT_MAX
+            )
+            if progress["at_acquirer"]:
+                # The customer has the money back: the ledger says so against suspense.
+                await self.post_refund_in_ledger(refund, description)
+                refund.status = FollowUpStatus.SUCCEEDED
+            else:
+                # The operator established at the acquirer that it did not refund.
+                refund.status = FollowUpStatus.FAILED
+                refund.failure_reason = f"not refunded at the acquirer ({description})"
+
+        name = POST_ACQUIRER_REFUND if refunded_at_acquirer else REFUND_AT_ACQUIRER
+        self.refund_settlements[refund.id] = settle_by_hand
+        self.undo_left = [FailedUndo(f"{name} {refund.id}", carry_out, failure)]
+        what_to_do = (
+            _REFUNDED_NOT_POSTED if refunded_at_acquirer else _REFUND_OUTCOME_UNKNOWN
+        ).format(refund=refund.id, amount=refund.amount, currency=self.state.request.currency)
+        self.require_attention(self.state.status, what_to_do)
+        await self.await_resolution()
+        del self.refund_settlements[refund.id]
 
     async def post_dispute_opened(self, signal: DisputeOpenedSignal) -> None:
         dispute = self.find_dispute(signal.dispute_id)
@@ -998,7 +1075,7 @@ class PaymentWorkflow(AcquirerSteps):
         return None
 
     # ── requires_attention: a compensation that could not complete ──────────────────────
-    def require_attention(self, ends_as: PaymentStatus) -> None:
+    def require_attention(self, ends_as: PaymentStatus, what_to_do: str = "") -> None:
         failures = [
             UndoFailure(step=f.name, error=_failure_message(f.failure)) for f in self.undo_left
         ]
@@ -1006,7 +1083,7 @@ class PaymentWorkflow(AcquirerSteps):
             since=workflow.now(),
             ends_as=ends_as,
             failures=failures,
-            what_to_do=_WHAT_TO_DO,
+            what_to_do=what_to_do or _WHAT_TO_DO,
         )
         workflow.metric_meter().create_counter(
             "paysaga_payments_requiring_attention",
@@ -1091,7 +1168,12 @@ class PaymentWorkflow(AcquirerSteps):
 
     async def settle_by_hand(self, failed: FailedUndo, resolution: AttentionResolution) -> None:
         """`manual`: a refused reversal is posted against the suspense account instead of the
-        merchant; any other step (an event, a notification) is settled by the operator's word."""
+        merchant; a refund that may have moved money is settled as refund_needs_attention says;
+        any other step (an event, a notification) is settled by the operator's word."""
+        for refund_id, settle in self.refund_settlements.items():
+            if failed.name.endswith(f" {refund_id}"):
+                await settle(resolution)
+                return
         if failed.name != REVERSE_POSTING or not self.state.ledger_posted:
             return
         request = self.state.request
@@ -1367,6 +1449,22 @@ class PaymentWorkflow(AcquirerSteps):
 
 _OPERATOR_CANCEL = "workflow canceled by an operator"
 
+_REFUND_OUTCOME_UNKNOWN = (
+    "The acquirer's outcome of refund {refund} ({amount} {currency} minor units) is unknown: the "
+    "money may have moved. Ask the acquirer for the refund (our reference is in the payment's "
+    'history). Then send resolve_attention {{"action":"retry","operator":"<you>"}} if it refunded '
+    "or the customer should still be refunded (the same reference: the acquirer never refunds "
+    'twice; the ledger then records it); or {{"action":"manual","operator":"<you>","reason":'
+    '"<what the acquirer said>"}} only if it did not refund: the refund is then failed '
+    "(docs/runbook.md, requires_attention)."
+)
+_REFUNDED_NOT_POSTED = (
+    "The acquirer refunded {refund} ({amount} {currency} minor units) but the ledger refused its "
+    "posting. Fix the cause (reopen the account, raise its limit) and send resolve_attention "
+    '{{"action":"retry","operator":"<you>"}}; or {{"action":"manual","operator":"<you>",'
+    '"reason":"<why>"}}: the refund is then posted against suspense:<CCY> instead of the '
+    "merchant (docs/runbook.md, requires_attention)."
+)
 _WHAT_TO_DO = (
     "Fix the cause (reopen the account, raise its limit) and send resolve_attention "
     '{"action":"retry","operator":"<you>"}; or settle it by hand with '

@@ -13,6 +13,9 @@ FRAUD_SCORE = SearchAttributeKey.for_float("FraudScore")
 CRM_SYNC = SearchAttributeKey.for_keyword("CrmSync")
 # The API client that created the payment: list results are scoped to it.
 CLIENT_ID = SearchAttributeKey.for_keyword("ClientId")
+# `capture_method: manual`: when the uncaptured authorization expires (is voided), set when
+# the payment enters requires_capture: "authorizations expiring within 24 h".
+AUTHORIZATION_EXPIRES_AT = SearchAttributeKey.for_datetime("AuthorizationExpiresAt")
 
 ALL_KEYS = (
     PAYMENT_STATUS,
@@ -23,4 +26,5 @@ ALL_KEYS = (
     FRAUD_SCORE,
     CRM_SYNC,
     CLIENT_ID,
+    AUTHORIZATION_EXPIRES_AT,
 )

@@ -43,6 +43,7 @@ def _cli_type(key_type: SearchAttributeIndexedValueType) -> str:
         SearchAttributeIndexedValueType.KEYWORD: "Keyword",
         SearchAttributeIndexedValueType.INT: "Int",
         SearchAttributeIndexedValueType.DOUBLE: "Double",
+        SearchAttributeIndexedValueType.DATETIME: "Datetime",
     }[key_type]
 
 
