@@ -43,7 +43,8 @@ _STILL_UNDER_WAY: dict[str, Any] = {
     summary="Capture a requires_capture payment, all or part of its authorization",
     description="200 with the payment once captured and posted (`amount_to_capture` of the "
     "authorization, all of it by default; the rest is released); 409 when the payment is not "
-    "`requires_capture` (or is being captured or voided); 400 over the authorized amount.",
+    "`requires_capture` (or is being captured or voided) or the amount is over what was "
+    "authorized (`amount_too_large`).",
 )
 async def capture_payment(
     payment_id: PaymentId,

@@ -154,6 +154,7 @@ def test_histories_cover_updates_and_every_patch() -> None:
         payment_workflow.PATCH_CANCEL_FINISHES_FOLLOW_UPS,
         payment_workflow.PATCH_UNDO_FAILURE_NEEDS_ATTENTION,
         payment_workflow.PATCH_CRM_STEP_OUTLIVES_CANCEL,
+        payment_workflow.PATCH_REVERSAL_ASKS_THE_LEDGER,
         payment_workflow.PATCH_REFUND_NEEDS_ATTENTION,
         acquirer_steps.PATCH_ACQUIRER,
         acquirer_steps.PATCH_EXPIRY_SEARCH_ATTRIBUTE,
