@@ -44,15 +44,17 @@ from tests.conftest import MERCHANT_SCOPES, TEST_API_KEY
 from tests.helpers.api_client import api_client
 from tests.helpers.fake_crm import FakeCrmServer
 from tests.helpers.private_stack import private_stack_settings
-from tests.simulation.oracle import FinalView, Money, PaymentSeen, RefundSeen, verdict
+from tests.simulation.oracle import FinalView, Holds, Money, PaymentSeen, RefundSeen, verdict
 from tests.simulation.runner import SimRig, Simulation
 from tests.simulation.script import (
+    SHORT_AUTHORIZATION_EXPIRY_SECONDS,
     SHORT_REVIEW_TIMEOUT_SECONDS,
     SHORT_WINDOW_SECONDS,
     luhn_valid,
     make_script,
 )
 from tests.test_faults import REPO, WorkerProcess, _worker_env
+from worker import payment_worker
 
 PAYMENTS_PER_SEED = 25
 # What `make test` runs: the fault profile costs minutes a seed (a SIGKILLed worker's activities
@@ -81,6 +83,7 @@ def short_policy(settings: Settings) -> Settings:
         update={
             "dispute_window_days": SHORT_WINDOW_SECONDS / 86400,
             "review_timeout_seconds": SHORT_REVIEW_TIMEOUT_SECONDS,
+            "authorization_expiry_seconds": SHORT_AUTHORIZATION_EXPIRY_SECONDS,
         }
     )
 
@@ -99,7 +102,8 @@ Chaos = Callable[[Simulation], Awaitable[list[str]]]
 
 async def simulate(rig: SimRig, seed: int, profile: str, chaos: Chaos | None = None) -> Simulation:
     """Run one seed; fail naming it and how to run it again."""
-    simulation = Simulation(rig, make_script(seed, PAYMENTS_PER_SEED))
+    script = make_script(seed, PAYMENTS_PER_SEED, acquirer=rig.acquirer_api is not None)
+    simulation = Simulation(rig, script)
     print(f"simulation {profile}: seed {seed}", file=sys.stderr)
     began = time.monotonic()
     if chaos is not None:
@@ -178,6 +182,60 @@ def test_the_oracle_reports_what_the_api_answered_but_did_not_happen() -> None:
     assert any("answered canceled" in p for p in found["pay_0"]), found
 
 
+def _manual_capture_of_part() -> tuple[PaymentSeen, dict[str, object]]:
+    """Authorized 10_000 through the acquirer, 6_000 captured, 1_000 refunded."""
+    seen = PaymentSeen("pay_1", 10_000, "manual_capture_part", capture_amount=6_000,
+                       acquirer=True)  # fmt: skip
+    seen.refund_answer({"id": "re_1", "amount": 1_000, "status": "succeeded"})
+    final = {
+        "status": "partially_refunded",
+        "waiting_for": "refunds or disputes until the window closes",
+        "amount_captured": 6_000,
+        "amount_refunded": 1_000,
+        "amount_dispute_lost": 0,
+        "refunds": [{"id": "re_1", "amount": 1_000, "status": "succeeded"}],
+        "disputes": [],
+    }
+    return seen, final
+
+
+def test_the_oracle_passes_holds_released_once() -> None:
+    seen, final = _manual_capture_of_part()
+    right = FinalView(final, Money(6_000, 1_000, 0), 5_000, Holds(placed=1, captured=1))
+    assert verdict({"pay_1": seen}, {"pay_1": right}) == {}
+    voided = PaymentSeen("pay_2", 10_000, "manual_void", capture_amount=10_000, acquirer=True)
+    ended = {**final, "status": "canceled", "waiting_for": "", "amount_captured": 0,
+             "amount_refunded": 0, "refunds": []}  # fmt: skip
+    view = FinalView(ended, None, 0, Holds(placed=1, voided=1))
+    assert verdict({"pay_2": voided}, {"pay_2": view}) == {}
+
+
+@pytest.mark.parametrize(
+    ("status", "captured", "holds", "complaint"),
+    [
+        ("partially_refunded", 6_000, Holds(placed=1), "not released exactly once"),  # kept
+        ("partially_refunded", 6_000, Holds(1, 1, 1), "not released exactly once"),  # twice
+        ("partially_refunded", 6_000, Holds(1, 1, 0, 4_000), "not released exactly once"),
+        ("partially_refunded", 6_000, Holds(1, 0, 1), "the hold was not captured once"),
+        ("canceled", 0, Holds(1, 1, 0), "yet the hold was captured"),  # voided, yet captured
+        ("declined", 0, Holds(1, 0, 1), "declined, yet held"),
+        ("partially_refunded", 10_000, Holds(1, 1), "the API says"),  # captured all, not part
+    ],
+)
+def test_the_oracle_reports_a_wrong_hold(
+    status: str, captured: int, holds: Holds, complaint: str
+) -> None:
+    seen, final = _manual_capture_of_part()
+    final = {**final, "status": status, "amount_captured": captured}
+    if status not in ("partially_refunded",):
+        seen.refunds.clear()
+        final.update(amount_refunded=0, refunds=[], waiting_for="")
+    net = captured - (1_000 if seen.refunds else 0)
+    view = FinalView(final, Money(captured, 1_000 if seen.refunds else 0, 0), net, holds)
+    found = verdict({"pay_1": seen}, {"pay_1": view})
+    assert any(complaint in p for p in found.get("pay_1", [])), found
+
+
 def test_a_failure_names_its_seed_and_how_to_run_it_again() -> None:
     report = failure_report("faults", 42, ["pay_1 (plain): the ledger moved 5"], "seed 42: …")
     assert "seed 42 failed (1 problems)" in report and "the ledger moved 5" in report
@@ -198,6 +256,9 @@ def test_a_failure_names_its_seed_and_how_to_run_it_again() -> None:
 def test_a_seed_names_one_script() -> None:
     assert make_script(7, 25) == make_script(7, 25)
     assert make_script(7, 25) != make_script(8, 25)
+    assert make_script(7, 25, acquirer=True) == make_script(7, 25, acquirer=True)
+    through = {s.kind for seed in range(1, 4) for s in make_script(seed, 25, acquirer=True).stories}
+    assert {"manual_capture", "manual_void", "manual_expiry", "acq_decline"} <= through
     kinds = {s.kind for seed in range(1, 4) for s in make_script(seed, 25).stories}
     assert {"plain", "window", "cancel_race", "operator_cancel"} <= kinds
     assert luhn_valid("4242424242424242") and not luhn_valid("4242424242424241")
@@ -214,15 +275,41 @@ async def short_api(
         yield client
 
 
+@pytest.fixture(scope="module")
+async def acquirer_apis(
+    stack: Stack, app_settings: Settings, temporal_client: Client
+) -> AsyncIterator[tuple[httpx.AsyncClient, httpx.AsyncClient, Settings]]:
+    """An API and a worker of their own pointed at the session's sandbox acquirer (the shared
+    worker books payments without one), the second API with the short policy."""
+    at_the_sandbox = stack.service_settings()
+    settings = app_settings.model_copy(
+        update={
+            "task_queue": f"sim-acquirer-{uuid.uuid4().hex[:8]}",
+            "acquirer_url": at_the_sandbox.acquirer_url,
+            "acquirer_api_key": at_the_sandbox.acquirer_api_key,
+        }
+    )
+    async with (
+        payment_worker(settings, temporal_client),
+        api_client(settings, temporal_client, TEST_API_KEY) as api,
+        api_client(short_policy(settings), temporal_client, TEST_API_KEY) as short,
+    ):
+        yield api, short, settings
+
+
 async def test_interleavings(
     seed: int,
     api: httpx.AsyncClient,
     short_api: httpx.AsyncClient,
+    acquirer_apis: tuple[httpx.AsyncClient, httpx.AsyncClient, Settings],
     temporal_client: Client,
     engine: AsyncEngine,
     app_settings: Settings,
 ) -> None:
-    rig = SimRig(api, short_api, temporal_client, engine, app_settings)
+    acquirer_api, acquirer_short_api, acquirer_settings = acquirer_apis
+    # `paysaga check` with the acquirer's settings: the holds promise reads the sandbox.
+    rig = SimRig(api, short_api, temporal_client, engine, acquirer_settings,
+                 acquirer_api=acquirer_api, acquirer_short_api=acquirer_short_api)  # fmt: skip
     simulation = await simulate(rig, seed, "interleavings")
     assert simulation.seen, "the script created no payment"
 

@@ -39,6 +39,10 @@ class PaymentSeen:
     payment_id: str
     amount: int
     story: str
+    # What a capture captures (the script's truth: the amount, half of it on a partial
+    # approval, or amount_to_capture); None: the whole amount.
+    capture_amount: int | None = None
+    acquirer: bool = False  # through the sandbox acquirer: authorized (held), then captured
     refunds: dict[str, RefundSeen] = field(default_factory=dict)
     disputes: dict[str, DisputeSeen] = field(default_factory=dict)
     refused_refund_ids: set[str] = field(default_factory=set)
@@ -86,6 +90,17 @@ class Money:
 
 
 @dataclass(frozen=True)
+class Holds:
+    """The payment's authorization hold in the ledger: transactions placing it, capturing it,
+    voiding it, and what is still on the hold account."""
+
+    placed: int = 0
+    captured: int = 0
+    voided: int = 0
+    held: int = 0
+
+
+@dataclass(frozen=True)
 class FinalView:
     """How the system left one payment: the API's last answer, the payments register's row and
     the ledger's own entries (the customer's side of every transaction of the payment)."""
@@ -93,12 +108,14 @@ class FinalView:
     api: dict[str, Any] | None
     register: Money | None
     ledger_net: int
+    holds: Holds = Holds()
 
 
 def expected_money(seen: PaymentSeen, final: dict[str, Any]) -> Money:
     """What the answers add up to. Captured: the payment ended holding its money (its final
     status says so, and every answer must agree, see `judge`)."""
-    captured = seen.amount if final["status"] in CAPTURED_STATUSES else 0
+    capture = seen.amount if seen.capture_amount is None else seen.capture_amount
+    captured = capture if final["status"] in CAPTURED_STATUSES else 0
     refunded = sum(r.amount or 0 for r in seen.refunds.values() if r.status == "succeeded")
     lost = sum(d.amount or 0 for d in seen.disputes.values() if d.status == "lost")
     return Money(captured, refunded, lost)
@@ -134,7 +151,7 @@ def judge(seen: PaymentSeen, view: FinalView) -> list[str]:
         problems.append(f"money returned from a payment that ended {status!r}: {expected}")
     if seen.canceled_by_api and status != "canceled":
         problems.append(f"the API answered canceled, yet it ended {status!r}")
-    if expected.refunded + expected.dispute_lost > seen.amount:
+    if expected.refunded + expected.dispute_lost > expected.captured:
         problems.append(f"more returned than captured: {expected}")
     told = Money(final["amount_captured"], final["amount_refunded"], final["amount_dispute_lost"])
     if told != expected:
@@ -150,6 +167,26 @@ def judge(seen: PaymentSeen, view: FinalView) -> list[str]:
             f"(captured {expected.captured} - refunded {expected.refunded} - dispute lost "
             f"{expected.dispute_lost})"
         )
+    problems.extend(judge_holds(seen, status, view.holds))
+    return problems
+
+
+def judge_holds(seen: PaymentSeen, status: str, holds: Holds) -> list[str]:
+    """Every hold released exactly once (captured or voided), nothing left held; through the
+    acquirer a captured payment captured its hold, a declined one was never held, one that
+    ended without money (voided, expired, canceled) released its hold uncaptured."""
+    problems = []
+    if holds.placed > 1 or holds.captured + holds.voided != holds.placed or holds.held != 0:
+        problems.append(f"the hold was not released exactly once: {holds}")
+    if not seen.acquirer:
+        if holds.placed:
+            problems.append(f"held without an acquirer: {holds}")
+    elif status in CAPTURED_STATUSES and (holds.placed, holds.captured) != (1, 1):
+        problems.append(f"captured, yet the hold was not captured once: {holds}")
+    elif status == "declined" and holds.placed:
+        problems.append(f"declined, yet held: {holds}")
+    elif status in UNCAPTURED_STATUSES and holds.captured:
+        problems.append(f"ended {status!r}, yet the hold was captured: {holds}")
     return problems
 
 

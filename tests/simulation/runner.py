@@ -27,6 +27,7 @@ from settings import Settings
 from tests.simulation.oracle import (
     MOVING_STATUSES,
     FinalView,
+    Holds,
     Money,
     PaymentSeen,
     verdict,
@@ -58,6 +59,9 @@ CLOSE_REFUSALS = frozenset(
     {"dispute_closed", "dispute_close_failed", "dispute_failed", "payment_closed"}
 )
 CANCEL_REFUSALS = frozenset({"payment_not_cancelable"})
+# A capture or void the payment's state refuses (not requires_capture, being captured or voided,
+# over the authorization): always 409, with a code.
+CAPTURE_STATUSES = frozenset({200, 202})
 
 
 @dataclass
@@ -74,6 +78,10 @@ class SimRig:
     # How long a request keeps being retried through 503s and dropped connections.
     retry_seconds: float = 30.0
     settle_seconds: float = 60.0
+    # Through the sandbox acquirer (issue 15): the default policy, and a short authorization
+    # expiry. None: the rig has no acquirer and scripts make no acquirer stories.
+    acquirer_api: httpx.AsyncClient | None = None
+    acquirer_short_api: httpx.AsyncClient | None = None
 
 
 def follow_up_id(prefix: str, payment_id: str, key: str) -> str:
@@ -147,6 +155,10 @@ class Simulation:
         await asyncio.gather(*(self.play(story) for story in self.script.stories))
 
     def api_for(self, story: Story) -> httpx.AsyncClient:
+        if story.acquirer:
+            api = self.rig.acquirer_short_api if story.short_policy else self.rig.acquirer_api
+            assert api is not None, "an acquirer story on a rig without an acquirer"
+            return api
         return self.rig.short_api if story.short_policy else self.rig.api
 
     async def play(self, story: Story) -> None:
@@ -158,9 +170,11 @@ class Simulation:
             "currency": "USD",
             "customer_id": f"cus_sim_{self.nonce}_{story.index}",
             "merchant_id": f"mer_sim_{self.nonce}_{story.index}",
-            "payment_method": "pm_card_visa_0001",
+            "payment_method": story.payment_method,
             "description": f"simulation {self.script.seed} story {story.index} ({story.kind})",
         }
+        if story.manual:
+            body["capture_method"] = "manual"
         quick = story.kind in ("cancel_race", "operator_cancel")
         what = f"story {story.index} ({story.kind}) create"
         created = await self.send(
@@ -178,7 +192,13 @@ class Simulation:
             self.unexpected(what, created)
             return
         payment = created.json()
-        seen = PaymentSeen(payment["id"], story.amount, story.kind)
+        seen = PaymentSeen(
+            payment["id"],
+            story.amount,
+            story.kind,
+            capture_amount=story.capture_amount if story.acquirer else None,
+            acquirer=story.acquirer,
+        )
         self.seen[seen.payment_id] = seen
         seen.saw_status(payment["status"])
         if story.kind in ("review_approve", "review_decline"):
@@ -307,6 +327,21 @@ class Simulation:
                 seen.saw_status(got.json()["status"])
             elif got.status_code != 409 or error_code(got) not in CANCEL_REFUSALS:
                 self.unexpected(what, got)
+        elif op.kind in ("capture", "void"):
+            capture_body = {} if op.amount is None else {"amount_to_capture": op.amount}
+            got = await self.send(
+                what,
+                lambda: api.post(f"/v1/payments/{pid}/{op.kind}", json=capture_body,
+                                 params={"wait": 5}),
+            )  # fmt: skip
+            if got is None:
+                return
+            if got.status_code in CAPTURE_STATUSES:
+                seen.saw_status(got.json()["status"])
+                if op.kind == "void" and got.status_code == 200:
+                    seen.canceled_by_api = got.json()["status"] == "canceled"
+            elif got.status_code != 409 or error_code(got) is None:
+                self.unexpected(what, got)
         elif op.kind in ("approve", "decline", "operator_cancel"):
             handle = self.rig.temporal.get_workflow_handle(pid)
             try:
@@ -385,8 +420,30 @@ class Simulation:
                     {"ids": pids},
                 )
             }
+            holds = {
+                r.payment_id: Holds(int(r.placed), int(r.captured), int(r.voided), int(r.held))
+                for r in await conn.execute(
+                    text(
+                        "SELECT t.payment_id, "
+                        "count(DISTINCT t.id) FILTER (WHERE t.kind = 'authorization_hold') "
+                        "AS placed, "
+                        "count(DISTINCT t.id) FILTER (WHERE t.kind = 'hold_captured') AS captured, "
+                        "count(DISTINCT t.id) FILTER (WHERE t.kind = 'hold_voided') AS voided, "
+                        "coalesce(sum(e.amount) FILTER (WHERE a.type = 'authorization_hold'), 0) "
+                        "AS held "
+                        "FROM ledger_transactions t "
+                        "JOIN ledger_entries e ON e.transaction_id = t.id "
+                        "JOIN accounts a ON a.id = e.account_id "
+                        "WHERE t.payment_id = ANY(:ids) GROUP BY t.payment_id"
+                    ),
+                    {"ids": pids},
+                )
+            }
         return {
-            pid: FinalView(finals.get(pid), registers.get(pid), nets.get(pid, 0)) for pid in pids
+            pid: FinalView(
+                finals.get(pid), registers.get(pid), nets.get(pid, 0), holds.get(pid, Holds())
+            )
+            for pid in pids
         }
 
     async def judge(self) -> list[str]:
@@ -437,8 +494,8 @@ def _brief(payment: dict[str, Any] | None) -> str:
 
 
 def _under_way(payment: dict[str, Any]) -> bool:
-    if payment["status"] in MOVING_STATUSES:
-        return True
+    if payment["status"] in MOVING_STATUSES or payment["status"] == "requires_capture":
+        return True  # (a manual capture's story captures, voids or lets it expire in seconds)
     if payment["status"] == "succeeded" and payment["crm_sync"] == "pending":
         return True
     return any(r["status"] == "pending" for r in payment["refunds"]) or any(

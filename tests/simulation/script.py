@@ -15,6 +15,15 @@ REJECT_AMOUNT = amount_for_limit_share("USD", 80)  # score 1.00: rejected
 # The short policy (window and review timeout), served by a second API with those settings.
 SHORT_WINDOW_SECONDS = 12.0
 SHORT_REVIEW_TIMEOUT_SECONDS = 3.0
+# The short authorization expiry of the acquirer's short-policy API (manual_expiry stories).
+SHORT_AUTHORIZATION_EXPIRY_SECONDS = 3.0
+DECLINE_METHODS = (
+    "pm_card_decline_insufficient_funds",
+    "pm_card_decline_do_not_honor",
+    "pm_card_decline_expired_card",
+    "pm_card_decline_lost_card",
+    "pm_card_decline_restricted_card",
+)
 
 STORIES = {
     # story: weight
@@ -27,6 +36,17 @@ STORIES = {
     "operator_cancel": 10,
     "window": 14,
 }
+# Through the sandbox acquirer (issue 15, docs/acquirer.md): only when the rig has one.
+ACQUIRER_STORIES = {
+    "acq_auto": 8,
+    "acq_decline": 4,
+    "acq_partial": 5,
+    "manual_capture": 6,
+    "manual_capture_part": 6,
+    "manual_void": 4,
+    "manual_expiry": 4,
+    "manual_race": 6,
+}
 
 
 @dataclass(frozen=True)
@@ -34,7 +54,8 @@ class Op:
     """One request. `after`: seconds after the story's previous step; `together`: sent at the
     same time as the previous op instead of after it."""
 
-    kind: str  # refund, dispute, close, cancel, operator_cancel, approve, decline, get, list
+    # refund, dispute, close, cancel, operator_cancel, approve, decline, get, list, capture, void
+    kind: str
     after: float = 0.0
     together: bool = False
     amount: int | None = None
@@ -51,10 +72,21 @@ class Story:
     amount: int
     start_after: float
     ops: tuple[Op, ...]
+    payment_method: str = "pm_card_visa_0001"
+    # What a capture of this payment captures: the authorized amount, or amount_to_capture.
+    capture_amount: int = 0
 
     @property
     def short_policy(self) -> bool:
-        return self.kind in ("window", "review_timeout")
+        return self.kind in ("window", "review_timeout", "manual_expiry")
+
+    @property
+    def acquirer(self) -> bool:
+        return self.kind in ACQUIRER_STORIES
+
+    @property
+    def manual(self) -> bool:
+        return self.kind.startswith("manual_")
 
 
 @dataclass(frozen=True)
@@ -125,15 +157,50 @@ def _follow_ups(rng: random.Random, amount: int, story: str) -> list[Op]:
     return ops
 
 
-def make_script(seed: int, payments: int, start_spread: float = 4.0) -> Script:
+def _acquirer_story(rng: random.Random, kind: str, amount: int) -> tuple[str, int, list[Op]]:
+    """(payment method, what a capture captures, ops) of a story through the acquirer."""
+    method, captured, ops = "pm_card_visa", amount, []
+    if kind == "acq_decline":
+        method = rng.choice(DECLINE_METHODS)
+    elif kind == "acq_partial":
+        method, captured = "pm_card_partial_approval", amount // 2
+    elif kind == "manual_capture":
+        ops.append(Op("capture", rng.uniform(0, 1.0)))
+    elif kind == "manual_capture_part":
+        captured = rng.randint(1, amount)
+        ops.append(Op("capture", rng.uniform(0, 1.0), amount=captured))
+    elif kind == "manual_void":
+        ops.append(Op("void", rng.uniform(0, 1.0)))
+        if rng.random() < 0.3:  # the same void again, or a late capture
+            ops.append(Op(rng.choice(("void", "capture")), 0, rng.random() < 0.5))
+    elif kind == "manual_race":  # a capture or a void sent together with a cancel
+        if rng.random() < 0.5:
+            captured = rng.choice((amount, rng.randint(1, amount)))
+            ops.append(Op("capture", rng.uniform(0, 0.5), amount=captured))
+        else:
+            ops.append(Op("void", rng.uniform(0, 0.5)))
+        ops.insert(rng.randint(0, 1), Op("cancel", 0))
+        ops[1] = Op(ops[1].kind, 0, True, ops[1].amount)
+    if kind in ("acq_auto", "acq_partial", "manual_capture", "manual_capture_part", "manual_race"):
+        ops.extend(_follow_ups(rng, amount, kind))  # refunds and disputes after the capture
+    return method, captured, ops
+
+
+def make_script(
+    seed: int, payments: int, start_spread: float = 4.0, acquirer: bool = False
+) -> Script:
     rng = random.Random(seed)
-    kinds, weights = zip(*STORIES.items(), strict=True)
+    stories_of = {**STORIES, **ACQUIRER_STORIES} if acquirer else STORIES
+    kinds, weights = zip(*stories_of.items(), strict=True)
     stories = []
     for index in range(payments):
         kind = rng.choices(kinds, weights)[0]
         amount = rng.randint(100, 50_000)
         ops: list[Op] = []
-        if kind in ("review_approve", "review_decline", "review_timeout"):
+        method, captured = "pm_card_visa_0001", amount
+        if kind in ACQUIRER_STORIES:
+            method, captured, ops = _acquirer_story(rng, kind, amount)
+        elif kind in ("review_approve", "review_decline", "review_timeout"):
             amount = REVIEW_AMOUNT
             if kind != "review_timeout":
                 decision = "approve" if kind == "review_approve" else "decline"
@@ -152,5 +219,6 @@ def make_script(seed: int, payments: int, start_spread: float = 4.0) -> Script:
             ops.append(Op("operator_cancel", rng.uniform(0, 2.0)))
         if kind in ("plain", "review_approve", "window", "operator_cancel", "cancel_race"):
             ops.extend(_follow_ups(rng, amount, kind))
-        stories.append(Story(index, kind, amount, rng.uniform(0, start_spread), tuple(ops)))
+        start = rng.uniform(0, start_spread)
+        stories.append(Story(index, kind, amount, start, tuple(ops), method, captured))
     return Script(seed, tuple(stories))
