@@ -2,7 +2,9 @@
 
 A seed makes a script (tests/simulation/script.py): ~25 payments of every kind — approved,
 rejected, reviewed and approved, declined or timed out, canceled at every stage by the API or
-by an operator in Temporal, windows closing mid-run — each followed by random refunds
+by an operator in Temporal, windows closing mid-run; through the sandbox acquirer (issue 15):
+captured at once, declined, partially approved, captured by hand in full or in part, voided,
+expired, a capture or void racing a cancel — each followed by random refunds
 (partial, full, over, repeated keys, keys of digits), disputes (opened, won, lost, during
 refunds) and cancels, sent concurrently. The real API, worker, ledger and broker carry it out;
 then the oracle (tests/simulation/oracle.py) compares every payment's end with the answers the
@@ -10,9 +12,12 @@ API gave, the payments register and the ledger's entries, and `paysaga check` mu
 
 Profiles:
 - interleavings: the session stack; a second API with a short policy (a window of seconds, a
-  review timeout of seconds) makes windows close and reviews time out in real time.
+  review timeout of seconds) makes windows close and reviews time out in real time; an API and
+  worker of their own at the session's sandbox acquirer (and one with a short authorization
+  expiry) carry the acquirer's stories.
 - faults (`slow`): a private stack whose worker is SIGKILLed and restarted, whose PostgreSQL
-  is stopped and started and whose broker is killed and restarted while the script runs.
+  is stopped and started and whose broker is killed and restarted while the script runs (no
+  acquirer there: its scripts have no acquirer stories).
 
 Seeds: 3 of each by default. PAYSAGA_SIM_SEED=17 runs that seed only; PAYSAGA_SIM_SEEDS=N
 runs N seeds from PAYSAGA_SIM_SEED_BASE (default 1) on (`make simulate SEEDS=N`). A failure
