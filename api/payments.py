@@ -572,7 +572,16 @@ async def create_refund(
             refund = result
         else:
             state = await _pending_record(request, payment_id)
-            refund = next(r for r in state.refunds if r.id == refund_id)
+            refund = next((r for r in state.refunds if r.id == refund_id), None)
+            if refund is None:
+                # A refund of a `requires_capture` payment is its void, recorded as a refund of
+                # what was held once the void is done: until then it is pending (never a 500).
+                refund = Refund(
+                    id=refund_id,
+                    amount=state.authorized_amount,
+                    reason=body.reason,
+                    created_at=datetime.now(UTC),
+                )
     assert refund is not None
     if body.amount is not None and body.amount != refund.amount:
         raise ApiError(

@@ -508,6 +508,23 @@ async def test_a_refund_of_an_uncaptured_payment_voids_its_authorization(
     await _ledger_holds_nothing(engine, payment_id, ["authorization_hold", "hold_voided"])
 
 
+async def test_a_refund_by_void_still_under_way_is_answered_pending_never_a_500(
+    rig: AcquirerRig, engine: AsyncEngine
+) -> None:
+    """Found by the simulation's faults profile with the acquirer (seed 1): the refund of a
+    `requires_capture` payment is its void, recorded only once the void is done; answered past
+    `wait` before that, the API looked for a refund not recorded yet and answered 500."""
+    payment_id = await _requires_capture(rig, 2900)
+    answer = await refund(rig.api, payment_id, wait=0)
+    assert answer.status_code == 201, answer.text
+    assert answer.json()["amount"] == 2900
+    assert answer.json()["status"] in ("pending", "succeeded")
+    payment = await _settled(rig, payment_id)
+    assert (payment["status"], payment["amount_captured"]) == ("canceled", 0)
+    assert [(r["amount"], r["status"]) for r in payment["refunds"]] == [(2900, "succeeded")]
+    await _ledger_holds_nothing(engine, payment_id, ["authorization_hold", "hold_voided"])
+
+
 async def test_the_cli_pays_with_manual_capture_then_captures_and_voids(
     rig: AcquirerRig, temporal_client: Client
 ) -> None:
