@@ -48,9 +48,9 @@ _STILL_UNDER_WAY: dict[str, Any] = {
 )
 async def capture_payment(
     payment_id: PaymentId,
-    body: PaymentCaptureRequest,
     request: Request,
     response: Response,
+    body: PaymentCaptureRequest | None = None,
     wait: Wait = 10,
     client: ApiClient = Depends(require_scope("payments:write")),
 ) -> PaymentResource:
@@ -59,7 +59,7 @@ async def capture_payment(
         request,
         payment_id,
         PaymentWorkflow.capture_authorization,
-        CaptureSignal(amount_to_capture=body.amount_to_capture),
+        CaptureSignal(amount_to_capture=body.amount_to_capture if body else None),
         f"capture-{payment_id}",
         wait,
         refusal_param="amount_to_capture",
