@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -259,11 +259,7 @@ def cancel(
     home: Home = None,
 ) -> None:
     """Cancel a payment that is not posted to the ledger yet (e.g. waiting for review)."""
-    with reporting_api_errors():
-        payment = api_client(api_url, api_key, home).call(
-            "POST", f"/v1/payments/{payment_id}/cancel", wait=wait
-        )
-    show_payment(payment)
+    _act_on_payment(payment_id, "cancel", None, wait, api_url, api_key, home)
 
 
 @app.command()
@@ -285,11 +281,7 @@ def capture(
 ) -> None:
     """Capture a payment created with --manual-capture, all or part of its authorization."""
     body = {"amount_to_capture": amount} if amount is not None else {}
-    with reporting_api_errors():
-        payment = api_client(api_url, api_key, home).call(
-            "POST", f"/v1/payments/{payment_id}/capture", json=body, wait=wait
-        )
-    show_payment(payment)
+    _act_on_payment(payment_id, "capture", body, wait, api_url, api_key, home)
 
 
 @app.command()
@@ -301,9 +293,22 @@ def void(
     home: Home = None,
 ) -> None:
     """Void a payment's uncaptured authorization: the whole hold is released."""
+    _act_on_payment(payment_id, "void", None, wait, api_url, api_key, home)
+
+
+def _act_on_payment(
+    payment_id: str,
+    action: str,
+    body: dict[str, Any] | None,
+    wait: float,
+    api_url: str,
+    api_key: str | None,
+    home: Path | None,
+) -> None:
+    """POST /v1/payments/{id}/{action} (cancel, capture, void) and show the payment."""
     with reporting_api_errors():
         payment = api_client(api_url, api_key, home).call(
-            "POST", f"/v1/payments/{payment_id}/void", wait=wait
+            "POST", f"/v1/payments/{payment_id}/{action}", json=body, wait=wait
         )
     show_payment(payment)
 
