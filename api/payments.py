@@ -57,6 +57,7 @@ from domain.payment import (
     DisputeCloseRequest,
     DisputeOpenedSignal,
     DisputeRequest,
+    DisputeStatus,
     FollowUpStatus,
     PaymentRequest,
     PaymentState,
@@ -622,7 +623,7 @@ async def open_dispute(
     state = await load_payment(request, payment_id, client)
     dispute_id = _follow_up_id("dp", payment_id, body.network_reference)
     dispute = next((d for d in state.disputes if d.id == dispute_id), None)
-    if dispute is None or dispute.status == "pending":
+    if dispute is None or dispute.status == DisputeStatus.PENDING:
         asked = DisputeOpenedSignal(
             dispute_id=dispute_id,
             amount=body.amount,
@@ -639,7 +640,7 @@ async def open_dispute(
             state = await _pending_record(request, payment_id)
             dispute = next(d for d in state.disputes if d.id == dispute_id)
     assert dispute is not None
-    if dispute.status == "failed":
+    if dispute.status == DisputeStatus.FAILED:
         raise ApiError(
             409,
             "invalid_request_error",
@@ -670,8 +671,8 @@ async def close_dispute(
         raise ApiError(
             404, "invalid_request_error", "resource_missing", "No such dispute.", "dispute_id"
         )
-    if dispute.status in ("won", "lost"):
-        if dispute.status != body.outcome:
+    if dispute.status in (DisputeStatus.WON, DisputeStatus.LOST):
+        if dispute.status != DisputeStatus(body.outcome):
             raise ApiError(
                 409,
                 "invalid_request_error",
@@ -679,7 +680,7 @@ async def close_dispute(
                 f"The dispute was already {dispute.status}.",
             )
         return DisputeResource.of(dispute, state)
-    if dispute.status == "failed":
+    if dispute.status == DisputeStatus.FAILED:
         raise ApiError(
             409, "invalid_request_error", "dispute_failed", "The dispute was never opened."
         )
@@ -695,14 +696,21 @@ async def close_dispute(
     else:
         state = await _pending_record(request, payment_id)
         dispute = next(d for d in state.disputes if d.id == dispute_id)
-    if dispute.status in ("won", "lost") and dispute.status != body.outcome:
+    if dispute.status in (
+        DisputeStatus.WON,
+        DisputeStatus.LOST,
+    ) and dispute.status != DisputeStatus(body.outcome):
         raise ApiError(
             409,
             "invalid_request_error",
             "dispute_closed",
             f"The dispute was already {dispute.status}.",
         )
-    if isinstance(result, Dispute) and dispute.status == "open" and dispute.failure_reason:
+    if (
+        isinstance(result, Dispute)
+        and dispute.status == DisputeStatus.OPEN
+        and dispute.failure_reason
+    ):
         raise ApiError(
             409,
             "invalid_request_error",

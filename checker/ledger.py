@@ -28,8 +28,8 @@ from checker.report import (
     scope_params,
     scope_sql,
 )
+from domain.amounts import Amounts, PaymentStatus
 from domain.ledger import AccountType, TransactionKind
-from domain.payment import PaymentStatus, status_from_amounts
 from ledger.records import RegisterRow
 
 # Workflow statuses of a payment between steps: not judged (the checker wants a quiet system).
@@ -51,27 +51,6 @@ CAPTURED = frozenset(
         PaymentStatus.DISPUTED,
     }
 )
-
-
-@dataclass(frozen=True)
-class Amounts:
-    captured: int = 0
-    refunded: int = 0
-    disputed: int = 0
-    dispute_lost: int = 0
-
-    @property
-    def returned_or_held(self) -> int:
-        return self.refunded + self.disputed + self.dispute_lost
-
-    def status(self) -> PaymentStatus:
-        return status_from_amounts(self.captured, self.refunded, self.disputed, self.dispute_lost)
-
-    def __str__(self) -> str:
-        return (
-            f"captured {self.captured}, refunded {self.refunded}, "
-            f"disputed {self.disputed}, lost {self.dispute_lost}"
-        )
 
 
 def register_amounts(register: RegisterRow) -> Amounts:

@@ -19,6 +19,7 @@ from domain.payment import (
     CaptureSignal,
     DisputeClosedSignal,
     DisputeOpenedSignal,
+    DisputeStatus,
     PaymentState,
     PaymentStatus,
     RefundSignal,
@@ -117,10 +118,10 @@ def dispute_closed_refusal(
     dispute = next((d for d in state.disputes if d.id == request.dispute_id), None)
     if dispute is None:
         return Refused(Refusal.DISPUTE_MISSING, "No such dispute.")
-    if dispute.status == "failed":
+    if dispute.status == DisputeStatus.FAILED:
         return Refused(Refusal.DISPUTE_FAILED, "The dispute was never opened.")
-    if dispute.status in ("won", "lost"):
-        if dispute.status == request.outcome:
+    if dispute.status in (DisputeStatus.WON, DisputeStatus.LOST):
+        if dispute.status == DisputeStatus(request.outcome):
             return None  # closed that way already: answered with it
         return Refused(Refusal.DISPUTE_CLOSED, f"The dispute was already {dispute.status}.")
     if door.taking in (Taking.EVERYTHING, Taking.DISPUTE_CLOSES):

@@ -17,6 +17,10 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+# PaymentStatus is defined with the amounts that imply it; importable from here too, beside the
+# state that carries it.
+from domain.amounts import Amounts
+from domain.amounts import PaymentStatus as PaymentStatus
 from domain.bounds import ID_MAX, REASON_CODE_MAX, TEXT_MAX, TEXT_PATTERN, has_control_characters
 from domain.cards import contains_card_number
 from domain.constraints import JsonInteger, MaxKeys, MinorUnits, OneOf
@@ -176,44 +180,6 @@ class PaymentRequest(StrictRequest):
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-class PaymentStatus(StrEnum):
-    RECEIVED = "received"
-    REQUIRES_REVIEW = "requires_review"
-    PROCESSING = "processing"
-    SUCCEEDED = "succeeded"
-    PARTIALLY_REFUNDED = "partially_refunded"
-    REFUNDED = "refunded"
-    DISPUTED = "disputed"
-    REJECTED = "rejected"
-    DECLINED = "declined"
-    CANCELED = "canceled"
-    FAILED = "failed"
-    # A compensation could not complete (the ledger refused a reversal): the payment waits for
-    # an operator's `resolve_attention` (docs/runbook.md).
-    REQUIRES_ATTENTION = "requires_attention"
-    # `capture_method: manual`: authorized and held, waiting for a capture or a void (issue 15).
-    REQUIRES_CAPTURE = "requires_capture"
-
-    @property
-    def settled_for_wait(self) -> bool:
-        """States where `?wait=` returns: the client can act on the answer."""
-        return self not in (PaymentStatus.RECEIVED, PaymentStatus.PROCESSING)
-
-
-def status_from_amounts(
-    captured: int, refunded: int, disputed: int, dispute_lost: int
-) -> PaymentStatus:
-    """The status a captured payment's amounts imply; the ledger and the workflow agree on it."""
-    returned = refunded + dispute_lost
-    if disputed > 0:
-        return PaymentStatus.DISPUTED
-    if captured > 0 and returned >= captured:
-        return PaymentStatus.REFUNDED
-    if returned > 0:
-        return PaymentStatus.PARTIALLY_REFUNDED
-    return PaymentStatus.SUCCEEDED
-
-
 class CrmSync(StrEnum):
     PENDING = "pending"
     SYNCED = "synced"
@@ -260,8 +226,21 @@ class DisputeCloseRequest(StrictRequest):
 
 
 class FollowUpStatus(StrEnum):
+    """A refund's status."""
+
     PENDING = "pending"
     SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class DisputeStatus(StrEnum):
+    """A dispute's status: pending until the ledger holds its amount, then open until the card
+    network closes it won or lost; failed if it was never opened."""
+
+    PENDING = "pending"
+    OPEN = "open"
+    WON = "won"
+    LOST = "lost"
     FAILED = "failed"
 
 
@@ -316,7 +295,7 @@ class Dispute(BaseModel):
     amount: int
     reason_code: str
     network_reference: str
-    status: Literal["pending", "open", "won", "lost", "failed"] = "pending"
+    status: DisputeStatus = DisputeStatus.PENDING
     failure_reason: str | None = None
     created_at: datetime
 
@@ -416,11 +395,16 @@ class PaymentState(BaseModel):
     acquirer_decline_code: str | None = None
 
     @property
+    def amounts(self) -> Amounts:
+        return Amounts(self.captured, self.refunded, self.disputed, self.dispute_lost)
+
+    @property
     def refundable(self) -> int:
-        """What can still go back to the customer: refunds and disputes share one budget."""
+        """What can still go back to the customer: what the amounts leave returnable, less the
+        refunds and disputes accepted and not yet posted."""
         reserved = sum(r.amount for r in self.refunds if r.status == FollowUpStatus.PENDING)
-        reserved += sum(d.amount for d in self.disputes if d.status == "pending")
-        return self.captured - self.refunded - self.disputed - self.dispute_lost - reserved
+        reserved += sum(d.amount for d in self.disputes if d.status == DisputeStatus.PENDING)
+        return self.amounts.returnable - reserved
 
 
 class PaymentPolicy(BaseModel):

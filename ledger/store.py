@@ -16,10 +16,10 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from domain.amounts import Amounts, Movement, PaymentStatus
 from domain.errors import FailureType
 from domain.events import EventRecord
 from domain.ledger import HOLD_KINDS, Account, LedgerTransaction, TransactionKind
-from domain.payment import PaymentStatus, status_from_amounts
 from infra.database import run_serializable
 from infra.idempotency import record_started
 from ledger.records import (
@@ -80,42 +80,30 @@ def _register_after(txn: LedgerTransaction, amount: int, row: RegisterRow | None
         raise LedgerRejected(
             FailureType.INVALID_PAYMENT, f"payment {txn.payment_id} was never captured"
         )
-    captured, refunded, disputed, lost = row.captured, row.refunded, row.disputed, row.dispute_lost
-    returnable = captured - refunded - disputed - lost
-    match txn.kind:
-        case TransactionKind.PAYMENT_REVERSAL:
-            if refunded or disputed or lost:
-                raise LedgerRejected(
-                    FailureType.REFUND_EXCEEDS_CAPTURED,
-                    "a payment with refunds or disputes cannot be reversed",
-                )
-            return {"captured": captured - amount, "status": PaymentStatus.CANCELED}
-        case TransactionKind.REFUND | TransactionKind.DISPUTE_OPENED if amount > returnable:
+    amounts = Amounts(row.captured, row.refunded, row.disputed, row.dispute_lost)
+    if txn.kind == TransactionKind.PAYMENT_REVERSAL:
+        if amounts.returned_or_held:
             raise LedgerRejected(
                 FailureType.REFUND_EXCEEDS_CAPTURED,
-                f"{txn.kind} of {amount} exceeds the {returnable} still refundable "
-                f"(captured {captured}, refunded {refunded}, disputed {disputed}, lost {lost})",
+                "a payment with refunds or disputes cannot be reversed",
             )
-        case TransactionKind.REFUND:
-            refunded += amount
-        case TransactionKind.DISPUTE_OPENED:
-            disputed += amount
-        case TransactionKind.DISPUTE_WON | TransactionKind.DISPUTE_LOST if amount > disputed:
-            raise LedgerRejected(
-                FailureType.REFUND_EXCEEDS_CAPTURED, f"dispute of {amount} exceeds {disputed} held"
-            )
-        case TransactionKind.DISPUTE_WON:
-            disputed -= amount
-        case TransactionKind.DISPUTE_LOST:
-            disputed -= amount
-            lost += amount
-        case _:
-            raise LedgerRejected(FailureType.INVALID_PAYMENT, f"unexpected posting kind {txn.kind}")
+        return {"captured": amounts.captured - amount, "status": PaymentStatus.CANCELED}
+    try:
+        movement = Movement(txn.kind.value)
+    except ValueError:
+        raise LedgerRejected(
+            FailureType.INVALID_PAYMENT, f"unexpected posting kind {txn.kind}"
+        ) from None
+    exceeded = amounts.exceeded_by(movement, amount)
+    if exceeded is not None:
+        detail = f" ({amounts})" if movement in (Movement.REFUND, Movement.DISPUTE_OPENED) else ""
+        raise LedgerRejected(FailureType.REFUND_EXCEEDS_CAPTURED, exceeded + detail)
+    after = amounts.after(movement, amount)
     return {
-        "refunded": refunded,
-        "disputed": disputed,
-        "dispute_lost": lost,
-        "status": status_from_amounts(captured, refunded, disputed, lost),
+        "refunded": after.refunded,
+        "disputed": after.disputed,
+        "dispute_lost": after.dispute_lost,
+        "status": after.status(),
     }
 
 

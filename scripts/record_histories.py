@@ -34,10 +34,10 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
 
 from activities.event_store import EventStore
-from activities.fraud import amount_for_limit_share
 from activities.kafka import EventPublisher
 from activities.webhooks import WebhookEndpoints
 from domain.events import EventKind, PaymentEvent, event_id
+from domain.fraud import amount_for_limit_share
 from domain.payment import (
     AttentionResolution,
     CancelSignal,

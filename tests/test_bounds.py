@@ -10,8 +10,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
 
-from activities.fraud import amount_for_limit_share
 from domain.bounds import FINGERPRINT_LENGTH, ID_MAX, REASON_CODE_MAX, TEXT_MAX
+from domain.fraud import amount_for_limit_share
 from domain.payment import DisputeRequest, PaymentRequest, PaymentState, RefundSignal
 from tests.helpers.follow_ups import assert_ledger_balanced, captured_payment, new_merchant, refund
 from tests.helpers.saga import create_payment, payment_body, wait_for_payment

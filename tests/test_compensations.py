@@ -23,9 +23,9 @@ from temporalio import activity
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
 from temporalio.exceptions import ApplicationError, CancelledError
 
-from activities.fraud import amount_for_limit_share
 from activities.kafka import EventPublisher
 from domain.events import EventKind, event_id
+from domain.fraud import amount_for_limit_share
 from domain.ledger import TransactionKind
 from domain.payment import CancelSignal, PaymentState, payment_id_for
 from infra.embedded.stack import Stack

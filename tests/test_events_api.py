@@ -13,8 +13,8 @@ import httpx
 import pytest
 from temporalio.client import Client
 
-from activities.fraud import amount_for_limit_share
 from domain.events import EventKind, event_id
+from domain.fraud import amount_for_limit_share
 from settings import ApiKey, Settings
 from tests.conftest import MERCHANT_SCOPES, OTHER_CLIENT_KEY, READONLY_API_KEY
 from tests.helpers.api_client import api_client

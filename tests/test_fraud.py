@@ -21,15 +21,9 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 from temporalio.worker import Worker
 
-from activities.fraud import (
-    CustomerHistory,
-    FraudActivities,
-    FraudCheck,
-    amount_for_limit_share,
-    load_customer_history,
-    score_payment,
-)
+from activities.fraud import FraudActivities, FraudCheck, load_customer_history
 from domain.errors import FailureType
+from domain.fraud import CustomerHistory, amount_for_limit_share, score_payment
 from domain.ledger import payment_transaction, reversal_transaction
 from domain.money import CURRENCIES
 from domain.payment import FraudAssessment, PaymentRequest

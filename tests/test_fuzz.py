@@ -50,9 +50,9 @@ import pytest
 import uvicorn
 from temporalio.client import Client
 
-from activities.fraud import amount_for_limit_share
 from api.app import create_app
 from domain.bounds import TEXT_PATTERN
+from domain.fraud import amount_for_limit_share
 from domain.money import CURRENCIES, MAX_JSON_INTEGER, MAX_PAYMENT_MINOR
 from domain.payment import MAX_METADATA_KEYS
 from infra.embedded.process import free_port

@@ -23,10 +23,10 @@ from temporalio.api.workflowservice.v1 import DeleteWorkflowExecutionRequest
 from temporalio.client import Client, WorkflowHandle
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.fraud import amount_for_limit_share
 from checker.report import CheckScope
 from checker.runner import run_checks
 from domain.events import REQUESTS_DLQ_TOPIC
+from domain.fraud import amount_for_limit_share
 from domain.payment import PaymentRequest, PaymentState, PaymentWorkflowInput, payment_id_for
 from infra.database import migrate, revision_before
 from infra.embedded.stack import Stack

@@ -20,8 +20,8 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 
-from activities.fraud import amount_for_limit_share
 from domain.events import EventKind, event_id
+from domain.fraud import amount_for_limit_share
 from domain.payment import (
     FollowUpStatus,
     PaymentRequest,

@@ -28,7 +28,7 @@ from temporalio.client import Client
 from temporalio.service import RPCError
 
 from activities.crm import CRM_UNAVAILABLE
-from activities.fraud import amount_for_limit_share
+from domain.fraud import amount_for_limit_share
 from domain.payment import PaymentRequest
 from infra.embedded.process import free_port
 from infra.idempotency import IdempotencyRegister
@@ -161,7 +161,7 @@ async def test_a_rejected_payment_is_counted_under_its_own_outcome(
     api: httpx.AsyncClient,
 ) -> None:
     before = registry_value("paysaga_payments_total", outcome="rejected")
-    # A first-time customer paying 90 % of the limit scores 1.00 (activities/fraud.py).
+    # A first-time customer paying 90 % of the limit scores 1.00 (domain/fraud.py).
     body = payment_body(amount=amount_for_limit_share("USD", 90))
     created = await create_payment(api, body)
     assert created.status_code == 201, created.text

@@ -1,7 +1,7 @@
 """How a payment ends when it is not the happy path: fraud reject, manual review (approve,
 decline, timeout) and a CRM that fails transiently or refuses for good.
 
-Fraud bands come from `activities.fraud` (a first-time customer paying 50-80 % of the
+Fraud bands come from `domain.fraud` (a first-time customer paying 50-80 % of the
 currency's limit scores 0.80: review; 80 % or more scores 1.00: reject). The CRM tests script
 failures, so they run on a private rig: their own fake CRM, worker and task queue, and an API
 wired to them, so no other payment in the session can consume a scripted failure.
@@ -24,8 +24,8 @@ from temporalio.api.sdk.v1 import WorkflowMetadata
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 
 from activities.crm import verify_webhook
-from activities.fraud import amount_for_limit_share
 from domain.events import EventKind, event_id
+from domain.fraud import amount_for_limit_share
 from domain.payment import (
     PaymentPolicy,
     PaymentRequest,

@@ -20,8 +20,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.fraud import amount_for_limit_share
 from domain.events import EventKind, event_id
+from domain.fraud import amount_for_limit_share
 from domain.payment import payment_id_for
 from infra.embedded.stack import Stack
 from tests.conftest import OTHER_CLIENT_KEY, READONLY_API_KEY

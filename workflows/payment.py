@@ -37,6 +37,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.fraud import FraudActivities, FraudCheck
     from activities.kafka import KafkaActivities
     from domain import ledger as entries
+    from domain.amounts import Movement
     from domain.bounds import ID_MAX, TEXT_MAX, clipped_text
     from domain.errors import NON_RETRYABLE, FailureType
     from domain.events import EventKind, PaymentEvent, event_id
@@ -65,6 +66,7 @@ with workflow.unsafe.imports_passed_through():
         Dispute,
         DisputeClosedSignal,
         DisputeOpenedSignal,
+        DisputeStatus,
         FollowUp,
         FollowUpStatus,
         FraudAssessment,
@@ -78,7 +80,6 @@ with workflow.unsafe.imports_passed_through():
         StatusChange,
         UndoFailure,
         VoidSignal,
-        status_from_amounts,
     )
     from ledger.activity import LedgerActivities
     from ledger.records import LedgerPosting, PaymentOutcome, PaymentParties
@@ -375,8 +376,8 @@ class PaymentWorkflow(AcquirerSteps):
                 if refund.status == FollowUpStatus.PENDING:
                     refund.status, refund.failure_reason = FollowUpStatus.FAILED, why
             for dispute in self.state.disputes:
-                if dispute.status == "pending":
-                    dispute.status, dispute.failure_reason = "failed", why
+                if dispute.status == DisputeStatus.PENDING:
+                    dispute.status, dispute.failure_reason = DisputeStatus.FAILED, why
             self.follow_ups.clear()
         await self.finish()
 
@@ -529,7 +530,9 @@ class PaymentWorkflow(AcquirerSteps):
         )
 
     def holds_disputed_funds(self) -> bool:
-        return any(d.status in ("pending", "open") for d in self.state.disputes)
+        return any(
+            d.status in (DisputeStatus.PENDING, DisputeStatus.OPEN) for d in self.state.disputes
+        )
 
     async def continue_as_new_if_history_is_long(self) -> None:
         """Many refunds or disputes would grow the history without bound: carry the state into
@@ -682,9 +685,9 @@ class PaymentWorkflow(AcquirerSteps):
                 data=data,
             )
         except STEP_FAILURES as failure:
-            dispute.status, dispute.failure_reason = "failed", _failure_message(failure)
+            dispute.status, dispute.failure_reason = DisputeStatus.FAILED, _failure_message(failure)
             return
-        dispute.status = "open"
+        dispute.status = DisputeStatus.OPEN
         self.state.disputed += dispute.amount
         self.set_status(self.status_from_amounts(), f"publishing dispute {dispute.id}")
         await self.publish(EventKind.DISPUTE_OPENED, reference=dispute.id, data=data)
@@ -698,7 +701,7 @@ class PaymentWorkflow(AcquirerSteps):
 
     async def close_dispute_in_ledger(self, signal: DisputeClosedSignal) -> None:
         dispute = self.find_dispute(signal.dispute_id)
-        if dispute.status != "open":
+        if dispute.status != DisputeStatus.OPEN:
             return  # its opening failed: there is nothing held to release
         request = self.state.request
         won = signal.outcome == "won"
@@ -727,7 +730,7 @@ class PaymentWorkflow(AcquirerSteps):
             # The funds stay held (status open); the reason tells the operator why.
             dispute.failure_reason = _failure_message(failure)
             return
-        dispute.status = signal.outcome
+        dispute.status = DisputeStatus(signal.outcome)
         dispute.failure_reason = None
         self.state.disputed -= dispute.amount
         if not won:
@@ -832,7 +835,7 @@ class PaymentWorkflow(AcquirerSteps):
     async def open_dispute(self, request: DisputeOpenedSignal) -> Dispute:
         """The dispute once its funds are held (`open`) or the ledger refused it (`failed`)."""
         dispute = self.take_dispute_opened(request, self.current_door())
-        await workflow.wait_condition(lambda: dispute.status != "pending")
+        await workflow.wait_condition(lambda: dispute.status != DisputeStatus.PENDING)
         return dispute
 
     @open_dispute.validator
@@ -851,10 +854,13 @@ class PaymentWorkflow(AcquirerSteps):
         """The dispute once closed (`won`/`lost`), or still `open` with the ledger's refusal as
         its `failure_reason`."""
         dispute = self.find_dispute(request.dispute_id)
-        if dispute.status == "open" or dispute.status == "pending":
+        if dispute.status == DisputeStatus.OPEN or dispute.status == DisputeStatus.PENDING:
             self.take_dispute_closed(request)
             await workflow.wait_condition(
-                lambda: dispute.status in ("won", "lost") or request.dispute_id in self.closes_done
+                lambda: (
+                    dispute.status in (DisputeStatus.WON, DisputeStatus.LOST)
+                    or request.dispute_id in self.closes_done
+                )
             )
         return dispute
 
@@ -870,7 +876,7 @@ class PaymentWorkflow(AcquirerSteps):
                 workflow.logger.warning("dispute_closed signal refused: %s", refused.message)
                 return
         dispute = next((d for d in self.state.disputes if d.id == signal.dispute_id), None)
-        if dispute is None or dispute.status not in ("pending", "open"):
+        if dispute is None or dispute.status not in (DisputeStatus.PENDING, DisputeStatus.OPEN):
             return
         self.take_dispute_closed(signal)
 
@@ -1005,7 +1011,7 @@ class PaymentWorkflow(AcquirerSteps):
             created_at=workflow.now(),
         )
         if refused is not None:
-            dispute.status, dispute.failure_reason = "failed", refused.message
+            dispute.status, dispute.failure_reason = DisputeStatus.FAILED, refused.message
         self.state.disputes.append(dispute)
         if refused is None:
             self.follow_ups.append(request.model_copy(update={"amount": amount}))
@@ -1026,8 +1032,8 @@ class PaymentWorkflow(AcquirerSteps):
             if refund.status == FollowUpStatus.PENDING:
                 refund.status, refund.failure_reason = FollowUpStatus.FAILED, why
         for dispute in self.state.disputes:
-            if dispute.status == "pending":
-                dispute.status, dispute.failure_reason = "failed", why
+            if dispute.status == DisputeStatus.PENDING:
+                dispute.status, dispute.failure_reason = DisputeStatus.FAILED, why
         for follow_up in self.follow_ups:
             if isinstance(follow_up, DisputeClosedSignal):
                 self.closes_done.add(follow_up.dispute_id)
@@ -1060,7 +1066,7 @@ class PaymentWorkflow(AcquirerSteps):
         )  # fmt: skip
         problem = self.follow_up_problem_as_before(amount)
         if problem:
-            dispute.status, dispute.failure_reason = "failed", problem
+            dispute.status, dispute.failure_reason = DisputeStatus.FAILED, problem
         self.state.disputes.append(dispute)
         if not problem:
             self.follow_ups.append(signal.model_copy(update={"amount": amount}))
@@ -1208,26 +1214,15 @@ class PaymentWorkflow(AcquirerSteps):
         return next(d for d in self.state.disputes if d.id == dispute_id)
 
     def status_from_amounts(self) -> PaymentStatus:
-        s = self.state
-        return status_from_amounts(s.captured, s.refunded, s.disputed, s.dispute_lost)
+        return self.state.amounts.status()
 
     def status_after(self, kind: EventKind, amount: int) -> PaymentStatus:
         """The status a follow-up posting of `amount` leaves the payment in (its event says so);
         other postings' events carry the status of the moment."""
-        s = self.state
-        refunded, disputed, lost = s.refunded, s.disputed, s.dispute_lost
-        match kind:
-            case EventKind.REFUNDED:
-                refunded += amount
-            case EventKind.DISPUTE_OPENED:
-                disputed += amount
-            case EventKind.DISPUTE_WON:
-                disputed -= amount
-            case EventKind.DISPUTE_LOST:
-                disputed, lost = disputed - amount, lost + amount
-            case _:
-                return s.status
-        return status_from_amounts(s.captured, refunded, disputed, lost)
+        movement = Movement.announced_by(kind)
+        if movement is None:
+            return self.state.status
+        return self.state.amounts.after(movement, amount).status()
 
     def stop_if_canceled(self) -> None:
         if self.cancel_requested is not None:

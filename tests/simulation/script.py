@@ -7,9 +7,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from activities.fraud import amount_for_limit_share
+from domain.fraud import amount_for_limit_share
 
-# First payment of a customer at these shares of the currency's limit (activities/fraud.py).
+# First payment of a customer at these shares of the currency's limit (domain/fraud.py).
 REVIEW_AMOUNT = amount_for_limit_share("USD", 50)  # score 0.80: waits for a human
 REJECT_AMOUNT = amount_for_limit_share("USD", 80)  # score 1.00: rejected
 # The short policy (window and review timeout), served by a second API with those settings.
