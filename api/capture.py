@@ -11,18 +11,11 @@ from fastapi import APIRouter, Depends, Request, Response
 from api.auth import ApiClient, require_scope
 from api.errors import error_responses
 from api.ids import PaymentId
-from api.payments import (
-    _ACCEPTED,
-    Wait,
-    _ask_workflow,
-    _pending_record,
-    load_payment,
-)
+from api.payments import Wait, _ask_workflow, answer_with_payment, load_payment
 from api.resources import PaymentResource
 from domain.payment import (
     CaptureSignal,
     PaymentCaptureRequest,
-    PaymentState,
     PaymentStatus,
     VoidSignal,
 )
@@ -64,7 +57,7 @@ async def capture_payment(
         wait,
         refusal_param="amount_to_capture",
     )
-    return await _answer(request, payment_id, response, result)
+    return await answer_with_payment(request, payment_id, response, result)
 
 
 @router.post(
@@ -93,14 +86,4 @@ async def void_payment(
         f"void-{payment_id}",
         wait,
     )
-    return await _answer(request, payment_id, response, result)
-
-
-async def _answer(
-    request: Request, payment_id: str, response: Response, result: Any
-) -> PaymentResource:
-    if isinstance(result, PaymentState):
-        return PaymentResource.of(result)
-    assert result is _ACCEPTED
-    response.status_code = 202
-    return PaymentResource.of(await _pending_record(request, payment_id))
+    return await answer_with_payment(request, payment_id, response, result)

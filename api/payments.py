@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hashlib
 import hmac
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
@@ -16,13 +15,7 @@ from pydantic import BeforeValidator
 from sqlalchemy.exc import DBAPIError
 from temporalio.client import (
     Client,
-    WorkflowExecutionStatus,
-    WorkflowHandle,
-    WorkflowUpdateFailedError,
-    WorkflowUpdateRPCTimeoutOrCancelledError,
-    WorkflowUpdateStage,
 )
-from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
 from api.auth import ApiClient, require_scope
@@ -51,7 +44,6 @@ from domain.payment import (
     IDEMPOTENCY_KEY_PATTERN,
     IDENTIFIER_PATTERN,
     CancelSignal,
-    CrmSync,
     Dispute,
     DisputeClosedSignal,
     DisputeCloseRequest,
@@ -68,10 +60,18 @@ from domain.payment import (
 )
 from infra.idempotency import IdempotencyRegister
 from ledger.store import Ledger
+from service.follow_ups import (
+    FollowUpRefused,
+    PaymentBusy,
+    PaymentClosed,
+    ask_payment,
+    follow_up_id,
+)
+from service.lookup import query_state, recorded_state, settled_for_wait, wait_until
+from service.start import IdempotencyKeyReused, start_payment
 from settings import Settings
 from workflows import search_attributes as sa
 from workflows.payment import PaymentWorkflow
-from workflows.starter import IdempotencyKeyReused, start_payment
 
 router = APIRouter(prefix="/v1", tags=["payments"])
 
@@ -119,23 +119,13 @@ def _not_found(payment_id: str) -> ApiError:
     return ApiError(404, "invalid_request_error", "resource_missing", "No such payment.", "id")
 
 
-async def _query_state(handle: WorkflowHandle[Any, Any], timeout: float) -> PaymentState:
-    """The workflow's state. Without a worker polling, Temporal holds the query until its own
-    deadline (30 s) and fails it: bounded here, the API's error handlers answer 503
-    `payment_unavailable` (api/errors.py)."""
-    state: PaymentState = await handle.query(
-        "state", result_type=PaymentState, rpc_timeout=timedelta(seconds=timeout)
-    )
-    return state
-
-
 async def load_payment(request: Request, payment_id: str, client: ApiClient) -> PaymentState:
     """The workflow's own state while it runs; the ledger's record once its history is gone."""
     if not issued(PAYMENT_ID, payment_id):
         raise _not_found(payment_id)  # no payment was ever given this id
     handle = _temporal(request).get_workflow_handle(payment_id)
     try:
-        state = await _query_state(handle, _settings(request).api_query_timeout_seconds)
+        state = await query_state(handle, _settings(request).api_query_timeout_seconds)
     except RPCError as exc:
         if exc.status not in (RPCStatusCode.NOT_FOUND, RPCStatusCode.FAILED_PRECONDITION):
             raise
@@ -151,68 +141,7 @@ async def load_payment(request: Request, payment_id: str, client: ApiClient) -> 
 async def _recorded_state(
     request: Request, payment_id: str, body: PaymentRequest | None = None
 ) -> PaymentState | None:
-    """The payment as the payments register knows it once Temporal has forgotten it: the
-    workflow's last word (its recorded summary), with the amounts the ledger's postings left.
-
-    Without a summary (the workflow was removed before it ended), the register row alone still
-    says what the ledger moved; with the original request `body` (an idempotent replay, whose
-    fingerprint matched) that is enough to describe the payment."""
-    row = await _ledger(request).payment(payment_id)
-    if row is None:
-        return None
-    if row.summary is not None:
-        state = PaymentState.model_validate(row.summary)
-    elif body is not None:
-        state = PaymentState(
-            id=payment_id,
-            client_id=row.client_id,
-            request=body,
-            fingerprint=body.fingerprint(),
-            status=row.status,
-            created_at=row.created_at,
-            updated_at=row.updated_at,
-            ledger_posted=row.captured > 0,
-            waiting_for="an operator: the payment's workflow was removed before it ended "
-            "(docs/runbook.md, a payment removed from Temporal)",
-        )
-    else:
-        return None
-    return state.model_copy(
-        update={
-            "captured": row.captured,
-            "refunded": row.refunded,
-            "disputed": row.disputed,
-            "dispute_lost": row.dispute_lost,
-        }
-    )
-
-
-async def _wait_until(
-    handle: WorkflowHandle[Any, Any], seconds: float, done: Any, query_timeout: float = 10.0
-) -> PaymentState | None:
-    """Poll the workflow's query until `done(state)` or the deadline. Queries are cheap and need
-    no history event, unlike an update or a signal."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
-    state: PaymentState | None = None
-    while True:
-        try:
-            state = await _query_state(handle, query_timeout)
-            if done(state):
-                return state
-        except RPCError:
-            pass  # not picked up by a worker yet
-        if loop.time() >= deadline:
-            return state
-        await asyncio.sleep(_POLL_SECONDS)
-
-
-def _settled_for_wait(state: PaymentState) -> bool:
-    """The client can act on the answer; a succeeded payment also waits (within `wait`) for
-    its CRM step, the saga's last, so the answer says whether the CRM was told."""
-    if state.status == PaymentStatus.SUCCEEDED and state.crm_sync == CrmSync.PENDING:
-        return False
-    return state.status.settled_for_wait
+    return await recorded_state(_ledger(request), payment_id, body)
 
 
 @router.post(
@@ -278,8 +207,8 @@ async def create_payment(
         return PaymentResource.of(recorded)
     state = None
     if wait > 0 or started.replayed:
-        state = await _wait_until(
-            started.handle, wait, _settled_for_wait, _settings(request).api_query_timeout_seconds
+        state = await wait_until(
+            started.handle, wait, settled_for_wait, _settings(request).api_query_timeout_seconds
         )
     if state is None:
         # The workflow has not answered yet: describe what was accepted.
@@ -418,12 +347,7 @@ async def list_payments(
 
 
 # ── follow-ups: refunds, disputes, cancel, as Updates of the payment's workflow ──────────
-#
-# The workflow answers: its validator refuses what it cannot honour (nothing is written to its
-# history; the reason comes back as the error), and the Update's result is the outcome (the
-# refund once the ledger posted or refused it). `wait` bounds how long the API waits for that
-# outcome; past it the answer is the accepted follow-up, still `pending`, which the workflow
-# carries out whatever happens (it never ends or continues as new before that).
+# (service/follow_ups.py): the workflow's refusal is the answer's error.
 
 # Refusals that are the request's fault (400) or name a missing resource (404); the rest, a
 # request the payment cannot honour as it stands (more than remains to refund included), 409.
@@ -432,25 +356,7 @@ _REFUSAL_STATUS = {
     Refusal.INVALID: 400,
     Refusal.DISPUTE_MISSING: 404,
 }
-# A payment handing its history over to a fresh run refuses follow-ups for a moment ("busy"):
-# the API asks again, for at least this long.
-_BUSY_PATIENCE_SECONDS = 10.0
-_BUSY_PAUSE_SECONDS = 0.2
-# How long `wait=0` still listens for the workflow's refusal, which comes back at once.
-_REFUSAL_SECONDS = 0.05
 _PAYMENT_CLOSED = "The payment's dispute window has closed; it accepts no more changes."
-
-
-def _follow_up_id(prefix: str, payment_id: str, key: str) -> str:
-    digest = hashlib.sha256(f"{payment_id}:{key}".encode()).hexdigest()
-    return f"{prefix}_{digest[:24]}"
-
-
-class _Accepted:
-    """The follow-up was accepted but not carried out within `wait`."""
-
-
-_ACCEPTED = _Accepted()
 
 
 async def _ask_workflow(
@@ -463,75 +369,47 @@ async def _ask_workflow(
     *,
     refusal_param: str | None = None,
 ) -> Any:
-    """Send the follow-up Update; its result once carried out within `wait`, else _ACCEPTED.
-    Raises ApiError with the workflow's reason when refused, or when the payment is closed."""
-    handle = _temporal(request).get_workflow_handle(payment_id)
-    loop = asyncio.get_running_loop()
-    patience = loop.time() + max(wait, _BUSY_PATIENCE_SECONDS)
-    while True:
-        try:
-            asked = await handle.start_update(
-                update, arg, id=update_id, wait_for_stage=WorkflowUpdateStage.ACCEPTED
-            )
-        except WorkflowUpdateRPCTimeoutOrCancelledError:
-            # Not accepted in time: Temporal bounds the Updates in flight per workflow (10 by
-            # default), and a burst on one payment waits for slots. Asking again with the same
-            # key is safe: the follow-up's id is the Update's id.
-            raise ApiError(
-                503,
-                "api_error",
-                "payment_busy",
-                "The payment is busy with other requests; retry with the same Idempotency-Key.",
-                headers={"Retry-After": "1"},
-            ) from None
-        except RPCError as exc:
-            if exc.status != RPCStatusCode.NOT_FOUND:
-                raise
-            # Completed (its window closed), or continued as new under the request.
-            if await _is_running(handle) and loop.time() < patience:
-                await asyncio.sleep(_BUSY_PAUSE_SECONDS)
-                continue
-            raise ApiError(
-                409, "invalid_request_error", "payment_closed", _PAYMENT_CLOSED
-            ) from None
-        try:
-            # A refusal comes back at once, as an Update completed with a failure.
-            return await asyncio.wait_for(asked.result(), timeout=max(wait, _REFUSAL_SECONDS))
-        except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):
-            # Accepted, still under way. (temporalio turns the poll's cancellation by wait_for
-            # into its own error.)
-            return _ACCEPTED
-        except WorkflowUpdateFailedError as exc:
-            refused = exc.cause
-            busy = isinstance(refused, ApplicationError) and refused.type == Refusal.BUSY
-            if busy and loop.time() < patience:
-                await asyncio.sleep(_BUSY_PAUSE_SECONDS)
-                continue
-            raise _refusal(refused, refusal_param) from None
-
-
-async def _is_running(handle: WorkflowHandle[Any, Any]) -> bool:
+    """The follow-up's outcome within `wait`, else ACCEPTED; ApiError when refused."""
     try:
-        return (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
-    except RPCError:
-        return False
+        return await ask_payment(_temporal(request), payment_id, update, arg, update_id, wait)
+    except PaymentBusy:
+        raise ApiError(
+            503,
+            "api_error",
+            "payment_busy",
+            "The payment is busy with other requests; retry with the same Idempotency-Key.",
+            headers={"Retry-After": "1"},
+        ) from None
+    except PaymentClosed:
+        raise ApiError(409, "invalid_request_error", "payment_closed", _PAYMENT_CLOSED) from None
+    except FollowUpRefused as refused:
+        raise _refusal(refused, refusal_param) from None
 
 
-def _refusal(cause: BaseException, param: str | None) -> ApiError:
-    known = {r.value for r in Refusal}
-    if not isinstance(cause, ApplicationError) or cause.type not in known:
-        return ApiError(409, "invalid_request_error", "follow_up_failed", "The payment refused it.")
-    code = Refusal(str(cause.type))
+def _refusal(refused: FollowUpRefused, param: str | None) -> ApiError:
+    code = refused.code
+    if code is None:
+        return ApiError(409, "invalid_request_error", "follow_up_failed", refused.message)
     status = _REFUSAL_STATUS.get(code, 409)
     error_type: Any = "idempotency_error" if code == Refusal.KEY_REUSED else "invalid_request_error"
     param = "Idempotency-Key" if code == Refusal.KEY_REUSED else param
-    return ApiError(status, error_type, code.value, cause.message, param)
+    return ApiError(status, error_type, code.value, refused.message, param)
 
 
 async def _pending_record(request: Request, payment_id: str) -> PaymentState:
     """The payment as it is now, to show an accepted follow-up that is still under way."""
     handle = _temporal(request).get_workflow_handle(payment_id)
-    return await _query_state(handle, _settings(request).api_query_timeout_seconds)
+    return await query_state(handle, _settings(request).api_query_timeout_seconds)
+
+
+async def answer_with_payment(
+    request: Request, payment_id: str, response: Response, result: Any
+) -> PaymentResource:
+    """The payment a follow-up left, or, still under way (ACCEPTED), 202 with it as it is."""
+    if isinstance(result, PaymentState):
+        return PaymentResource.of(result)
+    response.status_code = 202
+    return PaymentResource.of(await _pending_record(request, payment_id))
 
 
 @router.post(
@@ -558,7 +436,7 @@ async def create_refund(
     client: ApiClient = Depends(require_scope("refunds:write")),
 ) -> RefundResource:
     state = await load_payment(request, payment_id, client)
-    refund_id = _follow_up_id("re", payment_id, idempotency_key)
+    refund_id = follow_up_id("re", payment_id, idempotency_key)
     known = next((r for r in state.refunds if r.id == refund_id), None)
     if known is not None:
         response.headers["Idempotent-Replayed"] = "true"
@@ -621,7 +499,7 @@ async def open_dispute(
     client: ApiClient = Depends(require_scope("disputes:write")),
 ) -> DisputeResource:
     state = await load_payment(request, payment_id, client)
-    dispute_id = _follow_up_id("dp", payment_id, body.network_reference)
+    dispute_id = follow_up_id("dp", payment_id, body.network_reference)
     dispute = next((d for d in state.disputes if d.id == dispute_id), None)
     if dispute is None or dispute.status == DisputeStatus.PENDING:
         asked = DisputeOpenedSignal(
@@ -759,14 +637,11 @@ async def cancel_payment(
         if refused.code != Refusal.NOT_CANCELABLE:
             raise
         raise _cannot_cancel(refused.message) from None
-    if isinstance(result, PaymentState):
-        if result.status != PaymentStatus.CANCELED:
-            raise _cannot_cancel(f"the payment is already {result.status}")
-        return PaymentResource.of(result)
+    if isinstance(result, PaymentState) and result.status != PaymentStatus.CANCELED:
+        raise _cannot_cancel(f"the payment is already {result.status}")
     # Accepted, not yet carried out (e.g. payments.raw is still being published): the
     # workflow stops before the ledger posting.
-    response.status_code = 202
-    return PaymentResource.of(await _pending_record(request, payment_id))
+    return await answer_with_payment(request, payment_id, response, result)
 
 
 def _cannot_cancel(why: str) -> ApiError:

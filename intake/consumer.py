@@ -54,8 +54,8 @@ from intake.messages import (
     message_headers,
     read_payment_order,
 )
+from service.start import IdempotencyKeyReused, start_payment
 from settings import Settings, get_settings
-from workflows.starter import IdempotencyKeyReused, start_payment
 
 log = logging.getLogger("paysaga.intake")
 

@@ -62,13 +62,13 @@ from infra.database import make_engine
 from infra.embedded.stack import Stack
 from infra.temporal_client import connect_client
 from ledger.store import Ledger
+from service.start import payment_policy
 from settings import Settings
 from tests.helpers.fake_crm import FakeCrmServer
 from tests.helpers.kafka import GatedKafka
 from tests.helpers.private_stack import private_stack_settings
 from worker import event_worker, payment_worker
 from workflows.payment import PaymentWorkflow, initial_search_attributes
-from workflows.starter import payment_policy
 from workflows.webhook_dispatch import start_delivery
 
 HISTORIES = Path(__file__).parent.parent / "tests" / "histories"
@@ -105,7 +105,7 @@ class Recorder:
         **policy: Any,
     ) -> WorkflowHandle[Any, Any]:
         """A payment of a first-time customer and a merchant of the path's own, started the way
-        workflows.starter does it (policy from the settings, overridden by `policy`)."""
+        service.start does it (policy from the settings, overridden by `policy`)."""
         request = PaymentRequest(
             amount=amount,
             currency="USD",

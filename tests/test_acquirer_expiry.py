@@ -31,6 +31,7 @@ from domain.payment import (
 )
 from infra.embedded import temporal as temporal_server
 from infra.embedded.stack import Stack
+from service.start import payment_policy
 from settings import Settings
 from tests.helpers.follow_ups import assert_ledger_balanced, new_merchant, register_row
 from tests.helpers.saga import payment_body
@@ -38,7 +39,6 @@ from worker import payment_worker
 from workflows import search_attributes as sa
 from workflows.acquirer_steps import AUTHORIZATION_EXPIRED
 from workflows.payment import PaymentWorkflow, initial_search_attributes
-from workflows.starter import payment_policy
 
 CLIENT_ID = "test-client"
 

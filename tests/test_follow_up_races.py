@@ -269,9 +269,9 @@ async def test_an_operator_cancel_carries_out_the_refunds_it_had_accepted(
 
 
 def _refund_id(payment_id: str, key: str) -> str:
-    from api.payments import _follow_up_id
+    from service.follow_ups import follow_up_id
 
-    return _follow_up_id("re", payment_id, key)
+    return follow_up_id("re", payment_id, key)
 
 
 async def test_an_operator_cancel_keeps_the_payment_until_its_open_disputes_close(

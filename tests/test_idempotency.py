@@ -32,6 +32,7 @@ from infra.database import migrate, revision_before
 from infra.embedded.stack import Stack
 from infra.idempotency import IdempotencyRegister
 from intake.consumer import running_intake
+from service.start import payment_policy
 from settings import Settings
 from tests.conftest import TEST_API_KEY
 from tests.helpers.api_client import api_client
@@ -40,7 +41,6 @@ from tests.helpers.kafka import consume_events
 from tests.helpers.saga import create_payment, ledger_rows, payment_body
 from tests.test_intake import BILLING, BILLING_TOPIC, produce, request_headers
 from workflows.payment import PaymentWorkflow, initial_search_attributes
-from workflows.starter import payment_policy
 
 CLIENT = "test-client"  # the client TEST_API_KEY belongs to
 WINDOW_SECONDS = 2.0

@@ -33,6 +33,7 @@ from domain.payment import (
 )
 from infra.embedded import temporal as temporal_server
 from infra.embedded.stack import Stack
+from service.start import payment_policy
 from settings import Settings
 from tests.conftest import OTHER_CLIENT_KEY, TEST_API_KEY
 from tests.helpers.api_client import api_client
@@ -48,7 +49,6 @@ from tests.helpers.saga import payment_body
 from worker import payment_worker
 from workflows import search_attributes as sa
 from workflows.payment import PaymentWorkflow, initial_search_attributes
-from workflows.starter import payment_policy
 
 CLIENT_ID = "test-client"  # the client TEST_API_KEY belongs to
 

@@ -41,13 +41,13 @@ from infra.observability import (
     tracing_interceptor,
 )
 from infra.temporal_client import connect_client
+from service.start import start_payment
 from settings import Settings
 from tests.conftest import TEST_API_KEY
 from tests.helpers.api_client import api_client
 from tests.helpers.fake_crm import FakeCrmServer
 from tests.helpers.saga import create_payment, payment_body
 from worker import payment_worker
-from workflows.starter import start_payment
 
 SAGA_STEPS = ("assess_payment", "publish_payment_event", "post_ledger_transaction", "notify_crm")
 

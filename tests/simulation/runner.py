@@ -85,7 +85,7 @@ class SimRig:
 
 
 def follow_up_id(prefix: str, payment_id: str, key: str) -> str:
-    """The API's refund/dispute id for a key (api/payments.py::_follow_up_id), so a refusal can
+    """The API's refund/dispute id for a key (service/follow_ups.py::follow_up_id), so a refusal can
     be looked for in the payment's final record."""
     return f"{prefix}_{hashlib.sha256(f'{payment_id}:{key}'.encode()).hexdigest()[:24]}"
 

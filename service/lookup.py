@@ -1,0 +1,97 @@
+"""Loading a payment: its workflow's own state while Temporal holds it, the payments register's
+record once Temporal has forgotten it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from temporalio.client import WorkflowHandle
+from temporalio.service import RPCError
+
+from domain.payment import CrmSync, PaymentRequest, PaymentState, PaymentStatus
+from ledger.store import Ledger
+
+_POLL_SECONDS = 0.05
+
+
+async def query_state(handle: WorkflowHandle[Any, Any], timeout: float) -> PaymentState:
+    """The workflow's state. Without a worker polling, Temporal holds the query until its own
+    deadline (30 s) and fails it: bounded here by `timeout`, so the caller can answer that the
+    payment is unavailable for now."""
+    state: PaymentState = await handle.query(
+        "state", result_type=PaymentState, rpc_timeout=timedelta(seconds=timeout)
+    )
+    return state
+
+
+async def recorded_state(
+    ledger: Ledger, payment_id: str, body: PaymentRequest | None = None
+) -> PaymentState | None:
+    """The payment as the payments register knows it once Temporal has forgotten it: the
+    workflow's last word (its recorded summary), with the amounts the ledger's postings left.
+
+    Without a summary (the workflow was removed before it ended), the register row alone still
+    says what the ledger moved; with the original request `body` (an idempotent replay, whose
+    fingerprint matched) that is enough to describe the payment."""
+    row = await ledger.payment(payment_id)
+    if row is None:
+        return None
+    if row.summary is not None:
+        state = PaymentState.model_validate(row.summary)
+    elif body is not None:
+        state = PaymentState(
+            id=payment_id,
+            client_id=row.client_id,
+            request=body,
+            fingerprint=body.fingerprint(),
+            status=row.status,
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+            ledger_posted=row.captured > 0,
+            waiting_for="an operator: the payment's workflow was removed before it ended "
+            "(docs/runbook.md, a payment removed from Temporal)",
+        )
+    else:
+        return None
+    return state.model_copy(
+        update={
+            "captured": row.captured,
+            "refunded": row.refunded,
+            "disputed": row.disputed,
+            "dispute_lost": row.dispute_lost,
+        }
+    )
+
+
+async def wait_until(
+    handle: WorkflowHandle[Any, Any],
+    seconds: float,
+    done: Callable[[PaymentState], bool],
+    query_timeout: float = 10.0,
+) -> PaymentState | None:
+    """Poll the workflow's query until `done(state)` or the deadline. Queries are cheap and need
+    no history event, unlike an update or a signal."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    state: PaymentState | None = None
+    while True:
+        try:
+            state = await query_state(handle, query_timeout)
+            if done(state):
+                return state
+        except RPCError:
+            pass  # not picked up by a worker yet
+        if loop.time() >= deadline:
+            return state
+        await asyncio.sleep(_POLL_SECONDS)
+
+
+def settled_for_wait(state: PaymentState) -> bool:
+    """The caller can act on the answer; a succeeded payment also waits (within `wait`) for
+    its CRM step, the saga's last, so the answer says whether the CRM was told."""
+    if state.status == PaymentStatus.SUCCEEDED and state.crm_sync == CrmSync.PENDING:
+        return False
+    return state.status.settled_for_wait
