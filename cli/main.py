@@ -11,6 +11,7 @@ import uuid
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -77,8 +78,30 @@ IdempotencyKey = Annotated[
 ]
 
 
-def api_client(api_url: str, api_key: str | None, home: Path | None) -> PaysagaApi:
-    return PaysagaApi(api_url, api_key or default_api_key(home))
+@dataclass(frozen=True)
+class Connection:
+    """Where the client commands find the API, and the key they use: the options before the
+    command (`paysaga --api-url … status pay_…`) or their environment variables."""
+
+    api_url: str
+    api_key: str | None
+    home: Path | None
+
+
+@app.callback()
+def connect(
+    ctx: typer.Context,
+    api_url: ApiUrl = DEFAULT_API_URL,
+    api_key: ApiKey = None,
+    home: Home = None,
+) -> None:
+    """Payments as durable Temporal sagas. `paysaga run` starts everything locally."""
+    ctx.obj = Connection(api_url, api_key, home)
+
+
+def api_client(ctx: typer.Context) -> PaysagaApi:
+    connection: Connection = ctx.obj
+    return PaysagaApi(connection.api_url, connection.api_key or default_api_key(connection.home))
 
 
 @contextmanager
@@ -127,6 +150,7 @@ def run(
 # ── payments ─────────────────────────────────────────────────────────────────────────────
 @app.command()
 def pay(
+    ctx: typer.Context,
     amount: Annotated[int, typer.Argument(min=1, help="Minor units: 2500 is 25.00 USD.")],
     currency: Annotated[str, typer.Argument(help="ISO 4217 code.")] = "USD",
     customer: Annotated[str, typer.Option(help="Customer id.")] = "cus_demo",
@@ -145,9 +169,6 @@ def pay(
     ] = False,
     idempotency_key: IdempotencyKey = None,
     wait: Wait = 10.0,
-    api_url: ApiUrl = DEFAULT_API_URL,
-    api_key: ApiKey = None,
-    home: Home = None,
 ) -> None:
     """Create a payment and show where it got to within --wait seconds."""
     key = idempotency_key or new_idempotency_key("cli")
@@ -163,7 +184,7 @@ def pay(
     if manual_capture:
         body["capture_method"] = "manual"
     with reporting_api_errors():
-        payment = api_client(api_url, api_key, home).call(
+        payment = api_client(ctx).call(
             "POST", "/v1/payments", json=body, wait=wait, idempotency_key=key
         )
     show_payment(payment)
@@ -172,50 +193,44 @@ def pay(
 
 @app.command()
 def status(
+    ctx: typer.Context,
     payment_id: Annotated[str, typer.Argument(help="pay_…")],
-    api_url: ApiUrl = DEFAULT_API_URL,
-    api_key: ApiKey = None,
-    home: Home = None,
 ) -> None:
     """Show a payment: status, amounts, fraud score, CRM sync, refunds and disputes."""
     with reporting_api_errors():
-        payment = api_client(api_url, api_key, home).call("GET", f"/v1/payments/{payment_id}")
+        payment = api_client(ctx).call("GET", f"/v1/payments/{payment_id}")
     show_payment(payment)
 
 
 @app.command("list")
 def list_payments(
+    ctx: typer.Context,
     status: Annotated[str | None, typer.Option(help="e.g. succeeded, requires_review.")] = None,
     customer: Annotated[str | None, typer.Option(help="Customer id.")] = None,
     limit: Annotated[int, typer.Option(min=1, max=100)] = 20,
     cursor: Annotated[str | None, typer.Option(help="From a previous page.")] = None,
-    api_url: ApiUrl = DEFAULT_API_URL,
-    api_key: ApiKey = None,
-    home: Home = None,
 ) -> None:
     """List recent payments (Temporal visibility), newest first."""
     params = {"status": status, "customer_id": customer, "limit": limit, "cursor": cursor}
     with reporting_api_errors():
-        listing = api_client(api_url, api_key, home).call("GET", "/v1/payments", params=params)
+        listing = api_client(ctx).call("GET", "/v1/payments", params=params)
     show_payment_list(listing)
 
 
 @app.command()
 def refund(
+    ctx: typer.Context,
     payment_id: Annotated[str, typer.Argument(help="pay_…")],
     amount: AmountOption = None,
     reason: Annotated[str | None, typer.Option(show_default=False)] = None,
     idempotency_key: IdempotencyKey = None,
     wait: Wait = 10.0,
-    api_url: ApiUrl = DEFAULT_API_URL,
-    api_key: ApiKey = None,
-    home: Home = None,
 ) -> None:
     """Refund a payment, in full or in part."""
     key = idempotency_key or new_idempotency_key("cli-refund")
     body = {"amount": amount, "reason": reason}
     with reporting_api_errors():
-        made = api_client(api_url, api_key, home).call(
+        made = api_client(ctx).call(
             "POST",
             f"/v1/payments/{payment_id}/refunds",
             json={k: v for k, v in body.items() if v is not None},
@@ -228,6 +243,7 @@ def refund(
 
 @app.command()
 def dispute(
+    ctx: typer.Context,
     payment_id: Annotated[str, typer.Argument(help="pay_…")],
     reason_code: Annotated[str, typer.Option(help="The network's reason code, e.g. 10.4.")],
     network_reference: Annotated[
@@ -235,16 +251,13 @@ def dispute(
     ],
     amount: AmountOption = None,
     wait: Wait = 10.0,
-    api_url: ApiUrl = DEFAULT_API_URL,
-    api_key: ApiKey = None,
-    home: Home = None,
 ) -> None:
     """Record a dispute (chargeback) the card network opened."""
     body: dict[str, object] = {"reason_code": reason_code, "network_reference": network_reference}
     if amount is not None:
         body["amount"] = amount
     with reporting_api_errors():
-        opened = api_client(api_url, api_key, home).call(
+        opened = api_client(ctx).call(
             "POST", f"/v1/payments/{payment_id}/disputes", json=body, wait=wait
         )
     show_follow_up("dispute", opened)
@@ -252,18 +265,17 @@ def dispute(
 
 @app.command()
 def cancel(
+    ctx: typer.Context,
     payment_id: Annotated[str, typer.Argument(help="pay_…")],
     wait: Wait = 10.0,
-    api_url: ApiUrl = DEFAULT_API_URL,
-    api_key: ApiKey = None,
-    home: Home = None,
 ) -> None:
     """Cancel a payment that is not posted to the ledger yet (e.g. waiting for review)."""
-    _act_on_payment(payment_id, "cancel", None, wait, api_url, api_key, home)
+    _act_on_payment(ctx, payment_id, "cancel", None, wait)
 
 
 @app.command()
 def capture(
+    ctx: typer.Context,
     payment_id: Annotated[str, typer.Argument(help="pay_… in requires_capture")],
     amount: Annotated[
         int | None,
@@ -275,39 +287,28 @@ def capture(
         ),
     ] = None,
     wait: Wait = 10.0,
-    api_url: ApiUrl = DEFAULT_API_URL,
-    api_key: ApiKey = None,
-    home: Home = None,
 ) -> None:
     """Capture a payment created with --manual-capture, all or part of its authorization."""
     body = {"amount_to_capture": amount} if amount is not None else {}
-    _act_on_payment(payment_id, "capture", body, wait, api_url, api_key, home)
+    _act_on_payment(ctx, payment_id, "capture", body, wait)
 
 
 @app.command()
 def void(
+    ctx: typer.Context,
     payment_id: Annotated[str, typer.Argument(help="pay_… in requires_capture")],
     wait: Wait = 10.0,
-    api_url: ApiUrl = DEFAULT_API_URL,
-    api_key: ApiKey = None,
-    home: Home = None,
 ) -> None:
     """Void a payment's uncaptured authorization: the whole hold is released."""
-    _act_on_payment(payment_id, "void", None, wait, api_url, api_key, home)
+    _act_on_payment(ctx, payment_id, "void", None, wait)
 
 
 def _act_on_payment(
-    payment_id: str,
-    action: str,
-    body: dict[str, Any] | None,
-    wait: float,
-    api_url: str,
-    api_key: str | None,
-    home: Path | None,
+    ctx: typer.Context, payment_id: str, action: str, body: dict[str, Any] | None, wait: float
 ) -> None:
     """POST /v1/payments/{id}/{action} (cancel, capture, void) and show the payment."""
     with reporting_api_errors():
-        payment = api_client(api_url, api_key, home).call(
+        payment = api_client(ctx).call(
             "POST", f"/v1/payments/{payment_id}/{action}", json=body, wait=wait
         )
     show_payment(payment)

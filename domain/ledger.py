@@ -146,6 +146,24 @@ def transfer(debit: Account, credit: Account, amount: int) -> list[Entry]:
 # whose customer and merchant accounts move (None: the shared codes of older payments).
 
 
+def _posting(
+    payment_id: str,
+    kind: TransactionKind,
+    event_kind: EventKind,
+    description: str,
+    entries: list[Entry],
+    reference: str = "",
+) -> LedgerTransaction:
+    return LedgerTransaction(
+        payment_id=payment_id,
+        kind=kind,
+        reference=reference,
+        description=description,
+        entries=entries,
+        event_kind=event_kind,
+    )
+
+
 def payment_transaction(
     payment_id: str,
     customer_id: str,
@@ -155,17 +173,12 @@ def payment_transaction(
     tenant: str | None = None,
 ) -> LedgerTransaction:
     """Capture: debit the customer's funding account, credit the merchant."""
-    return LedgerTransaction(
-        payment_id=payment_id,
-        kind=TransactionKind.PAYMENT,
-        description="payment captured",
-        entries=transfer(
-            customer_account(customer_id, ccy, tenant),
-            merchant_account(merchant_id, ccy, tenant),
-            amount,
-        ),
-        event_kind=EventKind.CONFIRMED,
-    )
+    customer = customer_account(customer_id, ccy, tenant)
+    merchant = merchant_account(merchant_id, ccy, tenant)
+    return _posting(
+        payment_id, TransactionKind.PAYMENT, EventKind.CONFIRMED, "payment captured",
+        transfer(customer, merchant, amount),
+    )  # fmt: skip
 
 
 def reversal_transaction(
@@ -177,17 +190,12 @@ def reversal_transaction(
     tenant: str | None = None,
 ) -> LedgerTransaction:
     """Compensation: undo a posting that was never confirmed."""
-    return LedgerTransaction(
-        payment_id=payment_id,
-        kind=TransactionKind.PAYMENT_REVERSAL,
-        description="payment canceled before confirmation",
-        entries=transfer(
-            merchant_account(merchant_id, ccy, tenant),
-            customer_account(customer_id, ccy, tenant),
-            amount,
-        ),
-        event_kind=EventKind.CANCELED,
-    )
+    customer = customer_account(customer_id, ccy, tenant)
+    merchant = merchant_account(merchant_id, ccy, tenant)
+    return _posting(
+        payment_id, TransactionKind.PAYMENT_REVERSAL, EventKind.CANCELED,
+        "payment canceled before confirmation", transfer(merchant, customer, amount),
+    )  # fmt: skip
 
 
 def manual_reversal_transaction(
@@ -202,13 +210,11 @@ def manual_reversal_transaction(
     or over its limit): the customer is made whole from the suspense account, whose balance is
     what operations still has to recover from the merchant. It takes the reversal's own slot
     (payment, `payment_reversal`, ''), so the payment can never be reversed twice."""
-    return LedgerTransaction(
-        payment_id=payment_id,
-        kind=TransactionKind.PAYMENT_REVERSAL,
-        description=description,
-        entries=transfer(suspense_account(ccy), customer_account(customer_id, ccy, tenant), amount),
-        event_kind=EventKind.CANCELED,
-    )
+    customer = customer_account(customer_id, ccy, tenant)
+    return _posting(
+        payment_id, TransactionKind.PAYMENT_REVERSAL, EventKind.CANCELED, description,
+        transfer(suspense_account(ccy), customer, amount),
+    )  # fmt: skip
 
 
 def manual_refund_transaction(
@@ -224,14 +230,11 @@ def manual_refund_transaction(
     merchant's account closed or over its limit): the customer's refund is recorded from the
     suspense account, whose balance is what operations still has to recover from the merchant.
     It takes the refund's own slot (payment, `refund`, refund id): never posted twice."""
-    return LedgerTransaction(
-        payment_id=payment_id,
-        kind=TransactionKind.REFUND,
-        reference=refund_id,
-        description=description,
-        entries=transfer(suspense_account(ccy), customer_account(customer_id, ccy, tenant), amount),
-        event_kind=EventKind.REFUNDED,
-    )
+    customer = customer_account(customer_id, ccy, tenant)
+    return _posting(
+        payment_id, TransactionKind.REFUND, EventKind.REFUNDED, description,
+        transfer(suspense_account(ccy), customer, amount), refund_id,
+    )  # fmt: skip
 
 
 def refund_transaction(
@@ -243,18 +246,12 @@ def refund_transaction(
     ccy: str,
     tenant: str | None = None,
 ) -> LedgerTransaction:
-    return LedgerTransaction(
-        payment_id=payment_id,
-        kind=TransactionKind.REFUND,
-        reference=refund_id,
-        description="refund",
-        entries=transfer(
-            merchant_account(merchant_id, ccy, tenant),
-            customer_account(customer_id, ccy, tenant),
-            amount,
-        ),
-        event_kind=EventKind.REFUNDED,
-    )
+    customer = customer_account(customer_id, ccy, tenant)
+    merchant = merchant_account(merchant_id, ccy, tenant)
+    return _posting(
+        payment_id, TransactionKind.REFUND, EventKind.REFUNDED, "refund",
+        transfer(merchant, customer, amount), refund_id,
+    )  # fmt: skip
 
 
 def dispute_opened_transaction(
@@ -266,14 +263,12 @@ def dispute_opened_transaction(
     tenant: str | None = None,
 ) -> LedgerTransaction:
     """The disputed amount is held away from the merchant until the dispute closes."""
-    return LedgerTransaction(
-        payment_id=payment_id,
-        kind=TransactionKind.DISPUTE_OPENED,
-        reference=dispute_id,
-        description="dispute opened: funds held",
-        entries=transfer(merchant_account(merchant_id, ccy, tenant), disputes_account(ccy), amount),
-        event_kind=EventKind.DISPUTE_OPENED,
-    )
+    merchant = merchant_account(merchant_id, ccy, tenant)
+    return _posting(
+        payment_id, TransactionKind.DISPUTE_OPENED, EventKind.DISPUTE_OPENED,
+        "dispute opened: funds held", transfer(merchant, disputes_account(ccy), amount),
+        dispute_id,
+    )  # fmt: skip
 
 
 def dispute_won_transaction(
@@ -284,14 +279,12 @@ def dispute_won_transaction(
     ccy: str,
     tenant: str | None = None,
 ) -> LedgerTransaction:
-    return LedgerTransaction(
-        payment_id=payment_id,
-        kind=TransactionKind.DISPUTE_WON,
-        reference=dispute_id,
-        description="dispute won: funds returned to the merchant",
-        entries=transfer(disputes_account(ccy), merchant_account(merchant_id, ccy, tenant), amount),
-        event_kind=EventKind.DISPUTE_WON,
-    )
+    merchant = merchant_account(merchant_id, ccy, tenant)
+    return _posting(
+        payment_id, TransactionKind.DISPUTE_WON, EventKind.DISPUTE_WON,
+        "dispute won: funds returned to the merchant",
+        transfer(disputes_account(ccy), merchant, amount), dispute_id,
+    )  # fmt: skip
 
 
 def dispute_lost_transaction(
@@ -308,14 +301,10 @@ def dispute_lost_transaction(
     entries = transfer(disputes_account(ccy), customer_account(customer_id, ccy, tenant), amount)
     if fee > 0:
         entries += transfer(merchant_account(merchant_id, ccy, tenant), fees_account(ccy), fee)
-    return LedgerTransaction(
-        payment_id=payment_id,
-        kind=TransactionKind.DISPUTE_LOST,
-        reference=dispute_id,
-        description="dispute lost: chargeback",
-        entries=entries,
-        event_kind=EventKind.DISPUTE_LOST,
-    )
+    return _posting(
+        payment_id, TransactionKind.DISPUTE_LOST, EventKind.DISPUTE_LOST,
+        "dispute lost: chargeback", entries, dispute_id,
+    )  # fmt: skip
 
 
 # The acquirer's hold. The customer's funding account is debited by what the acquirer holds;
@@ -335,17 +324,12 @@ def authorization_hold_transaction(
     payment_id: str, customer_id: str, amount: int, ccy: str, tenant: str | None = None
 ) -> LedgerTransaction:
     """Authorized: the acquirer holds `amount` of the customer's money (pending)."""
-    return LedgerTransaction(
-        payment_id=payment_id,
-        kind=TransactionKind.AUTHORIZATION_HOLD,
-        description="authorization: funds held by the acquirer",
-        entries=transfer(
-            customer_account(customer_id, ccy, tenant),
-            authorization_hold_account(customer_id, ccy, tenant),
-            amount,
-        ),
-        event_kind=EventKind.AUTHORIZED,
-    )
+    customer = customer_account(customer_id, ccy, tenant)
+    hold = authorization_hold_account(customer_id, ccy, tenant)
+    return _posting(
+        payment_id, TransactionKind.AUTHORIZATION_HOLD, EventKind.AUTHORIZED,
+        "authorization: funds held by the acquirer", transfer(customer, hold, amount),
+    )  # fmt: skip
 
 
 def hold_released_transaction(
@@ -359,18 +343,15 @@ def hold_released_transaction(
 ) -> LedgerTransaction:
     """The whole hold back to the customer: at capture (the capture posting then takes what
     was captured, so the rest stays released) or at a void or expiry (everything released)."""
-    return LedgerTransaction(
-        payment_id=payment_id,
-        kind=TransactionKind.HOLD_CAPTURED if captured else TransactionKind.HOLD_VOIDED,
-        description=(
-            "authorization captured: hold released, the capture posting takes its part"
-            if captured
-            else "authorization voided: hold released"
-        ),
-        entries=transfer(
-            authorization_hold_account(customer_id, ccy, tenant),
-            customer_account(customer_id, ccy, tenant),
-            held,
-        ),
-        event_kind=EventKind.CAPTURED if captured else EventKind.VOIDED,
-    )
+    customer = customer_account(customer_id, ccy, tenant)
+    hold = authorization_hold_account(customer_id, ccy, tenant)
+    if captured:
+        return _posting(
+            payment_id, TransactionKind.HOLD_CAPTURED, EventKind.CAPTURED,
+            "authorization captured: hold released, the capture posting takes its part",
+            transfer(hold, customer, held),
+        )  # fmt: skip
+    return _posting(
+        payment_id, TransactionKind.HOLD_VOIDED, EventKind.VOIDED,
+        "authorization voided: hold released", transfer(hold, customer, held),
+    )  # fmt: skip

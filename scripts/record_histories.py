@@ -454,9 +454,22 @@ async def requires_attention_resolved(r: Recorder) -> WorkflowHandle[Any, Any]:
     await asyncio.sleep(0.5)
     r.gate.release(handle.id)
     await wait_until(handle, lambda s: s.status == PaymentStatus.REQUIRES_ATTENTION)
+    await reopen_and_retry(r, handle, merchant_account)
+    try:
+        await asyncio.wait_for(handle.result(), 60)
+    except Exception as stop:  # WorkflowFailureError(CancelledError): the expected end
+        log.info("%s ended by the operator's cancel: %s", handle.id, stop)
+    state = await state_of(handle)
+    assert state.status == PaymentStatus.CANCELED and state.captured == 0, state
+    return handle
+
+
+async def reopen_and_retry(r: Recorder, handle: WorkflowHandle[Any, Any], account: str) -> None:
+    """The operator's fix for a payment in requires_attention: the merchant's account reopened,
+    then a `retry` resolution."""
     async with r.ledger.engine.begin() as conn:
         await conn.execute(
-            text("UPDATE accounts SET status = 'open' WHERE code = :c"), {"c": merchant_account}
+            text("UPDATE accounts SET status = 'open' WHERE code = :c"), {"c": account}
         )
     resolved = await handle.execute_update(
         "resolve_attention",
@@ -465,13 +478,6 @@ async def requires_attention_resolved(r: Recorder) -> WorkflowHandle[Any, Any]:
         result_type=ResolutionRecord,
     )
     assert resolved.resolved, resolved
-    try:
-        await asyncio.wait_for(handle.result(), 60)
-    except Exception as stop:  # WorkflowFailureError(CancelledError): the expected end
-        log.info("%s ended by the operator's cancel: %s", handle.id, stop)
-    state = await state_of(handle)
-    assert state.status == PaymentStatus.CANCELED and state.captured == 0, state
-    return handle
 
 
 async def _disputed_by_update(r: Recorder, path: str, **policy: Any) -> WorkflowHandle[Any, Any]:
@@ -651,17 +657,7 @@ async def acquirer_refund_needs_attention(r: Recorder) -> WorkflowHandle[Any, An
     await r.ledger.close_account(merchant_account)
     await handle.signal("refund", RefundSignal(refund_id="re_replay_attention", amount=2000))
     await wait_until(handle, lambda s: s.status == PaymentStatus.REQUIRES_ATTENTION)
-    async with r.ledger.engine.begin() as conn:
-        await conn.execute(
-            text("UPDATE accounts SET status = 'open' WHERE code = :c"), {"c": merchant_account}
-        )
-    resolved = await handle.execute_update(
-        "resolve_attention",
-        AttentionResolution(action="retry", operator="replay", reason="account reopened"),
-        id="resolve-1",
-        result_type=ResolutionRecord,
-    )
-    assert resolved.resolved, resolved
+    await reopen_and_retry(r, handle, merchant_account)
     state = await wait_until(handle, follow_ups_settled(PaymentStatus.PARTIALLY_REFUNDED))
     assert [r.status for r in state.refunds] == [FollowUpStatus.SUCCEEDED], state
     return handle

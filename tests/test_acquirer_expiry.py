@@ -13,12 +13,8 @@ from typing import Any
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
-from temporalio.api.enums.v1 import IndexedValueType
-from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.client import Client, WorkflowHandle
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.service import RPCError
-from temporalio.testing import WorkflowEnvironment
 
 from activities.acquirer import HttpAcquirer
 from domain.acquirer import AuthorizationState
@@ -29,14 +25,13 @@ from domain.payment import (
     PaymentWorkflowInput,
     payment_id_for,
 )
-from infra.embedded import temporal as temporal_server
 from infra.embedded.stack import Stack
 from service.start import payment_policy
 from settings import Settings
 from tests.helpers.follow_ups import assert_ledger_balanced, new_merchant, register_row
 from tests.helpers.saga import payment_body
+from tests.helpers.time_skipping import time_skipping_server
 from worker import payment_worker
-from workflows import search_attributes as sa
 from workflows.acquirer_steps import AUTHORIZATION_EXPIRED
 from workflows.payment import PaymentWorkflow, initial_search_attributes
 
@@ -45,22 +40,9 @@ CLIENT_ID = "test-client"
 
 @pytest.fixture(scope="module")
 async def skipping(stack: Stack, app_settings: Settings) -> AsyncIterator[tuple[Client, Settings]]:
-    """The time-skipping server (see tests/test_lifetime.py for its quirks) and a worker of
+    """The time-skipping server (tests/helpers/time_skipping.py) and a worker of
     regular activities pointed at the session's sandbox acquirer."""
-    env = await WorkflowEnvironment.start_time_skipping(
-        test_server_existing_path=temporal_server.test_server_binary(),
-        data_converter=pydantic_data_converter,
-    )
-    async with env:
-        await env.client.operator_service.add_search_attributes(
-            AddSearchAttributesRequest(
-                namespace=env.client.namespace,
-                search_attributes={
-                    key.name: IndexedValueType.ValueType(int(key.indexed_value_type))
-                    for key in sa.ALL_KEYS
-                },
-            )
-        )
+    async with time_skipping_server() as env:
         at_the_sandbox = stack.service_settings()
         settings = app_settings.model_copy(
             update={

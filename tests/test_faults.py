@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -35,24 +32,23 @@ from temporalio.service import RPCError
 from checker.report import CheckScope
 from checker.runner import run_checks
 from domain.events import EventKind, event_id
-from infra.database import make_engine
-from infra.embedded.process import ManagedProcess
 from infra.embedded.stack import Stack
-from infra.temporal_client import connect_client
-from settings import ApiKey, Settings
-from tests.conftest import MERCHANT_SCOPES
+from settings import Settings
 from tests.helpers.api_client import api_client
 from tests.helpers.fake_crm import FakeCrmServer
+from tests.helpers.fault_rig import (
+    WorkerProcess,
+    client_settings,
+    started_stack,
+    worker_and_clients,
+)
 from tests.helpers.kafka import ConsumedEvent, consume_events, dedupe_by_id
-from tests.helpers.private_stack import private_stack_settings
 from tests.helpers.saga import create_payment, ledger_rows, payment_body, wait_for_payment
 
-REPO = Path(__file__).resolve().parents[1]
 FAULT_API_KEY = "psk_fault_writer_key_0123456789abcdefghij"
 FAULT_CLIENT = "fault-client"
 FAULT_WEBHOOK_SECRET = "whsec_fault_0123456789"
 WEBHOOK_PATH = "/hooks/paysaga"
-WORKER_READY_LINE = "worker polling task queue"
 
 PAYMENTS_PER_FAULT = 120  # ≥ 100 of them in flight when the fault hits
 SUBMIT_CONCURRENCY = 20
@@ -70,38 +66,6 @@ SETTLED = (SUCCEEDED, "CrmSync = 'synced'")
 
 
 # ── the private rig ──────────────────────────────────────────────────────────────────────────
-
-
-@dataclass
-class WorkerProcess:
-    """`python -m worker` as a child process: the thing a fault test SIGKILLs."""
-
-    process: ManagedProcess
-
-    async def start(self, timeout: float = 60.0) -> None:
-        log = self.process.log_path
-        seen = log.stat().st_size if log.exists() else 0
-        await asyncio.to_thread(self.process.start)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.process.alive_or_raise()
-            if log.exists():
-                with log.open("rb") as f:
-                    f.seek(seen)
-                    if WORKER_READY_LINE.encode() in f.read():
-                        return
-            await asyncio.sleep(0.1)
-        raise AssertionError(f"the worker did not start polling within {timeout:.0f}s ({log})")
-
-    def kill(self) -> None:
-        self.process.kill()
-
-    async def stop(self) -> None:
-        await asyncio.to_thread(self.process.stop, 20.0)
-
-    @property
-    def running(self) -> bool:
-        return self.process.running
 
 
 @dataclass
@@ -127,73 +91,26 @@ class FaultRig:
         self.crm.clear()
 
 
-def _worker_env(stack: Stack, settings: Settings) -> dict[str, str]:
-    inherited = {k: v for k, v in os.environ.items() if not k.startswith("PAYSAGA_")}
-    return {
-        **inherited,
-        **stack.service_env(),
-        "PAYSAGA_TASK_QUEUE": settings.task_queue,
-        "PAYSAGA_CRM_WEBHOOK_URL": settings.crm_webhook_url or "",
-        "PAYSAGA_CRM_WEBHOOK_SECRET": settings.crm_webhook_secret.get_secret_value(),
-        "PAYSAGA_CRM_TIMEOUT_SECONDS": str(settings.crm_timeout_seconds),
-        "PAYSAGA_KAFKA_MESSAGE_TIMEOUT_MS": str(settings.kafka_message_timeout_ms),
-        "PAYSAGA_LOG_JSON": "false",
-        # No fixed metrics ports: another worker on this machine may hold the defaults.
-        "PAYSAGA_WORKER_METRICS_PORT": "0",
-        "PAYSAGA_TEMPORAL_METRICS_PORT": "0",
-    }
-
-
 @pytest.fixture(scope="module")
 def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    home = tmp_path_factory.mktemp("faults")
-    stack = Stack(private_stack_settings(home), home=home, temporal_ui=False)
-    stack.start()
-    try:
-        yield stack
-    finally:
-        stack.stop()
+    yield from started_stack(tmp_path_factory, "faults")
 
 
 @pytest.fixture(scope="module")
 async def rig(fault_stack: Stack) -> AsyncIterator[FaultRig]:
     with FakeCrmServer() as crm:
-        settings = fault_stack.service_settings().model_copy(
-            update={
-                "task_queue": f"faults-{uuid.uuid4().hex[:8]}",
-                "api_keys": [
-                    ApiKey(
-                        client_id=FAULT_CLIENT,
-                        key_sha256=ApiKey.hash(FAULT_API_KEY),
-                        scopes=list(MERCHANT_SCOPES),
-                    )
-                ],
-                "crm_webhook_url": crm.url(WEBHOOK_PATH),
-                "crm_webhook_secret": SecretStr(FAULT_WEBHOOK_SECRET),
-                "crm_timeout_seconds": CRM_TIMEOUT_SECONDS,
-                "kafka_message_timeout_ms": KAFKA_MESSAGE_TIMEOUT_MS,
-            }
-        )
-        worker = WorkerProcess(
-            ManagedProcess(
-                "payment worker",
-                [sys.executable, "-m", "worker"],
-                fault_stack.home / "worker.log",
-                env=_worker_env(fault_stack, settings),
-                cwd=REPO,
-            )
-        )
-        engine = make_engine(fault_stack.database_url, pool_size=5)
-        try:
-            await worker.start()
-            temporal = await connect_client(settings)
-            async with api_client(
-                settings, temporal, FAULT_API_KEY, base_url="http://paysaga.faults"
-            ) as api:
-                yield FaultRig(fault_stack, settings, worker, crm, api, temporal, engine)
-        finally:
-            await engine.dispose()
-            await worker.stop()
+        settings = client_settings(
+            fault_stack, "faults", FAULT_CLIENT, FAULT_API_KEY,
+            crm_webhook_url=crm.url(WEBHOOK_PATH),
+            crm_webhook_secret=SecretStr(FAULT_WEBHOOK_SECRET),
+            crm_timeout_seconds=CRM_TIMEOUT_SECONDS,
+            kafka_message_timeout_ms=KAFKA_MESSAGE_TIMEOUT_MS,
+        )  # fmt: skip
+        async with (
+            worker_and_clients(fault_stack, settings) as (worker, engine, temporal),
+            api_client(settings, temporal, FAULT_API_KEY, base_url="http://paysaga.faults") as api,
+        ):
+            yield FaultRig(fault_stack, settings, worker, crm, api, temporal, engine)
 
 
 @pytest.fixture

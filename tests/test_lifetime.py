@@ -13,12 +13,8 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
-from temporalio.api.enums.v1 import IndexedValueType
-from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.service import RPCError
-from temporalio.testing import WorkflowEnvironment
 
 from domain.events import EventKind, event_id
 from domain.fraud import amount_for_limit_share
@@ -31,7 +27,6 @@ from domain.payment import (
     RefundSignal,
     payment_id_for,
 )
-from infra.embedded import temporal as temporal_server
 from infra.embedded.stack import Stack
 from service.start import payment_policy
 from settings import Settings
@@ -46,6 +41,7 @@ from tests.helpers.follow_ups import (
     register_row,
 )
 from tests.helpers.saga import payment_body
+from tests.helpers.time_skipping import time_skipping_server
 from worker import payment_worker
 from workflows import search_attributes as sa
 from workflows.payment import PaymentWorkflow, initial_search_attributes
@@ -100,28 +96,9 @@ async def _state_when(
 
 @pytest.fixture(scope="module")
 async def skipping(app_settings: Settings) -> AsyncIterator[tuple[Client, Settings]]:
-    """The time-skipping test server with a worker running the real activities.
-
-    That server implements no ListSearchAttributes (so
-    infra.temporal_client.register_search_attributes cannot run there) but does accept
-    AddSearchAttributes: register ours, and the workflow's search attributes work unchanged."""
-    env = await WorkflowEnvironment.start_time_skipping(
-        test_server_existing_path=temporal_server.test_server_binary(),
-        data_converter=pydantic_data_converter,
-    )
-    async with env:
-        await env.client.operator_service.add_search_attributes(
-            AddSearchAttributesRequest(
-                namespace=env.client.namespace,
-                search_attributes={
-                    key.name: IndexedValueType.ValueType(int(key.indexed_value_type))
-                    for key in sa.ALL_KEYS
-                },
-            )
-        )
-        # Regular activities here: the time-skipping test server skips time while a local
-        # activity runs inside a workflow task, which replays as a different timer order (the
-        # real server does not do this; tests/test_replay.py covers local-activity histories).
+    """The time-skipping test server (tests/helpers/time_skipping.py) with a worker running
+    the real activities."""
+    async with time_skipping_server() as env:
         settings = app_settings.model_copy(
             update={"task_queue": f"skip-{uuid.uuid4().hex[:8]}", "local_activities": False}
         )

@@ -40,15 +40,17 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client
 
-from infra.database import make_engine
-from infra.embedded.process import ManagedProcess
 from infra.embedded.stack import Stack
-from infra.temporal_client import connect_client
-from settings import ApiKey, Settings
-from tests.conftest import MERCHANT_SCOPES, TEST_API_KEY
+from settings import Settings
+from tests.conftest import TEST_API_KEY
 from tests.helpers.api_client import api_client
 from tests.helpers.fake_crm import FakeCrmServer
-from tests.helpers.private_stack import private_stack_settings
+from tests.helpers.fault_rig import (
+    WorkerProcess,
+    client_settings,
+    started_stack,
+    worker_and_clients,
+)
 from tests.simulation.oracle import FinalView, Holds, Money, PaymentSeen, RefundSeen, verdict
 from tests.simulation.runner import SimRig, Simulation
 from tests.simulation.script import (
@@ -58,7 +60,6 @@ from tests.simulation.script import (
     luhn_valid,
     make_script,
 )
-from tests.test_faults import REPO, WorkerProcess, _worker_env
 from worker import payment_worker
 
 PAYMENTS_PER_SEED = 25
@@ -344,59 +345,29 @@ class FaultStack:
 
 @pytest.fixture(scope="module")
 def sim_fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    home = tmp_path_factory.mktemp("sim-faults")
-    stack = Stack(private_stack_settings(home), home=home, temporal_ui=False)
-    stack.start()
-    try:
-        yield stack
-    finally:
-        stack.stop()
+    yield from started_stack(tmp_path_factory, "sim-faults")
 
 
 @pytest.fixture(scope="module")
 async def fault_stack(sim_fault_stack: Stack) -> AsyncIterator[FaultStack]:
     stack = sim_fault_stack
     with FakeCrmServer() as crm:
-        settings = stack.service_settings().model_copy(
-            update={
-                "task_queue": f"sim-faults-{uuid.uuid4().hex[:8]}",
-                "api_keys": [
-                    ApiKey(
-                        client_id=FAULT_CLIENT,
-                        key_sha256=ApiKey.hash(FAULT_API_KEY),
-                        scopes=list(MERCHANT_SCOPES),
-                    )
-                ],
-                "crm_webhook_url": crm.url("/hooks/paysaga"),
-                "crm_timeout_seconds": 2.0,
-                "kafka_message_timeout_ms": 5000,
-                "db_max_retries": 3,
-            }
-        )
-        worker = WorkerProcess(
-            ManagedProcess(
-                "payment worker",
-                [sys.executable, "-m", "worker"],
-                stack.home / "worker.log",
-                env=_worker_env(stack, settings),
-                cwd=REPO,
+        settings = client_settings(
+            stack, "sim-faults", FAULT_CLIENT, FAULT_API_KEY,
+            crm_webhook_url=crm.url("/hooks/paysaga"),
+            crm_timeout_seconds=2.0,
+            kafka_message_timeout_ms=5000,
+            db_max_retries=3,
+        )  # fmt: skip
+        async with (
+            worker_and_clients(stack, settings) as (worker, engine, temporal),
+            api_client(settings, temporal, FAULT_API_KEY) as api,
+            api_client(short_policy(settings), temporal, FAULT_API_KEY) as short,
+        ):
+            rig = SimRig(
+                api, short, temporal, engine, settings, retry_seconds=120, settle_seconds=180
             )
-        )
-        engine = make_engine(stack.database_url, pool_size=5)
-        try:
-            await worker.start()
-            temporal = await connect_client(settings)
-            async with (
-                api_client(settings, temporal, FAULT_API_KEY) as api,
-                api_client(short_policy(settings), temporal, FAULT_API_KEY) as short,
-            ):
-                rig = SimRig(
-                    api, short, temporal, engine, settings, retry_seconds=120, settle_seconds=180
-                )
-                yield FaultStack(stack, worker, rig)
-        finally:
-            await engine.dispose()
-            await worker.stop()
+            yield FaultStack(stack, worker, rig)
 
 
 def fault_plan(seed: int) -> list[tuple[str, float, float]]:
