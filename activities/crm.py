@@ -15,17 +15,16 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from enum import StrEnum
+from datetime import timedelta
 from urllib.parse import quote, urlsplit
 
 import httpx
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from domain.errors import FailureType
-from domain.events import EventKind
+from domain.messages import CrmNotification, CrmTarget
 from settings import Settings
 
 # Retryable failures carry this type so dashboards and tests can tell "CRM down" from a bug.
@@ -41,31 +40,6 @@ _MAX_RETRY_AFTER_SECONDS = 300
 _SNIPPET_CHARS = 200
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]+")
 _USER_AGENT = "paysaga-crm/1"
-
-
-class CrmTarget(StrEnum):
-    WEBHOOK = "webhook"
-    SALESFORCE = "salesforce"
-    HUBSPOT = "hubspot"
-
-
-class CrmNotification(BaseModel):
-    """One payment event, as every CRM target hears about it."""
-
-    # Deterministic per payment + event kind (use `domain.events.event_id`): the idempotency key.
-    event_id: str
-    event_kind: EventKind
-    payment_id: str
-    status: str
-    amount: int  # minor units of `currency`
-    currency: str
-    customer_id: str
-    merchant_id: str
-    salesforce_opportunity_id: str | None = None
-    hubspot_deal_id: str | None = None
-    occurred_at: datetime
-    # Event specifics, e.g. {"refund_id": "re_1", "refunded": 500}.
-    details: dict[str, str | int | None] = Field(default_factory=dict)
 
 
 class CrmDelivery(BaseModel):

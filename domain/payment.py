@@ -19,7 +19,7 @@ from pydantic_core import PydanticCustomError
 
 # PaymentStatus is defined with the amounts that imply it; importable from here too, beside the
 # state that carries it.
-from domain.amounts import Amounts
+from domain.amounts import Amounts, Movement
 from domain.amounts import PaymentStatus as PaymentStatus
 from domain.bounds import ID_MAX, REASON_CODE_MAX, TEXT_MAX, TEXT_PATTERN, has_control_characters
 from domain.cards import contains_card_number
@@ -397,6 +397,15 @@ class PaymentState(BaseModel):
     @property
     def amounts(self) -> Amounts:
         return Amounts(self.captured, self.refunded, self.disputed, self.dispute_lost)
+
+    def record(self, movement: Movement, amount: int) -> None:
+        """A follow-up posted: the amounts move as the register's do (domain/amounts.py)."""
+        after = self.amounts.after(movement, amount)
+        self.refunded, self.disputed, self.dispute_lost = (
+            after.refunded,
+            after.disputed,
+            after.dispute_lost,
+        )
 
     @property
     def refundable(self) -> int:

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from domain.errors import FailureType
 from domain.events import PaymentEvent
 from domain.ledger import LedgerTransaction
-from domain.payment import PaymentStatus
+from domain.payment import PaymentState, PaymentStatus
 
 
 class PaymentParties(BaseModel):
@@ -21,6 +21,16 @@ class PaymentParties(BaseModel):
     customer_id: str
     merchant_id: str
     currency: str
+
+    @classmethod
+    def of(cls, state: PaymentState) -> PaymentParties:
+        request = state.request
+        return cls(
+            client_id=state.client_id,
+            customer_id=request.customer_id,
+            merchant_id=request.merchant_id,
+            currency=request.currency,
+        )
 
 
 class LedgerPosting(BaseModel):

@@ -22,8 +22,9 @@ from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.crm import CrmNotification, crm_targets_for
+from activities.crm import crm_targets_for
 from domain.events import EventKind
+from domain.messages import CrmNotification
 from domain.payment import PaymentPolicy, PaymentRequest, PaymentWorkflowInput, payment_id_for
 from infra.idempotency import IdempotencyRegister
 from infra.metrics import PAYMENT_STARTS

@@ -20,8 +20,6 @@ from activities.crm import (
     CRM_UNAVAILABLE,
     CrmActivities,
     CrmDelivery,
-    CrmNotification,
-    CrmTarget,
     crm_targets_for,
     sign_webhook,
     verify_webhook,
@@ -29,6 +27,7 @@ from activities.crm import (
 )
 from domain.errors import FailureType
 from domain.events import EventKind, event_id
+from domain.messages import CrmNotification, CrmTarget
 from settings import Settings
 from tests.helpers.fake_crm import FakeCrmServer
 

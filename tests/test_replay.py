@@ -31,7 +31,7 @@ from domain.events import EventKind
 from domain.payment import FraudAssessment, PaymentState, PaymentWorkflowInput
 from settings import Settings
 from worker import workflow_runner
-from workflows import acquirer_steps
+from workflows import acquirer_steps, follow_up_steps, follow_ups
 from workflows import payment as payment_workflow
 from workflows.payment import PaymentWorkflow
 from workflows.webhook_delivery import WebhookDeliveryWorkflow
@@ -149,13 +149,13 @@ def test_histories_cover_updates_and_every_patch() -> None:
                     patches.add(json.loads(data)["id"])
             updates += event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED
     assert patches == {
-        payment_workflow.PATCH_FOLLOW_UP_RULES,
-        payment_workflow.PATCH_DRAIN_BEFORE_CONTINUE,
+        follow_ups.PATCH_FOLLOW_UP_RULES,
+        follow_up_steps.PATCH_DRAIN_BEFORE_CONTINUE,
         payment_workflow.PATCH_CANCEL_FINISHES_FOLLOW_UPS,
         payment_workflow.PATCH_UNDO_FAILURE_NEEDS_ATTENTION,
         payment_workflow.PATCH_CRM_STEP_OUTLIVES_CANCEL,
         payment_workflow.PATCH_REVERSAL_ASKS_THE_LEDGER,
-        payment_workflow.PATCH_REFUND_NEEDS_ATTENTION,
+        follow_up_steps.PATCH_REFUND_NEEDS_ATTENTION,
         acquirer_steps.PATCH_ACQUIRER,
         acquirer_steps.PATCH_EXPIRY_SEARCH_ATTRIBUTE,
     }

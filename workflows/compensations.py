@@ -1,10 +1,17 @@
-"""The saga's undo list: add an undo step as soon as its do-step may have taken effect."""
+"""The saga's undo list, and the one way a step is shielded from cancellation.
+
+Add an undo step as soon as its do-step may have taken effect; unwind them in reverse. Both the
+do-steps and the unwinding run to completion under a cancellation (`run_to_completion`): a
+do-step so that its undo knows whether it took effect, the unwinding so that a cancelled
+payment is still compensated."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
@@ -61,7 +68,26 @@ class Compensations:
                     continue
                 self.ran.append(name)
 
-        task = asyncio.ensure_future(run_all())
+        await run_to_completion(run_all(), absorb_cancel=True)
+        return failed
+
+
+async def run_to_completion(
+    step: Awaitable[Any],
+    on_cancel: Callable[[], None] | None = None,
+    *,
+    absorb_cancel: bool = False,
+) -> None:
+    """Run `step` to its end even if the workflow is canceled while it runs. Its activities are
+    never abandoned half way, so the code that reacts to the cancellation knows whether the
+    step took effect.
+
+    A do-step (`absorb_cancel=False`) lets the cancellation through once it ended: `on_cancel`
+    runs as soon as the cancellation is seen, and the step's own failure is moot then. The
+    compensations (`absorb_cancel=True`) absorb it: a cancelled payment is still compensated,
+    and the code after them goes on."""
+    task = asyncio.ensure_future(step)
+    if absorb_cancel:
         while not task.done():
             try:
                 await asyncio.shield(task)
@@ -70,4 +96,13 @@ class Compensations:
                     raise
                 workflow.logger.warning("cancellation requested while compensating; continuing")
         task.result()
-        return failed
+        return
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if on_cancel is not None:
+            on_cancel()
+        # The step's own failure is moot now: the cancellation decides what happens next.
+        with contextlib.suppress(ActivityError, ApplicationError):
+            await task
+        raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from domain.amounts import Movement
 from domain.follow_ups import (
     Door,
     Refusal,
@@ -108,3 +109,13 @@ def test_a_closed_dispute_answers_the_same_outcome_and_refuses_the_other() -> No
     assert dispute_closed_refusal(state, again, OPEN) is None
     refused = dispute_closed_refusal(state, other, OPEN)
     assert refused is not None and refused.code == Refusal.DISPUTE_CLOSED
+
+
+def test_the_workflow_moves_its_amounts_as_the_register_does() -> None:
+    state = captured(1000)
+    state.record(Movement.DISPUTE_OPENED, 300)
+    state.record(Movement.REFUND, 200)
+    state.record(Movement.DISPUTE_LOST, 300)
+    assert (state.refunded, state.disputed, state.dispute_lost) == (200, 0, 300)
+    assert state.amounts.status() == PaymentStatus.PARTIALLY_REFUNDED
+    assert state.refundable == 500
