@@ -299,3 +299,30 @@ def test_a_taken_port_is_named_with_its_setting_and_nothing_starts(
     assert str(taken) in done.stderr and env_var in done.stderr
     assert "Traceback" not in done.stderr
     assert not (home / "postgres").exists()  # refused before starting anything
+
+
+def test_client_commands_take_the_api_from_one_set_of_options_before_the_command(
+    tmp_path: Path,
+) -> None:
+    """README, The `paysaga` command: --api-url / --api-key / --home before the command, or
+    their PAYSAGA_* variables; every client command reads them from the one callback."""
+    nothing_there = f"http://127.0.0.1:{free_port()}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PAYSAGA_")}
+    by_env = {**env, "PAYSAGA_API_URL": nothing_there, "PAYSAGA_API_KEY": "psk_x"}
+    for args in (["status", "pay_x"], ["cancel", "pay_x"], ["refund", "pay_x", "--amount", "1"]):
+        for argv, environment in (
+            ([PAYSAGA, "--api-url", nothing_there, "--api-key", "psk_x", *args], env),
+            ([PAYSAGA, *args], by_env),
+        ):
+            answer = subprocess.run(
+                argv, env=environment, capture_output=True, text=True, timeout=60
+            )
+            assert answer.returncode == 1, answer.stderr
+            assert f"cannot reach the API at {nothing_there}" in answer.stderr
+        # No key given and none under --home: refused before any request.
+        no_key = subprocess.run(
+            [PAYSAGA, "--api-url", nothing_there, "--home", str(tmp_path), *args],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert no_key.returncode == 2, no_key.stderr
+        assert "no API key" in no_key.stderr
