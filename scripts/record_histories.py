@@ -312,21 +312,23 @@ async def cancel_before_posting(r: Recorder) -> WorkflowHandle[Any, Any]:
     return handle
 
 
+async def held_before_confirmation(r: Recorder, path: str, amount: int) -> WorkflowHandle[Any, Any]:
+    """Started with regular activities on the gated queue, its payments.confirmed held there."""
+    payment_id = new_payment_id(path)
+    r.gate.hold(payment_id, EventKind.CONFIRMED)
+    handle = await r.start(
+        path, amount, queue=r.gated_queue, payment_id=payment_id, local_activities=False
+    )
+    await r.gate.wait_held(handle.id)
+    return handle
+
+
 async def operator_cancel_after_posting(r: Recorder) -> WorkflowHandle[Any, Any]:
     """Cancel from the Temporal UI while payments.confirmed is in flight after the posting:
     the saga reverses the posting, voids payments.raw with payments.canceled, tells the CRM.
     Regular activities (as tests/test_compensations.py): local ones all run inside one workflow
     task, which sees the cancel request only after payments.confirmed."""
-    payment_id = new_payment_id("operator_cancel_after_posting")
-    r.gate.hold(payment_id, EventKind.CONFIRMED)
-    handle = await r.start(
-        "operator_cancel_after_posting",
-        4200,
-        queue=r.gated_queue,
-        payment_id=payment_id,
-        local_activities=False,
-    )
-    await r.gate.wait_held(handle.id)
+    handle = await held_before_confirmation(r, "operator_cancel_after_posting", 4200)
     await handle.cancel()
     await asyncio.sleep(0.5)  # the cancel request lands while the confirmation is held
     r.gate.release(handle.id)
@@ -438,17 +440,8 @@ async def requires_attention_resolved(r: Recorder) -> WorkflowHandle[Any, Any]:
     """Canceled in the UI between posting and confirmation while the merchant's account was
     closed: the reversal is refused, payments.raw voided, the CRM told, the payment waits in
     requires_attention; the account reopened, an operator's retry reverses it: canceled."""
-    payment_id = new_payment_id("requires_attention_resolved")
     merchant_account = "merchant:mer_replay_requires_attention_resolved:USD"
-    r.gate.hold(payment_id, EventKind.CONFIRMED)
-    handle = await r.start(
-        "requires_attention_resolved",
-        4300,
-        queue=r.gated_queue,
-        payment_id=payment_id,
-        local_activities=False,
-    )
-    await r.gate.wait_held(handle.id)
+    handle = await held_before_confirmation(r, "requires_attention_resolved", 4300)
     await r.ledger.close_account(merchant_account)
     await handle.cancel()
     await asyncio.sleep(0.5)
