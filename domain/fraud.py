@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 
 from pydantic import BaseModel, Field
 
@@ -44,6 +45,8 @@ AMOUNT_VS_AVERAGE_TIERS: tuple[tuple[int, int], ...] = ((10, 50), (5, 30))  # x 
 VELOCITY_TIERS: tuple[tuple[int, int], ...] = ((10, 60), (5, 30))  # payments in the last hour
 LARGE_AMOUNT_TIERS: tuple[tuple[int, int], ...] = ((80, 80), (50, 60))  # % of currency limit
 _FULL_SCORE = 100
+# "Velocity" counts the customer's payments this long before the one being assessed.
+VELOCITY_WINDOW = timedelta(hours=1)
 
 
 class CustomerHistory(BaseModel):

@@ -21,7 +21,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 from temporalio.worker import Worker
 
-from activities.fraud import FraudActivities, FraudCheck, load_customer_history
+from activities.fraud import FraudActivities, FraudCheck
 from domain.errors import FailureType
 from domain.fraud import CustomerHistory, amount_for_limit_share, score_payment
 from domain.ledger import payment_transaction, reversal_transaction
@@ -29,6 +29,7 @@ from domain.money import CURRENCIES
 from domain.payment import FraudAssessment, PaymentRequest
 from infra.embedded.process import free_port
 from infra.embedded.stack import Stack
+from ledger.customer_history import load_customer_history
 from ledger.records import LedgerPosting, PaymentParties
 from ledger.store import Ledger
 from ledger.tables import payments
