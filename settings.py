@@ -6,7 +6,7 @@ import hashlib
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, Field, SecretStr, StringConstraints, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -28,31 +28,12 @@ Scope = Literal[
     "codec",
     "admin",
 ]
-ALL_SCOPES: tuple[Scope, ...] = (
-    "payments:read",
-    "payments:write",
-    "refunds:write",
-    "disputes:write",
-    "events:read",
-    "webhooks:read",
-    "webhooks:write",
-    "codec",
-    "admin",
-)
+ALL_SCOPES: tuple[Scope, ...] = get_args(Scope)
 # Least privilege: a key configured without `scopes` reads and writes payments, nothing more.
 # Money going back (refunds, disputes), decrypting payloads (codec) and admin are named.
 DEFAULT_SCOPES: tuple[Scope, ...] = ("payments:read", "payments:write")
 # The development key `paysaga run` prints: everything the README shows, but not admin.
-DEV_KEY_SCOPES: tuple[Scope, ...] = (
-    "payments:read",
-    "payments:write",
-    "refunds:write",
-    "disputes:write",
-    "events:read",
-    "webhooks:read",
-    "webhooks:write",
-    "codec",
-)
+DEV_KEY_SCOPES: tuple[Scope, ...] = tuple(s for s in ALL_SCOPES if s != "admin")
 DEV_CLIENT_ID = "dev"
 
 # An API client's id is the tenant of its payments and part of its ledger account codes.
