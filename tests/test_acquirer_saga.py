@@ -536,12 +536,13 @@ async def test_the_cli_pays_with_manual_capture_then_captures_and_voids(
     serving = asyncio.create_task(server.serve())
     while not server.started:
         await asyncio.sleep(0.05)
+    # The connection options go before the command (cli/main.py's one callback).
     api = ["--api-url", f"http://127.0.0.1:{port}", "--api-key", TEST_API_KEY]
 
     async def paysaga(*args: str) -> str:
         done = await asyncio.to_thread(
             subprocess.run,
-            [str(Path(sys.executable).parent / "paysaga"), *args, *api],
+            [str(Path(sys.executable).parent / "paysaga"), *api, *args],
             capture_output=True,
             text=True,
             timeout=60,
