@@ -12,14 +12,17 @@ WORKDIR /src
 # Dependencies first: they change far less often than the code, so this layer stays cached.
 COPY pyproject.toml README.md ./
 COPY domain/ domain/
+COPY service/ service/
 COPY workflows/ workflows/
 COPY activities/ activities/
+COPY ledger/ ledger/
 COPY api/ api/
 COPY infra/ infra/
 COPY checker/ checker/
 COPY bench/ bench/
 COPY cli/ cli/
 COPY intake/ intake/
+COPY sandboxes/ sandboxes/
 COPY settings.py worker.py ./
 RUN /opt/paysaga/bin/pip install . \
  && /opt/paysaga/bin/python -c "import api.app, worker, intake, infra.provision"

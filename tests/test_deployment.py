@@ -250,6 +250,12 @@ def test_compose_commands_and_the_dockerfile_name_real_entry_points(
     # Everything a role imports is installed by `pip install .` (packages and top-level modules).
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert '"intake*"' in pyproject and '"worker"' in pyproject
+    # ... and the image has every package `pip install .` installs (a package left out of the
+    # COPY lines installs nothing, and the role fails at its first import).
+    packages = re.search(r"^include = \[(.*)\]$", pyproject, re.MULTILINE)
+    assert packages is not None
+    for package in re.findall(r'"(\w+)\*"', packages.group(1)):
+        assert f"COPY {package}/ {package}/" in dockerfile, f"the image lacks {package}/"
 
 
 # ── the ledger on CockroachDB URLs (no CockroachDB here: build, don't connect) ─────────────
