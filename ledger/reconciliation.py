@@ -389,10 +389,13 @@ class Reconciliation:
             report.lines = earlier.line_count
             return report
         await self._refuse_reused_ids(conn, parsed)
-        report.expectations_added = await self._expect(conn, now)
+        # The file's row first: an import of the same bytes racing this one waits on it here,
+        # and SERIALIZABLE makes the loser retry (40001) and find it imported above, before it
+        # has written anything else.
         file_id = uuid.uuid4()
-        await conn.execute(
-            settlement_files.insert().values(
+        claimed = await conn.scalar(
+            insert(settlement_files)
+            .values(
                 id=file_id,
                 sha256=parsed.sha256,
                 filename=filename[:255],
@@ -400,7 +403,14 @@ class Reconciliation:
                 line_count=len(parsed.lines),
                 summary={},
             )
+            .on_conflict_do_nothing(index_elements=["sha256"])
+            .returning(settlement_files.c.id)
         )
+        if claimed is None:  # PostgreSQL and CockroachDB answer 40001 first; belt and braces
+            report.duplicate = True
+            report.lines = len(parsed.lines)
+            return report
+        report.expectations_added = await self._expect(conn, now)
         statuses: dict[str, int] = defaultdict(int)
         opened: dict[str, int] = defaultdict(int)
         for batch_id, lines in parsed.batches().items():

@@ -360,6 +360,21 @@ async def test_settlement_with_every_discrepancy_imported_twice_matches_exactly(
     )
     assert again.returncode == 0, again.stderr
     assert "already imported" in again.stdout
+    # `paysaga recon fetch --import` downloads the same day from the acquirer: the same bytes.
+    fetched = subprocess.run(
+        [PAYSAGA, "recon", "fetch", "--date", today.isoformat(), "--import"],
+        env={
+            **env,
+            "PAYSAGA_ACQUIRER_URL": rig.settings.acquirer_url or "",
+            "PAYSAGA_ACQUIRER_API_KEY": rig.settings.acquirer_api_key.get_secret_value(),
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert fetched.returncode == 0, fetched.stderr
+    assert (tmp_path / "settlements" / f"settlement-{today}.csv").read_bytes() == content
+    assert "already imported" in fetched.stdout
     assert await _lines_of(rig.engine, [*ours, unexpected_ref]) == lines
     assert sorted(await _open_exceptions(reconciliation, set(ours), unexpected_ref)) == sorted(
         queue
@@ -573,3 +588,49 @@ async def test_the_checker_names_an_unaccounted_line_and_a_receivable_out_of_lin
     report = await run_checks(rig.settings, scope=CheckScope(payment_ids=frozenset()))
     assert report.result(SETTLED_LINES_ACCOUNTED).passed
     assert report.result(RECEIVABLE_MATCHES).passed
+
+
+async def test_two_imports_of_one_file_at_once_import_it_once(rig: Rig) -> None:
+    """The daily schedule and an operator's `paysaga recon import` racing on the same file:
+    SERIALIZABLE lets one write it; the other, run again, finds it imported."""
+    batch = f"po_race_{uuid.uuid4().hex[:8]}"
+    content = (
+        HEADER
+        + _row(f"{batch}_1", "capture", "1200", batch=batch).replace("pay_1", f"{batch}_pay")
+        + _row(batch, "payout", "1200", batch=batch)
+    ).encode()
+    parsed = parse_settlement_file(content)
+    reconciliation = Reconciliation(rig.engine)
+    reports = await asyncio.gather(
+        reconciliation.import_file(parsed, "race-a.csv"),
+        reconciliation.import_file(parsed, "race-b.csv"),
+    )
+    assert sorted(r.duplicate for r in reports) == [False, True]
+    async with rig.engine.connect() as conn:
+        kept = await conn.scalar(
+            text("SELECT count(*) FROM settlement_lines WHERE batch_id = :b"), {"b": batch}
+        )
+    assert kept == 2  # the capture and the payout, once
+    # The line nobody expected is queued; written off, it leaves no trace in the receivable.
+    found, _ = await reconciliation.exceptions(status="open", limit=10_000)
+    [mine] = [e for e in found if f"{batch}_pay" in e.detail]
+    assert (mine.kind, mine.amount) == (ExceptionKind.UNEXPECTED, 1200)
+    await reconciliation.resolve(mine.id, Resolution.WRITE_OFF, "test money")
+
+
+async def test_the_sandbox_refuses_incomplete_discrepancies_and_excess_chargebacks(
+    rig: Rig,
+) -> None:
+    incomplete = await rig.sandbox(
+        "POST", "/v1/settlements/2026-11-30/discrepancies", json={"kind": "amount_mismatch"}
+    )
+    assert incomplete.status_code == 400, incomplete.text
+    assert "movement_reference, amount" in incomplete.json()["error"]["message"]
+    payment_id = await rig.paid(1_000)
+    excess = await rig.sandbox(
+        "POST",
+        f"/v1/authorizations/{payment_id}/chargebacks",
+        json={"dispute_reference": "dp_excess", "amount": 1_001, "currency": "USD"},
+    )
+    assert excess.status_code == 422, excess.text
+    assert excess.json()["error"]["type"] == "chargeback_exceeds_captured"
