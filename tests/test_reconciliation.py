@@ -502,8 +502,23 @@ async def test_the_daily_workflow_and_its_schedule_fetch_and_import(
     schedule = temporal_client.get_schedule_handle(SCHEDULE_ID)
     try:
         await ensure_reconciliation_schedule(temporal_client, settings)
-        # Idempotent: a second call updates the same schedule.
-        assert not await ensure_reconciliation_schedule(temporal_client, settings)
+        # Idempotent: `paysaga recon schedule` again updates the same schedule.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PAYSAGA_")}
+        cli = subprocess.run(
+            [PAYSAGA, "recon", "schedule"],
+            env={
+                **env,
+                "PAYSAGA_TEMPORAL_ADDRESS": rig.settings.temporal_address or "",
+                "PAYSAGA_TEMPORAL_NAMESPACE": rig.settings.temporal_namespace,
+                "PAYSAGA_TASK_QUEUE": rig.settings.task_queue,
+                "PAYSAGA_RECON_SCHEDULE_CRON": "15 5 * * *",
+            },
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert cli.returncode == 0, cli.stderr
+        assert f"schedule {SCHEDULE_ID} updated" in cli.stdout
         described = await schedule.describe()
         action = described.schedule.action
         assert isinstance(action, ScheduleActionStartWorkflow)
@@ -634,3 +649,31 @@ async def test_the_sandbox_refuses_incomplete_discrepancies_and_excess_chargebac
     )
     assert excess.status_code == 422, excess.text
     assert excess.json()["error"]["type"] == "chargeback_exceeds_captured"
+
+
+async def test_a_missing_movement_whose_line_arrives_later_closes_itself(rig: Rig) -> None:
+    """Expected, not settled in time: `missing`. Its line in a later file matches it and the
+    exception resolves itself as settled late (nobody has to)."""
+    late = await rig.paid(4_321)
+    reconciliation = Reconciliation(rig.engine, missing_after=timedelta(0))
+    await reconciliation.refresh()
+    queue = await _open_exceptions(reconciliation, {late}, "no-such-line")
+    assert sorted(queue) == [(late, "missing")]
+    acquirer = HttpAcquirer.from_settings(rig.settings)
+    try:
+        record = await acquirer.status(late)
+    finally:
+        await acquirer.aclose()
+    assert record is not None and record.acquirer_capture_reference
+    batch = f"po_late_{uuid.uuid4().hex[:8]}"
+    at = datetime.now(UTC).isoformat()
+    content = (
+        HEADER + f"2026-12-01,{batch},{batch}_1,capture,{late},{record.acquirer_reference},"
+        f"{record.acquirer_capture_reference},,4321,USD,{at}\n"
+        + f"2026-12-01,{batch},{batch},payout,,,tr_{batch},,4321,USD,{at}\n"
+    ).encode()
+    report = await reconciliation.import_file(parse_settlement_file(content), "late.csv")
+    assert report.statuses == {"matched": 1, "payout": 1}
+    assert await _open_exceptions(reconciliation, {late}, "no-such-line") == {}
+    closed = await reconciliation.exception(queue[(late, "missing")].id)
+    assert closed is not None and closed.resolution == "settled_late"
