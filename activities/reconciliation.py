@@ -128,6 +128,9 @@ class ReconciliationActivities:
             raise ApplicationError(
                 str(exc), type=SETTLEMENT_FILE_INVALID, non_retryable=True
             ) from None
+        # Age the queue even when the file brought nothing new (a quiet day's file is the same
+        # bytes every day): a movement never settled must still turn `missing`.
+        _, opened = await self._reconciliation.refresh()
         return ImportResult(
             day=request.day,
             path=str(path),
@@ -135,5 +138,8 @@ class ReconciliationActivities:
             duplicate=report.duplicate,
             lines=report.lines,
             statuses=report.statuses,
-            exceptions_opened=report.exceptions_opened,
+            exceptions_opened={
+                kind: report.exceptions_opened.get(kind, 0) + opened.get(kind, 0)
+                for kind in {*report.exceptions_opened, *opened}
+            },
         )
