@@ -16,7 +16,8 @@ from domain.payment import IDENTIFIER_PATTERN
 
 # `codec`: decrypt/encrypt Temporal payloads through /codec (operators' tooling; no payment powers).
 # `events:read`: /v1/events. `webhooks:read` / `webhooks:write`: webhook endpoints, their
-# delivery log, and (write) redelivering an event.
+# delivery log, and (write) redelivering an event. `reconciliation:read` / `reconciliation:write`:
+# the platform's settlement exception queue and resolving it (finance operators, not merchants).
 Scope = Literal[
     "payments:read",
     "payments:write",
@@ -26,6 +27,8 @@ Scope = Literal[
     "webhooks:read",
     "webhooks:write",
     "codec",
+    "reconciliation:read",
+    "reconciliation:write",
     "admin",
 ]
 ALL_SCOPES: tuple[Scope, ...] = get_args(Scope)
@@ -188,6 +191,18 @@ class Settings(BaseSettings):
     authorization_expiry_seconds: float = 7 * 86400.0
     acquirer_sandbox: bool = True
     acquirer_sandbox_port: int = 8020
+
+    # Reconciliation (docs/reconciliation.md). A ledger movement the acquirer has not settled
+    # this long after it happened is a `missing` exception.
+    recon_missing_after_days: float = Field(default=2.0, ge=0)
+    # Where `paysaga recon fetch` and the daily workflow keep the files they download
+    # (relative: under `home`).
+    recon_settlements_dir: Path = Path("settlements")
+    # The daily fetch-and-import (a Temporal Schedule, `paysaga recon schedule`): a cron
+    # expression in UTC; each run imports the settlement file of the day before.
+    recon_schedule_cron: str = "30 6 * * *"
+    # How often the API refreshes the exception gauges (paysaga_reconciliation_exceptions*).
+    recon_gauge_refresh_seconds: float = Field(default=60.0, gt=0)
 
     # Temporal payload encryption (AES-GCM). The first key encrypts; all keys decrypt.
     encryption_keys: Annotated[list[EncryptionKey], NoDecode] = Field(default_factory=list)

@@ -23,6 +23,7 @@ from activities.crm import CrmActivities
 from activities.event_store import AckRecorder, EventStore
 from activities.fraud import FraudActivities
 from activities.kafka import EventPublisher, KafkaActivities
+from activities.reconciliation import ReconciliationActivities
 from activities.webhooks import WebhookActivities, WebhookEndpoints
 from infra.database import make_engine
 from infra.logs import configure_logging
@@ -33,6 +34,7 @@ from ledger.activity import LedgerActivities
 from ledger.store import Ledger
 from settings import Settings, get_settings
 from workflows.payment import PaymentWorkflow
+from workflows.reconciliation import DailyReconciliationWorkflow
 from workflows.webhook_delivery import WebhookDeliveryWorkflow
 from workflows.webhook_dispatch import running_dispatcher
 
@@ -74,10 +76,11 @@ async def payment_worker(
     events = EventStore(engine, max_attempts=settings.db_max_retries)
     acks = AckRecorder(events)
     kafka = kafka_activities(publisher, events, acks)
+    reconciliation = ReconciliationActivities(settings, engine)
     worker = Worker(
         client,
         task_queue=settings.task_queue,
-        workflows=[PaymentWorkflow],
+        workflows=[PaymentWorkflow, DailyReconciliationWorkflow],
         activities=[
             fraud.assess_payment,
             kafka.publish_payment_event,
@@ -90,6 +93,7 @@ async def payment_worker(
             acquirer.void_authorization,
             acquirer.refund_payment,
             acquirer.acquirer_status,
+            reconciliation.import_settlement_day,
         ],
         max_concurrent_activities=settings.max_concurrent_activities,
         max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,

@@ -8,8 +8,10 @@ public port carries the API only; the interactive docs (`/docs`, `/redoc`) can b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from typing import Literal
 
 from fastapi import FastAPI, Request
@@ -20,7 +22,7 @@ from temporalio.client import Client
 
 from activities.event_store import EventStore
 from activities.webhooks import WebhookEndpoints
-from api import capture, codec, events, payments, webhooks
+from api import capture, codec, events, payments, reconciliation, webhooks
 from api.errors import install_error_handlers
 from api.limits import install_body_limit
 from infra.database import make_engine
@@ -30,6 +32,7 @@ from infra.metrics import serve_metrics
 from infra.observability import configure_tracing, install_api_observability
 from infra.temporal_client import connect_client
 from infra.topics import broker_answers
+from ledger.reconciliation import Reconciliation
 from ledger.store import Ledger
 from settings import Settings, get_settings
 
@@ -52,10 +55,23 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
         app.state.idempotency = IdempotencyRegister(engine, max_attempts=settings.db_max_retries)
         app.state.events = EventStore(engine, max_attempts=settings.db_max_retries)
         app.state.webhook_endpoints = WebhookEndpoints(engine, max_attempts=settings.db_max_retries)
+        app.state.reconciliation = Reconciliation(
+            engine,
+            missing_after=timedelta(days=settings.recon_missing_after_days),
+            max_attempts=settings.db_max_retries,
+        )
         metrics = serve_metrics(settings.api_metrics_port, settings.metrics_host)
+        gauges = asyncio.create_task(
+            reconciliation.keep_gauges_fresh(
+                app.state.reconciliation, settings.recon_gauge_refresh_seconds
+            )
+        )
         try:
             yield
         finally:
+            gauges.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await gauges
             if metrics is not None:
                 metrics.close()
             await engine.dispose()
@@ -78,6 +94,7 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
     app.include_router(events.router)
     app.include_router(webhooks.router)
     app.include_router(codec.router)
+    app.include_router(reconciliation.router)
 
     @app.get("/healthz", tags=["health"], summary="The process is up")
     async def healthz() -> dict[str, str]:

@@ -125,17 +125,20 @@ _PAYMENTS_SQL = """
 WITH scoped AS (
     SELECT p.payment_id FROM payments p WHERE {register_where}
     UNION
-    SELECT t.payment_id FROM ledger_transactions t WHERE {ledger_where}
+    SELECT t.payment_id FROM ledger_transactions t
+    WHERE {ledger_where} AND t.kind NOT IN (:expected, :payout, :manual_match, :write_off)
 ),
 moved AS (
     SELECT t.payment_id,
         count(DISTINCT t.id) FILTER (
-            WHERE t.kind NOT IN (:hold, :hold_captured, :hold_voided)
+            WHERE t.kind NOT IN (:hold, :hold_captured, :hold_voided,
+                                 :expected, :payout, :manual_match, :write_off)
         ) AS transactions,
         count(DISTINCT t.id) FILTER (WHERE t.kind = :payment) AS postings,
         count(DISTINCT t.id) FILTER (WHERE t.kind = :reversal) AS reversals,
         count(DISTINCT t.id) FILTER (
-            WHERE t.kind NOT IN (:payment, :reversal, :hold, :hold_captured, :hold_voided)
+            WHERE t.kind NOT IN (:payment, :reversal, :hold, :hold_captured, :hold_voided,
+                                 :expected, :payout, :manual_match, :write_off)
         ) AS follow_ups,
         -- Captured: what the customer's funding account was debited by the posting, net of a
         -- reversal. Returned: what it was credited back by refunds and lost disputes. Held:
@@ -176,6 +179,11 @@ KIND_PARAMS = {
     "hold_captured": TransactionKind.HOLD_CAPTURED.value,
     "hold_voided": TransactionKind.HOLD_VOIDED.value,
     "hold_account": AccountType.AUTHORIZATION_HOLD.value,
+    # Reconciliation's postings (docs/reconciliation.md) move no payment's captured money.
+    "expected": TransactionKind.SETTLEMENT_EXPECTED.value,
+    "payout": TransactionKind.SETTLEMENT_PAYOUT.value,
+    "manual_match": TransactionKind.SETTLEMENT_MANUAL_MATCH.value,
+    "write_off": TransactionKind.SETTLEMENT_WRITE_OFF.value,
 }
 
 

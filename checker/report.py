@@ -20,6 +20,8 @@ OUTBOX_IN_KAFKA = "outbox-in-kafka"
 KAFKA_HAS_OUTBOX = "kafka-events-have-outbox"
 WORKFLOW_AGREES = "workflow-agrees-with-ledger"
 HOLDS_RELEASED = "authorization-holds-released"
+SETTLED_LINES_ACCOUNTED = "settled-lines-accounted"
+RECEIVABLE_MATCHES = "receivable-matches-unsettled"
 
 PROMISES: dict[str, str] = {
     LEDGER_BALANCED: "Every ledger transaction sums to zero per currency",
@@ -31,6 +33,10 @@ PROMISES: dict[str, str] = {
     WORKFLOW_AGREES: "Each payment's workflow status agrees with its ledger state",
     HOLDS_RELEASED: "Each authorization hold is released once, captured or voided but never "
     "both, captures no more than it held, and none outlives its payment",
+    SETTLED_LINES_ACCOUNTED: "Every settled line matched its ledger movement or is in the "
+    "reconciliation exception queue",
+    RECEIVABLE_MATCHES: "The acquirer receivable's balance equals the expected settlement "
+    "movements not settled (or written off) yet",
 }
 
 

@@ -28,6 +28,7 @@ from checker.ledger import (
     check_within_captured,
     load_payments,
 )
+from checker.reconciliation import check_receivable_matches, check_settled_lines_accounted
 from checker.report import (
     HOLDS_RELEASED,
     KAFKA_HAS_OUTBOX,
@@ -35,7 +36,9 @@ from checker.report import (
     OUTBOX_IN_KAFKA,
     POSTED_ONCE,
     PROMISES,
+    RECEIVABLE_MATCHES,
     REGISTER_MATCHES,
+    SETTLED_LINES_ACCOUNTED,
     WITHIN_CAPTURED,
     WORKFLOW_AGREES,
     CheckReport,
@@ -108,7 +111,13 @@ async def _check_once(
             ),
         ]
     holds = await _guarded(HOLDS_RELEASED, check_holds_released(engine, scope, max_examples))
-    results = [balanced, *payment_checks, *kafka_checks, holds]
+    reconciliation = [
+        await _guarded(
+            SETTLED_LINES_ACCOUNTED, check_settled_lines_accounted(engine, max_examples)
+        ),
+        await _guarded(RECEIVABLE_MATCHES, check_receivable_matches(engine, max_examples)),
+    ]
+    results = [balanced, *payment_checks, *kafka_checks, holds, *reconciliation]
     return sorted(results, key=lambda r: list(PROMISES).index(r.name))
 
 

@@ -19,7 +19,7 @@ import typer
 from pydantic import ValidationError
 
 from bench import run as bench
-from cli import check, crm, events
+from cli import check, crm, events, recon
 from cli.client import (
     DEFAULT_API_URL,
     ApiFailure,
@@ -319,6 +319,7 @@ app.command("bench")(bench.main)
 app.command("check")(check.main)
 app.add_typer(crm.app, name="crm")
 app.add_typer(events.app, name="events")
+app.add_typer(recon.app, name="recon")
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ idempotent by our refund reference.
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated
@@ -40,6 +41,13 @@ AcquirerReference = Annotated[
 ]
 PositiveMinor = Annotated[int, Field(gt=0, le=MAX_INT64)]
 Minor = Annotated[int, Field(ge=0, le=MAX_INT64)]
+
+
+def acquirer_refund_reference(payment_id: str, refund_id: str) -> str:
+    """Refund ids are unique per payment, the acquirer's refund references per account. The
+    reference a refund's settlement line carries back (reconciliation matches by it)."""
+    digest = hashlib.sha256(f"{payment_id}/{refund_id}".encode()).hexdigest()
+    return f"re_{digest[:32]}"
 
 
 class DeclineCode(StrEnum):

@@ -26,6 +26,11 @@ class AccountType(StrEnum):
     # What an acquirer holds on a customer's card for an authorization not yet captured or
     # released (TigerBeetle's pending transfer): one per customer and currency.
     AUTHORIZATION_HOLD = "authorization_hold"
+    # Reconciliation (docs/reconciliation.md): what the acquirer owes us for movements it has
+    # not settled yet, the bank account its payouts arrive in, and what settling costs.
+    ACQUIRER_RECEIVABLE = "acquirer_receivable"
+    BANK = "bank"
+    EXPENSE = "expense"
 
 
 class TransactionKind(StrEnum):
@@ -42,7 +47,25 @@ class TransactionKind(StrEnum):
     AUTHORIZATION_HOLD = "authorization_hold"
     HOLD_CAPTURED = "hold_captured"
     HOLD_VOIDED = "hold_voided"
+    # Reconciliation: a ledger movement's claim moved to the acquirer receivable (one per
+    # expected settlement line), a payout batch's money from the receivable to the bank, and
+    # an operator's resolution of an exception (a manual match or a write-off).
+    SETTLEMENT_EXPECTED = "settlement_expected"
+    SETTLEMENT_PAYOUT = "settlement_payout"
+    SETTLEMENT_MANUAL_MATCH = "settlement_manual_match"
+    SETTLEMENT_WRITE_OFF = "settlement_write_off"
 
+
+# Postings that move no payment's captured money: the payments register is not touched, and
+# the checker's per-payment counts leave them out.
+RECONCILIATION_KINDS = frozenset(
+    {
+        TransactionKind.SETTLEMENT_EXPECTED,
+        TransactionKind.SETTLEMENT_PAYOUT,
+        TransactionKind.SETTLEMENT_MANUAL_MATCH,
+        TransactionKind.SETTLEMENT_WRITE_OFF,
+    }
+)
 
 HOLD_KINDS = frozenset(
     {
@@ -95,6 +118,33 @@ def fees_account(ccy: str) -> Account:
 
 def suspense_account(ccy: str) -> Account:
     return Account(code=f"suspense:{ccy}", type=AccountType.SUSPENSE, currency=ccy)
+
+
+def acquirer_receivable_account(ccy: str) -> Account:
+    """What the acquirer owes us: movements it has captured, refunded or charged back and not
+    yet settled into the bank account (its balance is checked against the open expectations)."""
+    return Account(
+        code=f"acquirer:receivable:{ccy}", type=AccountType.ACQUIRER_RECEIVABLE, currency=ccy
+    )
+
+
+def bank_account(ccy: str) -> Account:
+    return Account(code=f"bank:cash:{ccy}", type=AccountType.BANK, currency=ccy)
+
+
+def acquirer_fees_account(ccy: str) -> Account:
+    return Account(code=f"expense:acquirer_fees:{ccy}", type=AccountType.EXPENSE, currency=ccy)
+
+
+def reconciliation_write_off_account(ccy: str) -> Account:
+    """Differences finance decided not to chase (a debit: a loss; a credit: a gain)."""
+    return Account(code=f"expense:reconciliation:{ccy}", type=AccountType.EXPENSE, currency=ccy)
+
+
+def settlement_suspense_account(ccy: str) -> Account:
+    """Money settled that no ledger movement explains (yet): unexpected lines, lines in another
+    currency than their movement. Emptied by a manual match or a write-off."""
+    return Account(code=f"suspense:settlement:{ccy}", type=AccountType.SUSPENSE, currency=ccy)
 
 
 class Entry(BaseModel, frozen=True):

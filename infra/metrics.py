@@ -20,6 +20,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
     start_http_server,
@@ -32,6 +33,37 @@ log = logging.getLogger(__name__)
 _STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _KAFKA_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 20.0)
 _HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+# Reconciliation's exception queue (docs/reconciliation.md), refreshed by the API every
+# `recon_gauge_refresh_seconds` and after each resolution through it: what finance has yet to
+# resolve, by kind and by how long it has waited (0-1d, 1-3d, 3-7d, 7d+).
+RECONCILIATION_EXCEPTIONS = Gauge(
+    "paysaga_reconciliation_exceptions",
+    "Open reconciliation exceptions by kind (missing, unexpected, amount_mismatch, "
+    "currency_mismatch) and age bucket.",
+    ["kind", "age"],
+)
+RECONCILIATION_EXCEPTION_VALUE = Gauge(
+    "paysaga_reconciliation_exceptions_value_minor",
+    "What the open reconciliation exceptions are worth (absolute, minor units) by kind, age "
+    "bucket and currency.",
+    ["kind", "age", "currency"],
+)
+
+
+def set_reconciliation_gauges(summary: list[tuple[str, str, str, int, int]]) -> None:
+    """Replace the gauges with (kind, age, currency, count, value) rows: kinds and ages that
+    emptied read zero rather than keeping their last value."""
+    counts: dict[tuple[str, str], int] = {}
+    RECONCILIATION_EXCEPTIONS.clear()
+    RECONCILIATION_EXCEPTION_VALUE.clear()
+    for kind, age, currency, count, value in summary:
+        counts[(kind, age)] = counts.get((kind, age), 0) + count
+        RECONCILIATION_EXCEPTION_VALUE.labels(kind, age, currency).set(value)
+    for kind in ("missing", "unexpected", "amount_mismatch", "currency_mismatch"):
+        for age in ("0-1d", "1-3d", "3-7d", "7d+"):
+            RECONCILIATION_EXCEPTIONS.labels(kind, age).set(counts.get((kind, age), 0))
+
 
 PAYMENTS = Counter(
     "paysaga_payments",

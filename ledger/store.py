@@ -19,7 +19,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from domain.amounts import Amounts, Movement, PaymentStatus
 from domain.errors import FailureType
 from domain.events import EventRecord
-from domain.ledger import HOLD_KINDS, Account, LedgerTransaction, TransactionKind
+from domain.ledger import (
+    HOLD_KINDS,
+    RECONCILIATION_KINDS,
+    Account,
+    LedgerTransaction,
+    TransactionKind,
+)
 from infra.database import run_serializable
 from infra.idempotency import record_started
 from ledger.records import (
@@ -150,7 +156,7 @@ class Ledger:
             assert existing is not None
             await _same_as_posted(conn, existing, txn)
             row = await _register(conn, txn.payment_id)
-            assert row is not None or txn.kind in HOLD_KINDS
+            assert row is not None or txn.kind in HOLD_KINDS | RECONCILIATION_KINDS
             return LedgerReceipt(transaction_id=str(existing), duplicate=True, payment=row)
 
         if txn.kind in HOLD_RELEASES:
@@ -183,8 +189,9 @@ class Ledger:
     ) -> RegisterRow | None:
         """The payment's register row after this posting (written and read in one statement)."""
         txn = posting.transaction
-        if txn.kind in HOLD_KINDS:
-            # The acquirer's hold moves no captured money: the register is the capture's.
+        if txn.kind in HOLD_KINDS or txn.kind in RECONCILIATION_KINDS:
+            # The acquirer's hold and reconciliation's postings move no captured money: the
+            # register is the capture's.
             return await _register(conn, txn.payment_id)
         if txn.kind == TransactionKind.PAYMENT:
             if posting.parties is None:

@@ -77,3 +77,89 @@ outbox_events = sa.Table(
     sa.Column("published_at", sa.DateTime(timezone=True)),
     sa.Column("dispatched_at", sa.DateTime(timezone=True)),
 )
+
+# Reconciliation (migration 0006, docs/reconciliation.md).
+settlement_files = sa.Table(
+    "settlement_files",
+    metadata,
+    sa.Column(
+        "id", UUID(as_uuid=True), primary_key=True, server_default=sa.text("gen_random_uuid()")
+    ),
+    sa.Column("sha256", sa.String),
+    sa.Column("filename", sa.String),
+    sa.Column("imported_at", sa.DateTime(timezone=True)),
+    sa.Column("line_count", sa.Integer),
+    sa.Column("summary", JSONB),
+)
+settlement_batches = sa.Table(
+    "settlement_batches",
+    metadata,
+    sa.Column("batch_id", sa.String, primary_key=True),
+    sa.Column("file_id", UUID(as_uuid=True)),
+    sa.Column("settlement_date", sa.Date),
+    sa.Column("currency", sa.String),
+    sa.Column("payout_amount", sa.BigInteger),
+    sa.Column("bank_reference", sa.String),
+    sa.Column("line_count", sa.Integer),
+    sa.Column("ledger_transaction_id", UUID(as_uuid=True)),
+)
+settlement_expectations = sa.Table(
+    "settlement_expectations",
+    metadata,
+    sa.Column(
+        "id", UUID(as_uuid=True), primary_key=True, server_default=sa.text("gen_random_uuid()")
+    ),
+    sa.Column("payment_id", sa.String),
+    sa.Column("kind", sa.String),
+    sa.Column("merchant_reference", sa.String),
+    sa.Column("acquirer_reference", sa.String),
+    sa.Column("source_transaction_id", UUID(as_uuid=True)),
+    sa.Column("amount", sa.BigInteger),
+    sa.Column("currency", sa.String),
+    sa.Column("expected_since", sa.DateTime(timezone=True)),
+    sa.Column("status", sa.String),
+    sa.Column("line_id", UUID(as_uuid=True)),
+    sa.Column("settled_amount", sa.BigInteger),
+    sa.Column("written_off_amount", sa.BigInteger),
+    sa.Column("updated_at", sa.DateTime(timezone=True)),
+)
+settlement_lines = sa.Table(
+    "settlement_lines",
+    metadata,
+    sa.Column(
+        "id", UUID(as_uuid=True), primary_key=True, server_default=sa.text("gen_random_uuid()")
+    ),
+    sa.Column("file_id", UUID(as_uuid=True)),
+    sa.Column("line_number", sa.Integer),
+    sa.Column("line_id", sa.String),
+    sa.Column("batch_id", sa.String),
+    sa.Column("settlement_date", sa.Date),
+    sa.Column("type", sa.String),
+    sa.Column("reference", sa.String),
+    sa.Column("acquirer_reference", sa.String),
+    sa.Column("movement_reference", sa.String),
+    sa.Column("merchant_reference", sa.String),
+    sa.Column("amount", sa.BigInteger),
+    sa.Column("currency", sa.String),
+    sa.Column("occurred_at", sa.DateTime(timezone=True)),
+    sa.Column("status", sa.String),
+    sa.Column("expectation_id", UUID(as_uuid=True)),
+)
+reconciliation_exceptions = sa.Table(
+    "reconciliation_exceptions",
+    metadata,
+    sa.Column("id", sa.String, primary_key=True),
+    sa.Column("kind", sa.String),
+    sa.Column("status", sa.String),
+    sa.Column("expectation_id", UUID(as_uuid=True)),
+    sa.Column("line_id", UUID(as_uuid=True)),
+    sa.Column("payment_id", sa.String),
+    sa.Column("currency", sa.String),
+    sa.Column("amount", sa.BigInteger),
+    sa.Column("detail", sa.Text),
+    sa.Column("opened_at", sa.DateTime(timezone=True)),
+    sa.Column("resolution", sa.String),
+    sa.Column("reason", sa.Text),
+    sa.Column("resolved_at", sa.DateTime(timezone=True)),
+    sa.Column("ledger_transaction_id", UUID(as_uuid=True)),
+)

@@ -30,16 +30,16 @@ import sys
 from collections.abc import Awaitable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import uvicorn
 from fastapi import Body, Depends, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -54,6 +54,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from domain.cards import luhn_valid
 from domain.money import CURRENCIES, MAX_INT64
 from domain.payment import PaymentMethodToken
+from domain.settlement import LineType, SettlementLine, render_settlement_file
 
 log = logging.getLogger("paysaga.sandbox.acquirer")
 
@@ -163,6 +164,14 @@ Reference = Annotated[
 ]
 ReferencePath = Annotated[str, PathParam(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 Amount = Annotated[int, Field(gt=0, le=MAX_INT64)]
+DayPath = Annotated[str, PathParam(pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")]
+
+
+def _day(value: str) -> date:
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise SandboxError(400, "invalid_request", "Not a calendar date.", "day") from None
 
 
 def _no_card_number(value: str) -> str:
@@ -226,6 +235,58 @@ class RefundBody(_Body):
 
     _reference = field_validator("refund_reference")(_no_card_number)
     _currency = field_validator("currency")(_supported_currency)
+
+
+class ChargebackBody(_Body):
+    """A chargeback the card network pushes (a sandbox test instruction: a real acquirer tells
+    you of one). `dispute_reference` is the dispute's id as paysaga knows it."""
+
+    dispute_reference: Reference
+    amount: Amount
+    currency: str
+
+    _currency = field_validator("currency")(_supported_currency)
+
+
+class DiscrepancyKind(StrEnum):
+    MISSING = "missing"
+    UNEXPECTED = "unexpected"
+    AMOUNT_MISMATCH = "amount_mismatch"
+    CURRENCY_MISMATCH = "currency_mismatch"
+
+
+class DiscrepancyBody(_Body):
+    """A fault in one day's settlement file, for tests (docs/reconciliation.md): leave a
+    movement out, add one nobody made, or report a movement with another amount or currency."""
+
+    # Literal, not the enum: the body is validated strictly from JSON strings.
+    kind: Literal["missing", "unexpected", "amount_mismatch", "currency_mismatch"]
+    movement_reference: Reference | None = None
+    reference: Reference | None = None
+    amount: Annotated[int, Field(gt=0, le=MAX_INT64)] | None = None
+    currency: str | None = None
+
+    @field_validator("currency")
+    @classmethod
+    def _currency(cls, value: str | None) -> str | None:
+        return None if value is None else _supported_currency(value)
+
+    @model_validator(mode="after")
+    def _complete(self) -> DiscrepancyBody:
+        needed = {
+            DiscrepancyKind.MISSING: ("movement_reference",),
+            DiscrepancyKind.UNEXPECTED: ("amount", "currency"),
+            DiscrepancyKind.AMOUNT_MISMATCH: ("movement_reference", "amount"),
+            DiscrepancyKind.CURRENCY_MISMATCH: ("movement_reference", "currency"),
+        }[DiscrepancyKind(self.kind)]
+        missing = [name for name in needed if getattr(self, name) is None]
+        if missing:
+            raise PydanticCustomError(
+                "discrepancy_incomplete",
+                "A {kind} discrepancy needs {fields}.",
+                {"kind": self.kind, "fields": ", ".join(missing)},
+            )
+        return self
 
 
 class SandboxError(Exception):
@@ -320,6 +381,31 @@ CREATE TABLE IF NOT EXISTS operations (
     result           TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS operations_by_reference ON operations (reference);
+-- Chargebacks the card network took back (and reversals of ones the merchant won): settlement
+-- rows like captures and refunds, kept apart so the movements table's rules stay as they were.
+CREATE TABLE IF NOT EXISTS chargebacks (
+    movement_reference  TEXT PRIMARY KEY,             -- the acquirer's: cb_… / cbr_…
+    kind                TEXT NOT NULL CHECK (kind IN ('chargeback', 'chargeback_reversal')),
+    reference           TEXT NOT NULL REFERENCES authorizations (reference),
+    acquirer_reference  TEXT NOT NULL,
+    dispute_reference   TEXT NOT NULL,
+    amount              INTEGER NOT NULL CHECK (amount > 0),
+    currency            TEXT NOT NULL,
+    occurred_at         TEXT NOT NULL,
+    UNIQUE (dispute_reference, kind)
+);
+-- Test-only faults in a day's settlement file (docs/reconciliation.md, "Discrepancies").
+CREATE TABLE IF NOT EXISTS settlement_discrepancies (
+    id                  TEXT PRIMARY KEY,
+    day                 TEXT NOT NULL,
+    kind                TEXT NOT NULL
+        CHECK (kind IN ('missing', 'unexpected', 'amount_mismatch', 'currency_mismatch')),
+    movement_reference  TEXT,
+    reference           TEXT,
+    amount              INTEGER,
+    currency            TEXT,
+    created_at          TEXT NOT NULL
+);
 """
 
 
@@ -412,6 +498,41 @@ class AcquirerStore:
         return self._db.execute(
             "SELECT * FROM operations WHERE reference = ? ORDER BY id DESC LIMIT ?",
             (reference, limit),
+        ).fetchall()
+
+    def chargeback(self, dispute_reference: str, kind: str) -> sqlite3.Row | None:
+        row: sqlite3.Row | None = self._db.execute(
+            "SELECT * FROM chargebacks WHERE dispute_reference = ? AND kind = ?",
+            (dispute_reference, kind),
+        ).fetchone()
+        return row
+
+    def charged_back(self, reference: str) -> int:
+        """What chargebacks still hold of `reference`'s capture (reversed ones given back)."""
+        total = self._db.execute(
+            "SELECT coalesce(sum(CASE kind WHEN 'chargeback' THEN amount ELSE -amount END), 0) "
+            "FROM chargebacks WHERE reference = ?",
+            (reference,),
+        ).fetchone()[0]
+        return int(total)
+
+    def settlement_rows(self, day: str) -> list[sqlite3.Row]:
+        """Captures, refunds and chargebacks that happened on `day` (UTC), oldest first."""
+        return self._db.execute(
+            "SELECT movement_reference, kind, reference, acquirer_reference, "
+            "coalesce(refund_reference, '') AS merchant_reference, amount, currency, fee, "
+            "occurred_at FROM movements WHERE substr(occurred_at, 1, 10) = :day "
+            "UNION ALL "
+            "SELECT movement_reference, kind, reference, acquirer_reference, "
+            "dispute_reference AS merchant_reference, amount, currency, 0 AS fee, occurred_at "
+            "FROM chargebacks WHERE substr(occurred_at, 1, 10) = :day "
+            "ORDER BY occurred_at, movement_reference",
+            {"day": day},
+        ).fetchall()
+
+    def discrepancies(self, day: str) -> list[sqlite3.Row]:
+        return self._db.execute(
+            "SELECT * FROM settlement_discrepancies WHERE day = ? ORDER BY created_at, id", (day,)
         ).fetchall()
 
     def count_authorizations(self) -> int:
@@ -744,10 +865,197 @@ class SandboxAcquirer:
         assert created is not None
         return Answer(_refund_json(created), hold_seconds=self._hold(row))
 
+    # chargebacks (test instructions: a real network's chargeback arrives on its own)
+
+    async def chargeback(self, reference: str, body: ChargebackBody) -> Answer:
+        row = self._existing(reference)
+        existing = self.store.chargeback(body.dispute_reference, "chargeback")
+        if existing is not None:
+            if (existing["reference"], existing["amount"], existing["currency"]) != (
+                reference,
+                body.amount,
+                body.currency,
+            ):
+                raise SandboxError(
+                    409, "idempotency_conflict",
+                    f"Dispute {body.dispute_reference} was already charged back differently.",
+                    "dispute_reference",
+                )  # fmt: skip
+            return Answer(dict(existing), replayed=True)
+        if body.currency != row["currency"]:
+            raise SandboxError(
+                422, "currency_mismatch",
+                f"The authorization is in {row['currency']}, not {body.currency}.", "currency",
+            )  # fmt: skip
+        held = row["captured_amount"] - row["refunded_amount"]
+        held -= self.store.charged_back(reference)
+        if row["status"] != "captured" or body.amount > held:
+            raise SandboxError(
+                422, "chargeback_exceeds_captured",
+                f"Cannot charge back {body.amount}: {max(held, 0)} of {reference} is left.",
+                "amount",
+            )  # fmt: skip
+        self._record_chargeback(row, body.dispute_reference, "chargeback", body.amount)
+        created = self.store.chargeback(body.dispute_reference, "chargeback")
+        assert created is not None
+        return Answer(dict(created))
+
+    async def reverse_chargeback(self, reference: str, dispute_reference: str) -> Answer:
+        row = self._existing(reference)
+        charged = self.store.chargeback(dispute_reference, "chargeback")
+        if charged is None or charged["reference"] != reference:
+            raise SandboxError(
+                404, "chargeback_not_found", f"No chargeback {dispute_reference} on {reference}."
+            )
+        existing = self.store.chargeback(dispute_reference, "chargeback_reversal")
+        if existing is not None:
+            return Answer(dict(existing), replayed=True)
+        self._record_chargeback(row, dispute_reference, "chargeback_reversal", charged["amount"])
+        created = self.store.chargeback(dispute_reference, "chargeback_reversal")
+        assert created is not None
+        return Answer(dict(created))
+
+    def _record_chargeback(self, row: sqlite3.Row, dispute: str, kind: str, amount: int) -> None:
+        prefix = "cb" if kind == "chargeback" else "cbr"
+        with self.store.transaction() as db:
+            db.execute(
+                "INSERT INTO chargebacks (movement_reference, kind, reference, acquirer_reference, "
+                "dispute_reference, amount, currency, occurred_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (_new_id(prefix), kind, row["reference"], row["acquirer_reference"], dispute,
+                 amount, row["currency"], _now()),
+            )  # fmt: skip
+
+    # settlement discrepancies (tests)
+
+    def add_discrepancy(self, day: date, body: DiscrepancyBody) -> Answer:
+        created = {
+            "id": secrets.token_hex(8),
+            "day": day.isoformat(),
+            "kind": body.kind,
+            "movement_reference": body.movement_reference,
+            "reference": body.reference,
+            "amount": body.amount,
+            "currency": body.currency,
+            "created_at": _now(),
+        }
+        with self.store.transaction() as db:
+            db.execute(
+                "INSERT INTO settlement_discrepancies (id, day, kind, movement_reference, "
+                "reference, amount, currency, created_at) VALUES (:id, :day, :kind, "
+                ":movement_reference, :reference, :amount, :currency, :created_at)",
+                created,
+            )
+        return Answer(created)
+
     # status
 
     def status(self, reference: str) -> Answer:
         return Answer(self.authorization_json(self._existing(reference)))
+
+
+# --- Settlement files (docs/reconciliation.md)
+
+
+def batch_id(day: date, ccy: str) -> str:
+    return f"po_{day:%Y%m%d}_{ccy.lower()}"
+
+
+def settlement_report(store: AcquirerStore, day: date) -> list[SettlementLine]:
+    """The day's settlement file: every capture, refund and chargeback of `day` (UTC) with a
+    fee row per fee, the test discrepancies of that day applied, grouped into one payout batch
+    per currency whose payout row is the batch's net (so the file is always self-consistent,
+    as a real acquirer's is: a discrepancy is between its file and our ledger)."""
+    key = day.isoformat()
+    faults = store.discrepancies(key)
+    dropped = {f["movement_reference"] for f in faults if f["kind"] == DiscrepancyKind.MISSING}
+    amounts = {
+        f["movement_reference"]: f["amount"]
+        for f in faults
+        if f["kind"] == DiscrepancyKind.AMOUNT_MISMATCH
+    }
+    currencies = {
+        f["movement_reference"]: f["currency"]
+        for f in faults
+        if f["kind"] == DiscrepancyKind.CURRENCY_MISMATCH
+    }
+    sign = {"capture": 1, "refund": -1, "chargeback": -1, "chargeback_reversal": 1}
+    rows: list[tuple[str, SettlementLine]] = []  # (currency, line) before batching
+
+    def line(
+        line_id: str, type_: LineType, amount: int, ccy: str, at: datetime, **refs: str
+    ) -> None:
+        rows.append(
+            (
+                ccy,
+                SettlementLine(
+                    line_number=0,
+                    settlement_date=day,
+                    batch_id=batch_id(day, ccy),
+                    line_id=line_id,
+                    type=type_,
+                    reference=refs.get("reference", ""),
+                    acquirer_reference=refs.get("acquirer_reference", ""),
+                    movement_reference=refs.get("movement_reference", ""),
+                    merchant_reference=refs.get("merchant_reference", ""),
+                    amount=amount,
+                    currency=ccy,
+                    occurred_at=at,
+                ),
+            )
+        )
+
+    for row in store.settlement_rows(key):
+        movement = row["movement_reference"]
+        if movement in dropped:
+            continue
+        ccy = currencies.get(movement, row["currency"])
+        at = datetime.fromisoformat(row["occurred_at"])
+        refs = {
+            "reference": row["reference"],
+            "acquirer_reference": row["acquirer_reference"],
+            "movement_reference": movement,
+            "merchant_reference": row["merchant_reference"],
+        }
+        amount = amounts.get(movement, row["amount"]) * sign[row["kind"]]
+        line(f"ln_{movement}", LineType(row["kind"]), amount, ccy, at, **refs)
+        if row["fee"]:
+            line(f"ln_{movement}_fee", LineType.FEE, -row["fee"], ccy, at, **refs)
+    for fault in faults:
+        if fault["kind"] == DiscrepancyKind.UNEXPECTED:
+            movement = f"cap_{fault['id']}"
+            line(
+                f"ln_{movement}",
+                LineType.CAPTURE,
+                fault["amount"],
+                fault["currency"],
+                datetime.fromisoformat(fault["created_at"]),
+                reference=fault["reference"] or f"unknown_{fault['id']}",
+                acquirer_reference=f"acq_{fault['id']}",
+                movement_reference=movement,
+            )
+    lines: list[SettlementLine] = []
+    end_of_day = datetime.combine(day, datetime.max.time(), tzinfo=UTC).replace(microsecond=0)
+    for ccy in sorted({c for c, _ in rows}):
+        batch = [ln for c, ln in rows if c == ccy]
+        lines += batch
+        bid = batch_id(day, ccy)
+        lines.append(
+            SettlementLine(
+                line_number=0,
+                settlement_date=day,
+                batch_id=bid,
+                line_id=bid,
+                type=LineType.PAYOUT,
+                reference="",
+                acquirer_reference="",
+                movement_reference=f"tr_{day:%Y%m%d}_{ccy.lower()}",
+                merchant_reference="",
+                amount=sum(ln.amount for ln in batch),
+                currency=ccy,
+                occurred_at=end_of_day,
+            )
+        )
+    return lines
 
 
 # --- HTTP
@@ -755,7 +1063,9 @@ class SandboxAcquirer:
 
 def _describe(answer: Answer) -> str:
     body = answer.body
-    if "refund_reference" in body:
+    if "dispute_reference" in body:
+        what = f"{body['kind']} {body['amount']}"
+    elif "refund_reference" in body:
         what = f"refunded {body['amount']}"
     elif body["status"] == "declined":
         what = f"declined: {body['decline_code']}"
@@ -903,6 +1213,42 @@ def create_app(store: AcquirerStore, config: SandboxConfig) -> FastAPI:
     ) -> JSONResponse:
         rows = store.operations(limit, reference)
         return JSONResponse({"data": [dict(r) for r in rows]})
+
+    @app.post("/v1/authorizations/{reference}/chargebacks", dependencies=[Depends(authenticated)])
+    async def chargeback(reference: ReferencePath, body: ChargebackBody) -> JSONResponse:
+        return await answered(
+            "chargeback",
+            acquirer.chargeback(reference, body),
+            reference=reference,
+            amount=body.amount,
+            currency=body.currency,
+        )
+
+    @app.post(
+        "/v1/authorizations/{reference}/chargebacks/{dispute_reference}/reverse",
+        dependencies=[Depends(authenticated)],
+    )
+    async def reverse_chargeback(
+        reference: ReferencePath, dispute_reference: ReferencePath
+    ) -> JSONResponse:
+        return await answered(
+            "chargeback_reversal",
+            acquirer.reverse_chargeback(reference, dispute_reference),
+            reference=reference,
+        )
+
+    @app.get("/v1/settlements/{day}.csv", dependencies=[Depends(authenticated)])
+    async def settlement_file(day: DayPath) -> Response:
+        content = render_settlement_file(settlement_report(store, _day(day)))
+        return Response(
+            content,
+            media_type="text/csv",
+            headers={"Content-Disposition": f'attachment; filename="settlement-{day}.csv"'},
+        )
+
+    @app.post("/v1/settlements/{day}/discrepancies", dependencies=[Depends(authenticated)])
+    async def add_discrepancy(day: DayPath, body: DiscrepancyBody) -> JSONResponse:
+        return acquirer.add_discrepancy(_day(day), body).response()
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:

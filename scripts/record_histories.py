@@ -1,5 +1,5 @@
 """Record one workflow history per path into tests/histories/, for tests/test_replay.py: every
-path of PaymentWorkflow, and of WebhookDeliveryWorkflow (`webhook_*`).
+path of PaymentWorkflow, of WebhookDeliveryWorkflow (`webhook_*`) and DailyReconciliation.
 
     .venv/bin/python -m scripts.record_histories --version v2     # every path: <path>.v2.json
     .venv/bin/python -m scripts.record_histories --version v2 success review_approve
@@ -24,7 +24,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -69,6 +69,7 @@ from tests.helpers.kafka import GatedKafka
 from tests.helpers.private_stack import private_stack_settings
 from worker import event_worker, payment_worker
 from workflows.payment import PaymentWorkflow, initial_search_attributes
+from workflows.reconciliation import DailyReconciliationRequest, DailyReconciliationWorkflow
 from workflows.webhook_dispatch import start_delivery
 
 HISTORIES = Path(__file__).parent.parent / "tests" / "histories"
@@ -714,6 +715,21 @@ async def acquirer_authorization_expires(r: Recorder) -> WorkflowHandle[Any, Any
     return handle
 
 
+# ── the daily reconciliation (issue 16) ──────────────────────────────────────────────────────
+
+
+async def reconciliation_daily(r: Recorder) -> WorkflowHandle[Any, Any]:
+    """DailyReconciliation: the sandbox's file of a quiet day fetched, then imported."""
+    handle = await r.client.start_workflow(
+        DailyReconciliationWorkflow.run,
+        DailyReconciliationRequest(day=date(2020, 1, 1)),
+        id=f"reconciliation-replay-{uuid.uuid4().hex[:8]}",
+        task_queue=r.settings.task_queue,
+    )
+    await handle.result()
+    return handle
+
+
 PATHS: dict[str, Callable[[Recorder], Awaitable[WorkflowHandle[Any, Any]]]] = {
     "success": success,
     "success_regular_activities": success_regular_activities,
@@ -749,6 +765,7 @@ PATHS: dict[str, Callable[[Recorder], Awaitable[WorkflowHandle[Any, Any]]]] = {
     "acquirer_manual_capture": acquirer_manual_capture,
     "acquirer_manual_void": acquirer_manual_void,
     "acquirer_authorization_expires": acquirer_authorization_expires,
+    "reconciliation_daily": reconciliation_daily,
 }
 
 

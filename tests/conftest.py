@@ -72,6 +72,8 @@ async def engine(stack: Stack) -> AsyncIterator[AsyncEngine]:
 TEST_API_KEY = "psk_test_writer_key_0123456789abcdefghij"
 READONLY_API_KEY = "psk_test_reader_key_0123456789abcdefghij"
 OTHER_CLIENT_KEY = "psk_test_other_client_0123456789abcdefgh"
+# A finance operator's key: the reconciliation exception queue, nothing of any merchant's.
+FINANCE_API_KEY = "psk_test_finance_key_0123456789abcdefghi"
 WEBHOOK_SECRET = "whsec_test_0123456789"
 # The session's sandbox acquirer: pm_card_timeout holds its first answers ACQUIRER_HANG_SECONDS,
 # which tests/test_acquirer_saga.py's workers give up on much sooner.
@@ -102,10 +104,12 @@ def app_settings(stack: Stack, crm_server: FakeCrmServer) -> Settings:
         update={
             "task_queue": f"payments-{uuid.uuid4().hex[:8]}",
             "api_keys": [
+                # The suite's everything-key: also the platform's reconciliation queue, so the
+                # fuzzer and the id-shape tests reach those routes (a merchant's key has neither).
                 ApiKey(
                     client_id="test-client",
                     key_sha256=ApiKey.hash(TEST_API_KEY),
-                    scopes=list(MERCHANT_SCOPES),
+                    scopes=[*MERCHANT_SCOPES, "reconciliation:read", "reconciliation:write"],
                 ),
                 ApiKey(
                     client_id="test-client",
@@ -116,6 +120,11 @@ def app_settings(stack: Stack, crm_server: FakeCrmServer) -> Settings:
                     client_id="other-client",
                     key_sha256=ApiKey.hash(OTHER_CLIENT_KEY),
                     scopes=list(MERCHANT_SCOPES),
+                ),
+                ApiKey(
+                    client_id="finance",
+                    key_sha256=ApiKey.hash(FINANCE_API_KEY),
+                    scopes=["reconciliation:read", "reconciliation:write"],
                 ),
             ],
             "crm_webhook_url": crm_server.url("/hooks/paysaga"),

@@ -35,7 +35,12 @@ from activities.acquirer import HttpAcquirer
 from api.app import create_app
 from checker.report import HOLDS_RELEASED, CheckScope
 from checker.runner import run_checks
-from domain.acquirer import AcquirerAuthorization, AuthorizationRequest, AuthorizationState
+from domain.acquirer import (
+    AcquirerAuthorization,
+    AuthorizationRequest,
+    AuthorizationState,
+    acquirer_refund_reference,
+)
 from domain.events import EventKind, event_id
 from domain.ledger import merchant_account
 from domain.payment import AttentionResolution, FollowUpStatus, PaymentState, ResolutionRecord
@@ -63,7 +68,6 @@ from tests.helpers.saga import (
 )
 from worker import payment_worker
 from workflows import search_attributes as sa
-from workflows.acquirer_steps import acquirer_refund_reference
 
 # The worker gives up on an answer well before pm_card_timeout's held one comes back.
 IMPATIENT_SECONDS = 1.0

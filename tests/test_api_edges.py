@@ -557,6 +557,9 @@ def test_the_dev_key_names_every_scope_the_readme_uses_but_not_admin(tmp_path: P
         "webhooks:read",
         "webhooks:write",
         "codec",
+        # The README's finance routine (`paysaga recon …`, the exception queue's API).
+        "reconciliation:read",
+        "reconciliation:write",
     }
 
 

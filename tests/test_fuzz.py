@@ -220,7 +220,8 @@ async def test_fuzzing_from_the_openapi_document_finds_no_5xx_and_no_schema_mism
     cases = report["test_cases"]
     assert cases["generated"] >= MIN_CASES, cases
     assert cases["with_failures"] == 0 and cases["errored"] == 0, cases
-    assert report["operations"]["tested"] == report["operations"]["total"] == 21
+    # 21, + the reconciliation exceptions' list, retrieve and resolve (issue 16).
+    assert report["operations"]["tested"] == report["operations"]["total"] == 24
     phases = report["phases"]
     assert {name: phases[name]["status"] for name in ("coverage", "fuzzing", "stateful")} == {
         "coverage": "success",
@@ -265,7 +266,7 @@ async def test_every_post_route_documents_the_413_it_answers_to_an_oversized_bod
     document = (await api.get("/openapi.json")).json()
     oversized = b"x" * (app_settings.max_body_bytes + 1)
     posts = [path for path, methods in document["paths"].items() if "post" in methods]
-    assert len(posts) == 11  # + capture, void (issue 15)
+    assert len(posts) == 12  # + capture, void (issue 15), resolve an exception (issue 16)
     for path in posts:
         assert "413" in document["paths"][path]["post"]["responses"], path
         concrete = (
@@ -273,6 +274,7 @@ async def test_every_post_route_documents_the_413_it_answers_to_an_oversized_bod
             .replace("{dispute_id}", "dp_" + "0" * 24)
             .replace("{event_id}", "0" * 8 + "-0000-0000-0000-" + "0" * 12)
             .replace("{endpoint_id}", "we_" + "0" * 24)
+            .replace("{exception_id}", "rex_" + "0" * 24)
         )
         response = await api.post(
             concrete,

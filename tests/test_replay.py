@@ -34,6 +34,7 @@ from worker import workflow_runner
 from workflows import acquirer_steps, follow_up_steps, follow_ups
 from workflows import payment as payment_workflow
 from workflows.payment import PaymentWorkflow
+from workflows.reconciliation import DailyReconciliationWorkflow
 from workflows.webhook_delivery import WebhookDeliveryWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
@@ -73,6 +74,7 @@ PATHS = {
     "webhook_delivered_after_retries",  # WebhookDeliveryWorkflow: failed twice, backoff, accepted
     "webhook_gave_up_disabled",  # the retry window passed: gave up, the endpoint disabled
     "webhook_manual_redelivery",  # one attempt, never disabling
+    "reconciliation_daily",  # DailyReconciliation: a day's settlement file fetched, imported
 }
 
 # Payload encodings of an unencrypted history (the codec's would be binary/encrypted).
@@ -94,7 +96,8 @@ def _load(file: Path) -> WorkflowHistory:
 
 def _replayer(*workflows: type) -> Replayer:
     return Replayer(
-        workflows=list(workflows) or [PaymentWorkflow, WebhookDeliveryWorkflow],
+        workflows=list(workflows)
+        or [PaymentWorkflow, WebhookDeliveryWorkflow, DailyReconciliationWorkflow],
         data_converter=pydantic_data_converter,
         workflow_runner=workflow_runner(Settings(workflow_sandbox=True)),
     )

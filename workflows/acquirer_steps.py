@@ -13,7 +13,6 @@ status, and a release the acquirer cannot answer either leaves the payment
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -37,6 +36,7 @@ with workflow.unsafe.imports_passed_through():
         RefundResult,
         VoidRequest,
         VoidResult,
+        acquirer_refund_reference,
     )
     from domain.errors import NON_RETRYABLE
     from domain.events import EventKind
@@ -92,12 +92,6 @@ class AcquirerOutcomeUnresolved(ApplicationError):
             type=ACQUIRER_OUTCOME_UNRESOLVED,
             non_retryable=True,
         )
-
-
-def acquirer_refund_reference(payment_id: str, refund_id: str) -> str:
-    """Refund ids are unique per payment, the acquirer's refund references per account."""
-    digest = hashlib.sha256(f"{payment_id}/{refund_id}".encode()).hexdigest()
-    return f"re_{digest[:32]}"
 
 
 def _failure_type(error: BaseException) -> str | None:
