@@ -21,6 +21,8 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.fraud import FraudActivities, FraudCheck
+from activities.kafka import EventPublisher
+from domain.events import EventKind
 from domain.payment import PaymentRequest, payment_id_for
 from infra.database import DATABASE_UNAVAILABLE, make_engine
 from infra.embedded.process import free_port
@@ -29,7 +31,8 @@ from ledger.store import Ledger
 from settings import Settings
 from tests.conftest import OTHER_CLIENT_KEY, TEST_API_KEY
 from tests.helpers.api_client import api_client
-from tests.helpers.saga import create_payment, payment_body
+from tests.helpers.kafka import GatedKafka
+from tests.helpers.saga import create_payment, payment_body, wait_for_payment
 from worker import payment_worker
 from workflows import search_attributes as sa
 
@@ -210,3 +213,38 @@ async def _history_has(
             return
         assert asyncio.get_running_loop().time() < deadline, f"no {EventType.Name(kind)} in time"
         await asyncio.sleep(0.2)
+
+
+async def test_reads_piling_up_behind_a_workflow_task_under_way_are_503_never_500(
+    app_settings: Settings, temporal_client: Client
+) -> None:
+    """A local step under way holds the payment's workflow task; Temporal keeps queries until
+    the task completes and refuses those past its buffer ("consistent query buffer is full",
+    RESOURCE_EXHAUSTED), which the API answered with a 500 (the faults simulation, seed 2)."""
+    settings = app_settings.model_copy(
+        update={"task_queue": f"held-{uuid.uuid4().hex[:8]}", "api_query_timeout_seconds": 3.0}
+    )
+    made: list[GatedKafka] = []
+
+    def gated(publisher: EventPublisher, *recording: Any) -> GatedKafka:
+        made.append(GatedKafka(publisher, *recording))
+        return made[0]
+
+    key = f"held-{uuid.uuid4().hex}"
+    pid = payment_id_for(CLIENT, key)
+    async with (
+        payment_worker(settings, temporal_client, kafka_activities=gated),
+        api_client(settings, temporal_client, TEST_API_KEY) as api,
+    ):
+        made[0].hold(pid, EventKind.RAW)
+        created = await create_payment(api, payment_body(), key=key, wait=0)
+        assert created.status_code == 201, created.text
+        try:
+            await made[0].wait_held(pid)
+            reads = await asyncio.gather(*(api.get(f"/v1/payments/{pid}") for _ in range(12)))
+        finally:
+            made[0].release(pid)
+        settled = await wait_for_payment(api, pid, lambda p: p["status"] == "succeeded")
+    answers = [(r.status_code, r.json().get("error", {}).get("code")) for r in reads]
+    assert set(answers) <= {(200, None), (503, "payment_unavailable")}, answers
+    assert settled["amount_captured"] == settled["amount"]
