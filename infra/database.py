@@ -85,10 +85,10 @@ def step_failure(exc: BaseException, what: str) -> ApplicationError:
     for good (`DataRejected`: a 22001 retried forever would wedge every later step of the
     payment); anything else is retried as `DatabaseUnavailable`.
 
-    Never the driver's exception itself: psycopg's connection errors can chain into a cycle,
-    and temporalio's failure converter follows `__cause__` to the recursion limit on every
-    attempt (thousands of traceback lines a second while the database is down, a worker too
-    busy to finish its workflow tasks in time: the faults simulation, seed 2)."""
+    Never the driver's exception itself: temporalio's failure converter follows `__cause__`,
+    and on psycopg's errors of a database shutting down it went to Python's recursion limit on
+    every attempt (thousands of traceback lines a second while the database was down, a worker
+    too busy to finish its workflow tasks in time: the faults simulation, seed 2)."""
     first_line = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [""])[0][:300]
     state = sqlstate(exc)
     if is_data_error(exc):

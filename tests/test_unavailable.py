@@ -147,10 +147,10 @@ def _dead_database(settings: Settings) -> Settings:
 async def test_a_step_the_database_cannot_serve_fails_as_database_unavailable(
     app_settings: Settings,
 ) -> None:
-    """The activity raises a plain, retryable `DatabaseUnavailable`, never the driver's error:
-    psycopg's connection errors can chain into a cycle, and converting one into a Temporal
-    failure recursed to the limit on every attempt (the faults simulation, seed 2: thousands
-    of traceback lines a second, a worker too busy to finish its workflow tasks in time)."""
+    """The activity raises a plain, retryable `DatabaseUnavailable` with no cause chain, never
+    the driver's error: converting psycopg's errors of a database shutting down into a Temporal
+    failure recursed to the limit on every attempt (the faults simulation, seed 2: thousands of
+    traceback lines a second, a worker too busy to finish its workflow tasks in time)."""
     settings = _dead_database(app_settings)
     engine = make_engine(settings.database_url or "", pool_size=1)
     body = PaymentRequest.model_validate(payment_body())
