@@ -23,6 +23,7 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -30,6 +31,7 @@ from temporalio.exceptions import ApplicationError
 from domain.errors import FailureType
 from domain.fraud import CustomerHistory, score_payment
 from domain.payment import FraudAssessment, PaymentRequest
+from infra.database import TooMuchContention, step_failure
 from ledger.customer_history import load_customer_history
 from settings import Settings
 
@@ -131,9 +133,12 @@ class FraudActivities:
     async def assess_payment(self, check: FraudCheck) -> FraudAssessment:
         request = _revalidated(check.request)
         started = time.perf_counter()
-        history = await load_customer_history(
-            self._engine, check.client_id, request.customer_id, request.currency
-        )
+        try:
+            history = await load_customer_history(
+                self._engine, check.client_id, request.customer_id, request.currency
+            )
+        except (DBAPIError, TooMuchContention) as exc:
+            raise step_failure(exc, "the customer's history") from None
         loaded = time.perf_counter()
         assessment = await self.assess(request, history, check.client_id)
         scored = time.perf_counter()

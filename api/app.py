@@ -74,6 +74,7 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
                 await gauges
             if metrics is not None:
                 metrics.close()
+            await app.state.idempotency.aclose()
             await engine.dispose()
 
     docs = settings.api_docs_enabled

@@ -453,9 +453,17 @@ async def _database_busy_handler(request: Request, exc: Exception) -> JSONRespon
 
 
 # Temporal's answers when the payment's workflow could not be asked: no worker picked the
-# query or Update up in time, or the server is unreachable.
+# query or Update up in time, the server is unreachable, the workflow's task is failing or
+# timed out so nothing can answer a query (FAILED_PRECONDITION), or queries piled up behind a
+# workflow task still under way ("consistent query buffer is full", RESOURCE_EXHAUSTED).
 _WORKFLOW_UNAVAILABLE = frozenset(
-    {RPCStatusCode.CANCELLED, RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.UNAVAILABLE}
+    {
+        RPCStatusCode.CANCELLED,
+        RPCStatusCode.DEADLINE_EXCEEDED,
+        RPCStatusCode.UNAVAILABLE,
+        RPCStatusCode.FAILED_PRECONDITION,
+        RPCStatusCode.RESOURCE_EXHAUSTED,
+    }
 )
 
 

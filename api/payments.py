@@ -13,9 +13,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from pydantic import BeforeValidator
 from sqlalchemy.exc import DBAPIError
-from temporalio.client import (
-    Client,
-)
+from temporalio.client import Client, WorkflowHandle
 from temporalio.service import RPCError, RPCStatusCode
 
 from api.auth import ApiClient, require_scope
@@ -131,11 +129,36 @@ async def load_payment(request: Request, payment_id: str, client: ApiClient) -> 
             raise
         recorded = await _recorded_state(request, payment_id)
         if recorded is None:
+            if exc.status == RPCStatusCode.FAILED_PRECONDITION:
+                await _unserved(handle, client)
             raise _not_found(payment_id) from None
         state = recorded
     if state.client_id != client.client_id:
         raise _not_found(payment_id)  # another client's payment does not exist for you
     return state
+
+
+async def _unserved(handle: WorkflowHandle[Any, Any], client: ApiClient) -> None:
+    """Temporal holds the payment but its workflow cannot answer yet: no workflow task of it
+    has completed (no worker picked it up, or its task keeps failing). It exists, so never a
+    404: the client's own payment is `503 payment_unavailable` (retry); another client's is
+    not found. Its search attributes, set at the start, say whose it is without a worker."""
+    try:
+        described = await handle.describe()
+    except RPCError as exc:
+        if exc.status != RPCStatusCode.NOT_FOUND:
+            raise
+        raise _not_found(handle.id) from None  # removed meanwhile
+    if described.typed_search_attributes.get(sa.CLIENT_ID) != client.client_id:
+        raise _not_found(handle.id)
+    raise ApiError(
+        503,
+        "api_error",
+        "payment_unavailable",
+        "The payment exists but cannot be read right now (its workflow has not been served "
+        "yet); retry.",
+        headers={"Retry-After": "1"},
+    )
 
 
 async def _recorded_state(

@@ -19,7 +19,9 @@ from alembic.config import Config
 from sqlalchemy import create_engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from temporalio.exceptions import ApplicationError
 
+from domain.errors import FailureType
 from infra.metrics import LEDGER_SERIALIZATION_RETRIES
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,34 @@ def _no_server(exc: BaseException) -> bool:
 
 class TooMuchContention(RuntimeError):
     """The transaction kept conflicting; the caller (a Temporal activity) retries later."""
+
+
+# The failure type of a step the database could not serve right now (down, shutting down,
+# contention): retried by the step's retry policy, unlike the FailureType names.
+DATABASE_UNAVAILABLE = "DatabaseUnavailable"
+
+
+def step_failure(exc: BaseException, what: str) -> ApplicationError:
+    """What an activity raises for a database error, `from None`: a data error fails the step
+    for good (`DataRejected`: a 22001 retried forever would wedge every later step of the
+    payment); anything else is retried as `DatabaseUnavailable`.
+
+    Never the driver's exception itself: temporalio's failure converter follows `__cause__`,
+    and on psycopg's errors of a database shutting down it went to Python's recursion limit on
+    every attempt (thousands of traceback lines a second while the database was down, a worker
+    too busy to finish its workflow tasks in time: the faults simulation, seed 2)."""
+    first_line = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [""])[0][:300]
+    state = sqlstate(exc)
+    if is_data_error(exc):
+        return ApplicationError(
+            f"the database refused {what} (SQLSTATE {state}): {first_line}",
+            type=FailureType.DATA_REJECTED.value,
+            non_retryable=True,
+        )
+    where = f"SQLSTATE {state}" if state else type(getattr(exc, "orig", None) or exc).__name__
+    return ApplicationError(
+        f"the database could not serve {what} ({where}): {first_line}", type=DATABASE_UNAVAILABLE
+    )
 
 
 def sqlstate(exc: BaseException) -> str | None:

@@ -17,10 +17,17 @@ A row goes through two states:
 - *started* (`started_at` set): Temporal accepted the start (or the payments register shows
   that the payment ran). From then on the key never starts anything again, whatever Temporal
   still remembers.
+
+The mark is written after Temporal accepted the start, so the database may be gone by then (an
+outage, a shutdown under way): the payment is started all the same, and the register keeps
+marking it in the background until the database answers (`mark_later`). Until then a retry of
+the key finds the payment through Temporal's duplicate check, which marks it too.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
@@ -32,6 +39,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from infra.database import run_serializable
 
 StartSource = Literal["api", "kafka", "recorded"]
+log = logging.getLogger(__name__)
+# How often a mark that failed is tried again: soon, then no more than every few seconds.
+_MARK_RETRY_FIRST_SECONDS = 0.5
+_MARK_RETRY_MAX_SECONDS = 5.0
 
 metadata = sa.MetaData()
 idempotency_keys = sa.Table(
@@ -65,6 +76,8 @@ class IdempotencyRegister:
     def __init__(self, engine: AsyncEngine, max_attempts: int = 8) -> None:
         self.engine = engine
         self.max_attempts = max_attempts
+        # Marks that failed and are being tried again (see `mark_later`).
+        self._marking: dict[str, asyncio.Task[None]] = {}
 
     async def claim(
         self, payment_id: str, client_id: str, fingerprint: str, source: StartSource
@@ -109,6 +122,34 @@ class IdempotencyRegister:
             await _mark_started(conn, payment_id, datetime.now(UTC))
 
         await run_serializable(self.engine, work, max_attempts=self.max_attempts)
+
+    def mark_later(self, payment_id: str) -> None:
+        """A started payment whose mark failed: keep trying in the background until the
+        database takes it (for as long as this process runs; `aclose` stops it)."""
+        if payment_id not in self._marking:
+            task = asyncio.get_running_loop().create_task(self._mark_until_done(payment_id))
+            self._marking[payment_id] = task
+            task.add_done_callback(lambda _: self._marking.pop(payment_id, None))
+
+    async def _mark_until_done(self, payment_id: str) -> None:
+        delay = _MARK_RETRY_FIRST_SECONDS
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self.mark_started(payment_id)
+            except Exception as exc:
+                log.info("payment %s still not marked started: %s", payment_id, type(exc).__name__)
+                delay = min(delay * 2, _MARK_RETRY_MAX_SECONDS)
+                continue
+            log.info("payment %s marked started in the idempotency register", payment_id)
+            return
+
+    async def aclose(self) -> None:
+        """Stop trying marks still pending (the process is stopping)."""
+        pending = list(self._marking.values())
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
     async def adopt(self, payment_id: str, fingerprint: str) -> None:
         """The workflow Temporal holds for this id is the truth (a payment started before the

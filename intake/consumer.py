@@ -172,6 +172,7 @@ class PaymentIntake:
             await self._kafka(self._dead_letters.flush, 10.0)
             await self._kafka(self._consumer.close)
             self._kafka_thread.shutdown(wait=False)
+            await self._register.aclose()
             await self._engine.dispose()
 
     def _is_error(self, message: Message) -> bool:

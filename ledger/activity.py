@@ -7,8 +7,7 @@ from sqlalchemy.exc import DBAPIError
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from domain.errors import FailureType
-from infra.database import is_data_error, sqlstate
+from infra.database import TooMuchContention, step_failure
 from ledger.records import LedgerPosting, LedgerReceipt, LedgerRejected, PaymentOutcome
 from ledger.store import Ledger
 
@@ -31,8 +30,8 @@ class LedgerActivities:
                 type=exc.failure.value,
                 non_retryable=True,
             ) from exc
-        except DBAPIError as exc:
-            raise _classified(exc, f"{txn.kind} for {txn.payment_id}") from exc
+        except (DBAPIError, TooMuchContention) as exc:
+            raise step_failure(exc, f"{txn.kind} for {txn.payment_id}") from None
 
     @activity.defn(name="captured_in_ledger")
     async def captured_in_ledger(self, payment_id: str) -> int:
@@ -41,26 +40,13 @@ class LedgerActivities:
         committed (an attempt in a lost workflow task)."""
         try:
             row = await self.ledger.payment(payment_id)
-        except DBAPIError as exc:
-            raise _classified(exc, f"the register row of {payment_id}") from exc
+        except (DBAPIError, TooMuchContention) as exc:
+            raise step_failure(exc, f"the register row of {payment_id}") from None
         return row.captured if row is not None else 0
 
     @activity.defn(name="record_payment_outcome")
     async def record_payment_outcome(self, outcome: PaymentOutcome) -> None:
         try:
             await self.ledger.record_outcome(outcome)
-        except DBAPIError as exc:
-            raise _classified(exc, f"the outcome of {outcome.payment_id}") from exc
-
-
-def _classified(exc: DBAPIError, what: str) -> Exception:
-    """A data error fails the step for good, with a name (a 22001 retried forever would wedge
-    every later follow-up of the payment); anything else is retried by Temporal."""
-    if not is_data_error(exc):
-        return exc
-    first_line = str(getattr(exc, "orig", exc)).strip().splitlines()[0][:300]
-    return ApplicationError(
-        f"the database refused {what} (SQLSTATE {sqlstate(exc)}): {first_line}",
-        type=FailureType.DATA_REJECTED.value,
-        non_retryable=True,
-    )
+        except (DBAPIError, TooMuchContention) as exc:
+            raise step_failure(exc, f"the outcome of {outcome.payment_id}") from None

@@ -147,14 +147,19 @@ async def start_payment(
 
 
 async def _mark_started(register: IdempotencyRegister, payment_id: str) -> None:
-    """Best effort: the payment is started whatever happens here. Left unmarked, the next
-    request with the key finds the workflow through Temporal's duplicate check and marks it."""
+    """The payment is started whatever happens here (the answer says so). A mark the database
+    did not take is tried again in the background until it does; meanwhile the next request
+    with the key finds the workflow through Temporal's duplicate check and marks it."""
     try:
         await register.mark_started(payment_id)
     except Exception as exc:
         log.warning(
-            "payment %s started but not marked in the idempotency register: %s", payment_id, exc
+            "payment %s started but not yet marked in the idempotency register (%s): marking "
+            "it once the database answers",
+            payment_id,
+            type(exc).__name__,
         )
+        register.mark_later(payment_id)
 
 
 async def _still_held(temporal: Client, payment_id: str) -> WorkflowHandle[Any, Any] | None:

@@ -28,11 +28,12 @@ from checker.runner import run_checks
 from domain.events import REQUESTS_DLQ_TOPIC
 from domain.fraud import amount_for_limit_share
 from domain.payment import PaymentRequest, PaymentState, PaymentWorkflowInput, payment_id_for
-from infra.database import migrate, revision_before
+from infra.database import make_engine, migrate, revision_before
+from infra.embedded.process import free_port
 from infra.embedded.stack import Stack
 from infra.idempotency import IdempotencyRegister
 from intake.consumer import running_intake
-from service.start import payment_policy
+from service.start import payment_policy, start_payment
 from settings import Settings
 from tests.conftest import TEST_API_KEY
 from tests.helpers.api_client import api_client
@@ -314,6 +315,64 @@ async def test_a_claim_left_by_a_request_that_died_before_the_start_does_not_blo
     row = await _register_row(engine, pid)
     assert row is not None and row["started_at"] is not None
     rows = await ledger_rows(engine, pid)
+    assert [(r["kind"], r["total"], r["entries"]) for r in rows] == CAPTURE
+
+
+class _MarkLostAtFirst(IdempotencyRegister):
+    """The register, whose first `lost` marks meet a database that does not answer (a real
+    connection refused: nothing listens on the port), as when PostgreSQL shuts down between
+    Temporal accepting the start and the mark."""
+
+    def __init__(self, engine: AsyncEngine, lost: int) -> None:
+        super().__init__(engine)
+        self.lost = lost
+        dead = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/postgres"
+        self.dead = IdempotencyRegister(make_engine(dead, pool_size=1), max_attempts=1)
+
+    async def mark_started(self, payment_id: str) -> None:
+        if self.lost > 0:
+            self.lost -= 1
+            await self.dead.mark_started(payment_id)
+        await super().mark_started(payment_id)
+
+
+async def test_a_start_the_database_could_not_mark_is_marked_once_it_answers(
+    api: httpx.AsyncClient,
+    temporal_client: Client,
+    engine: AsyncEngine,
+    app_settings: Settings,
+) -> None:
+    """The faults simulation, seed 2: PostgreSQL was shutting down as a payment was created;
+    Temporal had accepted the start, the register's mark failed, and the row stayed claimed
+    for good (only logged). A claimed row lets the key start the payment again once Temporal
+    has forgotten it. Now the mark is tried again until the database takes it."""
+    body = payment_body(amount=2300, merchant_id=new_merchant())
+    key = f"mark-lost-{uuid.uuid4().hex}"
+    register = _MarkLostAtFirst(engine, lost=2)
+    try:
+        started = await start_payment(
+            temporal_client, register, app_settings, CLIENT, key,
+            PaymentRequest.model_validate(body),
+        )  # fmt: skip
+        assert not started.replayed and started.handle is not None
+        deadline = asyncio.get_running_loop().time() + 30
+        row = await _register_row(engine, started.payment_id)
+        while row is None or row["started_at"] is None:
+            assert asyncio.get_running_loop().time() < deadline, "the start was never marked"
+            await asyncio.sleep(0.2)
+            row = await _register_row(engine, started.payment_id)
+        assert register.lost == 0 and row["source"] == "api"
+    finally:
+        await register.aclose()
+        await register.dead.engine.dispose()
+
+    # The key finds its payment, and nothing runs twice.
+    again = await create_payment(api, body, key=key, wait=10)
+    assert again.status_code == 201, again.text
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.json()["id"] == started.payment_id
+    assert again.json()["status"] == "succeeded"
+    rows = await ledger_rows(engine, started.payment_id)
     assert [(r["kind"], r["total"], r["entries"]) for r in rows] == CAPTURE
 
 

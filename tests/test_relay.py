@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -110,8 +111,12 @@ async def test_make_run_payments_ctrl_c_make_run_then_check_passes_and_the_crm_s
                 headers={"Idempotency-Key": "restart-refund-1"},
             )
             assert refund.status_code == 201, refund.text
+            # The refund's answer comes once the ledger posted it; its CRM notification is the
+            # step after. Wait for the sandbox to have recorded it before stopping the worker.
+            received = await _crm_sandbox_received(
+                first.crm_sandbox_url, ids[0], ["confirmed", "refunded"]
+            )
         secret = (home / CRM_SECRET_FILE).read_text().strip()
-        received = httpx.get(f"{first.crm_sandbox_url}/api/notifications", timeout=5).json()
     finally:
         await asyncio.to_thread(first.stop)  # Ctrl-C: the memory broker's log is gone
 
@@ -155,6 +160,29 @@ async def test_make_run_payments_ctrl_c_make_run_then_check_passes_and_the_crm_s
     finally:
         await engine.dispose()
         await asyncio.to_thread(second.stop)
+
+
+async def _crm_sandbox_received(
+    sandbox_url: str, payment_id: str, kinds: list[str], timeout: float = 120.0
+) -> dict[str, Any]:
+    """The sandbox's record once it holds `kinds` for `payment_id`, polled: a loaded box may
+    take a while to deliver the notification, a fixed sleep would be wrong either way."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    async with httpx.AsyncClient(timeout=5) as http:
+        while True:
+            received: dict[str, Any] = (
+                await http.get(f"{sandbox_url}/api/notifications", params={"limit": 1000})
+            ).json()
+            got = [n["event_kind"] for n in received["data"] if n["payment_id"] == payment_id]
+            if len(got) >= len(kinds):  # the test's own assertion judges what arrived
+                return received
+            if loop.time() > deadline:
+                raise AssertionError(
+                    f"the CRM sandbox recorded {got} for {payment_id} after {timeout:.0f} s, "
+                    f"expected {kinds}"
+                )
+            await asyncio.sleep(0.2)
 
 
 async def _stored_ids(engine: AsyncEngine, payment_ids: list[str]) -> dict[str, str]:

@@ -55,6 +55,14 @@ class StepOptions(TypedDict, total=False):
     retry_policy: RetryPolicy
 
 
+# A local activity retries inside its workflow task, and the task holds everything while it
+# does: queries are buffered (and refused once the buffer is full), and past the task's 10 s
+# timeout the task fails and starts over. So a local step that keeps failing (its database
+# down) waits out its next attempts on a durable timer instead: the task completes, the
+# payment answers reads, and the backoff survives a worker restart (the faults simulation,
+# seed 2: PostgreSQL stopped while payments were being scored).
+LOCAL_RETRY_THRESHOLD = timedelta(seconds=1)
+
 FRAUD = StepOptions(start_to_close_timeout=timedelta(seconds=10), retry_policy=INFRA_RETRY)
 KAFKA = StepOptions(start_to_close_timeout=timedelta(seconds=60), retry_policy=INFRA_RETRY)
 LEDGER = StepOptions(start_to_close_timeout=timedelta(seconds=30), retry_policy=INFRA_RETRY)
@@ -194,7 +202,9 @@ class PaymentSteps:
         policy says so; compensations, follow-ups and the CRM stay regular activities (rare,
         or slow and remote: their retries belong on the server)."""
         if local and self.policy.local_activities:
-            return await workflow.execute_local_activity_method(step, arg, **options)
+            return await workflow.execute_local_activity_method(
+                step, arg, local_retry_threshold=LOCAL_RETRY_THRESHOLD, **options
+            )
         return await workflow.execute_activity_method(step, arg, **options)
 
     async def notify_crm(
