@@ -117,6 +117,7 @@ class AcquirerSteps:
         state: PaymentState
         policy: PaymentPolicy
         cancel_requested: CancelSignal | None
+        decided_at_start: bool
 
         def set_status(self, status: PaymentStatus, waiting_for: str, note: str = "") -> None: ...
 
@@ -148,7 +149,11 @@ class AcquirerSteps:
         def account_tenant(self) -> str | None: ...
 
     def through_acquirer(self) -> bool:
-        """Asked once, before the payment moves anything (a patch marker is a command)."""
+        """Asked once, before the payment moves anything (a patch marker is a command). New
+        payments decided it at their start (PATCH_DECIDED_AT_START); older ones ask here, where
+        they recorded the marker."""
+        if self.decided_at_start:
+            return self.policy.acquirer
         return self.policy.acquirer and workflow.patched(PATCH_ACQUIRER)
 
     @property
@@ -164,7 +169,7 @@ class AcquirerSteps:
         authorization expires, which voids it (a durable timer: it fires after any restart)."""
         expires_at = workflow.now() + timedelta(seconds=self.policy.authorization_expiry_seconds)
         self.state.authorization_expires_at = expires_at
-        if workflow.patched(PATCH_EXPIRY_SEARCH_ATTRIBUTE):
+        if self.decided_at_start or workflow.patched(PATCH_EXPIRY_SEARCH_ATTRIBUTE):
             workflow.upsert_search_attributes([sa.AUTHORIZATION_EXPIRES_AT.value_set(expires_at)])
         self.set_status(
             PaymentStatus.REQUIRES_CAPTURE,
