@@ -66,6 +66,8 @@ PATHS = {
     "acquirer_refund",  # a refund returned at the acquirer, then posted
     "acquirer_refund_needs_attention",  # refunded there, refused by the ledger: an operator
     "acquirer_canceled_void",  # canceled during the authorization: the hold voided
+    # canceled in the UI during the authorization: voided, the hold's release asks the ledger
+    "acquirer_operator_cancel_during_authorization",
     "acquirer_manual_capture",  # requires_capture, a refused capture Update, a partial capture
     "acquirer_manual_void",  # requires_capture, voided by Update
     "acquirer_authorization_expires",  # requires_capture until the expiry timer voids it

@@ -145,6 +145,8 @@ class AcquirerSteps:
             local: bool = False,
         ) -> None: ...
 
+        async def held_in_ledger(self) -> int: ...
+
         @property
         def account_tenant(self) -> str | None: ...
 
@@ -261,7 +263,10 @@ class AcquirerSteps:
                 await self.void_at_acquirer()
             case AuthorizationState.CAPTURED if record and record.refundable_amount > 0:
                 await self.refund_at_acquirer(REVERSAL_REFUND_ID, record.refundable_amount)
-        # Whatever the acquirer did, nothing stays held for this payment now.
+        # Whatever the acquirer did, nothing stays held for this payment now. Nothing known
+        # held may still be a hold posted in a lost workflow task: the ledger says.
+        if self.state.held <= 0 and self.decided_at_start:
+            self.state.held = await self.held_in_ledger()
         await self.release_hold(captured=None)
 
     # ── the hold in the ledger (one balanced posting each, with its event in the outbox) ──

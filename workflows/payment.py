@@ -483,6 +483,13 @@ class PaymentWorkflow(AcquirerSteps):
         self.state.ledger_posted = False
         self.posting_reversed = True
 
+    async def held_in_ledger(self) -> int:
+        """What the ledger holds for this payment's authorization (0 once released)."""
+        held: int = await self.run_step(
+            LedgerActivities.held_in_ledger, self.state.id, _LEDGER, local=True
+        )
+        return held
+
     # ── follow-ups: refunds and disputes, until the dispute window closes ─────────────────
     async def serve_follow_ups_until_window_closes(self) -> None:
         """Run refunds and disputes in arrival order until the dispute window closes. A dispute
