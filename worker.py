@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import timedelta
 
 from temporalio.client import Client
-from temporalio.worker import UnsandboxedWorkflowRunner, Worker, WorkflowRunner
+from temporalio.worker import Interceptor, UnsandboxedWorkflowRunner, Worker, WorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.acquirer import AcquirerActivities
@@ -62,9 +62,11 @@ async def payment_worker(
     *,
     kafka_activities: Callable[..., KafkaActivities] = KafkaActivities,
     ledger_activities: Callable[[Ledger], LedgerActivities] = LedgerActivities,
+    interceptors: Sequence[Interceptor] = (),
 ) -> AsyncIterator[Worker]:
     """A worker with its own clients (database pool, Kafka producer, HTTP), closed on exit.
-    Tests pass subclasses of the Kafka or ledger activities to hold or fail a step."""
+    Tests pass subclasses of the Kafka or ledger activities to hold or fail a step, and
+    interceptors to lose a workflow task as a killed worker would."""
     assert settings.database_url and settings.kafka_bootstrap_servers
     engine = make_engine(settings.database_url, pool_size=settings.db_pool_size)
     publisher = EventPublisher(settings.kafka_bootstrap_servers, settings)
@@ -86,6 +88,7 @@ async def payment_worker(
             kafka.publish_payment_event,
             ledger.post_ledger_transaction,
             ledger.captured_in_ledger,
+            ledger.held_in_ledger,
             ledger.record_payment_outcome,
             crm.notify_crm,
             acquirer.authorize_payment,
@@ -101,7 +104,7 @@ async def payment_worker(
         graceful_shutdown_timeout=timedelta(seconds=10),
         workflow_runner=workflow_runner(settings),
         # Tracing, when configured, comes with the client (infra.temporal_client).
-        interceptors=[PaymentMetricsInterceptor()],
+        interceptors=[PaymentMetricsInterceptor(), *interceptors],
     )
     acks.start()
     try:

@@ -44,6 +44,16 @@ class LedgerActivities:
             raise step_failure(exc, f"the register row of {payment_id}") from None
         return row.captured if row is not None else 0
 
+    @activity.defn(name="held_in_ledger")
+    async def held_in_ledger(self, payment_id: str) -> int:
+        """What the payment's authorization hold still holds in the ledger: the truth the
+        hold's release goes by when the workflow cannot know whether its hold posting
+        committed (an attempt in a lost workflow task)."""
+        try:
+            return await self.ledger.held(payment_id)
+        except (DBAPIError, TooMuchContention) as exc:
+            raise step_failure(exc, f"the hold of {payment_id}") from None
+
     @activity.defn(name="record_payment_outcome")
     async def record_payment_outcome(self, outcome: PaymentOutcome) -> None:
         try:

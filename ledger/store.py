@@ -23,6 +23,7 @@ from domain.ledger import (
     HOLD_KINDS,
     RECONCILIATION_KINDS,
     Account,
+    AccountType,
     LedgerTransaction,
     TransactionKind,
 )
@@ -237,6 +238,25 @@ class Ledger:
     async def payment(self, payment_id: str) -> RegisterRow | None:
         async with self.engine.connect() as conn:
             return await _register(conn, payment_id)
+
+    async def held(self, payment_id: str) -> int:
+        """What the payment's authorization hold still holds: its hold posting's amount until a
+        release (captured or voided) is posted, then 0. (The hold account is credited by the
+        hold: what it holds is the negative of its entries' sum.)"""
+        async with self.engine.connect() as conn:
+            held = await conn.scalar(
+                sa.select(sa.func.coalesce(sa.func.sum(ledger_entries.c.amount), 0))
+                .select_from(
+                    ledger_transactions.join(
+                        ledger_entries, ledger_entries.c.transaction_id == ledger_transactions.c.id
+                    ).join(accounts, accounts.c.id == ledger_entries.c.account_id)
+                )
+                .where(
+                    ledger_transactions.c.payment_id == payment_id,
+                    accounts.c.type == AccountType.AUTHORIZATION_HOLD.value,
+                )
+            )
+        return -int(held or 0)
 
     async def record_outcome(self, outcome: PaymentOutcome) -> None:
         """Keep the final word on a payment after its workflow history is gone. Payments that

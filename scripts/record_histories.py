@@ -441,7 +441,7 @@ async def requires_attention_resolved(r: Recorder) -> WorkflowHandle[Any, Any]:
     """Canceled in the UI between posting and confirmation while the merchant's account was
     closed: the reversal is refused, payments.raw voided, the CRM told, the payment waits in
     requires_attention; the account reopened, an operator's retry reverses it: canceled."""
-    merchant_account = "merchant:mer_replay_requires_attention_resolved:USD"
+    merchant_account = f"merchant:{CLIENT_ID}:mer_replay_requires_attention_resolved:USD"
     handle = await held_before_confirmation(r, "requires_attention_resolved", 4300)
     await r.ledger.close_account(merchant_account)
     await handle.cancel()
@@ -671,6 +671,25 @@ async def acquirer_canceled_void(r: Recorder) -> WorkflowHandle[Any, Any]:
     return handle
 
 
+async def acquirer_operator_cancel_during_authorization(
+    r: Recorder,
+) -> WorkflowHandle[Any, Any]:
+    """Canceled in the UI while the acquirer takes its time to authorize: the authorization
+    runs to its end and is voided; the hold's release asks the ledger what it holds (patch
+    patches-decided-at-start: a hold posted in a lost workflow task is released too)."""
+    handle = await r.start(
+        "acquirer_operator_cancel_during_authorization",
+        payment_method="pm_card_approve_after_delay",
+        acquirer=True,
+    )
+    deadline = time.monotonic() + 30
+    while "to authorize" not in (await state_of(handle)).waiting_for:
+        assert time.monotonic() < deadline, "never reached the authorization"
+        await asyncio.sleep(0.05)
+    await operator_canceled(handle)
+    return handle
+
+
 async def _requires_capture(r: Recorder, path: str, **policy: Any) -> WorkflowHandle[Any, Any]:
     handle = await r.start(
         path, 5000, payment_method="pm_card_visa", capture_method="manual", acquirer=True, **policy
@@ -762,6 +781,7 @@ PATHS: dict[str, Callable[[Recorder], Awaitable[WorkflowHandle[Any, Any]]]] = {
     "acquirer_refund": acquirer_refund,
     "acquirer_refund_needs_attention": acquirer_refund_needs_attention,
     "acquirer_canceled_void": acquirer_canceled_void,
+    "acquirer_operator_cancel_during_authorization": acquirer_operator_cancel_during_authorization,
     "acquirer_manual_capture": acquirer_manual_capture,
     "acquirer_manual_void": acquirer_manual_void,
     "acquirer_authorization_expires": acquirer_authorization_expires,

@@ -16,8 +16,12 @@ Profiles:
   worker of their own at the session's sandbox acquirer (and one with a short authorization
   expiry) carry the acquirer's stories.
 - faults (`slow`): a private stack whose worker is SIGKILLed and restarted, whose PostgreSQL
-  is stopped and started and whose broker is killed and restarted while the script runs (no
-  acquirer there: its scripts have no acquirer stories).
+  is stopped and started and whose broker is killed and restarted while the script runs; its
+  own sandbox acquirer carries the acquirer's stories (one worker process serves both kinds of
+  payment; the API a story uses says whether it goes through the acquirer).
+
+A failed seed with PAYSAGA_SIM_KEEP_HISTORIES=DIR writes the history of every payment whose
+workflow task failed (a non-determinism error, say) to DIR, for the Replayer.
 
 Seeds: 3 of each by default. PAYSAGA_SIM_SEED=17 runs that seed only; PAYSAGA_SIM_SEEDS=N
 runs N seeds from PAYSAGA_SIM_SEED_BASE (default 1) on (`make simulate SEEDS=N`). A failure
@@ -34,10 +38,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 
 from infra.embedded.stack import Stack
@@ -119,11 +125,24 @@ async def simulate(rig: SimRig, seed: int, profile: str, chaos: Chaos | None = N
         await simulation.run()
     ran = time.monotonic()
     problems = await simulation.judge()
+    if problems and os.environ.get("PAYSAGA_SIM_KEEP_HISTORIES"):
+        await _keep_histories(rig, simulation, os.environ["PAYSAGA_SIM_KEEP_HISTORIES"])
     print(f"ran {ran - began:.1f}s, judged {time.monotonic() - ran:.1f}s", file=sys.stderr)
     if problems:
         raise AssertionError(failure_report(profile, seed, problems, simulation.summary()))
     print(simulation.summary(), file=sys.stderr)
     return simulation
+
+
+async def _keep_histories(rig: SimRig, simulation: Simulation, where: str) -> None:
+    """PAYSAGA_SIM_KEEP_HISTORIES=DIR: a failed seed writes the history of each payment whose
+    workflow task failed there, to replay it (tests/test_replay.py's Replayer) or read it."""
+    folder = Path(where)
+    folder.mkdir(parents=True, exist_ok=True)
+    for pid, seen in simulation.seen.items():
+        history = await rig.temporal.get_workflow_handle(pid).fetch_history()
+        if any(e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED for e in history.events):
+            (folder / f"{seen.story}-{pid}.json").write_text(history.to_json())
 
 
 # ── the oracle can fail ─────────────────────────────────────────────────────────────────────
@@ -345,7 +364,7 @@ class FaultStack:
 
 @pytest.fixture(scope="module")
 def sim_fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    yield from started_stack(tmp_path_factory, "sim-faults")
+    yield from started_stack(tmp_path_factory, "sim-faults", acquirer=True)
 
 
 @pytest.fixture(scope="module")
@@ -359,14 +378,21 @@ async def fault_stack(sim_fault_stack: Stack) -> AsyncIterator[FaultStack]:
             kafka_message_timeout_ms=5000,
             db_max_retries=3,
         )  # fmt: skip
+        # One worker serves both kinds of payment (the acquirer's activities included); the
+        # payment's policy, set by the API that took it, says whether it goes through the
+        # sandbox acquirer: the plain APIs book payments in the ledger only, as before.
+        ledger_only = settings.model_copy(update={"acquirer_url": None})
         async with (
             worker_and_clients(stack, settings) as (worker, engine, temporal),
-            api_client(settings, temporal, FAULT_API_KEY) as api,
-            api_client(short_policy(settings), temporal, FAULT_API_KEY) as short,
+            api_client(ledger_only, temporal, FAULT_API_KEY) as api,
+            api_client(short_policy(ledger_only), temporal, FAULT_API_KEY) as short,
+            api_client(settings, temporal, FAULT_API_KEY) as acquirer_api,
+            api_client(short_policy(settings), temporal, FAULT_API_KEY) as acquirer_short,
         ):
-            rig = SimRig(
-                api, short, temporal, engine, settings, retry_seconds=120, settle_seconds=180
-            )
+            # `paysaga check` with the acquirer's settings: the holds promise reads it.
+            rig = SimRig(api, short, temporal, engine, settings, retry_seconds=120,
+                         settle_seconds=180, acquirer_api=acquirer_api,
+                         acquirer_short_api=acquirer_short)  # fmt: skip
             yield FaultStack(stack, worker, rig)
 
 

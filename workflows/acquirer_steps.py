@@ -111,6 +111,7 @@ class AcquirerSteps:
         state: PaymentState
         policy: PaymentPolicy
         cancel_requested: CancelSignal | None
+        decided_at_start: bool
 
         def set_status(self, status: PaymentStatus, waiting_for: str, note: str = "") -> None: ...
 
@@ -138,11 +139,17 @@ class AcquirerSteps:
             local: bool = False,
         ) -> None: ...
 
+        async def held_in_ledger(self) -> int: ...
+
         @property
         def account_tenant(self) -> str | None: ...
 
     def through_acquirer(self) -> bool:
-        """Asked once, before the payment moves anything (a patch marker is a command)."""
+        """Asked once, before the payment moves anything (a patch marker is a command). New
+        payments decided it at their start (PATCH_DECIDED_AT_START); older ones ask here, where
+        they recorded the marker."""
+        if self.decided_at_start:
+            return self.policy.acquirer
         return self.policy.acquirer and workflow.patched(PATCH_ACQUIRER)
 
     @property
@@ -158,7 +165,7 @@ class AcquirerSteps:
         authorization expires, which voids it (a durable timer: it fires after any restart)."""
         expires_at = workflow.now() + timedelta(seconds=self.policy.authorization_expiry_seconds)
         self.state.authorization_expires_at = expires_at
-        if workflow.patched(PATCH_EXPIRY_SEARCH_ATTRIBUTE):
+        if self.decided_at_start or workflow.patched(PATCH_EXPIRY_SEARCH_ATTRIBUTE):
             workflow.upsert_search_attributes([sa.AUTHORIZATION_EXPIRES_AT.value_set(expires_at)])
         self.set_status(
             PaymentStatus.REQUIRES_CAPTURE,
@@ -250,7 +257,10 @@ class AcquirerSteps:
                 await self.void_at_acquirer()
             case AuthorizationState.CAPTURED if record and record.refundable_amount > 0:
                 await self.refund_at_acquirer(REVERSAL_REFUND_ID, record.refundable_amount)
-        # Whatever the acquirer did, nothing stays held for this payment now.
+        # Whatever the acquirer did, nothing stays held for this payment now. Nothing known
+        # held may still be a hold posted in a lost workflow task: the ledger says.
+        if self.state.held <= 0 and self.decided_at_start:
+            self.state.held = await self.held_in_ledger()
         await self.release_hold(captured=None)
 
     # ── the hold in the ledger (one balanced posting each, with its event in the outbox) ──

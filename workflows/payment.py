@@ -87,6 +87,16 @@ PATCH_CRM_STEP_OUTLIVES_CANCEL = "crm-step-outlives-operator-cancel"
 # the ledger what it holds (found by the simulation, faults profile, seed 1).
 PATCH_REVERSAL_ASKS_THE_LEDGER = "reversal-asks-the-ledger"
 
+# Every patch above whose call follows a local activity is decided here instead, once, in the
+# run's first activation (before any command), and new payments take all their new branches.
+# A patch call right after a local activity returns is not at a fixed point of the history:
+# the workflow task that records the activity's marker need not be the one in which the code
+# after it runs (a task completed while the activity ran: a query, a heartbeat), and on replay
+# the marker is found, and `patched()` answered, by workflow task. Found by the simulation's
+# faults profile with the acquirer (seed 2): "Non-deprecated patch marker ... acquirer-authorize-
+# capture" after a worker restart. Older payments keep asking each patch where they did.
+PATCH_DECIDED_AT_START = "patches-decided-at-start"
+
 REVERSE_POSTING = "reverse the ledger posting"
 VOID_RAW = "void payments.raw"
 
@@ -124,6 +134,8 @@ class PaymentWorkflow(FollowUpSteps, AcquirerSteps):
         self.posting_reversed = False
         # Whether the reversal asks the ledger what was captured (PATCH_REVERSAL_ASKS_THE_LEDGER).
         self.reversal_asks_the_ledger = False
+        # PATCH_DECIDED_AT_START, asked first thing in `run`.
+        self.decided_at_start = False
         # What the payment takes right now (domain/follow_ups.py): it only narrows, and always
         # before the workflow stops serving what it took.
         self.door = Door(Taking.NOT_YET)
@@ -150,6 +162,7 @@ class PaymentWorkflow(FollowUpSteps, AcquirerSteps):
     # ── the saga ──────────────────────────────────────────────────────────────────────────
     @workflow.run
     async def run(self, input: PaymentWorkflowInput) -> PaymentState:
+        self.decided_at_start = workflow.patched(PATCH_DECIDED_AT_START)
         try:
             if input.carried_state is None and not await self.take_payment():
                 await self.finish()
@@ -210,7 +223,7 @@ class PaymentWorkflow(FollowUpSteps, AcquirerSteps):
             self.set_status(PaymentStatus.PROCESSING, "publishing payments.raw to Kafka")
             saga.add(VOID_RAW, self.void_raw_event)
             await run_to_completion(self.publish(EventKind.RAW, local=True))
-            if workflow.patched(PATCH_REVERSAL_ASKS_THE_LEDGER):
+            if self.decided_at_start or workflow.patched(PATCH_REVERSAL_ASKS_THE_LEDGER):
                 self.reversal_asks_the_ledger = True
                 saga.add(REVERSE_POSTING, self.reverse_posting)
 
@@ -246,7 +259,7 @@ class PaymentWorkflow(FollowUpSteps, AcquirerSteps):
 
         self.set_status(PaymentStatus.SUCCEEDED, "notifying the CRM")
         self.open_the_door()
-        if workflow.patched(PATCH_CRM_STEP_OUTLIVES_CANCEL):
+        if self.decided_at_start or workflow.patched(PATCH_CRM_STEP_OUTLIVES_CANCEL):
             await run_to_completion(
                 self.notify_crm(EventKind.CONFIRMED), on_cancel=self.shut_for_cancel
             )
@@ -271,7 +284,9 @@ class PaymentWorkflow(FollowUpSteps, AcquirerSteps):
         """Unwind the saga. A step that fails for good does not stop the others; the payment
         then waits in `requires_attention` until an operator resolves it. True if it did."""
         self.undo_left = await saga.unwind(
-            keep_going=lambda: workflow.patched(PATCH_UNDO_FAILURE_NEEDS_ATTENTION)
+            keep_going=lambda: (
+                self.decided_at_start or workflow.patched(PATCH_UNDO_FAILURE_NEEDS_ATTENTION)
+            )
         )
         if not self.undo_left:
             return False
@@ -372,6 +387,13 @@ class PaymentWorkflow(FollowUpSteps, AcquirerSteps):
         self.state.captured = 0
         self.state.ledger_posted = False
         self.posting_reversed = True
+
+    async def held_in_ledger(self) -> int:
+        """What the ledger holds for this payment's authorization (0 once released)."""
+        held: int = await self.run_step(
+            LedgerActivities.held_in_ledger, self.state.id, LEDGER, local=True
+        )
+        return held
 
     async def settle_compensation_by_hand(self, name: str, resolution: AttentionResolution) -> None:
         """`manual` for a compensation that failed for good: a refused reversal is posted

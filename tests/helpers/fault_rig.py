@@ -24,7 +24,7 @@ from infra.embedded.process import ManagedProcess
 from infra.embedded.stack import Stack
 from infra.temporal_client import connect_client
 from settings import ApiKey, Settings
-from tests.conftest import MERCHANT_SCOPES
+from tests.conftest import ACQUIRER_SANDBOX_ARGS, MERCHANT_SCOPES
 from tests.helpers.private_stack import private_stack_settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -80,10 +80,19 @@ def worker_env(stack: Stack, settings: Settings) -> dict[str, str]:
     }
 
 
-def started_stack(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[Stack]:
-    """A private stack for one test module (`yield from` it in a fixture), stopped after."""
+def started_stack(
+    tmp_path_factory: pytest.TempPathFactory, name: str, *, acquirer: bool = False
+) -> Iterator[Stack]:
+    """A private stack for one test module (`yield from` it in a fixture), stopped after;
+    with its own sandbox acquirer when asked."""
     home = tmp_path_factory.mktemp(name)
-    stack = Stack(private_stack_settings(home), home=home, temporal_ui=False)
+    stack = Stack(
+        private_stack_settings(home),
+        home=home,
+        temporal_ui=False,
+        acquirer=acquirer,
+        acquirer_sandbox_args=list(ACQUIRER_SANDBOX_ARGS) if acquirer else [],
+    )
     stack.start()
     try:
         yield stack

@@ -26,6 +26,7 @@ from domain.payment import ReviewDecision
 from settings import Settings
 from tests.simulation.oracle import (
     MOVING_STATUSES,
+    UNCAPTURED_STATUSES,
     FinalView,
     Holds,
     Money,
@@ -203,6 +204,11 @@ class Simulation:
         seen.saw_status(payment["status"])
         if story.kind in ("review_approve", "review_decline"):
             await self.wait_for_status(api, seen, {"requires_review"})
+        if story.manual and story.kind != "manual_expiry":
+            # A client captures or voids once the payment is authorized: `wait` may answer
+            # before (a worker or the database away), and a capture then is rightly refused.
+            stops = {"requires_capture", "requires_attention", *UNCAPTURED_STATUSES}
+            await self.wait_for_status(api, seen, stops, timeout=self.rig.retry_seconds)
         disputes: dict[int, str] = {}
         groups: list[list[tuple[int, Op]]] = []
         for index, op in enumerate(story.ops):
