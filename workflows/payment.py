@@ -30,7 +30,12 @@ from typing import Any, TypedDict, TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributePair, TypedSearchAttributes
-from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    FailureError,
+    is_cancelled_exception,
+)
 
 with workflow.unsafe.imports_passed_through():
     from activities.crm import CrmActivities, CrmNotification, CrmTarget
@@ -89,6 +94,7 @@ with workflow.unsafe.imports_passed_through():
         AcquirerSteps,
     )
     from workflows.compensations import Compensations, FailedUndo
+    from workflows.local_first import ONE_ATTEMPT, refused, tries_locally_first
 
 # Retry bounds: infrastructure outages (Kafka, database) are waited out, never given up on;
 # business refusals (NON_RETRYABLE types) fail at once.
@@ -323,7 +329,8 @@ class PaymentWorkflow(AcquirerSteps):
         self.open_the_door()
         if workflow.patched(PATCH_CRM_STEP_OUTLIVES_CANCEL):
             await _run_to_completion(
-                self.notify_crm(EventKind.CONFIRMED), on_cancel=self.shut_for_cancel
+                self.notify_crm(EventKind.CONFIRMED, local_first=True),
+                on_cancel=self.shut_for_cancel,
             )
         else:
             await self.notify_crm(EventKind.CONFIRMED)
@@ -1382,8 +1389,15 @@ class PaymentWorkflow(AcquirerSteps):
         self.state.captured = amount
 
     async def notify_crm(
-        self, kind: EventKind, reference: str = "", details: dict[str, Any] | None = None
+        self,
+        kind: EventKind,
+        reference: str = "",
+        details: dict[str, Any] | None = None,
+        *,
+        local_first: bool = False,
     ) -> None:
+        """`local_first` (a confirmed payment's notice): one attempt as a local activity first,
+        then the regular activity with the CRM's long retries (workflows/local_first.py)."""
         if not self.policy.crm_targets:
             return
         request = self.state.request
@@ -1404,11 +1418,10 @@ class PaymentWorkflow(AcquirerSteps):
         self.describe_waiting(
             f"the CRM ({', '.join(self.policy.crm_targets)}) to accept {kind.ce_type}"
         )
+        local = local_first and tries_locally_first(self.policy)
         results = await asyncio.gather(
             *(
-                workflow.execute_activity_method(
-                    CrmActivities.notify_crm, args=[CrmTarget(target), notification], **_CRM
-                )
+                _tell_crm(CrmTarget(target), notification, local)
                 for target in self.policy.crm_targets
             ),
             return_exceptions=True,
@@ -1448,6 +1461,25 @@ class PaymentWorkflow(AcquirerSteps):
 
 
 _OPERATOR_CANCEL = "workflow canceled by an operator"
+
+
+async def _tell_crm(target: CrmTarget, notification: CrmNotification, local_first: bool) -> Any:
+    if local_first:
+        try:
+            return await workflow.execute_local_activity_method(
+                CrmActivities.notify_crm,
+                args=[target, notification],
+                start_to_close_timeout=_CRM["start_to_close_timeout"],
+                retry_policy=ONE_ATTEMPT,
+            )
+        except FailureError as failure:
+            if is_cancelled_exception(failure) or refused(failure):
+                raise
+            # Transient: the same notification (same idempotency key), retried by the server.
+    return await workflow.execute_activity_method(
+        CrmActivities.notify_crm, args=[target, notification], **_CRM
+    )
+
 
 _REFUND_OUTCOME_UNKNOWN = (
     "The acquirer's outcome of refund {refund} ({amount} {currency} minor units) is unknown: the "
