@@ -1353,8 +1353,9 @@ class PaymentWorkflow(AcquirerSteps):
         local: bool = False,
     ) -> StepResult:
         """One activity. The short forward steps run as local activities when the payment's
-        policy says so; compensations, follow-ups and the CRM stay regular activities (rare,
-        or slow and remote: their retries belong on the server)."""
+        policy says so; compensations and follow-ups stay regular activities (rare: their
+        retries belong on the server); the remote calls of the forward path try once locally
+        first (workflows/local_first.py)."""
         if local and self.policy.local_activities:
             return await workflow.execute_local_activity_method(step, arg, **options)
         return await workflow.execute_activity_method(step, arg, **options)
