@@ -2,8 +2,10 @@
 
 `paysaga bench` runs it on the same Temporal server in the same run, so the ratio
 paysaga / floor says how much of the server's capacity the payment logic itself costs. The
-shape is read from a finished payment: on the default stack (a CRM sandbox) that is four local
-steps and the CRM notification as a regular activity, which the floor runs CRM-shaped.
+shape is read from a finished payment: on the default stack (a CRM sandbox) that is five local
+steps (the CRM notification's first attempt is local, workflows/local_first.py); through the
+sandbox acquirer, the authorization is a regular activity, which the floor runs with the CRM's
+timeouts.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ class FloorWorkflow:
                     floor_step, start_to_close_timeout=timedelta(seconds=10)
                 )
             else:
-                # The payment's regular step is the CRM notification: the same timeouts.
+                # A payment's regular step (the acquirer's authorization; the CRM's notice before
+                # PATCH_LOCAL_FIRST): the CRM's timeouts.
                 await workflow.execute_activity(
                     floor_step,
                     start_to_close_timeout=timedelta(seconds=30),

@@ -281,7 +281,7 @@ async def bench(
     )
     if floor and completed:
         client = await Client.connect(temporal_address, namespace=namespace)
-        # The floor copies a finished payment's shape: with a CRM, its regular notify_crm step.
+        # The floor copies a finished payment's shape, local and regular steps alike.
         result.shape, result.shape_steps = await _shape_of(client, completed[0].payment_id)
         with console.status("measuring the floor: same shape, empty bodies"):
             floor_rate = await run_floor(client, result.shape, payments, concurrency or 50)

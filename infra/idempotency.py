@@ -36,7 +36,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from infra.database import run_serializable
+from infra.database import insert_unless_present, run_serializable
 
 StartSource = Literal["api", "kafka", "recorded"]
 log = logging.getLogger(__name__)
@@ -58,6 +58,13 @@ idempotency_keys = sa.Table(
 # The ledger's payments register (ledger/store.py), read here only to learn whether a
 # payment ever reached the ledger.
 _payments = sa.table("payments", sa.column("payment_id"))
+# Compiled once (infra.database.insert_unless_present): one per payment.
+_CLAIM = insert_unless_present(
+    idempotency_keys,
+    ["payment_id", "client_id", "fingerprint", "source", "created_at", "started_at"],
+    conflict=["payment_id"],
+    returning=["payment_id"],
+)
 
 
 @dataclass(frozen=True)
@@ -89,31 +96,33 @@ class IdempotencyRegister:
         async def work(conn: AsyncConnection) -> KeyClaim:
             now = datetime.now(UTC)
             inserted = await conn.scalar(
-                insert(idempotency_keys)
-                .values(
-                    payment_id=payment_id,
-                    client_id=client_id,
-                    fingerprint=fingerprint,
-                    source=source,
-                    created_at=now,
-                    started_at=None,
-                )
-                .on_conflict_do_nothing(index_elements=["payment_id"])
-                .returning(idempotency_keys.c.payment_id)
+                _CLAIM,
+                {
+                    "payment_id": payment_id,
+                    "client_id": client_id,
+                    "fingerprint": fingerprint,
+                    "source": source,
+                    "created_at": now,
+                    "started_at": None,
+                },
             )
-            row = (
-                await conn.execute(
-                    sa.select(idempotency_keys.c.fingerprint, idempotency_keys.c.started_at).where(
-                        idempotency_keys.c.payment_id == payment_id
+            if inserted is not None:
+                # This call wrote the row: it holds our fingerprint, not started (no read back).
+                held, started = fingerprint, False
+            else:
+                row = (
+                    await conn.execute(
+                        sa.select(
+                            idempotency_keys.c.fingerprint, idempotency_keys.c.started_at
+                        ).where(idempotency_keys.c.payment_id == payment_id)
                     )
-                )
-            ).one()
-            started = row.started_at is not None
+                ).one()
+                held, started = row.fingerprint, row.started_at is not None
             if not started:
                 started = await _in_payments_register(conn, payment_id)
                 if started:
                     await _mark_started(conn, payment_id, now)
-            return KeyClaim(payment_id, row.fingerprint, new=inserted is not None, started=started)
+            return KeyClaim(payment_id, held, new=inserted is not None, started=started)
 
         return await run_serializable(self.engine, work, max_attempts=self.max_attempts)
 

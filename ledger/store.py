@@ -27,7 +27,7 @@ from domain.ledger import (
     LedgerTransaction,
     TransactionKind,
 )
-from infra.database import run_serializable
+from infra.database import insert_unless_present, run_serializable
 from infra.idempotency import record_started
 from ledger.records import (
     LedgerPosting,
@@ -41,6 +41,31 @@ from ledger.tables import accounts, ledger_entries, ledger_transactions, outbox_
 # The two ways an acquirer's hold ends; a payment's hold ends once.
 HOLD_RELEASES = frozenset({TransactionKind.HOLD_CAPTURED, TransactionKind.HOLD_VOIDED})
 
+# The statements of every posting, compiled once (infra.database.insert_unless_present).
+_RECORD_EVENT = insert_unless_present(
+    outbox_events,
+    ["event_id", "transaction_id", "payment_id", "client_id", "subject", "topic", "event_type",
+     "payload", "created_at"],
+    conflict=["event_id"],
+    returning=["event_id"],
+)  # fmt: skip
+_CLAIM_SLOT = insert_unless_present(
+    ledger_transactions,
+    ["id", "payment_id", "kind", "reference", "description", "created_at"],
+    conflict=["payment_id", "kind", "reference"],
+    returning=["id"],
+)
+_OPEN_ACCOUNT = insert_unless_present(
+    accounts, ["code", "type", "currency", "status"], conflict=["code"]
+)
+_REGISTER_CAPTURE = insert_unless_present(
+    payments,
+    ["payment_id", "amount", "captured", "refunded", "disputed", "dispute_lost", "status",
+     "created_at", "updated_at", "client_id", "customer_id", "merchant_id", "currency"],
+    conflict=["payment_id"],
+    returning=[c.name for c in payments.c],
+)  # fmt: skip
+
 
 async def insert_event(
     conn: AsyncConnection,
@@ -53,27 +78,29 @@ async def insert_event(
     event it emits here too: the saga may have recorded the same event before (a compensation
     publishes `payments.canceled` before an operator's retry posts the reversal that emits it),
     and one id is one event."""
-    client_id: Any = record.client_id or None
-    if client_id is None and record.payment_id:
-        # Scheduled before events carried their client: the register knows it once captured.
-        client_id = (
-            sa.select(payments.c.client_id)
-            .where(payments.c.payment_id == record.payment_id)
-            .scalar_subquery()
-        )
+    values: dict[str, Any] = {
+        "event_id": uuid.UUID(record.id),
+        "transaction_id": transaction_id,
+        "payment_id": record.payment_id,
+        "client_id": record.client_id or None,
+        "subject": record.subject,
+        "topic": record.kind.topic,
+        "event_type": record.kind.ce_type,
+        "payload": record.body,
+        "created_at": now,
+    }
+    if values["client_id"] is not None or not record.payment_id:
+        inserted = await conn.scalar(_RECORD_EVENT, values)
+        return inserted is not None
+    # Scheduled before events carried their client: the register knows it once captured.
+    values["client_id"] = (
+        sa.select(payments.c.client_id)
+        .where(payments.c.payment_id == record.payment_id)
+        .scalar_subquery()
+    )
     inserted = await conn.scalar(
         insert(outbox_events)
-        .values(
-            event_id=uuid.UUID(record.id),
-            transaction_id=transaction_id,
-            payment_id=record.payment_id,
-            client_id=client_id,
-            subject=record.subject,
-            topic=record.kind.topic,
-            event_type=record.kind.ce_type,
-            payload=record.body,
-            created_at=now,
-        )
+        .values(**values)
         .on_conflict_do_nothing(index_elements=["event_id"])
         .returning(outbox_events.c.event_id)
     )
@@ -134,17 +161,15 @@ class Ledger:
         # constraint itself rather than by a read before the write (one round trip fewer, and
         # no predicate read of the index for SERIALIZABLE to conflict other postings on).
         txn_id: uuid.UUID | None = await conn.scalar(
-            insert(ledger_transactions)
-            .values(
-                id=uuid.uuid4(),
-                payment_id=txn.payment_id,
-                kind=txn.kind.value,
-                reference=txn.reference,
-                description=txn.description,
-                created_at=now,
-            )
-            .on_conflict_do_nothing(index_elements=["payment_id", "kind", "reference"])
-            .returning(ledger_transactions.c.id)
+            _CLAIM_SLOT,
+            {
+                "id": uuid.uuid4(),
+                "payment_id": txn.payment_id,
+                "kind": txn.kind.value,
+                "reference": txn.reference,
+                "description": txn.description,
+                "created_at": now,
+            },
         )
         if txn_id is None:
             existing = await conn.scalar(
@@ -199,21 +224,19 @@ class Ledger:
                 raise ValueError("a capture posting names its parties")
             row = await _register_row(
                 conn,
-                insert(payments)
-                .values(
-                    payment_id=txn.payment_id,
-                    amount=posting.amount,
-                    captured=posting.amount,
-                    refunded=0,
-                    disputed=0,
-                    dispute_lost=0,
-                    status=PaymentStatus.SUCCEEDED.value,
-                    created_at=now,
-                    updated_at=now,
+                _REGISTER_CAPTURE,
+                {
+                    "payment_id": txn.payment_id,
+                    "amount": posting.amount,
+                    "captured": posting.amount,
+                    "refunded": 0,
+                    "disputed": 0,
+                    "dispute_lost": 0,
+                    "status": PaymentStatus.SUCCEEDED.value,
+                    "created_at": now,
+                    "updated_at": now,
                     **posting.parties.model_dump(),
-                )
-                .on_conflict_do_nothing(index_elements=["payment_id"])
-                .returning(*payments.c),
+                },
             )
         else:
             changes = _register_after(txn, posting.amount, await _register(conn, txn.payment_id))
@@ -329,9 +352,11 @@ async def _register(conn: AsyncConnection, payment_id: str) -> RegisterRow | Non
     return await _register_row(conn, sa.select(payments).where(payments.c.payment_id == payment_id))
 
 
-async def _register_row(conn: AsyncConnection, statement: sa.Executable) -> RegisterRow | None:
+async def _register_row(
+    conn: AsyncConnection, statement: sa.Executable, values: dict[str, Any] | None = None
+) -> RegisterRow | None:
     """The register row a SELECT, or an INSERT/UPDATE ... RETURNING, gives back (if any)."""
-    row = (await conn.execute(statement)).mappings().first()
+    row = (await conn.execute(statement, values)).mappings().first()
     return RegisterRow.model_validate(dict(row)) if row is not None else None
 
 
@@ -393,14 +418,11 @@ async def _open_accounts(conn: AsyncConnection, wanted: list[Account]) -> dict[s
     """Create accounts on first use; refuse a posting to a closed one."""
     unique = {a.code: a for a in wanted}
     await conn.execute(
-        insert(accounts)
-        .values(
-            [
-                {"code": a.code, "type": a.type.value, "currency": a.currency, "status": "open"}
-                for a in unique.values()
-            ]
-        )
-        .on_conflict_do_nothing(index_elements=["code"])
+        _OPEN_ACCOUNT,
+        [
+            {"code": a.code, "type": a.type.value, "currency": a.currency, "status": "open"}
+            for a in unique.values()
+        ],
     )
     rows = (
         await conn.execute(

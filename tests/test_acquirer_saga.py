@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import subprocess
@@ -165,12 +166,19 @@ async def _settled(rig: AcquirerRig, payment_id: str, timeout: float = 40) -> di
 
 
 async def _activities_scheduled(temporal_client: Client, payment_id: str) -> list[str]:
+    """Every activity attempt the workflow made: regular ones scheduled, and local ones (the
+    forward path's first attempts, workflows/local_first.py) by their markers."""
     history = await temporal_client.get_workflow_handle(payment_id).fetch_history()
-    return [
-        e.activity_task_scheduled_event_attributes.activity_type.name
-        for e in history.events
-        if e.HasField("activity_task_scheduled_event_attributes")
-    ]
+    attempts = []
+    for e in history.events:
+        if e.HasField("activity_task_scheduled_event_attributes"):
+            attempts.append(e.activity_task_scheduled_event_attributes.activity_type.name)
+        elif e.HasField("marker_recorded_event_attributes"):
+            marker = e.marker_recorded_event_attributes
+            if marker.marker_name == "core_local_activity":
+                data = json.loads(marker.details["data"].payloads[0].data)
+                attempts.append(data["activity_type"])
+    return attempts
 
 
 async def _captured_once(

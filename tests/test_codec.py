@@ -342,8 +342,9 @@ async def test_customer_data_in_history_is_ciphertext_without_the_key(
             encrypted += 1
             marker_results += path.startswith("marker_recorded_event_attributes.details[result]")
     assert encrypted >= 8  # workflow input, activity inputs and results, memo
-    # Fraud, payments.raw, ledger, payments.confirmed: each result sealed in its marker.
-    assert marker_results == (4 if keyed_settings.local_activities else 0)
+    # Fraud, payments.raw, ledger, payments.confirmed, and the CRM's notice (its first attempt
+    # is local too, workflows/local_first.py): each result sealed in its marker.
+    assert marker_results == (5 if keyed_settings.local_activities else 0)
 
     # The customer id is a search attribute, searchable in clear by design (see infra/codec.py).
     started = events[0].workflow_execution_started_event_attributes

@@ -34,7 +34,7 @@ from domain.events import EventKind
 from domain.payment import FraudAssessment, PaymentState, PaymentWorkflowInput
 from settings import Settings
 from worker import workflow_runner
-from workflows import acquirer_steps, follow_up_steps, follow_ups
+from workflows import acquirer_steps, follow_up_steps, follow_ups, local_first
 from workflows import payment as payment_workflow
 from workflows.payment import PaymentWorkflow
 from workflows.reconciliation import DailyReconciliationWorkflow
@@ -133,6 +133,25 @@ def test_histories_cover_local_and_regular_activities() -> None:
     assert _local_activity_markers(regular) == []
 
 
+def test_histories_cover_remote_calls_before_and_after_local_first() -> None:
+    """Payments from before PATCH_LOCAL_FIRST schedule the acquirer's capture and the CRM
+    notice as regular activities (and replay so); newer ones try each once as a local activity,
+    and an unknown outcome of that attempt is still resolved by the acquirer's status, never by
+    sending the instruction again. The authorization stays regular (a cancel can reach it)."""
+    remote = {"capture_payment", "notify_crm"}
+    before = _load(HISTORIES / "acquirer_capture.json")
+    assert remote <= set(_scheduled_activities(before))
+    after = _load(HISTORIES / "acquirer_capture.v3.json")
+    assert remote <= set(_local_activity_markers(after))
+    assert not remote & set(_scheduled_activities(after))
+    assert _scheduled_activities(after) == ["authorize_payment"]
+    assert "notify_crm" in _local_activity_markers(_load(HISTORIES / "success.v3.json"))
+    timed_out = _load(HISTORIES / "acquirer_timeout_resolved.v3.json")
+    sent = _local_activity_markers(timed_out) + _scheduled_activities(timed_out)
+    assert sent.count("authorize_payment") == sent.count("capture_payment") == 1, sent
+    assert _scheduled_activities(timed_out).count("acquirer_status") == 2
+
+
 def test_histories_cover_continue_as_new_from_both_sides() -> None:
     ended = _load(HISTORIES / "refund_continues_as_new.json").events[-1]
     assert ended.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW
@@ -167,6 +186,7 @@ def test_histories_cover_updates_and_every_patch() -> None:
         acquirer_steps.PATCH_ACQUIRER,
         acquirer_steps.PATCH_EXPIRY_SEARCH_ATTRIBUTE,
         payment_workflow.PATCH_DECIDED_AT_START,
+        local_first.PATCH_LOCAL_FIRST,
     }
     assert updates >= 5
 
@@ -511,7 +531,10 @@ async def test_a_window_measured_from_the_first_task_time_fails_that_replay() ->
 def _local_activity_markers(history: WorkflowHistory) -> list[str]:
     types = []
     for event in history.events:
-        if event.event_type == EventType.EVENT_TYPE_MARKER_RECORDED:
+        if (
+            event.event_type == EventType.EVENT_TYPE_MARKER_RECORDED
+            and event.marker_recorded_event_attributes.marker_name == "core_local_activity"
+        ):
             data = event.marker_recorded_event_attributes.details["data"].payloads[0].data
             types.append(json.loads(data)["activity_type"])
     return types

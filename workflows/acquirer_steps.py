@@ -19,10 +19,19 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    FailureError,
+    is_cancelled_exception,
+)
 
 with workflow.unsafe.imports_passed_through():
-    from activities.acquirer import ACQUIRER_OUTCOME_UNKNOWN, AcquirerActivities
+    from activities.acquirer import (
+        ACQUIRER_OUTCOME_UNKNOWN,
+        ACQUIRER_UNAVAILABLE,
+        AcquirerActivities,
+    )
     from domain import ledger as entries
     from domain.acquirer import (
         AcquirerAuthorization,
@@ -48,6 +57,7 @@ with workflow.unsafe.imports_passed_through():
         PaymentStatus,
     )
     from workflows import search_attributes as sa
+    from workflows.local_first import ONE_ATTEMPT, refused, tries_locally_first
 
 # New payments with an acquirer authorize and capture there before the ledger posting; payments
 # whose history was written before keep the commands they recorded (docs/upgrades.md).
@@ -112,6 +122,7 @@ class AcquirerSteps:
         policy: PaymentPolicy
         cancel_requested: CancelSignal | None
         decided_at_start: bool
+        local_first_decided: bool | None
 
         def set_status(self, status: PaymentStatus, waiting_for: str, note: str = "") -> None: ...
 
@@ -219,6 +230,7 @@ class AcquirerSteps:
             ),
             "capture",
             AcquirerAuthorization.capture_result,
+            local_first=True,
         )
 
     async def void_at_acquirer(self) -> VoidResult:
@@ -338,33 +350,58 @@ class AcquirerSteps:
         instruction: Instruction,
         operation: str,
         from_record: Callable[[AcquirerAuthorization], Answer | None],
+        *,
+        local_first: bool = False,
     ) -> Answer:
         """The instruction's answer, its outcome read from the acquirer's record when the
-        answer was lost, or AcquirerOutcomeUnresolved past the bound. A refusal propagates."""
+        answer was lost, or AcquirerOutcomeUnresolved past the bound. A refusal propagates.
+
+        `local_first` (the forward path's capture, workflows/local_first.py): the first
+        attempt is a local activity; what it does not settle is resolved exactly as a regular
+        attempt's failure would be."""
         deadline = self.resolve_deadline()
+        local = local_first and tries_locally_first(self.policy, self.local_first_decided)
         while True:
             remaining = (deadline - workflow.now()).total_seconds()
             if remaining <= 0:
                 raise AcquirerOutcomeUnresolved(operation, self.state.id, "the bound has passed")
-            try:
-                return await workflow.execute_activity_method(
-                    step,
-                    instruction,
-                    start_to_close_timeout=_CALL_TIMEOUT,
-                    schedule_to_close_timeout=timedelta(seconds=remaining),
-                    retry_policy=_INSTRUCTION_RETRY,
-                )
-            except ActivityError as failure:
-                if is_cancelled_exception(failure):
-                    raise
-                if _failure_type(failure) in NON_RETRYABLE:
-                    raise  # refused: nothing happened, and asking again will not help
-                if _failure_type(failure) != ACQUIRER_OUTCOME_UNKNOWN:
-                    # Not reached for the whole bound: the acquirer may still have acted on
-                    # an earlier attempt's late arrival, so only its status can say.
-                    raise AcquirerOutcomeUnresolved(
-                        operation, self.state.id, "the acquirer was not reachable"
-                    ) from failure
+            if local:
+                local = False
+                try:
+                    return await workflow.execute_local_activity_method(
+                        step,
+                        instruction,
+                        start_to_close_timeout=_CALL_TIMEOUT,
+                        schedule_to_close_timeout=timedelta(seconds=remaining),
+                        retry_policy=ONE_ATTEMPT,
+                    )
+                except FailureError as failure:
+                    if is_cancelled_exception(failure) or refused(failure):
+                        raise
+                    if _failure_type(failure) == ACQUIRER_UNAVAILABLE:
+                        continue  # nothing was sent: the regular activity sends it, retrying
+                    # Anything else (the answer lost, the attempt timed out) may have reached
+                    # the acquirer: only its status can say.
+            else:
+                try:
+                    return await workflow.execute_activity_method(
+                        step,
+                        instruction,
+                        start_to_close_timeout=_CALL_TIMEOUT,
+                        schedule_to_close_timeout=timedelta(seconds=remaining),
+                        retry_policy=_INSTRUCTION_RETRY,
+                    )
+                except ActivityError as failure:
+                    if is_cancelled_exception(failure):
+                        raise
+                    if _failure_type(failure) in NON_RETRYABLE:
+                        raise  # refused: nothing happened, and asking again will not help
+                    if _failure_type(failure) != ACQUIRER_OUTCOME_UNKNOWN:
+                        # Not reached for the whole bound: the acquirer may still have acted
+                        # on an earlier attempt's late arrival, so only its status can say.
+                        raise AcquirerOutcomeUnresolved(
+                            operation, self.state.id, "the acquirer was not reachable"
+                        ) from failure
             record = await self.status_until_answered(operation, deadline)
             if record is not None:
                 answer = from_record(record)

@@ -66,6 +66,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.acquirer_steps import RELEASE_AT_ACQUIRER, AcquirerSteps
     from workflows.compensations import Compensations, FailedUndo, run_to_completion
     from workflows.follow_up_steps import FollowUpSteps
+    from workflows.local_first import PATCH_LOCAL_FIRST
     from workflows.steps import FRAUD, LEDGER, STEP_FAILURES, failure_message, refuse
 
 # Patches of the saga (docs/upgrades.md; the follow-ups' are in workflows/follow_ups.py and
@@ -95,6 +96,8 @@ PATCH_REVERSAL_ASKS_THE_LEDGER = "reversal-asks-the-ledger"
 # the marker is found, and `patched()` answered, by workflow task. Found by the simulation's
 # faults profile with the acquirer (seed 2): "Non-deprecated patch marker ... acquirer-authorize-
 # capture" after a worker restart. Older payments keep asking each patch where they did.
+# Patches added since are asked right after it, in the same first activation
+# (PATCH_LOCAL_FIRST, workflows/local_first.py).
 PATCH_DECIDED_AT_START = "patches-decided-at-start"
 
 REVERSE_POSTING = "reverse the ledger posting"
@@ -136,6 +139,7 @@ class PaymentWorkflow(FollowUpSteps, AcquirerSteps):
         self.reversal_asks_the_ledger = False
         # PATCH_DECIDED_AT_START, asked first thing in `run`.
         self.decided_at_start = False
+        self.local_first_decided: bool | None = None
         # What the payment takes right now (domain/follow_ups.py): it only narrows, and always
         # before the workflow stops serving what it took.
         self.door = Door(Taking.NOT_YET)
@@ -163,6 +167,8 @@ class PaymentWorkflow(FollowUpSteps, AcquirerSteps):
     @workflow.run
     async def run(self, input: PaymentWorkflowInput) -> PaymentState:
         self.decided_at_start = workflow.patched(PATCH_DECIDED_AT_START)
+        if self.decided_at_start:
+            self.local_first_decided = workflow.patched(PATCH_LOCAL_FIRST)
         try:
             if input.carried_state is None and not await self.take_payment():
                 await self.finish()
@@ -261,7 +267,8 @@ class PaymentWorkflow(FollowUpSteps, AcquirerSteps):
         self.open_the_door()
         if self.decided_at_start or workflow.patched(PATCH_CRM_STEP_OUTLIVES_CANCEL):
             await run_to_completion(
-                self.notify_crm(EventKind.CONFIRMED), on_cancel=self.shut_for_cancel
+                self.notify_crm(EventKind.CONFIRMED, local_first=True),
+                on_cancel=self.shut_for_cancel,
             )
         else:
             await self.notify_crm(EventKind.CONFIRMED)

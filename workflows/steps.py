@@ -15,7 +15,12 @@ from typing import Any, TypedDict, TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    FailureError,
+    is_cancelled_exception,
+)
 
 with workflow.unsafe.imports_passed_through():
     from activities.crm import CrmActivities
@@ -26,11 +31,12 @@ with workflow.unsafe.imports_passed_through():
     from domain.errors import NON_RETRYABLE
     from domain.events import EventKind, PaymentEvent, event_id
     from domain.follow_ups import ENDED, Refused
-    from domain.messages import CrmTarget, crm_notification, payment_event
+    from domain.messages import CrmNotification, CrmTarget, crm_notification, payment_event
     from domain.payment import CrmSync, PaymentPolicy, PaymentState, PaymentStatus, StatusChange
     from ledger.activity import LedgerActivities
     from ledger.records import LedgerPosting, PaymentOutcome, PaymentParties
     from workflows import search_attributes as sa
+    from workflows.local_first import ONE_ATTEMPT, refused, tries_locally_first
 
 # Retry bounds: infrastructure outages (Kafka, database) are waited out, never given up on;
 # business refusals (NON_RETRYABLE types) fail at once.
@@ -102,6 +108,8 @@ class PaymentSteps:
 
     state: PaymentState
     policy: PaymentPolicy
+    # PATCH_LOCAL_FIRST as decided at the run's start (None: asked at the first remote call).
+    local_first_decided: bool | None
     # A ledger event is built once, for its posting (the outbox row), and published as is:
     # one id, one body, whether a consumer reads it from Kafka, the relay or /v1/events.
     posted_events: dict[str, PaymentEvent]
@@ -208,19 +216,25 @@ class PaymentSteps:
         return await workflow.execute_activity_method(step, arg, **options)
 
     async def notify_crm(
-        self, kind: EventKind, reference: str = "", details: dict[str, Any] | None = None
+        self,
+        kind: EventKind,
+        reference: str = "",
+        details: dict[str, Any] | None = None,
+        *,
+        local_first: bool = False,
     ) -> None:
+        """`local_first` (a confirmed payment's notice): one attempt as a local activity first,
+        then the regular activity with the CRM's long retries (workflows/local_first.py)."""
         if not self.policy.crm_targets:
             return
         notification = crm_notification(self.state, kind, reference, details, workflow.now())
         self.describe_waiting(
             f"the CRM ({', '.join(self.policy.crm_targets)}) to accept {kind.ce_type}"
         )
+        local = local_first and tries_locally_first(self.policy, self.local_first_decided)
         results = await asyncio.gather(
             *(
-                workflow.execute_activity_method(
-                    CrmActivities.notify_crm, args=[CrmTarget(target), notification], **CRM
-                )
+                _tell_crm(CrmTarget(target), notification, local)
                 for target in self.policy.crm_targets
             ),
             return_exceptions=True,
@@ -253,3 +267,21 @@ class PaymentSteps:
         await workflow.execute_activity_method(
             LedgerActivities.record_payment_outcome, outcome, **LEDGER
         )
+
+
+async def _tell_crm(target: CrmTarget, notification: CrmNotification, local_first: bool) -> Any:
+    if local_first:
+        try:
+            return await workflow.execute_local_activity_method(
+                CrmActivities.notify_crm,
+                args=[target, notification],
+                start_to_close_timeout=CRM["start_to_close_timeout"],
+                retry_policy=ONE_ATTEMPT,
+            )
+        except FailureError as failure:
+            if is_cancelled_exception(failure) or refused(failure):
+                raise
+            # Transient: the same notification (same idempotency key), retried by the server.
+    return await workflow.execute_activity_method(
+        CrmActivities.notify_crm, args=[target, notification], **CRM
+    )
