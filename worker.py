@@ -33,6 +33,7 @@ from ledger.activity import LedgerActivities
 from ledger.store import Ledger
 from settings import Settings, get_settings
 from workflows.payment import PaymentWorkflow
+from workflows.subscription import SubscriptionWorkflow
 from workflows.webhook_delivery import WebhookDeliveryWorkflow
 from workflows.webhook_dispatch import running_dispatcher
 
@@ -77,10 +78,11 @@ async def payment_worker(
     worker = Worker(
         client,
         task_queue=settings.task_queue,
-        workflows=[PaymentWorkflow],
+        workflows=[PaymentWorkflow, SubscriptionWorkflow],
         activities=[
             fraud.assess_payment,
             kafka.publish_payment_event,
+            kafka.publish_subscription_event,
             ledger.post_ledger_transaction,
             ledger.captured_in_ledger,
             ledger.record_payment_outcome,
