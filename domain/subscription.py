@@ -36,11 +36,12 @@ from __future__ import annotations
 import calendar
 import hashlib
 import json
+import re
 from datetime import UTC, date, datetime, time, timedelta
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, model_validator
 from pydantic_core import PydanticCustomError
 
 from domain.constraints import JsonInteger, MinorUnits
@@ -179,8 +180,24 @@ MAX_QUANTITY = 10_000
 Quantity = Annotated[int, Field(ge=1, le=MAX_QUANTITY), JsonInteger]
 IntervalCount = Annotated[int, Field(ge=1, le=12), JsonInteger]
 TrialDays = Annotated[int, Field(ge=0, le=730), JsonInteger]
-# ISO dates and enum values arrive as JSON strings: parsed despite the model's strictness.
-AnchorDate = Annotated[date, Strict(False)]
+_ISO_DATE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
+
+
+def _iso_date(value: Any) -> Any:
+    """A date arrives as a JSON string `YYYY-MM-DD` and only so: not a number of seconds, not
+    a date-time (what the OpenAPI document's `format: date` says)."""
+    if isinstance(value, date) and not isinstance(value, datetime):
+        return value
+    if isinstance(value, str) and _ISO_DATE.fullmatch(value):
+        try:
+            return date.fromisoformat(value)
+        except ValueError:
+            pass
+    raise PydanticCustomError("date_invalid", "Send a calendar date as YYYY-MM-DD.")
+
+
+AnchorDate = Annotated[date, BeforeValidator(_iso_date)]
+# Enum values arrive as JSON strings: parsed despite the model's strictness.
 IntervalName = Annotated[Interval, Strict(False)]
 
 

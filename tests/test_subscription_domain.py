@@ -144,6 +144,9 @@ def test_the_request_takes_json_dates_and_intervals_and_refuses_what_the_schema_
         {"payment_method": "4242424242424242"},
         {"extra": 1},
         {"billing_anchor": "2026-02-30"},
+        {"billing_anchor": 0},
+        {"billing_anchor": "1700000000"},
+        {"billing_anchor": "2026-02-01T00:00:00"},
     ):
         with pytest.raises(ValidationError):
             SubscriptionRequest.model_validate(_body(**bad))
