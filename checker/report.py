@@ -20,6 +20,7 @@ OUTBOX_IN_KAFKA = "outbox-in-kafka"
 KAFKA_HAS_OUTBOX = "kafka-events-have-outbox"
 WORKFLOW_AGREES = "workflow-agrees-with-ledger"
 HOLDS_RELEASED = "authorization-holds-released"
+RENEWALS_ONCE = "subscription-periods-charged-once"
 
 PROMISES: dict[str, str] = {
     LEDGER_BALANCED: "Every ledger transaction sums to zero per currency",
@@ -31,6 +32,8 @@ PROMISES: dict[str, str] = {
     WORKFLOW_AGREES: "Each payment's workflow status agrees with its ledger state",
     HOLDS_RELEASED: "Each authorization hold is released once, captured or voided but never "
     "both, captures no more than it held, and none outlives its payment",
+    RENEWALS_ONCE: "Each subscription period is captured by at most one renewal payment, and a "
+    "paid period by exactly the one its subscription.renewed event names",
 }
 
 

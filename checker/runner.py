@@ -36,12 +36,14 @@ from checker.report import (
     POSTED_ONCE,
     PROMISES,
     REGISTER_MATCHES,
+    RENEWALS_ONCE,
     WITHIN_CAPTURED,
     WORKFLOW_AGREES,
     CheckReport,
     CheckResult,
     CheckScope,
 )
+from checker.subscriptions import check_renewals_once
 from checker.workflows import check_workflows_agree, describe_workflows, visible_workflows
 from infra.database import make_engine
 from infra.embedded.postgres import DATABASE
@@ -108,7 +110,8 @@ async def _check_once(
             ),
         ]
     holds = await _guarded(HOLDS_RELEASED, check_holds_released(engine, scope, max_examples))
-    results = [balanced, *payment_checks, *kafka_checks, holds]
+    renewals = await _guarded(RENEWALS_ONCE, check_renewals_once(engine, scope, max_examples))
+    results = [balanced, *payment_checks, *kafka_checks, holds, renewals]
     return sorted(results, key=lambda r: list(PROMISES).index(r.name))
 
 
