@@ -18,7 +18,7 @@ import typer
 from pydantic import ValidationError
 
 from bench import run as bench
-from cli import check, crm, events
+from cli import check, crm, events, subscriptions
 from cli.client import (
     DEFAULT_API_URL,
     ApiFailure,
@@ -318,6 +318,7 @@ app.command("bench")(bench.main)
 app.command("check")(check.main)
 app.add_typer(crm.app, name="crm")
 app.add_typer(events.app, name="events")
+app.add_typer(subscriptions.app, name="subscriptions")
 
 
 def main() -> None:
