@@ -86,9 +86,9 @@ async def skipping(
 def _renewals_outlive_the_test(policy: SubscriptionPolicy) -> SubscriptionPolicy:
     """The renewal payments' dispute window outlasts the test's year. The time-skipping test
     server stalls its clock when an abandoned child completes after the run that started it
-    continued as new (the first renewal's 120-day window closes in month 4); the dev server
-    and a production cluster record nothing in the closed run, as `subscription_paid_continues_
-    as_new` (tests/histories) was recorded there."""
+    continued as new (found here: the first renewal's 120-day window closes in month 4). On a
+    real server a child outliving its parent's run is ordinary (ParentClosePolicy.ABANDON);
+    that completion is not exercised by this suite."""
     payment = policy.payment.model_copy(update={"dispute_window_seconds": 500 * 86400.0})
     return policy.model_copy(update={"payment": payment})
 
