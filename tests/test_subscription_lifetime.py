@@ -96,7 +96,8 @@ def _renewals_outlive_the_test(policy: SubscriptionPolicy) -> SubscriptionPolicy
 async def _state_when(
     handle: WorkflowHandle[Any, Any],
     done: Callable[[SubscriptionState], bool],
-    timeout: float = 60,
+    # Generous: on a loaded 2-core machine a renewal's activities may take their time.
+    timeout: float = 120,
 ) -> SubscriptionState:
     deadline = asyncio.get_running_loop().time() + timeout
     state: SubscriptionState | None = None
@@ -306,7 +307,7 @@ async def test_a_year_of_a_monthly_subscription_with_trial_price_change_dunning_
     # current run's.
     last_run, _ = await _described(client, subscription_id)
     running = client.get_workflow_handle(subscription_id, run_id=last_run)
-    final = SubscriptionState.model_validate(await asyncio.wait_for(running.result(), 60))
+    final = SubscriptionState.model_validate(await asyncio.wait_for(running.result(), 120))
     assert final.status == SubscriptionStatus.CANCELED and final.mrr == 0
     assert final.next_renewal_at is None
     period_11 = _period(final, 11)
@@ -422,7 +423,9 @@ async def test_a_pause_skips_boundaries_and_exhausted_dunning_can_keep_it_unpaid
     assert [p.number for p in later.periods] == [0, 4]
 
     await _change(handle, {"kind": "cancel"})
-    final = SubscriptionState.model_validate(await asyncio.wait_for(handle.result(), 60))
+    last_run, _ = await _described(client, subscription_id)
+    running = client.get_workflow_handle(subscription_id, run_id=last_run)
+    final = SubscriptionState.model_validate(await asyncio.wait_for(running.result(), 120))
     assert final.status == SubscriptionStatus.CANCELED
     assert final.paid_total == 700 == await _captured(engine, _period(final, 0).paid_by)
     for attempt in _period(final, 4).attempts:
