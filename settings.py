@@ -190,6 +190,11 @@ class Settings(BaseSettings):
     # `capture_method: manual`: an authorization left uncaptured this long is voided.
     authorization_expiry_seconds: float = 7 * 86400.0
     acquirer_sandbox: bool = True
+    # Subscriptions (issue 17): a declined renewal is retried this many days after its first
+    # attempt (`PAYSAGA_SUBSCRIPTION_RETRY_DAYS=[1,3,5,7]`); when every retry declined the
+    # subscription is `canceled` or kept `unpaid`.
+    subscription_retry_days: list[int] = Field(default_factory=lambda: [1, 3, 5, 7])
+    subscription_when_exhausted: Literal["unpaid", "canceled"] = "canceled"
     acquirer_sandbox_port: int = 8020
 
     # Reconciliation (docs/reconciliation.md). A ledger movement the acquirer has not settled

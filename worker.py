@@ -35,6 +35,7 @@ from ledger.store import Ledger
 from settings import Settings, get_settings
 from workflows.payment import PaymentWorkflow
 from workflows.reconciliation import DailyReconciliationWorkflow
+from workflows.subscription import SubscriptionWorkflow
 from workflows.webhook_delivery import WebhookDeliveryWorkflow
 from workflows.webhook_dispatch import running_dispatcher
 
@@ -82,10 +83,11 @@ async def payment_worker(
     worker = Worker(
         client,
         task_queue=settings.task_queue,
-        workflows=[PaymentWorkflow, DailyReconciliationWorkflow],
+        workflows=[PaymentWorkflow, DailyReconciliationWorkflow, SubscriptionWorkflow],
         activities=[
             fraud.assess_payment,
             kafka.publish_payment_event,
+            kafka.publish_subscription_event,
             ledger.post_ledger_transaction,
             ledger.captured_in_ledger,
             ledger.held_in_ledger,

@@ -474,6 +474,23 @@ class KafkaActivities:
         )
         return receipt
 
+    @activity.defn(name="publish_subscription_event")
+    async def publish_subscription_event(self, record: EventRecord) -> DeliveryReceipt:
+        """A subscription's event (issue 17): recorded in the events store first (the events
+        API, the webhook dispatcher and the outbox relay read it there), then sent to Kafka
+        under the same id. Retried until Kafka takes it, like a payment's."""
+        if self._events is not None:
+            await self._events.record(record)
+        try:
+            receipt = await self._publisher.publish(record)
+        except KafkaPublishError as exc:
+            message = f"kafka publish of {record.kind.topic} for {record.subject} failed: {exc}"
+            _activity_log(logging.WARNING, message)
+            raise ApplicationError(message, type=KAFKA_UNAVAILABLE) from None
+        if self._acks is not None:
+            self._acks.note(record.id)
+        return receipt
+
 
 def _activity_log(level: int, message: str) -> None:
     # activity.logger adds the workflow and activity ids, but only exists inside an activity.

@@ -22,6 +22,7 @@ WORKFLOW_AGREES = "workflow-agrees-with-ledger"
 HOLDS_RELEASED = "authorization-holds-released"
 SETTLED_LINES_ACCOUNTED = "settled-lines-accounted"
 RECEIVABLE_MATCHES = "receivable-matches-unsettled"
+RENEWALS_ONCE = "subscription-periods-charged-once"
 
 PROMISES: dict[str, str] = {
     LEDGER_BALANCED: "Every ledger transaction sums to zero per currency",
@@ -37,6 +38,8 @@ PROMISES: dict[str, str] = {
     "reconciliation exception queue",
     RECEIVABLE_MATCHES: "The acquirer receivable's balance equals the expected settlement "
     "movements not settled (or written off) yet",
+    RENEWALS_ONCE: "Each subscription period is captured by at most one renewal payment, and a "
+    "paid period by exactly the one its subscription.renewed event names",
 }
 
 

@@ -38,6 +38,7 @@ from checker.report import (
     PROMISES,
     RECEIVABLE_MATCHES,
     REGISTER_MATCHES,
+    RENEWALS_ONCE,
     SETTLED_LINES_ACCOUNTED,
     WITHIN_CAPTURED,
     WORKFLOW_AGREES,
@@ -45,6 +46,7 @@ from checker.report import (
     CheckResult,
     CheckScope,
 )
+from checker.subscriptions import check_renewals_once
 from checker.workflows import check_workflows_agree, describe_workflows, visible_workflows
 from infra.database import make_engine
 from infra.embedded.postgres import DATABASE
@@ -117,7 +119,8 @@ async def _check_once(
         ),
         await _guarded(RECEIVABLE_MATCHES, check_receivable_matches(engine, max_examples)),
     ]
-    results = [balanced, *payment_checks, *kafka_checks, holds, *reconciliation]
+    renewals = await _guarded(RENEWALS_ONCE, check_renewals_once(engine, scope, max_examples))
+    results = [balanced, *payment_checks, *kafka_checks, holds, *reconciliation, renewals]
     return sorted(results, key=lambda r: list(PROMISES).index(r.name))
 
 

@@ -19,7 +19,7 @@ import typer
 from pydantic import ValidationError
 
 from bench import run as bench
-from cli import check, crm, events, recon
+from cli import check, crm, events, recon, subscriptions
 from cli.client import (
     DEFAULT_API_URL,
     ApiFailure,
@@ -320,6 +320,7 @@ app.command("check")(check.main)
 app.add_typer(crm.app, name="crm")
 app.add_typer(events.app, name="events")
 app.add_typer(recon.app, name="recon")
+app.add_typer(subscriptions.app, name="subscriptions")
 
 
 def main() -> None:

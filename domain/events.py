@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 
 SCHEMA_VERSION = 1
 EVENT_SOURCE = "/paysaga/payments"
+SUBSCRIPTION_EVENT_SOURCE = "/paysaga/subscriptions"
 WEBHOOK_ENDPOINT_SOURCE = "/paysaga/webhook_endpoints"
 _EVENT_NAMESPACE = uuid.UUID("6f1c4a52-3b0e-4d8e-9a57-0c2b8f6d1e34")
 
@@ -38,10 +39,23 @@ class EventKind(StrEnum):
     VOIDED = "voided"
     # Not a payment's event: a merchant's webhook endpoint kept failing and was switched off.
     WEBHOOK_ENDPOINT_DISABLED = "webhook_endpoint.disabled"
+    # A subscription's transitions (issue 17), on `subscriptions.<what>` topics.
+    SUBSCRIPTION_CREATED = "subscription.created"
+    SUBSCRIPTION_RENEWED = "subscription.renewed"
+    SUBSCRIPTION_PAST_DUE = "subscription.past_due"
+    SUBSCRIPTION_UNPAID = "subscription.unpaid"
+    SUBSCRIPTION_CANCELED = "subscription.canceled"
+    SUBSCRIPTION_PAUSED = "subscription.paused"
+    SUBSCRIPTION_RESUMED = "subscription.resumed"
+    SUBSCRIPTION_UPDATED = "subscription.updated"
 
     @property
     def about_a_payment(self) -> bool:
-        return self is not EventKind.WEBHOOK_ENDPOINT_DISABLED
+        return self is not EventKind.WEBHOOK_ENDPOINT_DISABLED and not self.about_a_subscription
+
+    @property
+    def about_a_subscription(self) -> bool:
+        return self.value.startswith("subscription.")
 
     @property
     def api_type(self) -> str:
@@ -50,6 +64,8 @@ class EventKind(StrEnum):
 
     @property
     def topic(self) -> str:
+        if self.about_a_subscription:
+            return f"subscriptions.{self.value.split('.', 1)[1]}"
         if not self.about_a_payment:
             return "webhook_endpoints.disabled"
         return f"payments.{self.value}"
@@ -60,6 +76,8 @@ class EventKind(StrEnum):
 
     @property
     def ce_source(self) -> str:
+        if self.about_a_subscription:
+            return SUBSCRIPTION_EVENT_SOURCE
         return EVENT_SOURCE if self.about_a_payment else WEBHOOK_ENDPOINT_SOURCE
 
     @property

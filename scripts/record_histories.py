@@ -1,5 +1,6 @@
 """Record one workflow history per path into tests/histories/, for tests/test_replay.py: every
-path of PaymentWorkflow, of WebhookDeliveryWorkflow (`webhook_*`) and DailyReconciliation.
+path of PaymentWorkflow, of WebhookDeliveryWorkflow (`webhook_*`), of DailyReconciliation and of
+SubscriptionWorkflow (`subscription_*`).
 
     .venv/bin/python -m scripts.record_histories --version v2     # every path: <path>.v2.json
     .venv/bin/python -m scripts.record_histories --version v2 success review_approve
@@ -57,12 +58,23 @@ from domain.payment import (
     VoidSignal,
     payment_id_for,
 )
+from domain.subscription import (
+    CancelChange,
+    DunningPolicy,
+    Interval,
+    PauseChange,
+    PriceChange,
+    ResumeChange,
+    SubscriptionRequest,
+    SubscriptionState,
+    SubscriptionWorkflowInput,
+)
 from domain.webhooks import DeliveryResult
 from infra.database import make_engine
 from infra.embedded.stack import Stack
 from infra.temporal_client import connect_client
 from ledger.store import Ledger
-from service.start import payment_policy
+from service.start import payment_policy, subscription_policy
 from settings import Settings
 from tests.helpers.fake_crm import FakeCrmServer
 from tests.helpers.kafka import GatedKafka
@@ -70,6 +82,7 @@ from tests.helpers.private_stack import private_stack_settings
 from worker import event_worker, payment_worker
 from workflows.payment import PaymentWorkflow, initial_search_attributes
 from workflows.reconciliation import DailyReconciliationRequest, DailyReconciliationWorkflow
+from workflows.subscription import SubscriptionWorkflow, initial_subscription_search_attributes
 from workflows.webhook_dispatch import start_delivery
 
 HISTORIES = Path(__file__).parent.parent / "tests" / "histories"
@@ -734,7 +747,122 @@ async def acquirer_authorization_expires(r: Recorder) -> WorkflowHandle[Any, Any
     return handle
 
 
-# ── the daily reconciliation (issue 16) ──────────────────────────────────────────────────────
+# ── subscriptions (issue 17) ─────────────────────────────────────────────────────────────────
+
+
+async def _subscribe(
+    r: Recorder,
+    path: str,
+    *,
+    trial_days: int = 0,
+    payment_method: str = "pm_card_visa_0001",
+    acquirer: bool = False,
+    **policy: Any,
+) -> WorkflowHandle[Any, Any]:
+    """A monthly subscription started the way service.start does it."""
+    request = SubscriptionRequest(
+        customer_id=f"cus_replay_{path}",
+        merchant_id=f"mer_replay_{path}",
+        payment_method=payment_method,
+        unit_amount=1200,
+        currency="USD",
+        interval=Interval.MONTH,
+        trial_days=trial_days,
+        description=f"replay history: {path}",
+    )
+    subscription_id = f"sub_{uuid.uuid4().hex[:24]}"
+    base = subscription_policy(r.settings, request)
+    workflow_input = SubscriptionWorkflowInput(
+        subscription_id=subscription_id,
+        client_id=CLIENT_ID,
+        request=request,
+        fingerprint=request.fingerprint(),
+        policy=base.model_copy(
+            update={"payment": base.payment.model_copy(update={"acquirer": acquirer}), **policy}
+        ),
+    )
+    return await r.client.start_workflow(
+        SubscriptionWorkflow.run,
+        workflow_input,
+        id=subscription_id,
+        task_queue=r.settings.task_queue,
+        search_attributes=initial_subscription_search_attributes(workflow_input),
+    )
+
+
+async def _subscription_when(
+    handle: WorkflowHandle[Any, Any], done: Callable[[SubscriptionState], bool], timeout: float = 30
+) -> SubscriptionState:
+    deadline = time.monotonic() + timeout
+    while True:
+        state: SubscriptionState = await handle.query("state", result_type=SubscriptionState)
+        if done(state):
+            return state
+        assert time.monotonic() < deadline, f"never got there: {state}"
+        await asyncio.sleep(0.1)
+
+
+async def subscription_trial_changed_and_canceled(r: Recorder) -> WorkflowHandle[Any, Any]:
+    """In its trial: a quantity change (Update), a refused resume (validator), a cancel at the
+    period's end (signal), then a cancel now (Update): the workflow completes."""
+    handle = await _subscribe(r, "subscription_trial_changed_and_canceled", trial_days=30)
+    await _subscription_when(handle, lambda s: s.event_sequence >= 1)
+    await handle.execute_update("change", PriceChange(quantity=3), result_type=SubscriptionState)
+    try:
+        await handle.execute_update("change", ResumeChange())
+    except WorkflowUpdateFailedError:
+        pass
+    else:
+        raise AssertionError("resuming a trialing subscription was accepted")
+    await handle.signal("change_requested", CancelChange(at_period_end=True))
+    await _subscription_when(handle, lambda s: s.cancel_at_period_end)
+    await handle.execute_update("change", CancelChange(), result_type=SubscriptionState)
+    await handle.result()
+    return handle
+
+
+async def subscription_declined_until_canceled(r: Recorder) -> WorkflowHandle[Any, Any]:
+    """The first renewal declines at the acquirer (a child PaymentWorkflow per attempt): past
+    due, two retries 1 and 2 s later decline too, the policy cancels."""
+    handle = await _subscribe(
+        r,
+        "subscription_declined_until_canceled",
+        payment_method="pm_card_decline_insufficient_funds",
+        acquirer=True,
+        dunning=DunningPolicy(retry_after_seconds=[1.0, 2.0], when_exhausted="canceled"),
+    )
+    final = SubscriptionState.model_validate(await handle.result())
+    assert [a.status for a in final.periods[0].attempts] == ["declined"] * 3, final
+    return handle
+
+
+async def _paid_and_continued(r: Recorder, path: str) -> WorkflowHandle[Any, Any]:
+    handle = await _subscribe(r, path, continue_as_new_after_periods=1)
+    latest = r.client.get_workflow_handle(handle.id)
+    deadline = time.monotonic() + 30
+    while (await latest.describe()).run_id == handle.result_run_id:
+        assert time.monotonic() < deadline, "never continued as new"
+        await asyncio.sleep(0.1)
+    await _subscription_when(latest, lambda s: s.next_period == 1)
+    return handle
+
+
+async def subscription_paid_continues_as_new(r: Recorder) -> WorkflowHandle[Any, Any]:
+    """The first period paid by its renewal payment (the child signals its outcome), then the
+    run continues as new carrying the state."""
+    handle = await _paid_and_continued(r, "subscription_paid_continues_as_new")
+    return r.client.get_workflow_handle(handle.id, run_id=handle.result_run_id)
+
+
+async def subscription_continued_paused_and_canceled(r: Recorder) -> WorkflowHandle[Any, Any]:
+    """The carried run: paused, resumed, canceled (Updates); it completes."""
+    handle = await _paid_and_continued(r, "subscription_continued_paused_and_canceled")
+    latest = r.client.get_workflow_handle(handle.id)
+    await latest.execute_update("change", PauseChange(), result_type=SubscriptionState)
+    await latest.execute_update("change", ResumeChange(), result_type=SubscriptionState)
+    await latest.execute_update("change", CancelChange(), result_type=SubscriptionState)
+    await latest.result()
+    return latest
 
 
 async def reconciliation_daily(r: Recorder) -> WorkflowHandle[Any, Any]:
@@ -786,6 +914,10 @@ PATHS: dict[str, Callable[[Recorder], Awaitable[WorkflowHandle[Any, Any]]]] = {
     "acquirer_manual_void": acquirer_manual_void,
     "acquirer_authorization_expires": acquirer_authorization_expires,
     "reconciliation_daily": reconciliation_daily,
+    "subscription_trial_changed_and_canceled": subscription_trial_changed_and_canceled,
+    "subscription_declined_until_canceled": subscription_declined_until_canceled,
+    "subscription_paid_continues_as_new": subscription_paid_continues_as_new,
+    "subscription_continued_paused_and_canceled": subscription_continued_paused_and_canceled,
 }
 
 

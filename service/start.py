@@ -26,10 +26,18 @@ from activities.crm import crm_targets_for
 from domain.events import EventKind
 from domain.messages import CrmNotification
 from domain.payment import PaymentPolicy, PaymentRequest, PaymentWorkflowInput, payment_id_for
+from domain.subscription import (
+    DunningPolicy,
+    SubscriptionPolicy,
+    SubscriptionRequest,
+    SubscriptionWorkflowInput,
+    subscription_id_for,
+)
 from infra.idempotency import IdempotencyRegister
 from infra.metrics import PAYMENT_STARTS
 from settings import Settings
 from workflows.payment import PaymentWorkflow, initial_search_attributes
+from workflows.subscription import SubscriptionWorkflow, initial_subscription_search_attributes
 
 StartSource = Literal["api", "kafka"]
 log = logging.getLogger(__name__)
@@ -171,3 +179,72 @@ async def _still_held(temporal: Client, payment_id: str) -> WorkflowHandle[Any, 
             raise
         return None
     return handle
+
+
+# ── subscriptions (issue 17) ───────────────────────────────────────────────────────────────
+
+
+@dataclass(frozen=True)
+class SubscriptionStart:
+    subscription_id: str
+    replayed: bool
+    handle: WorkflowHandle[Any, Any]
+
+
+def subscription_policy(settings: Settings, body: SubscriptionRequest) -> SubscriptionPolicy:
+    """Fixed at creation: the subscription's dunning and the rules of every renewal payment."""
+    probe = PaymentRequest(
+        amount=1,
+        currency=body.currency,
+        customer_id=body.customer_id,
+        merchant_id=body.merchant_id,
+        payment_method=body.payment_method,
+    )
+    return SubscriptionPolicy(
+        dunning=DunningPolicy(
+            retry_after_seconds=[d * 86400.0 for d in settings.subscription_retry_days],
+            when_exhausted=settings.subscription_when_exhausted,
+        ),
+        payment=payment_policy(settings, probe),
+    )
+
+
+async def start_subscription(
+    temporal: Client,
+    settings: Settings,
+    client_id: str,
+    idempotency_key: str,
+    body: SubscriptionRequest,
+) -> SubscriptionStart:
+    """Start the subscription's workflow, or find the one this key started. The workflow id is
+    derived from (client, key) and Temporal refuses a second start of it (REJECT_DUPLICATE);
+    the body's fingerprint, kept in the memo, tells a retry from a reused key."""
+    subscription_id = subscription_id_for(client_id, idempotency_key)
+    fingerprint = body.fingerprint()
+    workflow_input = SubscriptionWorkflowInput(
+        subscription_id=subscription_id,
+        client_id=client_id,
+        request=body,
+        fingerprint=fingerprint,
+        policy=subscription_policy(settings, body),
+    )
+    try:
+        handle: WorkflowHandle[Any, Any] = await temporal.start_workflow(
+            SubscriptionWorkflow.run,
+            workflow_input,
+            id=subscription_id,
+            task_queue=settings.task_queue,
+            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+            search_attributes=initial_subscription_search_attributes(workflow_input),
+            memo={"fingerprint": fingerprint},
+            static_summary=f"{body.unit_amount}×{body.quantity} {body.currency} minor units "
+            f"every {body.interval_count} {body.interval} from {body.customer_id}",
+        )
+    except WorkflowAlreadyStartedError:
+        handle = temporal.get_workflow_handle(subscription_id)
+        described = await handle.describe()
+        started_with = await described.memo_value("fingerprint", None)
+        if started_with != fingerprint:
+            raise IdempotencyKeyReused(subscription_id) from None
+        return SubscriptionStart(subscription_id, True, handle)
+    return SubscriptionStart(subscription_id, False, handle)

@@ -40,6 +40,7 @@ import os
 import re
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -118,10 +119,26 @@ async def live_ids(api: httpx.AsyncClient) -> dict[str, list[str]]:
         "/v1/webhook_endpoints", json={"url": "https://hooks.example.com/fuzz", "enabled": False}
     )
     assert endpoint.status_code == 201, endpoint.text
+    # A subscription in its trial: read, listed, changed, paused, canceled by the fuzzer.
+    subscription = await api.post(
+        "/v1/subscriptions",
+        json={
+            "customer_id": "cus_fuzz",
+            "merchant_id": "mer_fuzz",
+            "payment_method": "pm_card_visa_0001",
+            "unit_amount": 1000,
+            "currency": "USD",
+            "interval": "month",
+            "trial_days": 30,
+        },
+        headers={"Idempotency-Key": f"fuzz-sub-{uuid.uuid4().hex}"},
+    )
+    assert subscription.status_code == 201, subscription.text
     return {
         "payments": [succeeded, disputed, in_review],
         "disputes": [opened.json()["id"]],
         "endpoints": [endpoint.json()["id"]],
+        "subscriptions": [subscription.json()["id"]],
     }
 
 
@@ -145,10 +162,14 @@ values = {values(live_ids["disputes"])}
 [dictionaries.endpoints]
 values = {values(live_ids["endpoints"])}
 
+[dictionaries.subscriptions]
+values = {values(live_ids["subscriptions"])}
+
 [parameters]
 "path.payment_id" = {{ dictionary = "payments", probability = 0.5 }}
 "path.dispute_id" = {{ dictionary = "disputes", probability = 0.5 }}
 "path.endpoint_id" = {{ dictionary = "endpoints", probability = 0.5 }}
+"path.subscription_id" = {{ dictionary = "subscriptions", probability = 0.5 }}
 
 [generation]
 unique-inputs = true
@@ -162,6 +183,12 @@ generation = {{ max-examples = {PAYMENT_EXAMPLES} }}
 # A cursor is opaque and checked: one the API never issued is a 400 `cursor_invalid`.
 [[operations]]
 include-path = "/v1/payments"
+include-method = "GET"
+checks.positive_data_acceptance.expected-statuses = {json.dumps([*ACCEPTED, "400"])}
+
+# The same for subscriptions' cursors.
+[[operations]]
+include-path = "/v1/subscriptions"
 include-method = "GET"
 checks.positive_data_acceptance.expected-statuses = {json.dumps([*ACCEPTED, "400"])}
 
@@ -220,8 +247,9 @@ async def test_fuzzing_from_the_openapi_document_finds_no_5xx_and_no_schema_mism
     cases = report["test_cases"]
     assert cases["generated"] >= MIN_CASES, cases
     assert cases["with_failures"] == 0 and cases["errored"] == 0, cases
-    # 21, + the reconciliation exceptions' list, retrieve and resolve (issue 16).
-    assert report["operations"]["tested"] == report["operations"]["total"] == 24
+    # 21, + the reconciliation exceptions' list, retrieve and resolve (issue 16), + the
+    # subscriptions' 8 (issue 17).
+    assert report["operations"]["tested"] == report["operations"]["total"] == 32
     phases = report["phases"]
     assert {name: phases[name]["status"] for name in ("coverage", "fuzzing", "stateful")} == {
         "coverage": "success",
@@ -266,7 +294,8 @@ async def test_every_post_route_documents_the_413_it_answers_to_an_oversized_bod
     document = (await api.get("/openapi.json")).json()
     oversized = b"x" * (app_settings.max_body_bytes + 1)
     posts = [path for path, methods in document["paths"].items() if "post" in methods]
-    assert len(posts) == 12  # + capture, void (issue 15), resolve an exception (issue 16)
+    # + capture, void (issue 15), resolve an exception (issue 16), the subscriptions' 6 (issue 17)
+    assert len(posts) == 18
     for path in posts:
         assert "413" in document["paths"][path]["post"]["responses"], path
         concrete = (
@@ -275,6 +304,7 @@ async def test_every_post_route_documents_the_413_it_answers_to_an_oversized_bod
             .replace("{event_id}", "0" * 8 + "-0000-0000-0000-" + "0" * 12)
             .replace("{endpoint_id}", "we_" + "0" * 24)
             .replace("{exception_id}", "rex_" + "0" * 24)
+            .replace("{subscription_id}", "sub_" + "0" * 24)
         )
         response = await api.post(
             concrete,

@@ -442,6 +442,10 @@ _BODIES: dict[tuple[str, str], dict[str, Any]] = {
         "action": "write_off",
         "reason": "unknown",
     },
+    ("post", "/v1/subscriptions/{subscription_id}/price"): {"unit_amount": 100},
+    ("post", "/v1/subscriptions/{subscription_id}/payment_method"): {
+        "payment_method": "pm_card_visa"
+    },
 }
 
 
@@ -460,15 +464,23 @@ async def test_an_unknown_id_of_any_shape_is_404_on_every_id_path(api: httpx.Asy
         if "{" in path
         for method in methods
     ]
-    # + capture and void (issue 15), a reconciliation exception and its resolve (issue 16)
-    assert len(operations) == 16, operations
+    # + capture and void (issue 15), a reconciliation exception and its resolve (issue 16),
+    # a subscription's get and its five changes (issue 17)
+    assert len(operations) == 22, operations
     for method, path in operations:
         parameters = document["paths"][path][method]["parameters"]
         for parameter in (p for p in parameters if p["in"] == "path"):
             assert parameter["schema"].keys() <= {"type", "title", "description"}, parameter
         for never in NEVER_ISSUED:
             concrete = path
-            for name in ("payment_id", "dispute_id", "event_id", "endpoint_id", "exception_id"):
+            for name in (
+                "payment_id",
+                "dispute_id",
+                "event_id",
+                "endpoint_id",
+                "exception_id",
+                "subscription_id",
+            ):
                 concrete = concrete.replace("{" + name + "}", never)
             response = await api.request(
                 method.upper(),

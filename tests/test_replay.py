@@ -32,12 +32,14 @@ from temporalio.worker import Replayer
 
 from domain.events import EventKind
 from domain.payment import FraudAssessment, PaymentState, PaymentWorkflowInput
+from domain.subscription import renewal_payment_id
 from settings import Settings
 from worker import workflow_runner
 from workflows import acquirer_steps, follow_up_steps, follow_ups, local_first
 from workflows import payment as payment_workflow
 from workflows.payment import PaymentWorkflow
 from workflows.reconciliation import DailyReconciliationWorkflow
+from workflows.subscription import SubscriptionWorkflow
 from workflows.webhook_delivery import WebhookDeliveryWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
@@ -80,6 +82,10 @@ PATHS = {
     "webhook_gave_up_disabled",  # the retry window passed: gave up, the endpoint disabled
     "webhook_manual_redelivery",  # one attempt, never disabling
     "reconciliation_daily",  # DailyReconciliation: a day's settlement file fetched, imported
+    "subscription_trial_changed_and_canceled",  # SubscriptionWorkflow: Updates, a refusal, a signal
+    "subscription_declined_until_canceled",  # child payments declined, dunning timers, canceled
+    "subscription_paid_continues_as_new",  # a renewal paid (the child's signal), continue-as-new
+    "subscription_continued_paused_and_canceled",  # the carried run: pause, resume, cancel
 }
 
 # Payload encodings of an unencrypted history (the codec's would be binary/encrypted).
@@ -102,7 +108,12 @@ def _load(file: Path) -> WorkflowHistory:
 def _replayer(*workflows: type) -> Replayer:
     return Replayer(
         workflows=list(workflows)
-        or [PaymentWorkflow, WebhookDeliveryWorkflow, DailyReconciliationWorkflow],
+        or [
+            PaymentWorkflow,
+            WebhookDeliveryWorkflow,
+            DailyReconciliationWorkflow,
+            SubscriptionWorkflow,
+        ],
         data_converter=pydantic_data_converter,
         workflow_runner=workflow_runner(Settings(workflow_sandbox=True)),
     )
@@ -558,3 +569,32 @@ def _payloads(node: Any) -> Any:
     elif isinstance(node, list):
         for item in node:
             yield from _payloads(item)
+
+
+def test_subscription_histories_cover_a_renewal_its_signal_and_continue_as_new() -> None:
+    """The renewal path from the subscription's side: a child payment started under the
+    derived id, its outcome signalled back, the run continued as new carrying the state."""
+    events = _load(HISTORIES / "subscription_paid_continues_as_new.json").events
+    children = [
+        e.start_child_workflow_execution_initiated_event_attributes
+        for e in events
+        if e.event_type == EventType.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_INITIATED
+    ]
+    assert [c.workflow_type.name for c in children] == ["PaymentWorkflow"]
+    start = events[0].workflow_execution_started_event_attributes
+    subscription_id = json.loads(start.input.payloads[0].data)["subscription_id"]
+    assert children[0].workflow_id == renewal_payment_id(subscription_id, 0, 0)
+    signals = [
+        e.workflow_execution_signaled_event_attributes.signal_name
+        for e in events
+        if e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED
+    ]
+    assert signals == ["renewal_settled"]
+    assert events[-1].event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW
+    declined = _load(HISTORIES / "subscription_declined_until_canceled.json").events
+    attempts = [
+        e
+        for e in declined
+        if e.event_type == EventType.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_INITIATED
+    ]
+    assert len(attempts) == 3  # the first attempt and its two retries

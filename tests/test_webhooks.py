@@ -214,6 +214,38 @@ async def test_a_matching_event_is_delivered_signed_as_the_events_api_shows_it(
     assert len(receiver.requests_for(HOOK)) == 1
 
 
+async def test_a_subscriptions_transitions_reach_an_endpoint_that_asked_for_them(
+    merchant_a: httpx.AsyncClient, receiver: FakeCrmServer
+) -> None:
+    """Issue 17: `subscription.*` events go the payments' way (events store, dispatcher,
+    signed delivery), and only to endpoints subscribed to them."""
+    endpoint = await _endpoint(merchant_a, receiver.url(HOOK), ["subscription.*"])
+    created = await merchant_a.post(
+        "/v1/subscriptions",
+        json={
+            "customer_id": "cus_hooks",
+            "merchant_id": "mer_hooks",
+            "payment_method": "pm_card_visa_0001",
+            "unit_amount": 900,
+            "currency": "USD",
+            "interval": "month",
+            "trial_days": 10,
+        },
+        headers={"Idempotency-Key": f"sub-{uuid.uuid4().hex}"},
+    )
+    assert created.status_code == 201, created.text
+    subscription_id = created.json()["id"]
+    canceled = await merchant_a.post(f"/v1/subscriptions/{subscription_id}/cancel")
+    assert canceled.status_code == 200, canceled.text
+
+    requests = await receiver.wait_for_requests(2, HOOK, timeout=20)
+    assert all(_verifies(r, endpoint["secret"]) for r in requests)
+    delivered = sorted((r.json() for r in requests), key=lambda e: e["data"]["sequence"])
+    assert [e["type"] for e in delivered] == ["subscription.created", "subscription.canceled"]
+    assert {e["data"]["subscription_id"] for e in delivered} == {subscription_id}
+    assert delivered[0] == (await merchant_a.get(f"/v1/events/{delivered[0]['id']}")).json()
+
+
 async def test_a_failing_then_recovering_receiver_gets_the_event_after_backed_off_retries(
     merchant_a: httpx.AsyncClient, receiver: FakeCrmServer
 ) -> None:

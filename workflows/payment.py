@@ -170,9 +170,12 @@ class PaymentWorkflow(FollowUpSteps, AcquirerSteps):
         if self.decided_at_start:
             self.local_first_decided = workflow.patched(PATCH_LOCAL_FIRST)
         try:
-            if input.carried_state is None and not await self.take_payment():
-                await self.finish()
-                return self.state
+            if input.carried_state is None:
+                paid = await self.take_payment()
+                await self.tell_the_subscription()
+                if not paid:
+                    await self.finish()
+                    return self.state
             await self.serve_follow_ups_until_window_closes()
         except (asyncio.CancelledError, ActivityError) as stop:
             if not is_cancelled_exception(stop):
@@ -184,6 +187,27 @@ class PaymentWorkflow(FollowUpSteps, AcquirerSteps):
             raise
         await self.finish()
         return self.state
+
+    async def tell_the_subscription(self) -> None:
+        """A renewal (a child of a SubscriptionWorkflow) tells its subscription how it ended as
+        soon as it knows, not when its dispute window closes. Payments without a parent (every
+        payment before issue 17, and every one a client creates) send nothing, so their
+        histories replay unchanged."""
+        parent = workflow.info().parent
+        if parent is None:
+            return
+        outcome = {
+            "payment_id": self.state.id,
+            "status": self.state.status.value,
+            "captured": self.state.captured,
+            "decline_code": self.state.decline_code,
+        }
+        try:
+            await workflow.get_external_workflow_handle(parent.workflow_id).signal(
+                "renewal_settled", outcome
+            )
+        except Exception as failure:  # the subscription is gone: the payment stands alone
+            workflow.logger.warning("could not tell %s: %s", parent.workflow_id, failure)
 
     async def finish(self) -> None:
         """Stop taking anything, let every handler finish, record the outcome for after the

@@ -17,6 +17,11 @@ CLIENT_ID = SearchAttributeKey.for_keyword("ClientId")
 # the payment enters requires_capture: "authorizations expiring within 24 h".
 AUTHORIZATION_EXPIRES_AT = SearchAttributeKey.for_datetime("AuthorizationExpiresAt")
 
+# Subscriptions (issue 17): `SubscriptionStatus="past_due"`; `NextRenewalAt < "…"` finds the
+# renewals due soon (unset while paused, unpaid or canceled).
+SUBSCRIPTION_STATUS = SearchAttributeKey.for_keyword("SubscriptionStatus")
+NEXT_RENEWAL_AT = SearchAttributeKey.for_datetime("NextRenewalAt")
+
 ALL_KEYS = (
     PAYMENT_STATUS,
     CUSTOMER_ID,
@@ -27,4 +32,6 @@ ALL_KEYS = (
     CRM_SYNC,
     CLIENT_ID,
     AUTHORIZATION_EXPIRES_AT,
+    SUBSCRIPTION_STATUS,
+    NEXT_RENEWAL_AT,
 )
