@@ -447,10 +447,11 @@ async def crm_outage(rig: FaultRig, merchant: str, seconds: float) -> int:
     """First half: every CRM call gets a 503. Second half: every call hangs past the client's
     timeout. Then the CRM is back. Returns how many payments had synced before it was."""
     started = time.monotonic()
-    rig.crm.fail_for(seconds / 2)
+    # Failing until the swap however late this task wakes (a loaded box), then hung: the swap
+    # is one step, so no request meets a CRM that answers in between.
+    rig.crm.fail_for(seconds)
     await sleep_until(started + seconds / 2)
-    rig.crm.clear()  # swaps the script (and forgets the requests recorded so far)
-    rig.crm.delay_for(CRM_TIMEOUT_SECONDS * 2.5)
+    rig.crm.hang_instead(CRM_TIMEOUT_SECONDS * 2.5)  # also forgets the requests recorded so far
     await sleep_until(started + seconds)
     synced = await count_payments(rig.temporal, merchant, "CrmSync = 'synced'")
     rig.crm.clear()

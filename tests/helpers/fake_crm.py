@@ -198,6 +198,23 @@ class FakeCrmServer:
         answering: longer than the client's timeout, it simulates a hung CRM."""
         self.respond_with(status, times, delay=seconds, path_prefix=path_prefix)
 
+    def hang_instead(self, seconds: float) -> None:
+        """`clear()` and `delay_for(seconds)` in one step: no request in between finds the
+        script empty and gets a 200 (a CRM going from failing to hung never answers)."""
+        with self._lock:
+            self._requests.clear()
+            self._rules.clear()
+            self._rules.append(
+                _Rule(
+                    status=200,
+                    body=_encode_body(200, None),
+                    headers={},
+                    delay=seconds,
+                    path_prefix="",
+                    remaining=None,
+                )
+            )
+
     def clear(self) -> None:
         """Forget recorded requests and the script: back to answering 200 to everything."""
         with self._lock:
