@@ -121,6 +121,8 @@ class Simulation:
     requests: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     answers: Counter[str] = field(default_factory=Counter)  # "201", "409 payment_closed", …
+    # How the subscriptions ended: "canceled", "active", …, and "paid periods" / "declines".
+    subscription_ends: Counter[str] = field(default_factory=Counter)
 
     # ── requests ─────────────────────────────────────────────────────────────────────────
     async def send(
@@ -594,6 +596,16 @@ class Simulation:
              for pid in p["attempts"]}
         )  # fmt: skip
         money = await self.renewal_money(renewals)
+        for final in subscription_finals.values():
+            if final is not None:
+                self.subscription_ends[final["status"]] += 1
+                periods = final["periods"]
+                self.subscription_ends["paid periods"] += sum(
+                    p["paid_by"] is not None for p in periods
+                )
+                self.subscription_ends["declined renewals"] += sum(
+                    len(p["attempts"]) - (p["paid_by"] is not None) for p in periods
+                )
         self.timings["settle"] = time.monotonic() - began
         self.timings["renewals"] = len(renewals)
         found = [*self.problems]
@@ -633,6 +645,7 @@ class Simulation:
             f"seed {self.script.seed}: {len(self.script.stories)} payments, "
             f"{len(self.script.subscriptions)} subscriptions {counts}, "
             f"{sum(len(s.ops) for s in self.script.stories)} follow-ups, {self.requests} requests, "
+            f"subscriptions ended {dict(sorted(self.subscription_ends.items()))}, "
             f"timings {self.timings}, answers {dict(sorted(self.answers.items()))}"
         )
 
