@@ -192,8 +192,9 @@ class Settings(BaseSettings):
     acquirer_sandbox: bool = True
     # Subscriptions (issue 17): a declined renewal is retried this many days after its first
     # attempt (`PAYSAGA_SUBSCRIPTION_RETRY_DAYS=[1,3,5,7]`); when every retry declined the
-    # subscription is `canceled` or kept `unpaid`.
-    subscription_retry_days: list[int] = Field(default_factory=lambda: [1, 3, 5, 7])
+    # subscription is `canceled` or kept `unpaid`. Fractions of a day are allowed (tests and
+    # the simulation retry within seconds).
+    subscription_retry_days: list[float] = Field(default_factory=lambda: [1.0, 3.0, 5.0, 7.0])
     subscription_when_exhausted: Literal["unpaid", "canceled"] = "canceled"
     acquirer_sandbox_port: int = 8020
 

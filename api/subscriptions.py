@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from pydantic import BaseModel, BeforeValidator, Field
+from sqlalchemy.exc import DBAPIError
 from temporalio.client import (
     WorkflowHandle,
     WorkflowUpdateFailedError,
@@ -33,6 +34,7 @@ from api.payments import (
     _cursor,
     _page_token,
     _quote,
+    _register,
     _settings,
     _temporal,
 )
@@ -269,7 +271,12 @@ async def create_subscription(
         )
     try:
         started = await start_subscription(
-            _temporal(request), _settings(request), client.client_id, idempotency_key, body
+            _temporal(request),
+            _register(request),
+            _settings(request),
+            client.client_id,
+            idempotency_key,
+            body,
         )
     except IdempotencyKeyReused:
         raise ApiError(
@@ -279,9 +286,27 @@ async def create_subscription(
             "This Idempotency-Key was already used with a different request body.",
             "Idempotency-Key",
         ) from None
+    except DBAPIError:
+        # The key could not be checked against the register: nothing was started.
+        raise ApiError(
+            503,
+            "api_error",
+            "database_unavailable",
+            "The subscription could not be recorded; retry with the same Idempotency-Key.",
+        ) from None
     if started.replayed:
         response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = f"/v1/subscriptions/{started.subscription_id}"
+    if started.handle is None:
+        # Temporal has forgotten the subscription this key started: nothing is started again.
+        raise ApiError(
+            409,
+            "idempotency_error",
+            "subscription_record_missing",
+            "This Idempotency-Key already created a subscription whose workflow has since been "
+            "removed (an operator's delete, retention); it is never started twice. Use a new key.",
+            "Idempotency-Key",
+        )
     return SubscriptionResource.of(await _first_answer(started.handle, _FIRST_ANSWER_SECONDS))
 
 

@@ -1,4 +1,5 @@
-"""The idempotency register: every (API client, Idempotency-Key) that ever asked for a payment,
+"""The idempotency register: every (API client, Idempotency-Key) that ever asked for a payment
+(or a subscription: its row is keyed by the `sub_…` id in the same `payment_id` column),
 with the payment id it names and the fingerprint of the body it came with.
 
 Temporal forgets a closed payment (retention, an operator's `workflow delete`, a `reset`), and

@@ -13,6 +13,7 @@ client's bug and is refused rather than answered with someone else's payment.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -44,7 +45,8 @@ log = logging.getLogger(__name__)
 
 
 class IdempotencyKeyReused(Exception):
-    """The key already started a payment with a different body (the API answers 409)."""
+    """The key already started a payment (or a subscription) with a different body (the API
+    answers 409)."""
 
     def __init__(self, payment_id: str) -> None:
         super().__init__(
@@ -111,15 +113,6 @@ async def start_payment(
     """
     payment_id = payment_id_for(client_id, idempotency_key)
     fingerprint = body.fingerprint()
-    claim = await register.claim(payment_id, client_id, fingerprint, source)
-    if claim.fingerprint != fingerprint:
-        raise IdempotencyKeyReused(payment_id)
-    if claim.started:
-        # Started once: found in Temporal, or answered from the payments register. Never again.
-        PAYMENT_STARTS.labels(source, "true").inc()
-        return PaymentStart(payment_id, True, await _still_held(temporal, payment_id))
-
-    # New, or claimed by a request that died before Temporal accepted its start.
     workflow_input = PaymentWorkflowInput(
         payment_id=payment_id,
         client_id=client_id,
@@ -127,8 +120,9 @@ async def start_payment(
         fingerprint=fingerprint,
         policy=payment_policy(settings, body),
     )
-    try:
-        handle: WorkflowHandle[Any, Any] = await temporal.start_workflow(
+
+    async def start() -> WorkflowHandle[Any, Any]:
+        return await temporal.start_workflow(
             PaymentWorkflow.run,
             workflow_input,
             id=payment_id,
@@ -138,20 +132,50 @@ async def start_payment(
             memo={"fingerprint": fingerprint},
             static_summary=f"{body.amount} {body.currency} minor units from {body.customer_id}",
         )
+
+    replayed, handle = await _start_once(
+        temporal, register, client_id, payment_id, fingerprint, source, start
+    )
+    PAYMENT_STARTS.labels(source, "true" if replayed else "false").inc()
+    return PaymentStart(payment_id, replayed, handle)
+
+
+async def _start_once(
+    temporal: Client,
+    register: IdempotencyRegister,
+    client_id: str,
+    workflow_id: str,
+    fingerprint: str,
+    source: StartSource,
+    start: Callable[[], Awaitable[WorkflowHandle[Any, Any]]],
+) -> tuple[bool, WorkflowHandle[Any, Any] | None]:
+    """The one idempotent start, for payments and subscriptions alike: claim the key's id in the
+    register, start the workflow unless the key started it once, mark it started. Returns
+    (replayed, handle); the handle is None when Temporal no longer holds a replayed workflow.
+
+    Raises `IdempotencyKeyReused` when the key started its workflow with another body. Errors of
+    the database or of Temporal propagate: then nothing was started, and a retry is safe."""
+    claim = await register.claim(workflow_id, client_id, fingerprint, source)
+    if claim.fingerprint != fingerprint:
+        raise IdempotencyKeyReused(workflow_id)
+    if claim.started:
+        # Started once: found in Temporal, or forgotten by it. Never started again.
+        return True, await _still_held(temporal, workflow_id)
+    # New, or claimed by a request that died before Temporal accepted its start.
+    try:
+        handle = await start()
     except WorkflowAlreadyStartedError:
-        # A concurrent request with the same key won, or the payment predates the register.
-        handle = temporal.get_workflow_handle(payment_id)
+        # A concurrent request with the same key won, or the workflow predates the register.
+        handle = temporal.get_workflow_handle(workflow_id)
         described = await handle.describe()
         started_with = await described.memo_value("fingerprint", None)
         if isinstance(started_with, str) and started_with != fingerprint:
-            await register.adopt(payment_id, started_with)
-            raise IdempotencyKeyReused(payment_id) from None
-        await _mark_started(register, payment_id)
-        PAYMENT_STARTS.labels(source, "true").inc()
-        return PaymentStart(payment_id, True, handle)
-    await _mark_started(register, payment_id)
-    PAYMENT_STARTS.labels(source, "false").inc()
-    return PaymentStart(payment_id, False, handle)
+            await register.adopt(workflow_id, started_with)
+            raise IdempotencyKeyReused(workflow_id) from None
+        await _mark_started(register, workflow_id)
+        return True, handle
+    await _mark_started(register, workflow_id)
+    return False, handle
 
 
 async def _mark_started(register: IdempotencyRegister, payment_id: str) -> None:
@@ -188,7 +212,9 @@ async def _still_held(temporal: Client, payment_id: str) -> WorkflowHandle[Any, 
 class SubscriptionStart:
     subscription_id: str
     replayed: bool
-    handle: WorkflowHandle[Any, Any]
+    # None when Temporal no longer holds the subscription the key started (deleted by an
+    # operator, past retention): it is never started a second time.
+    handle: WorkflowHandle[Any, Any] | None
 
 
 def subscription_policy(settings: Settings, body: SubscriptionRequest) -> SubscriptionPolicy:
@@ -211,14 +237,17 @@ def subscription_policy(settings: Settings, body: SubscriptionRequest) -> Subscr
 
 async def start_subscription(
     temporal: Client,
+    register: IdempotencyRegister,
     settings: Settings,
     client_id: str,
     idempotency_key: str,
     body: SubscriptionRequest,
 ) -> SubscriptionStart:
-    """Start the subscription's workflow, or find the one this key started. The workflow id is
-    derived from (client, key) and Temporal refuses a second start of it (REJECT_DUPLICATE);
-    the body's fingerprint, kept in the memo, tells a retry from a reused key."""
+    """Start the subscription's workflow, or find the one this key started: the same register
+    and the same start as a payment's (`_start_once`). The id is derived from (client, key) in
+    the subscriptions' own hash domain (`sub_…`), so one key may name one payment and one
+    subscription, each answered only by its own endpoint; the register keeps the key after
+    Temporal forgets the subscription, and a retry then never starts a second one."""
     subscription_id = subscription_id_for(client_id, idempotency_key)
     fingerprint = body.fingerprint()
     workflow_input = SubscriptionWorkflowInput(
@@ -228,8 +257,9 @@ async def start_subscription(
         fingerprint=fingerprint,
         policy=subscription_policy(settings, body),
     )
-    try:
-        handle: WorkflowHandle[Any, Any] = await temporal.start_workflow(
+
+    async def start() -> WorkflowHandle[Any, Any]:
+        return await temporal.start_workflow(
             SubscriptionWorkflow.run,
             workflow_input,
             id=subscription_id,
@@ -240,11 +270,8 @@ async def start_subscription(
             static_summary=f"{body.unit_amount}×{body.quantity} {body.currency} minor units "
             f"every {body.interval_count} {body.interval} from {body.customer_id}",
         )
-    except WorkflowAlreadyStartedError:
-        handle = temporal.get_workflow_handle(subscription_id)
-        described = await handle.describe()
-        started_with = await described.memo_value("fingerprint", None)
-        if started_with != fingerprint:
-            raise IdempotencyKeyReused(subscription_id) from None
-        return SubscriptionStart(subscription_id, True, handle)
-    return SubscriptionStart(subscription_id, False, handle)
+
+    replayed, handle = await _start_once(
+        temporal, register, client_id, subscription_id, fingerprint, "api", start
+    )
+    return SubscriptionStart(subscription_id, replayed, handle)

@@ -28,12 +28,13 @@ from checker.runner import run_checks
 from domain.events import REQUESTS_DLQ_TOPIC
 from domain.fraud import amount_for_limit_share
 from domain.payment import PaymentRequest, PaymentState, PaymentWorkflowInput, payment_id_for
+from domain.subscription import SubscriptionRequest, SubscriptionWorkflowInput, subscription_id_for
 from infra.database import make_engine, migrate, revision_before
 from infra.embedded.process import free_port
 from infra.embedded.stack import Stack
 from infra.idempotency import IdempotencyRegister
 from intake.consumer import running_intake
-from service.start import payment_policy, start_payment
+from service.start import payment_policy, start_payment, subscription_policy
 from settings import Settings
 from tests.conftest import TEST_API_KEY
 from tests.helpers.api_client import api_client
@@ -42,6 +43,7 @@ from tests.helpers.kafka import consume_events
 from tests.helpers.saga import create_payment, ledger_rows, payment_body
 from tests.test_intake import BILLING, BILLING_TOPIC, produce, request_headers
 from workflows.payment import PaymentWorkflow, initial_search_attributes
+from workflows.subscription import SubscriptionWorkflow, initial_subscription_search_attributes
 
 CLIENT = "test-client"  # the client TEST_API_KEY belongs to
 WINDOW_SECONDS = 2.0
@@ -474,3 +476,120 @@ async def committed_past_for(stack: Stack, group: str, partition: int, offset: i
     while await asyncio.to_thread(committed) <= offset:
         assert asyncio.get_running_loop().time() < deadline, f"{group} never committed {offset}"
         await asyncio.sleep(0.2)
+
+
+# ── subscriptions: the same register ─────────────────────────────────────────────────────────
+
+
+def _subscription_body(**overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "customer_id": f"cus_{uuid.uuid4().hex[:10]}",
+        "merchant_id": new_merchant(),
+        "payment_method": "pm_card_visa_0001",
+        "unit_amount": 990,
+        "currency": "EUR",
+        "quantity": 1,
+        "interval": "month",
+        "trial_days": 14,
+    }
+    body.update(overrides)
+    return body
+
+
+async def test_a_subscription_key_reused_after_temporal_forgot_it_never_starts_a_second_one(
+    app_settings: Settings, temporal_client: Client, engine: AsyncEngine
+) -> None:
+    """A subscription goes through the payments' register: once Temporal forgot it, its key
+    answers 409 `subscription_record_missing` with the same body (never a second subscription)
+    and `idempotency_key_reused` with another. One key names one payment and one subscription,
+    each answered only by its own endpoint."""
+    key = f"shared-{uuid.uuid4().hex}"
+    body = _subscription_body()
+    async with api_client(app_settings, temporal_client, TEST_API_KEY) as api:
+        created = await api.post("/v1/subscriptions", json=body, headers={"Idempotency-Key": key})
+        assert created.status_code == 201, created.text
+        sub_id = created.json()["id"]
+        assert sub_id.startswith("sub_")
+        row = await _register_row(engine, sub_id)
+        assert row is not None and row["client_id"] == CLIENT and row["started_at"] is not None
+        assert row["fingerprint"] != ""
+
+        # The same key on the payments endpoint is another resource, never this subscription.
+        pay_body = payment_body(amount=700)
+        paid = await create_payment(api, pay_body, key=key, wait=10)
+        assert paid.status_code == 201, paid.text
+        payment_id = paid.json()["id"]
+        assert payment_id.startswith("pay_") and payment_id == payment_id_for(CLIENT, key)
+
+        again = await api.post("/v1/subscriptions", json=body, headers={"Idempotency-Key": key})
+        assert again.status_code == 201 and again.json()["id"] == sub_id
+        assert again.headers.get("Idempotent-Replayed") == "true"
+
+        canceled = await api.post(f"/v1/subscriptions/{sub_id}/cancel", json={})
+        assert canceled.status_code == 200 and canceled.json()["status"] == "canceled"
+        handle: WorkflowHandle[Any, Any] = temporal_client.get_workflow_handle(sub_id)
+        await asyncio.wait_for(handle.result(), 30)
+        await _forget(temporal_client, sub_id)
+
+        same = await api.post("/v1/subscriptions", json=body, headers={"Idempotency-Key": key})
+        assert same.status_code == 409, same.text
+        assert same.json()["error"]["code"] == "subscription_record_missing"
+        other = await api.post(
+            "/v1/subscriptions",
+            json={**body, "unit_amount": 1990},
+            headers={"Idempotency-Key": key},
+        )
+        assert other.status_code == 409, other.text
+        assert other.json()["error"]["code"] == "idempotency_key_reused"
+        await _never_runs_again(temporal_client, sub_id)
+        missing = await api.get(f"/v1/subscriptions/{sub_id}")
+        assert missing.status_code == 404
+
+        # The payment made with the same key is untouched and still replays as a payment.
+        replayed = await create_payment(api, pay_body, key=key)
+        assert replayed.status_code == 201 and replayed.json()["id"] == payment_id
+        assert replayed.headers.get("Idempotent-Replayed") == "true"
+
+
+async def test_a_subscription_started_before_the_register_is_registered_by_its_next_retry(
+    app_settings: Settings, temporal_client: Client, engine: AsyncEngine
+) -> None:
+    """A subscription started without a register row (before this change) is found by
+    Temporal's duplicate check on the next retry of its key, which registers it as started (and
+    refuses another body): from then on the register answers even after Temporal forgets it."""
+    key = f"legacy-sub-{uuid.uuid4().hex}"
+    request = SubscriptionRequest.model_validate(_subscription_body())
+    sub_id = subscription_id_for(CLIENT, key)
+    workflow_input = SubscriptionWorkflowInput(
+        subscription_id=sub_id,
+        client_id=CLIENT,
+        request=request,
+        fingerprint=request.fingerprint(),
+        policy=subscription_policy(app_settings, request),
+    )
+    await temporal_client.start_workflow(
+        SubscriptionWorkflow.run,
+        workflow_input,
+        id=sub_id,
+        task_queue=app_settings.task_queue,
+        search_attributes=initial_subscription_search_attributes(workflow_input),
+        memo={"fingerprint": request.fingerprint()},
+    )
+    assert await _register_row(engine, sub_id) is None
+    body = request.model_dump(mode="json", exclude_defaults=True)
+    async with api_client(app_settings, temporal_client, TEST_API_KEY) as api:
+        other = await api.post(
+            "/v1/subscriptions",
+            json={**body, "quantity": 3},
+            headers={"Idempotency-Key": key},
+        )
+        assert (
+            other.status_code == 409 and other.json()["error"]["code"] == "idempotency_key_reused"
+        )
+        same = await api.post("/v1/subscriptions", json=body, headers={"Idempotency-Key": key})
+        assert same.status_code == 201, same.text
+        assert same.json()["id"] == sub_id and same.headers.get("Idempotent-Replayed") == "true"
+        row = await _register_row(engine, sub_id)
+        assert row is not None and row["started_at"] is not None
+        assert row["fingerprint"] == request.fingerprint()
+        await api.post(f"/v1/subscriptions/{sub_id}/cancel", json={})

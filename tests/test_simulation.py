@@ -57,10 +57,21 @@ from tests.helpers.fault_rig import (
     started_stack,
     worker_and_clients,
 )
-from tests.simulation.oracle import FinalView, Holds, Money, PaymentSeen, RefundSeen, verdict
+from tests.simulation.oracle import (
+    FinalView,
+    Holds,
+    Money,
+    PaymentSeen,
+    RefundSeen,
+    RenewalMoney,
+    SubscriptionSeen,
+    judge_subscription,
+    verdict,
+)
 from tests.simulation.runner import SimRig, Simulation
 from tests.simulation.script import (
     SHORT_AUTHORIZATION_EXPIRY_SECONDS,
+    SHORT_DUNNING_SECONDS,
     SHORT_REVIEW_TIMEOUT_SECONDS,
     SHORT_WINDOW_SECONDS,
     luhn_valid,
@@ -69,6 +80,8 @@ from tests.simulation.script import (
 from worker import payment_worker
 
 PAYMENTS_PER_SEED = 25
+# Subscriptions of an interleavings seed (through the acquirer's short-policy API).
+SUBSCRIPTIONS_PER_SEED = 6
 # What `make test` runs: the fault profile costs minutes a seed (a SIGKILLed worker's activities
 # wait out their timeouts), the interleavings ~30 s.
 DEFAULT_SEEDS = {"interleavings": (1, 2, 3), "faults": (1,)}
@@ -96,6 +109,7 @@ def short_policy(settings: Settings) -> Settings:
             "dispute_window_days": SHORT_WINDOW_SECONDS / 86400,
             "review_timeout_seconds": SHORT_REVIEW_TIMEOUT_SECONDS,
             "authorization_expiry_seconds": SHORT_AUTHORIZATION_EXPIRY_SECONDS,
+            "subscription_retry_days": [s / 86400 for s in SHORT_DUNNING_SECONDS],
         }
     )
 
@@ -114,7 +128,9 @@ Chaos = Callable[[Simulation], Awaitable[list[str]]]
 
 async def simulate(rig: SimRig, seed: int, profile: str, chaos: Chaos | None = None) -> Simulation:
     """Run one seed; fail naming it and how to run it again."""
-    script = make_script(seed, PAYMENTS_PER_SEED, acquirer=rig.acquirer_api is not None)
+    acquirer = rig.acquirer_api is not None
+    subscriptions = SUBSCRIPTIONS_PER_SEED if acquirer and profile == "interleavings" else 0
+    script = make_script(seed, PAYMENTS_PER_SEED, acquirer=acquirer, subscriptions=subscriptions)
     simulation = Simulation(rig, script)
     print(f"simulation {profile}: seed {seed}", file=sys.stderr)
     began = time.monotonic()
@@ -261,6 +277,38 @@ def test_the_oracle_reports_a_wrong_hold(
     assert any(complaint in p for p in found.get("pay_1", [])), found
 
 
+def _subscription(periods: list[dict[str, object]], status: str = "active") -> dict[str, object]:
+    paid = sum(int(str(p["amount"])) for p in periods if p["status"] == "paid")
+    return {"status": status, "periods": periods, "paid_total": paid,
+            "cancel_at_period_end": False}  # fmt: skip
+
+
+def test_the_oracle_passes_a_subscription_that_agrees_and_reports_one_that_does_not() -> None:
+    paid = {"number": 0, "amount": 900, "status": "paid", "paid_by": "pay_a",
+            "attempts": ["pay_d", "pay_a"]}  # fmt: skip
+    money = {"pay_a": RenewalMoney(900, 900), "pay_d": RenewalMoney()}
+    seen = SubscriptionSeen("sub_1", "sub_recover", retries=2)
+    assert judge_subscription(seen, _subscription([paid]), money) == []
+    # Captured twice for one period; a capture the ledger does not hold.
+    twice = {"pay_a": RenewalMoney(900, 900), "pay_d": RenewalMoney(900, 0)}
+    problems = judge_subscription(seen, _subscription([paid]), twice)
+    assert any("captured by 2 renewals" in p for p in problems)
+    assert any("the ledger moved 0" in p for p in problems)
+    # A pause answered 200, yet the subscription ended active (interleavings seed 1).
+    paused = SubscriptionSeen("sub_2", "sub_paid", retries=2, accepted=["pause"])
+    assert any(
+        "pause/resume" in p for p in judge_subscription(paused, _subscription([paid]), money)
+    )
+    # Canceled with nobody canceling it and dunning not exhausted; a canceled-now one active.
+    dunned = {**paid, "status": "unpaid", "paid_by": None, "attempts": ["pay_d"]}
+    gone = _subscription([dunned], "canceled")
+    assert judge_subscription(seen, gone, money) == ["canceled, though nobody canceled it now"]
+    now = SubscriptionSeen("sub_3", "sub_paid", retries=2, accepted=["cancel_now"])
+    assert judge_subscription(now, _subscription([paid]), money) == [
+        "canceled now (200), yet it ended 'active'"
+    ]
+
+
 def test_a_failure_names_its_seed_and_how_to_run_it_again() -> None:
     report = failure_report("faults", 42, ["pay_1 (plain): the ledger moved 5"], "seed 42: …")
     assert "seed 42 failed (1 problems)" in report and "the ledger moved 5" in report
@@ -282,6 +330,13 @@ def test_a_seed_names_one_script() -> None:
     assert make_script(7, 25) == make_script(7, 25)
     assert make_script(7, 25) != make_script(8, 25)
     assert make_script(7, 25, acquirer=True) == make_script(7, 25, acquirer=True)
+    with_subscriptions = make_script(7, 25, acquirer=True, subscriptions=6)
+    assert with_subscriptions == make_script(7, 25, acquirer=True, subscriptions=6)
+    # Subscriptions draw from a generator of their own: the payment stories stay the same.
+    assert with_subscriptions.stories == make_script(7, 25, acquirer=True).stories
+    sub_kinds = {s.kind for seed in range(1, 6) for s in make_script(seed, 0, subscriptions=6)
+                 .subscriptions}  # fmt: skip
+    assert sub_kinds == {"sub_paid", "sub_trial", "sub_dunning", "sub_recover"}
     through = {s.kind for seed in range(1, 4) for s in make_script(seed, 25, acquirer=True).stories}
     assert {"manual_capture", "manual_void", "manual_expiry", "acq_decline"} <= through
     kinds = {s.kind for seed in range(1, 4) for s in make_script(seed, 25).stories}
@@ -337,6 +392,51 @@ async def test_interleavings(
                  acquirer_api=acquirer_api, acquirer_short_api=acquirer_short_api)  # fmt: skip
     simulation = await simulate(rig, seed, "interleavings")
     assert simulation.seen, "the script created no payment"
+
+
+async def test_a_pause_sent_while_a_renewal_is_charged_is_refused_not_lost(
+    acquirer_apis: tuple[httpx.AsyncClient, httpx.AsyncClient, Settings],
+) -> None:
+    """Interleavings seed 1: a pause accepted while the first renewal was being charged was
+    undone when the capture made the subscription active again (200 paused, then active, and
+    the resume refused as not paused). A pause is refused while a renewal is in flight
+    (`renewal_in_progress`), and taken once it settled."""
+    api = acquirer_apis[0]
+    created = await api.post(
+        "/v1/subscriptions",
+        json={
+            "customer_id": f"cus_{uuid.uuid4().hex[:10]}",
+            "merchant_id": f"mer_{uuid.uuid4().hex[:10]}",
+            "payment_method": "pm_card_approve_after_delay",  # authorized after 2 s
+            "unit_amount": 700,
+            "currency": "USD",
+            "interval": "month",
+        },
+        headers={"Idempotency-Key": f"pause-race-{uuid.uuid4().hex}"},
+    )
+    assert created.status_code == 201, created.text
+    url = f"/v1/subscriptions/{created.json()['id']}"
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while True:  # the first renewal is started and not yet settled
+        state = (await api.get(url)).json()
+        period = state["current_period"]
+        if period and period["attempts"] and period["status"] == "pending":
+            break
+        assert loop.time() < deadline, f"no renewal in flight: {state}"
+        await asyncio.sleep(0.05)
+    paused = await api.post(f"{url}/pause", json={})
+    assert paused.status_code == 409, paused.text
+    assert paused.json()["error"]["code"] == "renewal_in_progress"
+    while (state := (await api.get(url)).json())["current_period"]["status"] == "pending":
+        assert loop.time() < deadline, f"the renewal never settled: {state}"
+        await asyncio.sleep(0.1)
+    assert state["status"] == "active" and state["current_period"]["status"] == "paid"
+    paused = await api.post(f"{url}/pause", json={})
+    assert paused.status_code == 200 and paused.json()["status"] == "paused"
+    assert (await api.get(url)).json()["status"] == "paused"
+    resumed = await api.post(f"{url}/resume", json={})
+    assert resumed.status_code == 200 and resumed.json()["status"] == "active"
 
 
 # ── faults: a private stack whose worker, database and broker go away mid-run ──────────────

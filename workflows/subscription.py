@@ -480,8 +480,22 @@ class SubscriptionWorkflow:
     @change.validator
     def _change_allowed(self, change: SubscriptionChange) -> None:
         refusal = self.refusal(change)
+        if refusal is None and isinstance(change, PauseChange) and self.charging():
+            # Accepted now, the pause would be undone when the renewal's capture makes the
+            # subscription active again (simulation interleavings seed 1). Refused in the
+            # validator only: an Update refused there never enters the history, so replay is
+            # unaffected; the operators' signal path keeps its old rule (docs/subscriptions.md).
+            refusal = (
+                "renewal_in_progress",
+                "A renewal is being charged; pause once it has settled.",
+            )
         if refusal is not None:
             raise ChangeRefused(*refusal)
+
+    def charging(self) -> bool:
+        """A renewal payment of the current period was started and has not told its outcome."""
+        period = self.state.current_period
+        return period is not None and any(a.status == "pending" for a in period.attempts)
 
     @workflow.signal(name="change_requested")
     async def change_requested(self, change: SubscriptionChange) -> None:

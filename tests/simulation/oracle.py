@@ -198,3 +198,119 @@ def verdict(seen: dict[str, PaymentSeen], views: dict[str, FinalView]) -> dict[s
         if problems:
             found[payment_id] = problems
     return found
+
+
+# ── subscriptions (issue 17) ─────────────────────────────────────────────────────────────────
+
+
+@dataclass
+class SubscriptionSeen:
+    """What the API answered about one subscription: the changes it accepted, in order."""
+
+    subscription_id: str
+    story: str
+    # The dunning retries its policy allows after a period's first attempt.
+    retries: int
+    accepted: list[str] = field(default_factory=list)  # pause, resume, cancel_now, …
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def canceled_now(self) -> bool:
+        return "cancel_now" in self.accepted
+
+    @property
+    def paused(self) -> bool:
+        """The last pause or resume accepted was a pause."""
+        last = [a for a in self.accepted if a in ("pause", "resume")]
+        return bool(last) and last[-1] == "pause"
+
+
+@dataclass(frozen=True)
+class RenewalMoney:
+    """One renewal payment as the payments register and the ledger tell it."""
+
+    captured: int = 0  # the register's captured amount (0: no row, nothing captured)
+    ledger_net: int = 0  # what the ledger moved from the customer for it
+
+
+def judge_subscription(
+    seen: SubscriptionSeen, final: dict[str, Any] | None, money: dict[str, RenewalMoney]
+) -> list[str]:
+    """At most one captured renewal per period; a paid period has exactly one, for exactly its
+    amount, and it is the one the subscription names; nothing captured for a period it did not
+    collect; every renewal balanced in the ledger; the final status follows from the story."""
+    problems = [f"while running: {note}" for note in seen.notes]
+    if final is None:
+        return [*problems, "the API no longer knows the subscription"]
+    paid_total = 0
+    for period in final["periods"]:
+        number = period["number"]
+        took = [p for p in period["attempts"] if money.get(p, RenewalMoney()).captured > 0]
+        for pid in period["attempts"]:
+            got = money.get(pid, RenewalMoney())
+            if got.ledger_net != got.captured:
+                problems.append(
+                    f"renewal {pid} (period {number}): the ledger moved {got.ledger_net}, the "
+                    f"register says {got.captured} captured"
+                )
+        if len(took) > 1:
+            problems.append(f"period {number} captured by {len(took)} renewals: {took}")
+        if period["status"] == "paid":
+            paid_total += period["amount"]
+            if took != [period["paid_by"]]:
+                problems.append(f"period {number} paid by {period['paid_by']}, captured by {took}")
+            elif money[took[0]].captured != period["amount"]:
+                problems.append(
+                    f"period {number} of {period['amount']} captured {money[took[0]].captured}"
+                )
+        elif took:
+            problems.append(f"period {number} is {period['status']!r}, yet {took} captured")
+    if final["paid_total"] != paid_total:
+        problems.append(
+            f"paid_total {final['paid_total']}, the paid periods add up to {paid_total}"
+        )
+    problems.extend(_judge_status(seen, final))
+    return problems
+
+
+def _exhausted(seen: SubscriptionSeen, final: dict[str, Any]) -> bool:
+    return any(
+        p["status"] == "unpaid" and len(p["attempts"]) == 1 + seen.retries for p in final["periods"]
+    )
+
+
+def _judge_status(seen: SubscriptionSeen, final: dict[str, Any]) -> list[str]:
+    status = final["status"]
+    if seen.canceled_now:
+        return [] if status == "canceled" else [f"canceled now (200), yet it ended {status!r}"]
+    if status == "canceled":
+        # Not by the client: only dunning that ran out may have ended it (or a cancel at the
+        # period's end, which no run lasts long enough to reach).
+        return [] if _exhausted(seen, final) else ["canceled, though nobody canceled it now"]
+    problems = []
+    if status in ("past_due", "unpaid"):
+        problems.append(f"ended {status!r} after the run settled (dunning should have ended)")
+    if seen.paused != (status == "paused"):
+        problems.append(f"ended {status!r}, yet the last pause/resume accepted: {seen.accepted}")
+    if "cancel_end" in seen.accepted and not final["cancel_at_period_end"]:
+        problems.append("cancel at period end accepted, yet not set")
+    if status == "trialing" and any(p["attempts"] for p in final["periods"]):
+        problems.append("trialing, yet a renewal was attempted")
+    if status == "active" and seen.story != "sub_trial":
+        charged = [p for p in final["periods"] if p["attempts"]]
+        if not charged or charged[-1]["status"] not in ("paid", "paid_by_credit"):
+            problems.append(f"active, yet its charged periods are {charged}")
+    return problems
+
+
+def subscription_verdict(
+    seen: dict[str, SubscriptionSeen],
+    finals: dict[str, dict[str, Any] | None],
+    money: dict[str, RenewalMoney],
+) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for subscription_id, subscription in seen.items():
+        problems = judge_subscription(subscription, finals.get(subscription_id), money)
+        if problems:
+            found[subscription_id] = problems
+    return found

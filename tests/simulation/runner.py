@@ -31,9 +31,19 @@ from tests.simulation.oracle import (
     Holds,
     Money,
     PaymentSeen,
+    RenewalMoney,
+    SubscriptionSeen,
+    subscription_verdict,
     verdict,
 )
-from tests.simulation.script import Op, Script, Story, is_card_number
+from tests.simulation.script import (
+    SHORT_DUNNING_SECONDS,
+    Op,
+    Script,
+    Story,
+    SubscriptionStory,
+    is_card_number,
+)
 from workflows.payment import PaymentWorkflow
 
 # 503s the API promises to answer while a backing service is away; a client retries them with
@@ -106,10 +116,13 @@ class Simulation:
     script: Script
     nonce: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     seen: dict[str, PaymentSeen] = field(default_factory=dict)
+    subscriptions: dict[str, SubscriptionSeen] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     requests: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     answers: Counter[str] = field(default_factory=Counter)  # "201", "409 payment_closed", …
+    # How the subscriptions ended: "canceled", "active", …, and "paid periods" / "declines".
+    subscription_ends: Counter[str] = field(default_factory=Counter)
 
     # ── requests ─────────────────────────────────────────────────────────────────────────
     async def send(
@@ -153,7 +166,10 @@ class Simulation:
 
     # ── the run ──────────────────────────────────────────────────────────────────────────
     async def run(self) -> None:
-        await asyncio.gather(*(self.play(story) for story in self.script.stories))
+        await asyncio.gather(
+            *(self.play(story) for story in self.script.stories),
+            *(self.play_subscription(story) for story in self.script.subscriptions),
+        )
 
     def api_for(self, story: Story) -> httpx.AsyncClient:
         if story.acquirer:
@@ -376,6 +392,123 @@ class Simulation:
             if got is not None and got.status_code != 200:
                 self.unexpected(what, got)
 
+    # ── subscriptions (issue 17) ─────────────────────────────────────────────────────────
+    async def play_subscription(self, story: SubscriptionStory) -> None:
+        """Through the acquirer's short-policy API: renewals through the sandbox acquirer, a
+        declined one retried within seconds (SHORT_DUNNING_SECONDS)."""
+        await asyncio.sleep(story.start_after)
+        api = self.rig.acquirer_short_api
+        assert api is not None, "subscription stories need the acquirer"
+        key = f"sim-sub-{self.script.seed}-{self.nonce}-{story.index}"
+        body = {
+            "customer_id": f"cus_simsub_{self.nonce}_{story.index}",
+            "merchant_id": f"mer_simsub_{self.nonce}_{story.index}",
+            "payment_method": story.payment_method,
+            "unit_amount": story.unit_amount,
+            "currency": "USD",
+            "quantity": story.quantity,
+            "interval": "month",
+            "trial_days": story.trial_days,
+        }
+        what = f"subscription {story.index} ({story.kind})"
+        created = await self.send(
+            f"{what} create",
+            lambda: api.post("/v1/subscriptions", json=body, headers={"Idempotency-Key": key}),
+        )
+        if created is None:
+            return
+        if created.status_code != 201:
+            self.unexpected(f"{what} create", created)
+            return
+        sub_id = created.json()["id"]
+        seen = SubscriptionSeen(sub_id, story.kind, retries=len(SHORT_DUNNING_SECONDS))
+        self.subscriptions[sub_id] = seen
+        groups: list[list[tuple[int, Op]]] = []
+        for index, op in enumerate(story.ops):
+            if op.together and groups:
+                groups[-1].append((index, op))
+            else:
+                groups.append([(index, op)])
+        for group in groups:
+            await asyncio.sleep(group[0][1].after)
+            await asyncio.gather(
+                *(self.subscription_step(api, seen, f"{what} op {i} {op.kind}", op)
+                  for i, op in group)
+            )  # fmt: skip
+
+    async def subscription_step(
+        self, api: httpx.AsyncClient, seen: SubscriptionSeen, what: str, op: Op
+    ) -> None:
+        url = f"/v1/subscriptions/{seen.subscription_id}"
+        requests: dict[str, tuple[str, dict[str, Any]]] = {
+            "price": (f"{url}/price", {"unit_amount": op.amount}),
+            "pause": (f"{url}/pause", {}),
+            "resume": (f"{url}/resume", {}),
+            "cancel_end": (f"{url}/cancel", {"at_period_end": True}),
+            "cancel_now": (f"{url}/cancel", {}),
+            "method": (f"{url}/payment_method", {"payment_method": "pm_card_visa"}),
+        }
+        if op.kind == "sub_get":
+            got = await self.send(what, lambda: api.get(url))
+            if got is not None and got.status_code != 200:
+                self.unexpected(what, got)
+            return
+        path, change = requests[op.kind]
+        got = await self.send(what, lambda: api.post(path, json=change))
+        if got is None:
+            return
+        if got.status_code == 200:
+            seen.accepted.append(op.kind)
+        elif got.status_code != 409 or error_code(got) is None:
+            self.unexpected(what, got)
+
+    async def settle_subscriptions(self) -> dict[str, dict[str, Any] | None]:
+        """Each subscription's final answer once no renewal of it is being charged or dunned."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.rig.settle_seconds
+        finals: dict[str, dict[str, Any] | None] = {}
+        for sub_id, seen in self.subscriptions.items():
+            url = f"/v1/subscriptions/{sub_id}"
+            final: dict[str, Any] | None = None
+            while True:
+                got = await self.send("final get", lambda url=url: self.rig.api.get(url))  # type: ignore[misc]
+                final = got.json() if got is not None and got.status_code == 200 else None
+                if final is not None and not _subscription_under_way(final):
+                    break
+                if loop.time() > deadline:
+                    status = final and final["status"]
+                    self.problems.append(
+                        f"{sub_id} ({seen.story}): still under way after settling: {status}"
+                    )
+                    break
+                await asyncio.sleep(0.2)
+            finals[sub_id] = final
+        return finals
+
+    async def renewal_money(self, renewals: list[str]) -> dict[str, RenewalMoney]:
+        async with self.rig.engine.connect() as conn:
+            captured = {
+                r.payment_id: int(r.captured)
+                for r in await conn.execute(
+                    text("SELECT payment_id, captured FROM payments WHERE payment_id = ANY(:ids)"),
+                    {"ids": renewals},
+                )
+            }
+            nets = {
+                r.payment_id: int(r.net)
+                for r in await conn.execute(
+                    text(
+                        "SELECT t.payment_id, sum(e.amount) AS net FROM ledger_transactions t "
+                        "JOIN ledger_entries e ON e.transaction_id = t.id "
+                        "JOIN accounts a ON a.id = e.account_id "
+                        "WHERE t.payment_id = ANY(:ids) AND a.code LIKE 'customer:%' "
+                        "GROUP BY t.payment_id"
+                    ),
+                    {"ids": renewals},
+                )
+            }
+        return {pid: RenewalMoney(captured.get(pid, 0), nets.get(pid, 0)) for pid in renewals}
+
     # ── the end ──────────────────────────────────────────────────────────────────────────
     async def settle(self) -> dict[str, dict[str, Any] | None]:
         """Each payment's final answer, once nothing it accepted is still under way."""
@@ -457,14 +590,36 @@ class Simulation:
         began = time.monotonic()
         finals = await self.settle()
         views = await self.ledger_views(finals)
+        subscription_finals = await self.settle_subscriptions()
+        renewals = sorted(
+            {pid for f in subscription_finals.values() if f for p in f["periods"]
+             for pid in p["attempts"]}
+        )  # fmt: skip
+        money = await self.renewal_money(renewals)
+        for final in subscription_finals.values():
+            if final is not None:
+                self.subscription_ends[final["status"]] += 1
+                periods = final["periods"]
+                self.subscription_ends["paid periods"] += sum(
+                    p["paid_by"] is not None for p in periods
+                )
+                self.subscription_ends["declined renewals"] += sum(
+                    len(p["attempts"]) - (p["paid_by"] is not None) for p in periods
+                )
         self.timings["settle"] = time.monotonic() - began
+        self.timings["renewals"] = len(renewals)
         found = [*self.problems]
         for pid, problems in verdict(self.seen, views).items():
             story = self.seen[pid].story
             found.extend(f"{pid} ({story}): {p}" for p in problems)
+        for sub_id, problems in subscription_verdict(
+            self.subscriptions, subscription_finals, money
+        ).items():
+            story = self.subscriptions[sub_id].story
+            found.extend(f"{sub_id} ({story}): {p}" for p in problems)
         report = await run_checks(
             self.rig.settings,
-            scope=CheckScope(payment_ids=frozenset(self.seen)),
+            scope=CheckScope(payment_ids=frozenset(self.seen) | frozenset(renewals)),
             engine=self.rig.engine,
             temporal=self.rig.temporal,
             settle_seconds=30,
@@ -484,9 +639,13 @@ class Simulation:
         counts: dict[str, int] = {}
         for story in self.script.stories:
             counts[story.kind] = counts.get(story.kind, 0) + 1
+        for sub in self.script.subscriptions:
+            counts[sub.kind] = counts.get(sub.kind, 0) + 1
         return (
-            f"seed {self.script.seed}: {len(self.script.stories)} payments {counts}, "
+            f"seed {self.script.seed}: {len(self.script.stories)} payments, "
+            f"{len(self.script.subscriptions)} subscriptions {counts}, "
             f"{sum(len(s.ops) for s in self.script.stories)} follow-ups, {self.requests} requests, "
+            f"subscriptions ended {dict(sorted(self.subscription_ends.items()))}, "
             f"timings {self.timings}, answers {dict(sorted(self.answers.items()))}"
         )
 
@@ -497,6 +656,13 @@ def _brief(payment: dict[str, Any] | None) -> str:
     keys = ("status", "crm_sync", "waiting_for", "amount_captured", "amount_refunded")
     follow_ups = [(r["id"], r["status"]) for r in payment["refunds"] + payment["disputes"]]
     return f"{ {k: payment[k] for k in keys} } follow-ups {follow_ups}"
+
+
+def _subscription_under_way(subscription: dict[str, Any]) -> bool:
+    """Dunning still retrying, or a charge started and not yet answered."""
+    if subscription["status"] == "past_due":
+        return True
+    return any(p["status"] == "pending" and p["attempts"] for p in subscription["periods"])
 
 
 def _under_way(payment: dict[str, Any]) -> bool:

@@ -89,10 +89,69 @@ class Story:
         return self.kind.startswith("manual_")
 
 
+# Subscriptions (issue 17), through the acquirer's short-policy API: a declined renewal is
+# retried these seconds after its first attempt, then the subscription is canceled.
+SHORT_DUNNING_SECONDS = (1.0, 2.5)
+SUBSCRIPTION_STORIES = {
+    "sub_paid": 4,  # no trial: the first period is charged at once
+    "sub_trial": 3,  # a trial: nothing charged during the run
+    "sub_dunning": 3,  # a declining method: past_due, retried, canceled when exhausted
+    "sub_recover": 3,  # a declining method replaced by a good one while dunning
+}
+# Changes a subscription story may send (each answered 200 or refused 409 with its reason).
+SUBSCRIPTION_OPS = ("price", "pause", "resume", "cancel_end", "sub_get", "cancel_now")
+
+
+@dataclass(frozen=True)
+class SubscriptionStory:
+    index: int
+    kind: str
+    unit_amount: int
+    quantity: int
+    trial_days: int
+    payment_method: str
+    start_after: float
+    # kinds: price (amount: the new unit_amount), pause, resume, cancel_end, cancel_now,
+    # method (the payment method becomes pm_card_visa), sub_get
+    ops: tuple[Op, ...]
+
+
 @dataclass(frozen=True)
 class Script:
     seed: int
     stories: tuple[Story, ...]
+    subscriptions: tuple[SubscriptionStory, ...] = ()
+
+
+def _subscription_stories(seed: int, count: int, start_spread: float) -> list[SubscriptionStory]:
+    """Drawn from a generator of their own, so a seed's payment stories stay what they were."""
+    rng = random.Random(f"subscriptions-{seed}")
+    kinds, weights = zip(*SUBSCRIPTION_STORIES.items(), strict=True)
+    stories = []
+    for index in range(count):
+        kind = rng.choices(kinds, weights)[0]
+        declining = kind in ("sub_dunning", "sub_recover")
+        method = "pm_card_decline_insufficient_funds" if declining else "pm_card_visa"
+        ops: list[Op] = []
+        if kind == "sub_recover":  # before the last retry, sometimes after the first
+            ops.append(Op("method", rng.uniform(0.2, SHORT_DUNNING_SECONDS[-1] - 0.5)))
+        for _ in range(rng.randint(0, 3)):
+            chosen = rng.choices(SUBSCRIPTION_OPS, (3, 2, 2, 2, 1, 1))[0]
+            amount = rng.randint(100, 3_000) if chosen == "price" else None
+            ops.append(Op(chosen, rng.uniform(0, 1.5), rng.random() < 0.2, amount))
+        stories.append(
+            SubscriptionStory(
+                index=index,
+                kind=kind,
+                unit_amount=rng.randint(100, 3_000),
+                quantity=rng.randint(1, 3),
+                trial_days=rng.randint(1, 14) if kind == "sub_trial" else 0,
+                payment_method=method,
+                start_after=rng.uniform(0, start_spread),
+                ops=tuple(ops),
+            )
+        )
+    return stories
 
 
 def luhn_valid(digits: str) -> bool:
@@ -187,8 +246,13 @@ def _acquirer_story(rng: random.Random, kind: str, amount: int) -> tuple[str, in
 
 
 def make_script(
-    seed: int, payments: int, start_spread: float = 4.0, acquirer: bool = False
+    seed: int,
+    payments: int,
+    start_spread: float = 4.0,
+    acquirer: bool = False,
+    subscriptions: int = 0,
 ) -> Script:
+    """`subscriptions` stories need the acquirer (their renewals go through it)."""
     rng = random.Random(seed)
     stories_of = {**STORIES, **ACQUIRER_STORIES} if acquirer else STORIES
     kinds, weights = zip(*stories_of.items(), strict=True)
@@ -221,4 +285,5 @@ def make_script(
             ops.extend(_follow_ups(rng, amount, kind))
         start = rng.uniform(0, start_spread)
         stories.append(Story(index, kind, amount, start, tuple(ops), method, captured))
-    return Script(seed, tuple(stories))
+    subscription_stories = _subscription_stories(seed, subscriptions, start_spread)
+    return Script(seed, tuple(stories), tuple(subscription_stories))
