@@ -42,13 +42,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 
 from infra.embedded.stack import Stack
 from settings import Settings
-from tests.conftest import TEST_API_KEY
+from tests.conftest import TEST_API_KEY, WEBHOOK_SECRET
 from tests.helpers.api_client import api_client
 from tests.helpers.fake_crm import FakeCrmServer
 from tests.helpers.fault_rig import (
@@ -474,6 +475,9 @@ async def fault_stack(sim_fault_stack: Stack) -> AsyncIterator[FaultStack]:
         settings = client_settings(
             stack, "sim-faults", FAULT_CLIENT, FAULT_API_KEY,
             crm_webhook_url=crm.url("/hooks/paysaga"),
+            # Signed like every CRM webhook: without a secret every notification was refused
+            # as CrmRejected, and the faults runs never delivered one.
+            crm_webhook_secret=SecretStr(WEBHOOK_SECRET),
             crm_timeout_seconds=2.0,
             kafka_message_timeout_ms=5000,
             db_max_retries=3,
