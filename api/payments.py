@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
-import hmac
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Query, Request, Response
-from pydantic import BeforeValidator
+from fastapi import APIRouter, Depends, Query, Request, Response
 from sqlalchemy.exc import DBAPIError
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import WorkflowHandle
 from temporalio.service import RPCError, RPCStatusCode
 
 from api.auth import ApiClient, require_scope
@@ -27,8 +22,8 @@ from api.ids import (
     DisputeId,
     PaymentId,
     issued,
-    no_card_number,
 )
+from api.listing import Cursor, IdentifierFilter, Limit, list_page
 from api.resources import (
     DisputeResource,
     PaymentList,
@@ -36,11 +31,17 @@ from api.resources import (
     PaymentResource,
     RefundResource,
 )
-from domain.bounds import IDEMPOTENCY_KEY_MAX, IDEMPOTENCY_KEY_MIN
+from api.state import (
+    IdempotencyKey,
+    answer_started,
+    app_settings,
+    idempotency_key_reused,
+    idempotency_register,
+    ledger,
+    temporal_client,
+)
 from domain.follow_ups import Refusal
 from domain.payment import (
-    IDEMPOTENCY_KEY_PATTERN,
-    IDENTIFIER_PATTERN,
     CancelSignal,
     Dispute,
     DisputeClosedSignal,
@@ -56,8 +57,6 @@ from domain.payment import (
     RefundRequest,
     RefundSignal,
 )
-from infra.idempotency import IdempotencyRegister
-from ledger.store import Ledger
 from service.follow_ups import (
     FollowUpRefused,
     PaymentBusy,
@@ -67,50 +66,17 @@ from service.follow_ups import (
 )
 from service.lookup import query_state, recorded_state, settled_for_wait, wait_until
 from service.start import IdempotencyKeyReused, start_payment
-from settings import Settings
 from workflows import search_attributes as sa
 from workflows.payment import PaymentWorkflow
 
 router = APIRouter(prefix="/v1", tags=["payments"])
 
 
-IdempotencyKey = Annotated[
-    str,
-    Header(
-        alias="Idempotency-Key",
-        min_length=IDEMPOTENCY_KEY_MIN,
-        max_length=IDEMPOTENCY_KEY_MAX,
-        pattern=IDEMPOTENCY_KEY_PATTERN,
-        description="Unique per payment attempt; retries with the same key never pay twice. "
-        "8–255 characters of `A-Z a-z 0-9 _ -`; never a card number.",
-    ),
-    BeforeValidator(no_card_number),
-]
 Wait = Annotated[
     float,
     Query(ge=0, le=30, description="Seconds to wait for the payment to settle (max 30)."),
 ]
 _POLL_SECONDS = 0.05
-
-
-def _temporal(request: Request) -> Client:
-    client: Client = request.app.state.temporal
-    return client
-
-
-def _settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
-
-
-def _ledger(request: Request) -> Ledger:
-    ledger: Ledger = request.app.state.ledger
-    return ledger
-
-
-def _register(request: Request) -> IdempotencyRegister:
-    register: IdempotencyRegister = request.app.state.idempotency
-    return register
 
 
 def _not_found(payment_id: str) -> ApiError:
@@ -121,9 +87,9 @@ async def load_payment(request: Request, payment_id: str, client: ApiClient) -> 
     """The workflow's own state while it runs; the ledger's record once its history is gone."""
     if not issued(PAYMENT_ID, payment_id):
         raise _not_found(payment_id)  # no payment was ever given this id
-    handle = _temporal(request).get_workflow_handle(payment_id)
+    handle = temporal_client(request).get_workflow_handle(payment_id)
     try:
-        state = await query_state(handle, _settings(request).api_query_timeout_seconds)
+        state = await query_state(handle, app_settings(request).api_query_timeout_seconds)
     except RPCError as exc:
         if exc.status not in (RPCStatusCode.NOT_FOUND, RPCStatusCode.FAILED_PRECONDITION):
             raise
@@ -164,7 +130,7 @@ async def _unserved(handle: WorkflowHandle[Any, Any], client: ApiClient) -> None
 async def _recorded_state(
     request: Request, payment_id: str, body: PaymentRequest | None = None
 ) -> PaymentState | None:
-    return await recorded_state(_ledger(request), payment_id, body)
+    return await recorded_state(ledger(request), payment_id, body)
 
 
 @router.post(
@@ -187,21 +153,15 @@ async def create_payment(
 ) -> PaymentResource:
     try:
         started = await start_payment(
-            _temporal(request),
-            _register(request),
-            _settings(request),
+            temporal_client(request),
+            idempotency_register(request),
+            app_settings(request),
             client.client_id,
             idempotency_key,
             body,
         )
     except IdempotencyKeyReused:
-        raise ApiError(
-            409,
-            "idempotency_error",
-            "idempotency_key_reused",
-            "This Idempotency-Key was already used with a different request body.",
-            "Idempotency-Key",
-        ) from None
+        raise idempotency_key_reused() from None
     except DBAPIError:
         # The key could not be checked against the register: nothing was started.
         raise ApiError(
@@ -211,9 +171,7 @@ async def create_payment(
             "The payment could not be recorded; retry with the same Idempotency-Key.",
         ) from None
     payment_id = started.payment_id
-    if started.replayed:
-        response.headers["Idempotent-Replayed"] = "true"
-    response.headers["Location"] = f"/v1/payments/{payment_id}"
+    answer_started(response, started.replayed, f"/v1/payments/{payment_id}")
     if started.handle is None:
         # Temporal has forgotten the payment: the payments register answers, and nothing runs.
         recorded = await _recorded_state(request, payment_id, body)
@@ -231,7 +189,7 @@ async def create_payment(
     state = None
     if wait > 0 or started.replayed:
         state = await wait_until(
-            started.handle, wait, settled_for_wait, _settings(request).api_query_timeout_seconds
+            started.handle, wait, settled_for_wait, app_settings(request).api_query_timeout_seconds
         )
     if state is None:
         # The workflow has not answered yet: describe what was accepted.
@@ -262,40 +220,6 @@ async def get_payment(
     return PaymentResource.of(await load_payment(request, payment_id, client))
 
 
-# A cursor is Temporal's page token plus a check over it and the client it was issued to. Temporal
-# cannot tell a mangled token from a fault of its own (it answers "something went wrong" after
-# the client's retries, i.e. a slow 500); checked here, any cursor we did not issue is a 400.
-_CURSOR_CHECK_BYTES = 8
-# URL-safe base64 of the check and a non-empty token.
-_CURSOR_PATTERN = r"^[A-Za-z0-9_-]+={0,2}$"
-_CURSOR_MIN_LENGTH = 12
-
-
-def _cursor_check(client_id: str, token: bytes) -> bytes:
-    digest = hashlib.sha256(b"paysaga-cursor\x1f" + client_id.encode() + b"\x1f" + token)
-    return digest.digest()[:_CURSOR_CHECK_BYTES]
-
-
-def _cursor(client_id: str, token: bytes) -> str:
-    return base64.urlsafe_b64encode(_cursor_check(client_id, token) + token).decode()
-
-
-def _page_token(client_id: str, cursor: str) -> bytes | None:
-    """The page token inside a cursor we issued to this client, else None."""
-    try:
-        raw = base64.urlsafe_b64decode(cursor.encode("ascii"))
-    except (binascii.Error, ValueError):
-        return None
-    check, token = raw[:_CURSOR_CHECK_BYTES], raw[_CURSOR_CHECK_BYTES:]
-    if not token or not hmac.compare_digest(check, _cursor_check(client_id, token)):
-        return None
-    return token
-
-
-def _quote(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 @router.get(
     "/payments",
     response_model=PaymentList,
@@ -305,49 +229,20 @@ def _quote(value: str) -> str:
 async def list_payments(
     request: Request,
     status: PaymentStatus | None = None,
-    customer_id: Annotated[
-        str | None,
-        Query(max_length=64, pattern=IDENTIFIER_PATTERN),
-        BeforeValidator(no_card_number),
-    ] = None,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    cursor: Annotated[
-        str | None,
-        Query(
-            min_length=_CURSOR_MIN_LENGTH,
-            max_length=2048,
-            pattern=_CURSOR_PATTERN,
-            description="`next_cursor` of the previous page, as it was issued to you.",
-        ),
-    ] = None,
+    customer_id: IdentifierFilter = None,
+    limit: Limit = 20,
+    cursor: Cursor = None,
     client: ApiClient = Depends(require_scope("payments:read")),
 ) -> PaymentList:
-    clauses = [
-        f"WorkflowType = {_quote('PaymentWorkflow')}",
-        f"ClientId = {_quote(client.client_id)}",
-    ]
-    if status is not None:
-        clauses.append(f"PaymentStatus = {_quote(status.value)}")
-    if customer_id is not None:
-        clauses.append(f"CustomerId = {_quote(customer_id)}")
-    token: bytes | None = None
-    if cursor:
-        token = _page_token(client.client_id, cursor)
-        if token is None:
-            raise ApiError(400, "invalid_request_error", "cursor_invalid", "Bad cursor.", "cursor")
-    iterator = _temporal(request).list_workflows(
-        " AND ".join(clauses), page_size=limit, next_page_token=token
+    filters = {
+        "PaymentStatus": status.value if status is not None else None,
+        "CustomerId": customer_id,
+    }
+    executions, next_cursor = await list_page(
+        temporal_client(request), client.client_id, "PaymentWorkflow", filters, limit, cursor
     )
-    try:
-        await iterator.fetch_next_page()
-    except RPCError as exc:
-        if exc.status == RPCStatusCode.INVALID_ARGUMENT:
-            raise ApiError(
-                400, "invalid_request_error", "cursor_invalid", "Bad cursor.", "cursor"
-            ) from None
-        raise
     items = []
-    for execution in iterator.current_page or []:
+    for execution in executions:
         attrs = execution.typed_search_attributes
         items.append(
             PaymentListItem(
@@ -361,12 +256,7 @@ async def list_payments(
                 created_at=execution.start_time,
             )
         )
-    next_token = iterator.next_page_token
-    return PaymentList(
-        data=items,
-        has_more=bool(next_token),
-        next_cursor=_cursor(client.client_id, next_token) if next_token else None,
-    )
+    return PaymentList(data=items, has_more=next_cursor is not None, next_cursor=next_cursor)
 
 
 # ── follow-ups: refunds, disputes, cancel, as Updates of the payment's workflow ──────────
@@ -394,7 +284,7 @@ async def _ask_workflow(
 ) -> Any:
     """The follow-up's outcome within `wait`, else ACCEPTED; ApiError when refused."""
     try:
-        return await ask_payment(_temporal(request), payment_id, update, arg, update_id, wait)
+        return await ask_payment(temporal_client(request), payment_id, update, arg, update_id, wait)
     except PaymentBusy:
         raise ApiError(
             503,
@@ -421,8 +311,8 @@ def _refusal(refused: FollowUpRefused, param: str | None) -> ApiError:
 
 async def _pending_record(request: Request, payment_id: str) -> PaymentState:
     """The payment as it is now, to show an accepted follow-up that is still under way."""
-    handle = _temporal(request).get_workflow_handle(payment_id)
-    return await query_state(handle, _settings(request).api_query_timeout_seconds)
+    handle = temporal_client(request).get_workflow_handle(payment_id)
+    return await query_state(handle, app_settings(request).api_query_timeout_seconds)
 
 
 async def answer_with_payment(

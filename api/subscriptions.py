@@ -13,7 +13,7 @@ import re
 from datetime import date, datetime, timedelta
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Request, Response
 from pydantic import BaseModel, BeforeValidator, Field
 from temporalio.client import (
     WorkflowHandle,
@@ -26,17 +26,14 @@ from temporalio.service import RPCError, RPCStatusCode
 from api.auth import ApiClient, require_scope
 from api.errors import ApiError, error_responses
 from api.ids import issued, link, no_card_number
-from api.payments import (
-    _CURSOR_MIN_LENGTH,
-    _CURSOR_PATTERN,
+from api.listing import Cursor, IdentifierFilter, Limit, list_page
+from api.state import (
     IdempotencyKey,
-    _cursor,
-    _page_token,
-    _quote,
-    _settings,
-    _temporal,
+    answer_started,
+    app_settings,
+    idempotency_key_reused,
+    temporal_client,
 )
-from domain.payment import IDENTIFIER_PATTERN
 from domain.subscription import (
     SUBSCRIPTION_ID_PATTERN,
     CancelChange,
@@ -203,9 +200,9 @@ async def load_subscription(
 ) -> SubscriptionState:
     if not issued(SUBSCRIPTION_ID, subscription_id):
         raise _not_found()
-    handle = _temporal(request).get_workflow_handle(subscription_id)
+    handle = temporal_client(request).get_workflow_handle(subscription_id)
     try:
-        state = await _query(handle, _settings(request).api_query_timeout_seconds)
+        state = await _query(handle, app_settings(request).api_query_timeout_seconds)
     except RPCError as exc:
         if exc.status not in (RPCStatusCode.NOT_FOUND, RPCStatusCode.FAILED_PRECONDITION):
             raise
@@ -269,19 +266,11 @@ async def create_subscription(
         )
     try:
         started = await start_subscription(
-            _temporal(request), _settings(request), client.client_id, idempotency_key, body
+            temporal_client(request), app_settings(request), client.client_id, idempotency_key, body
         )
     except IdempotencyKeyReused:
-        raise ApiError(
-            409,
-            "idempotency_error",
-            "idempotency_key_reused",
-            "This Idempotency-Key was already used with a different request body.",
-            "Idempotency-Key",
-        ) from None
-    if started.replayed:
-        response.headers["Idempotent-Replayed"] = "true"
-    response.headers["Location"] = f"/v1/subscriptions/{started.subscription_id}"
+        raise idempotency_key_reused() from None
+    answer_started(response, started.replayed, f"/v1/subscriptions/{started.subscription_id}")
     return SubscriptionResource.of(await _first_answer(started.handle, _FIRST_ANSWER_SECONDS))
 
 
@@ -308,56 +297,22 @@ async def get_subscription(
 async def list_subscriptions(
     request: Request,
     status: SubscriptionStatus | None = None,
-    customer_id: Annotated[
-        str | None,
-        Query(max_length=64, pattern=IDENTIFIER_PATTERN),
-        BeforeValidator(no_card_number),
-    ] = None,
-    merchant_id: Annotated[
-        str | None,
-        Query(max_length=64, pattern=IDENTIFIER_PATTERN),
-        BeforeValidator(no_card_number),
-    ] = None,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    cursor: Annotated[
-        str | None,
-        Query(
-            min_length=_CURSOR_MIN_LENGTH,
-            max_length=2048,
-            pattern=_CURSOR_PATTERN,
-            description="`next_cursor` of the previous page, as it was issued to you.",
-        ),
-    ] = None,
+    customer_id: IdentifierFilter = None,
+    merchant_id: IdentifierFilter = None,
+    limit: Limit = 20,
+    cursor: Cursor = None,
     client: ApiClient = Depends(require_scope("payments:read")),
 ) -> SubscriptionList:
-    clauses = [
-        f"WorkflowType = {_quote('SubscriptionWorkflow')}",
-        f"ClientId = {_quote(client.client_id)}",
-    ]
-    if status is not None:
-        clauses.append(f"SubscriptionStatus = {_quote(status.value)}")
-    if customer_id is not None:
-        clauses.append(f"CustomerId = {_quote(customer_id)}")
-    if merchant_id is not None:
-        clauses.append(f"MerchantId = {_quote(merchant_id)}")
-    token: bytes | None = None
-    if cursor:
-        token = _page_token(client.client_id, cursor)
-        if token is None:
-            raise ApiError(400, "invalid_request_error", "cursor_invalid", "Bad cursor.", "cursor")
-    iterator = _temporal(request).list_workflows(
-        " AND ".join(clauses), page_size=limit, next_page_token=token
+    filters = {
+        "SubscriptionStatus": status.value if status is not None else None,
+        "CustomerId": customer_id,
+        "MerchantId": merchant_id,
+    }
+    executions, next_cursor = await list_page(
+        temporal_client(request), client.client_id, "SubscriptionWorkflow", filters, limit, cursor
     )
-    try:
-        await iterator.fetch_next_page()
-    except RPCError as exc:
-        if exc.status == RPCStatusCode.INVALID_ARGUMENT:
-            raise ApiError(
-                400, "invalid_request_error", "cursor_invalid", "Bad cursor.", "cursor"
-            ) from None
-        raise
     items = []
-    for execution in iterator.current_page or []:
+    for execution in executions:
         attrs = execution.typed_search_attributes
         items.append(
             SubscriptionListItem(
@@ -371,12 +326,7 @@ async def list_subscriptions(
                 created_at=execution.start_time,
             )
         )
-    next_token = iterator.next_page_token
-    return SubscriptionList(
-        data=items,
-        has_more=bool(next_token),
-        next_cursor=_cursor(client.client_id, next_token) if next_token else None,
-    )
+    return SubscriptionList(data=items, has_more=next_cursor is not None, next_cursor=next_cursor)
 
 
 # ── changes: the workflow's `change` Update ──────────────────────────────────────────────
@@ -386,7 +336,7 @@ async def _change(
     request: Request, subscription_id: str, client: ApiClient, change: Any, param: str | None
 ) -> SubscriptionResource:
     await load_subscription(request, subscription_id, client)
-    handle = _temporal(request).get_workflow_handle(subscription_id)
+    handle = temporal_client(request).get_workflow_handle(subscription_id)
     try:
         state: SubscriptionState = await handle.execute_update(
             "change", change, result_type=SubscriptionState
