@@ -24,7 +24,8 @@ from activities.event_store import AckRecorder, EventStore
 from activities.fraud import FraudActivities
 from activities.kafka import EventPublisher, KafkaActivities
 from activities.reconciliation import ReconciliationActivities
-from activities.webhooks import WebhookActivities, WebhookEndpoints
+from activities.webhook_endpoints import WebhookEndpoints
+from activities.webhooks import WebhookActivities
 from infra.database import make_engine
 from infra.logs import configure_logging
 from infra.observability import PaymentMetricsInterceptor, temporal_runtime, worker_telemetry

@@ -21,7 +21,7 @@ from sqlalchemy import text
 from temporalio.client import Client
 
 from activities.event_store import EventStore
-from activities.webhooks import WebhookEndpoints
+from activities.webhook_endpoints import WebhookEndpoints
 from api import capture, codec, events, payments, reconciliation, subscriptions, webhooks
 from api.errors import install_error_handlers
 from api.limits import install_body_limit

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Body, Depends, Query, Request
 from pydantic import BaseModel, Field
 
-from activities.webhooks import (
+from activities.webhook_endpoints import (
     DeliveryRecord,
     EndpointLimitReached,
     WebhookEndpoint,

@@ -36,7 +36,7 @@ from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
 
 from activities.event_store import EventStore
 from activities.kafka import EventPublisher
-from activities.webhooks import WebhookEndpoints
+from activities.webhook_endpoints import WebhookEndpoints
 from domain.events import EventKind, PaymentEvent, event_id
 from domain.fraud import amount_for_limit_share
 from domain.payment import (
