@@ -1,7 +1,11 @@
 """Merchant webhook endpoints and their delivery log, as stored in PostgreSQL: create, change,
 rotate the secret, list, delete an endpoint; record each delivery attempt; disable an endpoint
 that keeps failing; pick the outbox events no endpoint wants. The delivery itself is
-activities/webhooks.py."""
+activities/webhooks.py.
+
+Over 400 lines: one store: the endpoints and their delivery log are read and written together
+(a failing streak disables the endpoint in the attempt's transaction).
+"""
 
 from __future__ import annotations
 
@@ -229,30 +233,14 @@ class WebhookEndpoints:
         self, client_id: str, endpoint_id: str, overlap: timedelta
     ) -> WebhookEndpoint | None:
         """A new secret; the current one keeps signing too until `overlap` has passed."""
-
-        async def work(conn: AsyncConnection) -> WebhookEndpoint | None:
-            now = datetime.now(UTC)
-            row = (
-                await conn.execute(
-                    webhook_endpoints.update()
-                    .where(
-                        webhook_endpoints.c.id == endpoint_id,
-                        webhook_endpoints.c.client_id == client_id,
-                        webhook_endpoints.c.deleted_at.is_(None),
-                    )
-                    .values(
-                        previous_secret=webhook_endpoints.c.secret,
-                        previous_secret_expires_at=now + overlap,
-                        secret=new_signing_secret(),
-                        updated_at=now,
-                    )
-                    .returning(*webhook_endpoints.c)
-                )
-            ).first()
-            return _endpoint(row) if row is not None else None
-
-        rotated: WebhookEndpoint | None = await self._write(work)
-        return rotated
+        now = datetime.now(UTC)
+        values = {
+            "previous_secret": webhook_endpoints.c.secret,
+            "previous_secret_expires_at": now + overlap,
+            "secret": new_signing_secret(),
+            "updated_at": now,
+        }
+        return await self._update_one(client_id, endpoint_id, values)
 
     async def _update_one(
         self, client_id: str, endpoint_id: str, values: dict[str, Any]

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 import httpx
 from temporalio import activity
@@ -25,6 +26,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.crm import IDEMPOTENCY_HEADER, SIGNATURE_HEADER, sign_webhook
 from activities.event_store import EventStore
+from activities.http import OwnsHttpClient
 from activities.webhook_endpoints import WebhookEndpoint, WebhookEndpoints
 from domain.webhooks import (
     AttemptOutcome,
@@ -44,7 +46,7 @@ _ERROR_CHARS = 300
 _SNIPPET_CHARS = 120
 
 
-class WebhookActivities:
+class WebhookActivities(OwnsHttpClient):
     """Register `deliver_webhook` and `give_up_webhook_delivery` on the webhooks task queue."""
 
     def __init__(
@@ -109,20 +111,9 @@ class WebhookActivities:
             )
         return disabled
 
-    async def aclose(self) -> None:
-        if self._owns_http and self._http is not None:
-            await self._http.aclose()
-            self._http = None
-
-    def _client(self) -> httpx.AsyncClient:
-        if self._http is None:
-            self._http = httpx.AsyncClient(
-                follow_redirects=False,
-                limits=httpx.Limits(
-                    max_connections=self._settings.webhook_max_concurrent_deliveries
-                ),
-            )
-        return self._http
+    def _http_options(self) -> dict[str, Any]:
+        limit = self._settings.webhook_max_concurrent_deliveries
+        return {"limits": httpx.Limits(max_connections=limit)}
 
     async def _post(
         self, endpoint: WebhookEndpoint, body_json: str, attempt: DeliveryAttempt, at: datetime
