@@ -11,6 +11,9 @@ webhook, drives each path with the Temporal client and signals, waits for the pa
 and writes `<path>.json` (`WorkflowHistory.to_json()`). Payloads stay unencrypted (no
 encryption keys here) so the replayer reads them without a key; every id is synthetic.
 Re-record only after a deliberate, `workflow.patched()` change: docs/upgrades.md.
+
+Over 400 lines: one short scenario function per recorded history, all on the same harness; a
+scenario is found by its history's name here.
 """
 
 from __future__ import annotations
