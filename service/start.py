@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from temporalio.client import Client, WorkflowHandle
-from temporalio.common import WorkflowIDReusePolicy
+from temporalio.common import TypedSearchAttributes, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -127,25 +127,21 @@ async def start_payment(
         fingerprint=fingerprint,
         policy=payment_policy(settings, body),
     )
-    try:
-        handle: WorkflowHandle[Any, Any] = await temporal.start_workflow(
-            PaymentWorkflow.run,
-            workflow_input,
-            id=payment_id,
-            task_queue=settings.task_queue,
-            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-            search_attributes=initial_search_attributes(workflow_input),
-            memo={"fingerprint": fingerprint},
-            static_summary=f"{body.amount} {body.currency} minor units from {body.customer_id}",
-        )
-    except WorkflowAlreadyStartedError:
+    handle, started_before, started_with = await _start_once(
+        temporal,
+        settings,
+        PaymentWorkflow.run,
+        workflow_input,
+        payment_id,
+        initial_search_attributes(workflow_input),
+        fingerprint,
+        f"{body.amount} {body.currency} minor units from {body.customer_id}",
+    )
+    if started_before:
         # A concurrent request with the same key won, or the payment predates the register.
-        handle = temporal.get_workflow_handle(payment_id)
-        described = await handle.describe()
-        started_with = await described.memo_value("fingerprint", None)
         if isinstance(started_with, str) and started_with != fingerprint:
             await register.adopt(payment_id, started_with)
-            raise IdempotencyKeyReused(payment_id) from None
+            raise IdempotencyKeyReused(payment_id)
         await _mark_started(register, payment_id)
         PAYMENT_STARTS.labels(source, "true").inc()
         return PaymentStart(payment_id, True, handle)
@@ -228,23 +224,48 @@ async def start_subscription(
         fingerprint=fingerprint,
         policy=subscription_policy(settings, body),
     )
+    handle, started_before, started_with = await _start_once(
+        temporal,
+        settings,
+        SubscriptionWorkflow.run,
+        workflow_input,
+        subscription_id,
+        initial_subscription_search_attributes(workflow_input),
+        fingerprint,
+        f"{body.unit_amount}×{body.quantity} {body.currency} minor units "
+        f"every {body.interval_count} {body.interval} from {body.customer_id}",
+    )
+    if started_before and started_with != fingerprint:
+        raise IdempotencyKeyReused(subscription_id)
+    return SubscriptionStart(subscription_id, started_before, handle)
+
+
+async def _start_once(
+    temporal: Client,
+    settings: Settings,
+    run: Any,
+    workflow_input: Any,
+    workflow_id: str,
+    search_attributes: TypedSearchAttributes,
+    fingerprint: str,
+    summary: str,
+) -> tuple[WorkflowHandle[Any, Any], bool, Any]:
+    """Start the workflow under an id derived from (client, key), which Temporal refuses to
+    start twice (REJECT_DUPLICATE). Its handle, whether it was started before, and the body
+    fingerprint it was started with (kept in its memo; None if it has none)."""
     try:
         handle: WorkflowHandle[Any, Any] = await temporal.start_workflow(
-            SubscriptionWorkflow.run,
+            run,
             workflow_input,
-            id=subscription_id,
+            id=workflow_id,
             task_queue=settings.task_queue,
             id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-            search_attributes=initial_subscription_search_attributes(workflow_input),
+            search_attributes=search_attributes,
             memo={"fingerprint": fingerprint},
-            static_summary=f"{body.unit_amount}×{body.quantity} {body.currency} minor units "
-            f"every {body.interval_count} {body.interval} from {body.customer_id}",
+            static_summary=summary,
         )
     except WorkflowAlreadyStartedError:
-        handle = temporal.get_workflow_handle(subscription_id)
+        handle = temporal.get_workflow_handle(workflow_id)
         described = await handle.describe()
-        started_with = await described.memo_value("fingerprint", None)
-        if started_with != fingerprint:
-            raise IdempotencyKeyReused(subscription_id) from None
-        return SubscriptionStart(subscription_id, True, handle)
-    return SubscriptionStart(subscription_id, False, handle)
+        return handle, True, await described.memo_value("fingerprint", None)
+    return handle, False, fingerprint
