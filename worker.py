@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import timedelta
@@ -24,8 +23,10 @@ from activities.event_store import AckRecorder, EventStore
 from activities.fraud import FraudActivities
 from activities.kafka import EventPublisher, KafkaActivities
 from activities.reconciliation import ReconciliationActivities
-from activities.webhooks import WebhookActivities, WebhookEndpoints
+from activities.webhook_endpoints import WebhookEndpoints
+from activities.webhooks import WebhookActivities
 from infra.database import make_engine
+from infra.exit import stop_on_signals
 from infra.logs import configure_logging
 from infra.observability import PaymentMetricsInterceptor, temporal_runtime, worker_telemetry
 from infra.relay import running_relay
@@ -160,10 +161,7 @@ async def event_worker(settings: Settings, client: Client) -> AsyncIterator[Work
 async def main() -> None:
     settings = get_settings()
     configure_logging(settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     with worker_telemetry(settings):
         runtime = temporal_runtime(settings, "paysaga-worker")
         client = await connect_client(settings, runtime=runtime)

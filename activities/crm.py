@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 import httpx
@@ -23,6 +24,7 @@ from pydantic import BaseModel
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.http import OwnsHttpClient
 from domain.errors import FailureType
 from domain.messages import CrmNotification, CrmTarget
 from settings import Settings
@@ -283,7 +285,7 @@ def _credential_hint(target: CrmTarget, status_code: int) -> str:
     return f" (check {setting})"
 
 
-class CrmActivities:
+class CrmActivities(OwnsHttpClient):
     """The `notify_crm` activity. Register `CrmActivities(settings).notify_crm` on the worker."""
 
     def __init__(self, settings: Settings, http: httpx.AsyncClient | None = None) -> None:
@@ -316,16 +318,8 @@ class CrmActivities:
             raise self._unavailable(call, f"failed: {type(exc).__name__}: {exc}", attempt) from None
         return self._settle(call, response, notification, attempt)
 
-    async def aclose(self) -> None:
-        if self._owns_http and self._http is not None:
-            await self._http.aclose()
-            self._http = None
-
-    def _client(self) -> httpx.AsyncClient:
-        # Created on first use so the worker can build this object outside an event loop.
-        if self._http is None:
-            self._http = httpx.AsyncClient(timeout=self._timeout, follow_redirects=False)
-        return self._http
+    def _http_options(self) -> dict[str, Any]:
+        return {"timeout": self._timeout}
 
     def _settle(
         self, call: _CrmCall, response: httpx.Response, n: CrmNotification, attempt: int

@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.http import OwnsHttpClient
 from domain.errors import FailureType
 from domain.fraud import CustomerHistory, score_payment
 from domain.payment import FraudAssessment, PaymentRequest
@@ -117,7 +118,7 @@ def _revalidated(request: PaymentRequest) -> PaymentRequest:
         ) from None
 
 
-class FraudActivities:
+class FraudActivities(OwnsHttpClient):
     """The `assess_payment` activity. Register `FraudActivities(engine, settings).assess_payment`
     on the worker; a database error is left to Temporal's retry policy."""
 
@@ -170,17 +171,6 @@ class FraudActivities:
             fallback = score_payment(request, history)
             fallback.reasons.append(f"sidecar unavailable: {exc}")
             return fallback
-
-    async def aclose(self) -> None:
-        if self._owns_http and self._http is not None:
-            await self._http.aclose()
-            self._http = None
-
-    def _client(self) -> httpx.AsyncClient:
-        # Created on first use so the worker can build this object outside an event loop.
-        if self._http is None:
-            self._http = httpx.AsyncClient(follow_redirects=False)
-        return self._http
 
     async def _ask_sidecar(
         self, url: str, request: PaymentRequest, history: CustomerHistory, client_id: str | None

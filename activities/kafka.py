@@ -11,6 +11,9 @@ error (the partition had earlier messages: UNKNOWN_PRODUCER_ID cannot be retried
 keeps bumping its epoch and resending until the message times out (a partition it had not
 written to yet). Both are detected here, and the producer is replaced by a fresh one that gets
 a new producer id, instead of failing every publish until the worker restarts.
+
+Over 400 lines: one external system: the producer's configuration, its recovery from a fenced
+producer id and the publishing activities change together.
 """
 
 from __future__ import annotations

@@ -21,8 +21,17 @@ from sqlalchemy import text
 from temporalio.client import Client
 
 from activities.event_store import EventStore
-from activities.webhooks import WebhookEndpoints
-from api import capture, codec, events, payments, reconciliation, subscriptions, webhooks
+from activities.webhook_endpoints import WebhookEndpoints
+from api import (
+    capture,
+    codec,
+    events,
+    follow_ups,
+    payments,
+    reconciliation,
+    subscriptions,
+    webhooks,
+)
 from api.errors import install_error_handlers
 from api.limits import install_body_limit
 from infra.database import make_engine
@@ -91,6 +100,7 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
     install_body_limit(app, settings.max_body_bytes)
     install_api_observability(app)  # request metrics and server spans
     app.include_router(payments.router)
+    app.include_router(follow_ups.router)
     app.include_router(capture.router)
     app.include_router(subscriptions.router)
     app.include_router(events.router)

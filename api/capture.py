@@ -10,8 +10,9 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from api.auth import ApiClient, require_scope
 from api.errors import error_responses
+from api.follow_ups import answer_with_payment, ask_workflow
 from api.ids import PaymentId
-from api.payments import Wait, _ask_workflow, answer_with_payment, load_payment
+from api.payments import Wait, load_payment
 from api.resources import PaymentResource
 from domain.payment import (
     CaptureSignal,
@@ -48,7 +49,7 @@ async def capture_payment(
     client: ApiClient = Depends(require_scope("payments:write")),
 ) -> PaymentResource:
     await load_payment(request, payment_id, client)  # 404 for another client's payment
-    result = await _ask_workflow(
+    result = await ask_workflow(
         request,
         payment_id,
         PaymentWorkflow.capture_authorization,
@@ -78,7 +79,7 @@ async def void_payment(
     state = await load_payment(request, payment_id, client)
     if state.status == PaymentStatus.CANCELED:
         return PaymentResource.of(state)
-    result = await _ask_workflow(
+    result = await ask_workflow(
         request,
         payment_id,
         PaymentWorkflow.void_authorization,

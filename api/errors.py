@@ -3,6 +3,10 @@
 Every failure the API reports goes through here, so two rules hold everywhere: a message is
 built from the error's kind and the schema's constraints only (never from what the client
 sent: that may be a card number or a secret), and a 5xx never describes our internals.
+
+Over 400 lines: every error answer of the API, so its two rules (no client text in a message,
+no internals in a 5xx) are enforced in one place: the error model, the schema-built messages of
+validation errors, and one handler per kind of failure.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Body, Depends, Query, Request
 from pydantic import BaseModel, Field
 
 from activities.event_store import EventStore, StoredEvent
-from activities.webhooks import WebhookEndpoint, WebhookEndpoints
+from activities.webhook_endpoints import WebhookEndpoint, WebhookEndpoints
 from api.auth import ApiClient, require_scope
 from api.errors import ApiError, error_responses
 from api.ids import EventId

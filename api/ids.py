@@ -22,7 +22,7 @@ from domain.cards import contains_card_number
 from domain.payment import PAYMENT_ID_PATTERN
 from domain.webhooks import ENDPOINT_ID_PATTERN
 
-# The shapes ids are issued in (service/start.py, api/payments.py, activities/webhooks.py).
+# The shapes ids are issued in (service/start.py, api/payments.py, activities/webhook_endpoints.py).
 PAYMENT_ID = re.compile(PAYMENT_ID_PATTERN)
 ENDPOINT_ID = re.compile(ENDPOINT_ID_PATTERN)
 

@@ -2,115 +2,55 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
-import hmac
-import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Query, Request, Response
-from pydantic import BeforeValidator
+from fastapi import APIRouter, Depends, Query, Request, Response
 from sqlalchemy.exc import DBAPIError
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import WorkflowHandle
 from temporalio.service import RPCError, RPCStatusCode
 
 from api.auth import ApiClient, require_scope
 from api.errors import ApiError, error_responses
 from api.ids import (
-    DISPUTE_LINKS,
-    FOLLOW_UP_LINKS,
     PAYMENT_ID,
     PAYMENT_LINKS,
     READ_PAYMENT_LINKS,
-    DisputeId,
     PaymentId,
     issued,
-    no_card_number,
 )
+from api.listing import Cursor, IdentifierFilter, Limit, list_page
 from api.resources import (
-    DisputeResource,
     PaymentList,
     PaymentListItem,
     PaymentResource,
-    RefundResource,
 )
-from domain.bounds import IDEMPOTENCY_KEY_MAX, IDEMPOTENCY_KEY_MIN
-from domain.follow_ups import Refusal
+from api.state import (
+    IdempotencyKey,
+    answer_started,
+    app_settings,
+    idempotency_key_reused,
+    idempotency_register,
+    ledger,
+    temporal_client,
+)
 from domain.payment import (
-    IDEMPOTENCY_KEY_PATTERN,
-    IDENTIFIER_PATTERN,
-    CancelSignal,
-    Dispute,
-    DisputeClosedSignal,
-    DisputeCloseRequest,
-    DisputeOpenedSignal,
-    DisputeRequest,
-    DisputeStatus,
-    FollowUpStatus,
     PaymentRequest,
     PaymentState,
     PaymentStatus,
-    Refund,
-    RefundRequest,
-    RefundSignal,
-)
-from infra.idempotency import IdempotencyRegister
-from ledger.store import Ledger
-from service.follow_ups import (
-    FollowUpRefused,
-    PaymentBusy,
-    PaymentClosed,
-    ask_payment,
-    follow_up_id,
 )
 from service.lookup import query_state, recorded_state, settled_for_wait, wait_until
 from service.start import IdempotencyKeyReused, start_payment
-from settings import Settings
 from workflows import search_attributes as sa
-from workflows.payment import PaymentWorkflow
 
 router = APIRouter(prefix="/v1", tags=["payments"])
 
 
-IdempotencyKey = Annotated[
-    str,
-    Header(
-        alias="Idempotency-Key",
-        min_length=IDEMPOTENCY_KEY_MIN,
-        max_length=IDEMPOTENCY_KEY_MAX,
-        pattern=IDEMPOTENCY_KEY_PATTERN,
-        description="Unique per payment attempt; retries with the same key never pay twice. "
-        "8–255 characters of `A-Z a-z 0-9 _ -`; never a card number.",
-    ),
-    BeforeValidator(no_card_number),
-]
 Wait = Annotated[
     float,
     Query(ge=0, le=30, description="Seconds to wait for the payment to settle (max 30)."),
 ]
 _POLL_SECONDS = 0.05
-
-
-def _temporal(request: Request) -> Client:
-    client: Client = request.app.state.temporal
-    return client
-
-
-def _settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
-
-
-def _ledger(request: Request) -> Ledger:
-    ledger: Ledger = request.app.state.ledger
-    return ledger
-
-
-def _register(request: Request) -> IdempotencyRegister:
-    register: IdempotencyRegister = request.app.state.idempotency
-    return register
 
 
 def _not_found(payment_id: str) -> ApiError:
@@ -121,9 +61,9 @@ async def load_payment(request: Request, payment_id: str, client: ApiClient) -> 
     """The workflow's own state while it runs; the ledger's record once its history is gone."""
     if not issued(PAYMENT_ID, payment_id):
         raise _not_found(payment_id)  # no payment was ever given this id
-    handle = _temporal(request).get_workflow_handle(payment_id)
+    handle = temporal_client(request).get_workflow_handle(payment_id)
     try:
-        state = await query_state(handle, _settings(request).api_query_timeout_seconds)
+        state = await query_state(handle, app_settings(request).api_query_timeout_seconds)
     except RPCError as exc:
         if exc.status not in (RPCStatusCode.NOT_FOUND, RPCStatusCode.FAILED_PRECONDITION):
             raise
@@ -164,7 +104,7 @@ async def _unserved(handle: WorkflowHandle[Any, Any], client: ApiClient) -> None
 async def _recorded_state(
     request: Request, payment_id: str, body: PaymentRequest | None = None
 ) -> PaymentState | None:
-    return await recorded_state(_ledger(request), payment_id, body)
+    return await recorded_state(ledger(request), payment_id, body)
 
 
 @router.post(
@@ -187,21 +127,15 @@ async def create_payment(
 ) -> PaymentResource:
     try:
         started = await start_payment(
-            _temporal(request),
-            _register(request),
-            _settings(request),
+            temporal_client(request),
+            idempotency_register(request),
+            app_settings(request),
             client.client_id,
             idempotency_key,
             body,
         )
     except IdempotencyKeyReused:
-        raise ApiError(
-            409,
-            "idempotency_error",
-            "idempotency_key_reused",
-            "This Idempotency-Key was already used with a different request body.",
-            "Idempotency-Key",
-        ) from None
+        raise idempotency_key_reused() from None
     except DBAPIError:
         # The key could not be checked against the register: nothing was started.
         raise ApiError(
@@ -211,9 +145,7 @@ async def create_payment(
             "The payment could not be recorded; retry with the same Idempotency-Key.",
         ) from None
     payment_id = started.payment_id
-    if started.replayed:
-        response.headers["Idempotent-Replayed"] = "true"
-    response.headers["Location"] = f"/v1/payments/{payment_id}"
+    answer_started(response, started.replayed, f"/v1/payments/{payment_id}")
     if started.handle is None:
         # Temporal has forgotten the payment: the payments register answers, and nothing runs.
         recorded = await _recorded_state(request, payment_id, body)
@@ -231,7 +163,7 @@ async def create_payment(
     state = None
     if wait > 0 or started.replayed:
         state = await wait_until(
-            started.handle, wait, settled_for_wait, _settings(request).api_query_timeout_seconds
+            started.handle, wait, settled_for_wait, app_settings(request).api_query_timeout_seconds
         )
     if state is None:
         # The workflow has not answered yet: describe what was accepted.
@@ -262,40 +194,6 @@ async def get_payment(
     return PaymentResource.of(await load_payment(request, payment_id, client))
 
 
-# A cursor is Temporal's page token plus a check over it and the client it was issued to. Temporal
-# cannot tell a mangled token from a fault of its own (it answers "something went wrong" after
-# the client's retries, i.e. a slow 500); checked here, any cursor we did not issue is a 400.
-_CURSOR_CHECK_BYTES = 8
-# URL-safe base64 of the check and a non-empty token.
-_CURSOR_PATTERN = r"^[A-Za-z0-9_-]+={0,2}$"
-_CURSOR_MIN_LENGTH = 12
-
-
-def _cursor_check(client_id: str, token: bytes) -> bytes:
-    digest = hashlib.sha256(b"paysaga-cursor\x1f" + client_id.encode() + b"\x1f" + token)
-    return digest.digest()[:_CURSOR_CHECK_BYTES]
-
-
-def _cursor(client_id: str, token: bytes) -> str:
-    return base64.urlsafe_b64encode(_cursor_check(client_id, token) + token).decode()
-
-
-def _page_token(client_id: str, cursor: str) -> bytes | None:
-    """The page token inside a cursor we issued to this client, else None."""
-    try:
-        raw = base64.urlsafe_b64decode(cursor.encode("ascii"))
-    except (binascii.Error, ValueError):
-        return None
-    check, token = raw[:_CURSOR_CHECK_BYTES], raw[_CURSOR_CHECK_BYTES:]
-    if not token or not hmac.compare_digest(check, _cursor_check(client_id, token)):
-        return None
-    return token
-
-
-def _quote(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 @router.get(
     "/payments",
     response_model=PaymentList,
@@ -305,49 +203,20 @@ def _quote(value: str) -> str:
 async def list_payments(
     request: Request,
     status: PaymentStatus | None = None,
-    customer_id: Annotated[
-        str | None,
-        Query(max_length=64, pattern=IDENTIFIER_PATTERN),
-        BeforeValidator(no_card_number),
-    ] = None,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    cursor: Annotated[
-        str | None,
-        Query(
-            min_length=_CURSOR_MIN_LENGTH,
-            max_length=2048,
-            pattern=_CURSOR_PATTERN,
-            description="`next_cursor` of the previous page, as it was issued to you.",
-        ),
-    ] = None,
+    customer_id: IdentifierFilter = None,
+    limit: Limit = 20,
+    cursor: Cursor = None,
     client: ApiClient = Depends(require_scope("payments:read")),
 ) -> PaymentList:
-    clauses = [
-        f"WorkflowType = {_quote('PaymentWorkflow')}",
-        f"ClientId = {_quote(client.client_id)}",
-    ]
-    if status is not None:
-        clauses.append(f"PaymentStatus = {_quote(status.value)}")
-    if customer_id is not None:
-        clauses.append(f"CustomerId = {_quote(customer_id)}")
-    token: bytes | None = None
-    if cursor:
-        token = _page_token(client.client_id, cursor)
-        if token is None:
-            raise ApiError(400, "invalid_request_error", "cursor_invalid", "Bad cursor.", "cursor")
-    iterator = _temporal(request).list_workflows(
-        " AND ".join(clauses), page_size=limit, next_page_token=token
+    filters = {
+        "PaymentStatus": status.value if status is not None else None,
+        "CustomerId": customer_id,
+    }
+    executions, next_cursor = await list_page(
+        temporal_client(request), client.client_id, "PaymentWorkflow", filters, limit, cursor
     )
-    try:
-        await iterator.fetch_next_page()
-    except RPCError as exc:
-        if exc.status == RPCStatusCode.INVALID_ARGUMENT:
-            raise ApiError(
-                400, "invalid_request_error", "cursor_invalid", "Bad cursor.", "cursor"
-            ) from None
-        raise
     items = []
-    for execution in iterator.current_page or []:
+    for execution in executions:
         attrs = execution.typed_search_attributes
         items.append(
             PaymentListItem(
@@ -361,313 +230,4 @@ async def list_payments(
                 created_at=execution.start_time,
             )
         )
-    next_token = iterator.next_page_token
-    return PaymentList(
-        data=items,
-        has_more=bool(next_token),
-        next_cursor=_cursor(client.client_id, next_token) if next_token else None,
-    )
-
-
-# ── follow-ups: refunds, disputes, cancel, as Updates of the payment's workflow ──────────
-# (service/follow_ups.py): the workflow's refusal is the answer's error.
-
-# Refusals that are the request's fault (400) or name a missing resource (404); the rest, a
-# request the payment cannot honour as it stands (more than remains to refund included), 409.
-_REFUSAL_STATUS = {
-    Refusal.AMOUNT_INVALID: 400,
-    Refusal.INVALID: 400,
-    Refusal.DISPUTE_MISSING: 404,
-}
-_PAYMENT_CLOSED = "The payment's dispute window has closed; it accepts no more changes."
-
-
-async def _ask_workflow(
-    request: Request,
-    payment_id: str,
-    update: Any,
-    arg: Any,
-    update_id: str,
-    wait: float,
-    *,
-    refusal_param: str | None = None,
-) -> Any:
-    """The follow-up's outcome within `wait`, else ACCEPTED; ApiError when refused."""
-    try:
-        return await ask_payment(_temporal(request), payment_id, update, arg, update_id, wait)
-    except PaymentBusy:
-        raise ApiError(
-            503,
-            "api_error",
-            "payment_busy",
-            "The payment is busy with other requests; retry with the same Idempotency-Key.",
-            headers={"Retry-After": "1"},
-        ) from None
-    except PaymentClosed:
-        raise ApiError(409, "invalid_request_error", "payment_closed", _PAYMENT_CLOSED) from None
-    except FollowUpRefused as refused:
-        raise _refusal(refused, refusal_param) from None
-
-
-def _refusal(refused: FollowUpRefused, param: str | None) -> ApiError:
-    code = refused.code
-    if code is None:
-        return ApiError(409, "invalid_request_error", "follow_up_failed", refused.message)
-    status = _REFUSAL_STATUS.get(code, 409)
-    error_type: Any = "idempotency_error" if code == Refusal.KEY_REUSED else "invalid_request_error"
-    param = "Idempotency-Key" if code == Refusal.KEY_REUSED else param
-    return ApiError(status, error_type, code.value, refused.message, param)
-
-
-async def _pending_record(request: Request, payment_id: str) -> PaymentState:
-    """The payment as it is now, to show an accepted follow-up that is still under way."""
-    handle = _temporal(request).get_workflow_handle(payment_id)
-    return await query_state(handle, _settings(request).api_query_timeout_seconds)
-
-
-async def answer_with_payment(
-    request: Request, payment_id: str, response: Response, result: Any
-) -> PaymentResource:
-    """The payment a follow-up left, or, still under way (ACCEPTED), 202 with it as it is."""
-    if isinstance(result, PaymentState):
-        return PaymentResource.of(result)
-    response.status_code = 202
-    return PaymentResource.of(await _pending_record(request, payment_id))
-
-
-@router.post(
-    "/payments/{payment_id}/refunds",
-    status_code=201,
-    response_model=RefundResource,
-    responses={
-        201: {"links": FOLLOW_UP_LINKS},
-        **error_responses(400, 401, 403, 404, 409, 413, 422, 503),
-    },
-    summary="Refund a payment, in full or in part",
-    description="201 with the refund once the ledger posted it (`succeeded`), or, past `wait`, "
-    "accepted and still `pending` (the payment carries it out whatever happens). 409 with the "
-    "payment's reason when it cannot be honoured (nothing is recorded), or when the ledger "
-    "refused it (`refund_failed`: recorded failed).",
-)
-async def create_refund(
-    payment_id: PaymentId,
-    body: RefundRequest,
-    request: Request,
-    response: Response,
-    idempotency_key: IdempotencyKey,
-    wait: Wait = 10,
-    client: ApiClient = Depends(require_scope("refunds:write")),
-) -> RefundResource:
-    state = await load_payment(request, payment_id, client)
-    refund_id = follow_up_id("re", payment_id, idempotency_key)
-    known = next((r for r in state.refunds if r.id == refund_id), None)
-    if known is not None:
-        response.headers["Idempotent-Replayed"] = "true"
-    refund = known
-    if known is None or known.status == FollowUpStatus.PENDING:
-        asked = RefundSignal(refund_id=refund_id, amount=body.amount, reason=body.reason)
-        result = await _ask_workflow(
-            request, payment_id, PaymentWorkflow.refund_payment, asked, refund_id, wait,
-            refusal_param="amount",
-        )  # fmt: skip
-        if isinstance(result, Refund):
-            refund = result
-        else:
-            state = await _pending_record(request, payment_id)
-            refund = next((r for r in state.refunds if r.id == refund_id), None)
-            if refund is None:
-                # A refund of a `requires_capture` payment is its void, recorded as a refund of
-                # what was held once the void is done: until then it is pending (never a 500).
-                refund = Refund(
-                    id=refund_id,
-                    amount=state.authorized_amount,
-                    reason=body.reason,
-                    created_at=datetime.now(UTC),
-                )
-    assert refund is not None
-    if body.amount is not None and body.amount != refund.amount:
-        raise ApiError(
-            409,
-            "idempotency_error",
-            "idempotency_key_reused",
-            "This Idempotency-Key was already used for a refund of another amount.",
-            "Idempotency-Key",
-        )
-    if refund.status == FollowUpStatus.FAILED:
-        raise ApiError(
-            409,
-            "invalid_request_error",
-            "refund_failed",
-            f"The refund was not made: {refund.failure_reason}",
-            "amount",
-        )
-    return RefundResource.of(refund, state)
-
-
-@router.post(
-    "/payments/{payment_id}/disputes",
-    status_code=201,
-    response_model=DisputeResource,
-    responses={
-        201: {"links": DISPUTE_LINKS},
-        **error_responses(400, 401, 403, 404, 409, 413, 422, 503),
-    },
-    summary="Record a dispute (chargeback) opened by the card network",
-)
-async def open_dispute(
-    payment_id: PaymentId,
-    body: DisputeRequest,
-    request: Request,
-    wait: Wait = 10,
-    client: ApiClient = Depends(require_scope("disputes:write")),
-) -> DisputeResource:
-    state = await load_payment(request, payment_id, client)
-    dispute_id = follow_up_id("dp", payment_id, body.network_reference)
-    dispute = next((d for d in state.disputes if d.id == dispute_id), None)
-    if dispute is None or dispute.status == DisputeStatus.PENDING:
-        asked = DisputeOpenedSignal(
-            dispute_id=dispute_id,
-            amount=body.amount,
-            reason_code=body.reason_code,
-            network_reference=body.network_reference,
-        )
-        result = await _ask_workflow(
-            request, payment_id, PaymentWorkflow.open_dispute, asked, dispute_id, wait,
-            refusal_param="amount",
-        )  # fmt: skip
-        if isinstance(result, Dispute):
-            dispute = result
-        else:
-            state = await _pending_record(request, payment_id)
-            dispute = next(d for d in state.disputes if d.id == dispute_id)
-    assert dispute is not None
-    if dispute.status == DisputeStatus.FAILED:
-        raise ApiError(
-            409,
-            "invalid_request_error",
-            "dispute_failed",
-            f"The dispute was not recorded: {dispute.failure_reason}",
-            "amount",
-        )
-    return DisputeResource.of(dispute, state)
-
-
-@router.post(
-    "/payments/{payment_id}/disputes/{dispute_id}/close",
-    response_model=DisputeResource,
-    responses=error_responses(400, 401, 403, 404, 409, 413, 422, 503),
-    summary="Close a dispute as won or lost",
-)
-async def close_dispute(
-    payment_id: PaymentId,
-    dispute_id: DisputeId,
-    body: DisputeCloseRequest,
-    request: Request,
-    wait: Wait = 10,
-    client: ApiClient = Depends(require_scope("disputes:write")),
-) -> DisputeResource:
-    state = await load_payment(request, payment_id, client)
-    dispute = next((d for d in state.disputes if d.id == dispute_id), None)
-    if dispute is None:
-        raise ApiError(
-            404, "invalid_request_error", "resource_missing", "No such dispute.", "dispute_id"
-        )
-    if dispute.status in (DisputeStatus.WON, DisputeStatus.LOST):
-        if dispute.status != DisputeStatus(body.outcome):
-            raise ApiError(
-                409,
-                "invalid_request_error",
-                "dispute_closed",
-                f"The dispute was already {dispute.status}.",
-            )
-        return DisputeResource.of(dispute, state)
-    if dispute.status == DisputeStatus.FAILED:
-        raise ApiError(
-            409, "invalid_request_error", "dispute_failed", "The dispute was never opened."
-        )
-    # A close may be retried after the ledger refused it: each request is its own Update (the
-    # workflow itself makes a repeated close one close).
-    update_id = f"{dispute_id}-{body.outcome}-{uuid.uuid4().hex[:12]}"
-    asked = DisputeClosedSignal(dispute_id=dispute_id, outcome=body.outcome)
-    result = await _ask_workflow(
-        request, payment_id, PaymentWorkflow.close_dispute, asked, update_id, wait
-    )
-    if isinstance(result, Dispute):
-        dispute = result
-    else:
-        state = await _pending_record(request, payment_id)
-        dispute = next(d for d in state.disputes if d.id == dispute_id)
-    if dispute.status in (
-        DisputeStatus.WON,
-        DisputeStatus.LOST,
-    ) and dispute.status != DisputeStatus(body.outcome):
-        raise ApiError(
-            409,
-            "invalid_request_error",
-            "dispute_closed",
-            f"The dispute was already {dispute.status}.",
-        )
-    if (
-        isinstance(result, Dispute)
-        and dispute.status == DisputeStatus.OPEN
-        and dispute.failure_reason
-    ):
-        raise ApiError(
-            409,
-            "invalid_request_error",
-            "dispute_close_failed",
-            f"The dispute was not closed: {dispute.failure_reason}",
-        )
-    return DisputeResource.of(dispute, state)
-
-
-_CANCEL_ACCEPTED: dict[str, Any] = {
-    "model": PaymentResource,
-    "description": "The cancel was accepted; the payment is finishing the step under way.",
-}
-
-
-@router.post(
-    "/payments/{payment_id}/cancel",
-    response_model=PaymentResource,
-    responses={**error_responses(401, 403, 404, 409, 413, 422, 503), 202: _CANCEL_ACCEPTED},
-    summary="Cancel a payment before it is posted to the ledger",
-    description="200 once canceled; 202 when the cancel was accepted but the payment is still "
-    "finishing the step under way (poll it); 409 once it is posted: refund it instead.",
-)
-async def cancel_payment(
-    payment_id: PaymentId,
-    request: Request,
-    response: Response,
-    wait: Wait = 10,
-    client: ApiClient = Depends(require_scope("payments:write")),
-) -> PaymentResource:
-    state = await load_payment(request, payment_id, client)
-    if state.status == PaymentStatus.CANCELED:
-        return PaymentResource.of(state)
-    try:
-        result = await _ask_workflow(
-            request,
-            payment_id,
-            PaymentWorkflow.cancel_payment,
-            CancelSignal(reason="requested_by_customer"),
-            f"cancel-{payment_id}",
-            wait,
-        )
-    except ApiError as refused:
-        if refused.code == "payment_closed":
-            raise _cannot_cancel(f"the payment is already {state.status}") from None
-        if refused.code != Refusal.NOT_CANCELABLE:
-            raise
-        raise _cannot_cancel(refused.message) from None
-    if isinstance(result, PaymentState) and result.status != PaymentStatus.CANCELED:
-        raise _cannot_cancel(f"the payment is already {result.status}")
-    # Accepted, not yet carried out (e.g. payments.raw is still being published): the
-    # workflow stops before the ledger posting.
-    return await answer_with_payment(request, payment_id, response, result)
-
-
-def _cannot_cancel(why: str) -> ApiError:
-    return ApiError(
-        409, "invalid_request_error", "payment_not_cancelable", f"Cannot cancel: {why}."
-    )
+    return PaymentList(data=items, has_more=next_cursor is not None, next_cursor=next_cursor)

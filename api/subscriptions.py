@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import re
-from datetime import date, datetime, timedelta
-from typing import Annotated, Any, Literal
+from datetime import timedelta
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Query, Request, Response
-from pydantic import BaseModel, BeforeValidator, Field
+from fastapi import APIRouter, Depends, Path, Request, Response
+from pydantic import BeforeValidator
 from sqlalchemy.exc import DBAPIError
 from temporalio.client import (
     WorkflowHandle,
@@ -26,29 +26,30 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from api.auth import ApiClient, require_scope
 from api.errors import ApiError, error_responses
-from api.ids import issued, link, no_card_number
-from api.payments import (
-    _CURSOR_MIN_LENGTH,
-    _CURSOR_PATTERN,
+from api.ids import issued, no_card_number
+from api.listing import Cursor, IdentifierFilter, Limit, list_page
+from api.state import (
     IdempotencyKey,
-    _cursor,
-    _page_token,
-    _quote,
-    _register,
-    _settings,
-    _temporal,
+    answer_started,
+    app_settings,
+    idempotency_key_reused,
+    idempotency_register,
+    temporal_client,
 )
-from domain.payment import IDENTIFIER_PATTERN
+from api.subscription_resources import (
+    SUBSCRIPTION_LINKS,
+    SubscriptionList,
+    SubscriptionListItem,
+    SubscriptionResource,
+)
 from domain.subscription import (
     SUBSCRIPTION_ID_PATTERN,
     CancelChange,
     CancelRequest,
     EmptyRequest,
-    Interval,
     PauseChange,
     PaymentMethodChange,
     PaymentMethodRequest,
-    Period,
     PriceChange,
     PriceChangeRequest,
     ResumeChange,
@@ -73,121 +74,6 @@ SubscriptionId = Annotated[
 _FIRST_ANSWER_SECONDS = 10.0
 _POLL_SECONDS = 0.05
 
-_SUBSCRIPTION = "/v1/subscriptions/{subscription_id}"
-
-
-def _links(pointer: str) -> dict[str, Any]:
-    return {
-        "GetSubscription": link(_SUBSCRIPTION, "get", subscription_id=pointer),
-        "CancelSubscription": link(f"{_SUBSCRIPTION}/cancel", "post", subscription_id=pointer),
-        "PauseSubscription": link(f"{_SUBSCRIPTION}/pause", "post", subscription_id=pointer),
-        "ResumeSubscription": link(f"{_SUBSCRIPTION}/resume", "post", subscription_id=pointer),
-        "ChangeSubscriptionPrice": link(f"{_SUBSCRIPTION}/price", "post", subscription_id=pointer),
-    }
-
-
-SUBSCRIPTION_LINKS = _links("$response.body#/id")
-
-
-class PeriodResource(BaseModel):
-    number: int
-    start: date
-    end: date
-    amount: int
-    status: str
-    paid_by: str | None = Field(description="The renewal payment (`pay_…`) that captured it.")
-    attempts: list[str] = Field(description="Every renewal payment tried for this period.")
-
-    @classmethod
-    def of(cls, period: Period) -> PeriodResource:
-        return cls(
-            number=period.number,
-            start=period.start,
-            end=period.end,
-            amount=period.amount,
-            status=period.status.value,
-            paid_by=period.paid_by,
-            attempts=[a.payment_id for a in period.attempts],
-        )
-
-
-class SubscriptionResource(BaseModel):
-    object: Literal["subscription"] = "subscription"
-    id: str
-    status: SubscriptionStatus
-    customer_id: str
-    merchant_id: str
-    currency: str
-    unit_amount: int
-    quantity: int
-    interval: Interval
-    interval_count: int
-    billing_anchor: date
-    trial_end: datetime
-    next_renewal_at: datetime | None
-    cancel_at_period_end: bool
-    canceled_at: datetime | None
-    pending_adjustment: int = Field(
-        description="Minor units the next renewal adds (proration of a change; negative: credit)."
-    )
-    mrr: int = Field(description="Monthly recurring revenue, minor units (0 unless earning).")
-    paid_total: int
-    current_period: PeriodResource | None
-    periods: list[PeriodResource]
-    description: str | None
-    metadata: dict[str, str]
-    created_at: datetime
-    updated_at: datetime
-
-    @classmethod
-    def of(cls, state: SubscriptionState) -> SubscriptionResource:
-        request = state.request
-        return cls(
-            id=state.id,
-            status=state.status,
-            customer_id=request.customer_id,
-            merchant_id=request.merchant_id,
-            currency=request.currency,
-            unit_amount=state.unit_amount,
-            quantity=state.quantity,
-            interval=request.interval,
-            interval_count=request.interval_count,
-            billing_anchor=state.billing_anchor,
-            trial_end=state.trial_end,
-            next_renewal_at=state.next_renewal_at,
-            cancel_at_period_end=state.cancel_at_period_end,
-            canceled_at=state.canceled_at,
-            pending_adjustment=state.adjustment,
-            mrr=state.mrr,
-            paid_total=state.paid_total,
-            current_period=PeriodResource.of(state.current_period)
-            if state.current_period
-            else None,
-            periods=[PeriodResource.of(p) for p in state.periods],
-            description=request.description,
-            metadata=dict(request.metadata),
-            created_at=state.created_at,
-            updated_at=state.updated_at,
-        )
-
-
-class SubscriptionListItem(BaseModel):
-    id: str
-    status: str | None
-    amount: int | None = Field(description="unit_amount × quantity when created.")
-    currency: str | None
-    customer_id: str | None
-    merchant_id: str | None
-    next_renewal_at: datetime | None
-    created_at: datetime | None
-
-
-class SubscriptionList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[SubscriptionListItem]
-    has_more: bool
-    next_cursor: str | None
-
 
 def _not_found() -> ApiError:
     return ApiError(404, "invalid_request_error", "resource_missing", "No such subscription.", "id")
@@ -205,9 +91,9 @@ async def load_subscription(
 ) -> SubscriptionState:
     if not issued(SUBSCRIPTION_ID, subscription_id):
         raise _not_found()
-    handle = _temporal(request).get_workflow_handle(subscription_id)
+    handle = temporal_client(request).get_workflow_handle(subscription_id)
     try:
-        state = await _query(handle, _settings(request).api_query_timeout_seconds)
+        state = await _query(handle, app_settings(request).api_query_timeout_seconds)
     except RPCError as exc:
         if exc.status not in (RPCStatusCode.NOT_FOUND, RPCStatusCode.FAILED_PRECONDITION):
             raise
@@ -271,21 +157,15 @@ async def create_subscription(
         )
     try:
         started = await start_subscription(
-            _temporal(request),
-            _register(request),
-            _settings(request),
+            temporal_client(request),
+            idempotency_register(request),
+            app_settings(request),
             client.client_id,
             idempotency_key,
             body,
         )
     except IdempotencyKeyReused:
-        raise ApiError(
-            409,
-            "idempotency_error",
-            "idempotency_key_reused",
-            "This Idempotency-Key was already used with a different request body.",
-            "Idempotency-Key",
-        ) from None
+        raise idempotency_key_reused() from None
     except DBAPIError:
         # The key could not be checked against the register: nothing was started.
         raise ApiError(
@@ -294,9 +174,7 @@ async def create_subscription(
             "database_unavailable",
             "The subscription could not be recorded; retry with the same Idempotency-Key.",
         ) from None
-    if started.replayed:
-        response.headers["Idempotent-Replayed"] = "true"
-    response.headers["Location"] = f"/v1/subscriptions/{started.subscription_id}"
+    answer_started(response, started.replayed, f"/v1/subscriptions/{started.subscription_id}")
     if started.handle is None:
         # Temporal has forgotten the subscription this key started: nothing is started again.
         raise ApiError(
@@ -333,56 +211,22 @@ async def get_subscription(
 async def list_subscriptions(
     request: Request,
     status: SubscriptionStatus | None = None,
-    customer_id: Annotated[
-        str | None,
-        Query(max_length=64, pattern=IDENTIFIER_PATTERN),
-        BeforeValidator(no_card_number),
-    ] = None,
-    merchant_id: Annotated[
-        str | None,
-        Query(max_length=64, pattern=IDENTIFIER_PATTERN),
-        BeforeValidator(no_card_number),
-    ] = None,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    cursor: Annotated[
-        str | None,
-        Query(
-            min_length=_CURSOR_MIN_LENGTH,
-            max_length=2048,
-            pattern=_CURSOR_PATTERN,
-            description="`next_cursor` of the previous page, as it was issued to you.",
-        ),
-    ] = None,
+    customer_id: IdentifierFilter = None,
+    merchant_id: IdentifierFilter = None,
+    limit: Limit = 20,
+    cursor: Cursor = None,
     client: ApiClient = Depends(require_scope("payments:read")),
 ) -> SubscriptionList:
-    clauses = [
-        f"WorkflowType = {_quote('SubscriptionWorkflow')}",
-        f"ClientId = {_quote(client.client_id)}",
-    ]
-    if status is not None:
-        clauses.append(f"SubscriptionStatus = {_quote(status.value)}")
-    if customer_id is not None:
-        clauses.append(f"CustomerId = {_quote(customer_id)}")
-    if merchant_id is not None:
-        clauses.append(f"MerchantId = {_quote(merchant_id)}")
-    token: bytes | None = None
-    if cursor:
-        token = _page_token(client.client_id, cursor)
-        if token is None:
-            raise ApiError(400, "invalid_request_error", "cursor_invalid", "Bad cursor.", "cursor")
-    iterator = _temporal(request).list_workflows(
-        " AND ".join(clauses), page_size=limit, next_page_token=token
+    filters = {
+        "SubscriptionStatus": status.value if status is not None else None,
+        "CustomerId": customer_id,
+        "MerchantId": merchant_id,
+    }
+    executions, next_cursor = await list_page(
+        temporal_client(request), client.client_id, "SubscriptionWorkflow", filters, limit, cursor
     )
-    try:
-        await iterator.fetch_next_page()
-    except RPCError as exc:
-        if exc.status == RPCStatusCode.INVALID_ARGUMENT:
-            raise ApiError(
-                400, "invalid_request_error", "cursor_invalid", "Bad cursor.", "cursor"
-            ) from None
-        raise
     items = []
-    for execution in iterator.current_page or []:
+    for execution in executions:
         attrs = execution.typed_search_attributes
         items.append(
             SubscriptionListItem(
@@ -396,12 +240,7 @@ async def list_subscriptions(
                 created_at=execution.start_time,
             )
         )
-    next_token = iterator.next_page_token
-    return SubscriptionList(
-        data=items,
-        has_more=bool(next_token),
-        next_cursor=_cursor(client.client_id, next_token) if next_token else None,
-    )
+    return SubscriptionList(data=items, has_more=next_cursor is not None, next_cursor=next_cursor)
 
 
 # ── changes: the workflow's `change` Update ──────────────────────────────────────────────
@@ -411,7 +250,7 @@ async def _change(
     request: Request, subscription_id: str, client: ApiClient, change: Any, param: str | None
 ) -> SubscriptionResource:
     await load_subscription(request, subscription_id, client)
-    handle = _temporal(request).get_workflow_handle(subscription_id)
+    handle = temporal_client(request).get_workflow_handle(subscription_id)
     try:
         state: SubscriptionState = await handle.execute_update(
             "change", change, result_type=SubscriptionState

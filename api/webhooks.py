@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Body, Depends, Query, Request
 from pydantic import BaseModel, Field
 
-from activities.webhooks import (
+from activities.webhook_endpoints import (
     DeliveryRecord,
     EndpointLimitReached,
     WebhookEndpoint,
@@ -21,6 +21,7 @@ from api.auth import ApiClient, require_scope
 from api.errors import ApiError, error_responses
 from api.events import EventTypePattern
 from api.ids import ENDPOINT_ID, ENDPOINT_LINKS, EndpointId, issued
+from api.state import app_settings
 from domain.constraints import JsonInteger
 from domain.payment import FreeText, StrictRequest
 from domain.webhooks import (
@@ -32,7 +33,6 @@ from domain.webhooks import (
     WebhookUrlRefused,
     check_webhook_url,
 )
-from settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["webhooks"])
 
@@ -175,11 +175,6 @@ def _endpoints(request: Request) -> WebhookEndpoints:
     return endpoints
 
 
-def _settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
-
-
 def _no_such_endpoint(param: str = "id") -> ApiError:
     return ApiError(
         404, "invalid_request_error", "resource_missing", "No such webhook endpoint.", param
@@ -189,7 +184,7 @@ def _no_such_endpoint(param: str = "id") -> ApiError:
 def _checked_url(request: Request, url: str) -> str:
     try:
         return check_webhook_url(
-            url, block_private_networks=_settings(request).webhook_block_private_networks
+            url, block_private_networks=app_settings(request).webhook_block_private_networks
         )
     except WebhookUrlRefused as why:
         raise ApiError(
@@ -334,7 +329,7 @@ async def rotate_secret(
 ) -> WebhookEndpointResource:
     seconds = body.expire_previous_after_seconds if body is not None else None
     if seconds is None:
-        seconds = round(_settings(request).webhook_secret_overlap_seconds)
+        seconds = round(app_settings(request).webhook_secret_overlap_seconds)
     rotated = await _endpoints(request).rotate_secret(
         client.client_id, _issued(endpoint_id), timedelta(seconds=seconds)
     )

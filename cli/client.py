@@ -7,6 +7,8 @@ units too (`Money`'s own formatting, integer arithmetic only).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -221,3 +223,35 @@ def show_follow_up(kind: str, item: dict[str, Any]) -> None:
         if item.get(field):
             table.add_row(field.replace("_", " "), item[field])
     out.print(table)
+
+
+# ── the connection the client commands share (set by `paysaga`'s callback, cli/main.py) ──
+@dataclass(frozen=True)
+class Connection:
+    """Where the client commands find the API, and the key they use: the options before the
+    command (`paysaga --api-url … status pay_…`) or their environment variables."""
+
+    api_url: str
+    api_key: str | None
+    home: Path | None
+
+
+def api_client(ctx: typer.Context) -> PaysagaApi:
+    connection: Connection = ctx.obj
+    return PaysagaApi(connection.api_url, connection.api_key or default_api_key(connection.home))
+
+
+@contextmanager
+def reporting_api_errors() -> Iterator[None]:
+    """An API error is an answer for the user, not a crash: one line on stderr, exit 1."""
+    try:
+        yield
+    except ApiFailure as exc:
+        err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def call_api(ctx: typer.Context, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+    """One API call of a client command; an API error is reported, exit 1."""
+    with reporting_api_errors():
+        return api_client(ctx).call(method, path, **kwargs)

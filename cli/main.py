@@ -9,9 +9,6 @@ from __future__ import annotations
 import logging
 import uuid
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,11 +19,11 @@ from bench import run as bench
 from cli import check, crm, events, recon, subscriptions
 from cli.client import (
     DEFAULT_API_URL,
-    ApiFailure,
-    PaysagaApi,
-    default_api_key,
+    Connection,
+    api_client,
     err,
     out,
+    reporting_api_errors,
     show_follow_up,
     show_payment,
     show_payment_list,
@@ -78,16 +75,6 @@ IdempotencyKey = Annotated[
 ]
 
 
-@dataclass(frozen=True)
-class Connection:
-    """Where the client commands find the API, and the key they use: the options before the
-    command (`paysaga --api-url … status pay_…`) or their environment variables."""
-
-    api_url: str
-    api_key: str | None
-    home: Path | None
-
-
 @app.callback()
 def connect(
     ctx: typer.Context,
@@ -97,21 +84,6 @@ def connect(
 ) -> None:
     """Payments as durable Temporal sagas. `paysaga run` starts everything locally."""
     ctx.obj = Connection(api_url, api_key, home)
-
-
-def api_client(ctx: typer.Context) -> PaysagaApi:
-    connection: Connection = ctx.obj
-    return PaysagaApi(connection.api_url, connection.api_key or default_api_key(connection.home))
-
-
-@contextmanager
-def reporting_api_errors() -> Iterator[None]:
-    """An API error is an answer for the user, not a crash: one line on stderr, exit 1."""
-    try:
-        yield
-    except ApiFailure as exc:
-        err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
-        raise typer.Exit(1) from None
 
 
 def new_idempotency_key(prefix: str) -> str:

@@ -10,18 +10,13 @@ paysaga subscriptions cancel sub_… --at-period-end
 from __future__ import annotations
 
 import uuid
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
 from cli.client import (
-    DEFAULT_API_URL,
-    ApiFailure,
-    PaysagaApi,
-    default_api_key,
-    err,
+    call_api,
     money,
     out,
     styled_status,
@@ -30,33 +25,7 @@ from cli.client import (
 
 app = typer.Typer(help="Recurring payments: create, show, change, cancel.", no_args_is_help=True)
 
-ApiUrl = Annotated[
-    str, typer.Option("--api-url", envvar="PAYSAGA_API_URL", help="Base URL of the API.")
-]
-ApiKey = Annotated[
-    str | None,
-    typer.Option("--api-key", envvar="PAYSAGA_API_KEY", help="API key.", show_default=False),
-]
-Home = Annotated[
-    Path | None,
-    typer.Option("--home", envvar="PAYSAGA_HOME", help="paysaga's data directory [.paysaga]"),
-]
 SubscriptionId = Annotated[str, typer.Argument(help="sub_…")]
-
-
-def _call(
-    api_url: str,
-    api_key: str | None,
-    home: Path | None,
-    method: str,
-    path: str,
-    **kwargs: Any,
-) -> dict[str, Any]:
-    try:
-        return PaysagaApi(api_url, api_key or default_api_key(home)).call(method, path, **kwargs)
-    except ApiFailure as exc:
-        err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
-        raise typer.Exit(1) from None
 
 
 def show_subscription(sub: dict[str, Any]) -> None:
@@ -98,6 +67,7 @@ def show_subscription(sub: dict[str, Any]) -> None:
 
 @app.command()
 def create(
+    ctx: typer.Context,
     unit_amount: Annotated[int, typer.Argument(min=1, help="Minor units per unit per period.")],
     currency: Annotated[str, typer.Argument(help="ISO 4217 code.")] = "USD",
     interval: Annotated[str, typer.Option(help="day, week, month or year.")] = "month",
@@ -115,9 +85,6 @@ def create(
     idempotency_key: Annotated[
         str | None, typer.Option(help="Reuse a key to retry safely.", show_default=False)
     ] = None,
-    api_url: ApiUrl = DEFAULT_API_URL,
-    api_key: ApiKey = None,
-    home: Home = None,
 ) -> None:
     """Create a subscription (its first renewal is charged when the trial ends)."""
     key = idempotency_key or f"cli-sub-{uuid.uuid4().hex}"
@@ -134,34 +101,30 @@ def create(
     }
     if anchor is not None:
         body["billing_anchor"] = anchor
-    sub = _call(api_url, api_key, home, "POST", "/v1/subscriptions", json=body, idempotency_key=key)
+    sub = call_api(ctx, "POST", "/v1/subscriptions", json=body, idempotency_key=key)
     show_subscription(sub)
     out.print(f"Idempotency-Key: {key}", soft_wrap=True)
 
 
 @app.command()
 def show(
+    ctx: typer.Context,
     subscription_id: SubscriptionId,
-    api_url: ApiUrl = DEFAULT_API_URL,
-    api_key: ApiKey = None,
-    home: Home = None,
 ) -> None:
     """Show a subscription: status, price, next renewal, MRR, its periods and their payments."""
-    show_subscription(_call(api_url, api_key, home, "GET", f"/v1/subscriptions/{subscription_id}"))
+    show_subscription(call_api(ctx, "GET", f"/v1/subscriptions/{subscription_id}"))
 
 
 @app.command("list")
 def list_subscriptions(
+    ctx: typer.Context,
     status: Annotated[str | None, typer.Option(help="e.g. active, past_due.")] = None,
     customer: Annotated[str | None, typer.Option(help="Customer id.")] = None,
     limit: Annotated[int, typer.Option(min=1, max=100)] = 20,
-    api_url: ApiUrl = DEFAULT_API_URL,
-    api_key: ApiKey = None,
-    home: Home = None,
 ) -> None:
     """List subscriptions (Temporal visibility)."""
     params = {"status": status, "customer_id": customer, "limit": limit}
-    listing = _call(api_url, api_key, home, "GET", "/v1/subscriptions", params=params)
+    listing = call_api(ctx, "GET", "/v1/subscriptions", params=params)
     table = Table(title="subscriptions", title_justify="left")
     for column in ("id", "status", "amount", "customer", "next renewal"):
         table.add_column(column)
@@ -177,74 +140,59 @@ def list_subscriptions(
 
 
 def _change(
-    subscription_id: str,
-    action: str,
-    body: dict[str, Any] | None,
-    api_url: str,
-    api_key: str | None,
-    home: Path | None,
+    subscription_id: str, action: str, body: dict[str, Any] | None, ctx: typer.Context
 ) -> None:
     path = f"/v1/subscriptions/{subscription_id}/{action}"
-    show_subscription(_call(api_url, api_key, home, "POST", path, json=body))
+    show_subscription(call_api(ctx, "POST", path, json=body))
 
 
 @app.command()
 def cancel(
+    ctx: typer.Context,
     subscription_id: SubscriptionId,
     at_period_end: Annotated[
         bool, typer.Option("--at-period-end", help="Renew no more; end at the period's end.")
     ] = False,
-    api_url: ApiUrl = DEFAULT_API_URL,
-    api_key: ApiKey = None,
-    home: Home = None,
 ) -> None:
     """Cancel now, or at the end of the current period."""
-    _change(subscription_id, "cancel", {"at_period_end": at_period_end}, api_url, api_key, home)
+    _change(subscription_id, "cancel", {"at_period_end": at_period_end}, ctx)
 
 
 @app.command()
 def pause(
+    ctx: typer.Context,
     subscription_id: SubscriptionId,
-    api_url: ApiUrl = DEFAULT_API_URL,
-    api_key: ApiKey = None,
-    home: Home = None,
 ) -> None:
     """Pause an active subscription: boundaries passing meanwhile are not charged."""
-    _change(subscription_id, "pause", {}, api_url, api_key, home)
+    _change(subscription_id, "pause", {}, ctx)
 
 
 @app.command()
 def resume(
+    ctx: typer.Context,
     subscription_id: SubscriptionId,
-    api_url: ApiUrl = DEFAULT_API_URL,
-    api_key: ApiKey = None,
-    home: Home = None,
 ) -> None:
     """Resume a paused subscription at its next boundary."""
-    _change(subscription_id, "resume", {}, api_url, api_key, home)
+    _change(subscription_id, "resume", {}, ctx)
 
 
 @app.command()
 def price(
+    ctx: typer.Context,
     subscription_id: SubscriptionId,
     unit_amount: Annotated[int | None, typer.Option(min=1, show_default=False)] = None,
     quantity: Annotated[int | None, typer.Option(min=1, show_default=False)] = None,
-    api_url: ApiUrl = DEFAULT_API_URL,
-    api_key: ApiKey = None,
-    home: Home = None,
 ) -> None:
     """Change the price or quantity; the running period's difference goes onto the next renewal."""
     body = {k: v for k, v in {"unit_amount": unit_amount, "quantity": quantity}.items() if v}
-    _change(subscription_id, "price", body, api_url, api_key, home)
+    _change(subscription_id, "price", body, ctx)
 
 
 @app.command("payment-method")
 def payment_method(
+    ctx: typer.Context,
     subscription_id: SubscriptionId,
     token: Annotated[str, typer.Argument(help="The new payment-method token (pm_…).")],
-    api_url: ApiUrl = DEFAULT_API_URL,
-    api_key: ApiKey = None,
-    home: Home = None,
 ) -> None:
     """Replace the payment method the next renewal (or dunning retry) charges."""
-    _change(subscription_id, "payment_method", {"payment_method": token}, api_url, api_key, home)
+    _change(subscription_id, "payment_method", {"payment_method": token}, ctx)

@@ -2,6 +2,9 @@
 
 Sign convention: a positive amount is a debit, a negative one a credit; every transaction's
 entries sum to zero per currency.
+
+Over 400 lines: balanced transactions and one builder per transaction kind; each builder is
+short and they share the sign convention.
 """
 
 from __future__ import annotations

@@ -1,4 +1,9 @@
-"""Payments: the request a client makes, the state the saga keeps, the follow-ups it accepts."""
+"""Payments: the request a client makes, the state the saga keeps, the follow-ups it accepts.
+
+Over 400 lines: the types a payment is made of (request and its validators, state, statuses,
+follow-ups, signals) that the API, the workflow and the ledger share; each is a short pydantic
+model.
+"""
 
 from __future__ import annotations
 

@@ -29,6 +29,9 @@ MRR (`monthly_recurring_revenue`)
     The total per period brought to a month: month ÷ count, year ÷ (12 × count),
     week × 52 ÷ (12 × count), day × 365 ÷ (12 × count), rounded half up. It counts while the
     subscription is `active` or `past_due`, and is 0 otherwise (trial, paused, unpaid, canceled).
+
+Over 400 lines: the subscription's types and its calendar rules (billing anchors, periods,
+proration, MRR), which are one concept and tested together (tests/domain/).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Merchant webhook endpoints: where they are, what they want, and how a delivery retries.
 
-Pure: the endpoint store, the HTTP delivery and the API live in activities/webhooks.py,
-workflows/webhook_delivery.py and api/webhooks.py (docs/webhooks.md for integrators).
+Pure: the endpoint store, the HTTP delivery and the API live in
+activities/webhook_endpoints.py, activities/webhooks.py, workflows/webhook_delivery.py and
+api/webhooks.py (docs/webhooks.md for integrators).
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -36,3 +37,13 @@ def run_and_exit(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
         logging.getLogger("paysaga").exception("fatal error")
         status = 1
     hard_exit(status)
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT: a long-running process's `main` waits on it, then
+    shuts down in order (call it from inside the running loop)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop

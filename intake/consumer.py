@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
@@ -371,16 +370,14 @@ async def running_intake(
 
 
 async def main() -> None:
+    from infra.exit import stop_on_signals
     from infra.logs import configure_logging
     from infra.observability import worker_telemetry
     from infra.temporal_client import connect_client
 
     settings = get_settings()
     configure_logging(settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     with worker_telemetry(settings, "paysaga-intake"):
         client = await connect_client(settings)
         await PaymentIntake(settings, client).run(stop)

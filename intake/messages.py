@@ -22,7 +22,7 @@ DLQ_REASON_HEADER = "dlq-reason"
 DLQ_ERROR_CODE_HEADER = "dlq-error-code"
 DLQ_CLIENT_ID_HEADER = "dlq-client-id"
 
-# The REST API's rule for the same value (api/payments.py IdempotencyKey).
+# The REST API's rule for the same value (api/state.py IdempotencyKey).
 _IDEMPOTENCY_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
 _MAX_REASON_CHARS = TEXT_MAX
 _CARD_REASON = "card numbers are not accepted; send a pm_… token"

@@ -17,6 +17,10 @@ Three steps, each idempotent:
 3. **Exceptions.** Expectations still open after `missing_after`, unexpected lines and
    mismatches wait in a queue until an operator resolves them with a reason: a manual match (an
    unexpected line that is a missing movement) or a write-off, each a balanced posting.
+
+Over 400 lines: one store for the three steps, whose queries share the expectation and
+settlement-line tables and whose import of a file is one SERIALIZABLE transaction; the rules it
+applies are in domain/settlement.py.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 Each posting is one SERIALIZABLE database transaction holding the ledger transaction, its
 entries, the payments-register update and the outbox row of the event it emits. The unique
 key (payment id, kind, reference) makes a retried posting a no-op that returns the first one.
+
+Over 400 lines: the one SERIALIZABLE write path of the ledger and the reads that must see it;
+splitting it would split the transaction boundary.
 """
 
 from __future__ import annotations

@@ -14,6 +14,10 @@ half. Any token not in the table approves, so the README's `pm_card_visa_0001` w
 
 One process, one event loop: every read-check-write on the store runs without an `await` in
 between, so the loop itself serializes them and no two requests can authorize one reference.
+
+Over 400 lines: the sandbox acquirer's rules and the HTTP service that serializes them on one
+event loop; its store, wire format, test payment methods and settlement files are their own
+modules.
 """
 
 from __future__ import annotations
@@ -27,34 +31,40 @@ import os
 import secrets
 import sqlite3
 import sys
-from collections.abc import Awaitable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
-from enum import StrEnum
+from datetime import date
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import uvicorn
 from fastapi import Body, Depends, FastAPI, Query, Request
-from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    StringConstraints,
-    field_validator,
-    model_validator,
-)
-from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from domain.cards import luhn_valid
-from domain.money import CURRENCIES, MAX_INT64
-from domain.payment import PaymentMethodToken
-from domain.settlement import LineType, SettlementLine, render_settlement_file
+from domain.settlement import render_settlement_file
+from sandboxes.acquirer_store import AcquirerStore, now_iso
+from sandboxes.acquirer_wire import (
+    AuthorizeBody,
+    CaptureBody,
+    ChargebackBody,
+    DayPath,
+    DiscrepancyBody,
+    ReferencePath,
+    RefundBody,
+    SandboxError,
+    error_response,
+    parse_day,
+)
+from sandboxes.payment_methods import (
+    DECLINE_MESSAGES,
+    TEST_PAYMENT_METHODS,
+    Behaviour,
+    SandboxPaymentMethod,
+    payment_method_behaviour,
+)
+from sandboxes.settlement import settlement_report
 
 log = logging.getLogger("paysaga.sandbox.acquirer")
 
@@ -81,496 +91,11 @@ def capture_fee(amount: int, *, fixed_minor: int, basis_points: int) -> int:
     return min(amount, fixed_minor + (amount * basis_points + 5_000) // 10_000)
 
 
-# --- Test payment methods
-
-
-class Behaviour(StrEnum):
-    APPROVE = "approve"
-    DECLINE = "decline"
-    APPROVE_AFTER_DELAY = "approve_after_delay"
-    TIMEOUT = "timeout"
-    ERROR_ONCE = "error_once"
-    PARTIAL_APPROVAL = "partial_approval"
-
-
-@dataclass(frozen=True)
-class SandboxPaymentMethod:
-    token: str
-    behaviour: Behaviour
-    what_happens: str
-    decline_code: str | None = None
-
-
-_DECLINES: tuple[tuple[str, str], ...] = (
-    ("insufficient_funds", "The card has insufficient funds."),
-    ("do_not_honor", "The issuer declined without giving a reason."),
-    ("expired_card", "The card has expired."),
-    ("card_velocity_exceeded", "The card's spending or attempt limit was exceeded."),
-    ("lost_card", "The card was reported lost."),
-    ("stolen_card", "The card was reported stolen."),
-    # A real network code paysaga has no name for: it arrives as generic_decline, raw code kept.
-    ("restricted_card", "The card cannot be used for this kind of payment."),
-)
-DECLINE_MESSAGES: dict[str, str] = dict(_DECLINES)
-
-TEST_PAYMENT_METHODS: tuple[SandboxPaymentMethod, ...] = (
-    SandboxPaymentMethod(
-        "pm_card_visa",
-        Behaviour.APPROVE,
-        "Approves the full amount. So does every token not in this table, e.g. "
-        "`pm_card_visa_0001`.",
-    ),
-    *(
-        SandboxPaymentMethod(
-            f"pm_card_decline_{code}", Behaviour.DECLINE, f"Declines with `{code}`.", code
-        )
-        for code, _ in _DECLINES
-    ),
-    SandboxPaymentMethod(
-        "pm_card_approve_after_delay",
-        Behaviour.APPROVE_AFTER_DELAY,
-        "Approves after `--delay-seconds` (default 2 s); nothing is authorized until then.",
-    ),
-    SandboxPaymentMethod(
-        "pm_card_timeout",
-        Behaviour.TIMEOUT,
-        "Every operation (authorize, capture, void, refund) HAPPENS, but its first answer is "
-        "held for `--hang-seconds` (default 90 s): the client times out not knowing. Status by "
-        "reference shows what happened; a retry with the same reference answers at once.",
-    ),
-    SandboxPaymentMethod(
-        "pm_card_error_once",
-        Behaviour.ERROR_ONCE,
-        "Every operation answers `500 internal_error` the first time it is asked (per reference, "
-        "and per refund reference), WITHOUT happening; asked again, it behaves normally.",
-    ),
-    SandboxPaymentMethod(
-        "pm_card_partial_approval",
-        Behaviour.PARTIAL_APPROVAL,
-        "Approves half the amount, rounded down (a 1-minor-unit amount is approved in full).",
-    ),
-)
-_BY_TOKEN = {m.token: m for m in TEST_PAYMENT_METHODS}
-
-
-def payment_method_behaviour(token: str) -> SandboxPaymentMethod:
-    return _BY_TOKEN.get(token) or SandboxPaymentMethod(token, Behaviour.APPROVE, "approves")
-
-
-# --- The wire format: request bodies
-
-Reference = Annotated[
-    str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]{1,64}$")
-]
-ReferencePath = Annotated[str, PathParam(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
-Amount = Annotated[int, Field(gt=0, le=MAX_INT64)]
-DayPath = Annotated[str, PathParam(pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")]
-
-
-def _day(value: str) -> date:
-    try:
-        return date.fromisoformat(value)
-    except ValueError:
-        raise SandboxError(400, "invalid_request", "Not a calendar date.", "day") from None
-
-
-def _no_card_number(value: str) -> str:
-    # Only a reference that IS a card number: a digit run inside an id (our pay_<hex> ids hold
-    # long ones, now and then Luhn-valid) is not one, and refusing it would refuse a payment.
-    if value.isdigit() and 12 <= len(value) <= 19 and luhn_valid(value):
-        raise PydanticCustomError(
-            "card_data_not_allowed", "A reference must not contain a card number."
-        )
-    return value
-
-
-def _supported_currency(value: str) -> str:
-    if value not in CURRENCIES:
-        raise PydanticCustomError(
-            "currency_unsupported",
-            "Currency {currency} is not supported; use an ISO 4217 code such as USD.",
-            {"currency": value[:8]},
-        )
-    return value
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class AuthorizeBody(_Body):
-    reference: Reference
-    amount: Amount
-    currency: str
-    payment_method: PaymentMethodToken
-
-    _reference = field_validator("reference")(_no_card_number)
-    _currency = field_validator("currency")(_supported_currency)
-
-
-class CaptureBody(_Body):
-    amount: Amount | None = None
-    currency: str | None = None
-
-    @field_validator("currency")
-    @classmethod
-    def _currency(cls, value: str | None) -> str | None:
-        return None if value is None else _supported_currency(value)
-
-    @model_validator(mode="after")
-    def _amount_with_currency(self) -> CaptureBody:
-        # An amount without its currency is a number, not money. A currency alone is a guard
-        # on a full capture: it must be the authorization's.
-        if self.amount is not None and self.currency is None:
-            raise PydanticCustomError(
-                "amount_without_currency", "An amount must come with its currency."
-            )
-        return self
-
-
-class RefundBody(_Body):
-    refund_reference: Reference
-    amount: Amount
-    currency: str
-
-    _reference = field_validator("refund_reference")(_no_card_number)
-    _currency = field_validator("currency")(_supported_currency)
-
-
-class ChargebackBody(_Body):
-    """A chargeback the card network pushes (a sandbox test instruction: a real acquirer tells
-    you of one). `dispute_reference` is the dispute's id as paysaga knows it."""
-
-    dispute_reference: Reference
-    amount: Amount
-    currency: str
-
-    _currency = field_validator("currency")(_supported_currency)
-
-
-class DiscrepancyKind(StrEnum):
-    MISSING = "missing"
-    UNEXPECTED = "unexpected"
-    AMOUNT_MISMATCH = "amount_mismatch"
-    CURRENCY_MISMATCH = "currency_mismatch"
-
-
-class DiscrepancyBody(_Body):
-    """A fault in one day's settlement file, for tests (docs/reconciliation.md): leave a
-    movement out, add one nobody made, or report a movement with another amount or currency."""
-
-    # Literal, not the enum: the body is validated strictly from JSON strings.
-    kind: Literal["missing", "unexpected", "amount_mismatch", "currency_mismatch"]
-    movement_reference: Reference | None = None
-    reference: Reference | None = None
-    amount: Annotated[int, Field(gt=0, le=MAX_INT64)] | None = None
-    currency: str | None = None
-
-    @field_validator("currency")
-    @classmethod
-    def _currency(cls, value: str | None) -> str | None:
-        return None if value is None else _supported_currency(value)
-
-    @model_validator(mode="after")
-    def _complete(self) -> DiscrepancyBody:
-        needed = {
-            DiscrepancyKind.MISSING: ("movement_reference",),
-            DiscrepancyKind.UNEXPECTED: ("amount", "currency"),
-            DiscrepancyKind.AMOUNT_MISMATCH: ("movement_reference", "amount"),
-            DiscrepancyKind.CURRENCY_MISMATCH: ("movement_reference", "currency"),
-        }[DiscrepancyKind(self.kind)]
-        missing = [name for name in needed if getattr(self, name) is None]
-        if missing:
-            raise PydanticCustomError(
-                "discrepancy_incomplete",
-                "A {kind} discrepancy needs {fields}.",
-                {"kind": self.kind, "fields": ", ".join(missing)},
-            )
-        return self
-
-
-class SandboxError(Exception):
-    """An answer other than 2xx, with the error body of docs/acquirer.md."""
-
-    def __init__(self, status: int, type_: str, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.type = type_
-        self.message = message
-        self.param = param
-
-    def response(self) -> JSONResponse:
-        return _error_response(self.status, self.type, self.message, self.param)
-
-
-def _error_response(
-    status: int, type_: str, message: str, param: str | None = None
-) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse(
-        {"error": {"type": type_, "message": message, "param": param}},
-        status_code=status,
-        headers=headers,
-    )
-
-
 # --- Durable state
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 def _new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(12)}"
-
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS authorizations (
-    reference           TEXT PRIMARY KEY,            -- ours: idempotency is by this
-    acquirer_reference  TEXT NOT NULL UNIQUE,
-    payment_method      TEXT NOT NULL,
-    currency            TEXT NOT NULL,
-    requested_amount    INTEGER NOT NULL CHECK (requested_amount > 0),
-    authorized_amount   INTEGER NOT NULL
-        CHECK (authorized_amount >= 0 AND authorized_amount <= requested_amount),
-    status              TEXT NOT NULL
-        CHECK (status IN ('authorized', 'declined', 'captured', 'voided')),
-    decline_code        TEXT,
-    captured_amount     INTEGER NOT NULL DEFAULT 0
-        CHECK (captured_amount >= 0 AND captured_amount <= authorized_amount),
-    refunded_amount     INTEGER NOT NULL DEFAULT 0
-        CHECK (refunded_amount >= 0 AND refunded_amount <= captured_amount),
-    acquirer_capture_reference TEXT UNIQUE,
-    created_at          TEXT NOT NULL,
-    captured_at         TEXT,
-    voided_at           TEXT
-);
--- What settles: one row per capture and per refund, never updated (settlement files read it).
-CREATE TABLE IF NOT EXISTS movements (
-    movement_reference  TEXT PRIMARY KEY,             -- the acquirer's: cap_… / rfd_…
-    kind                TEXT NOT NULL CHECK (kind IN ('capture', 'refund')),
-    reference           TEXT NOT NULL REFERENCES authorizations (reference),
-    acquirer_reference  TEXT NOT NULL,                -- the authorization's
-    refund_reference    TEXT UNIQUE,                  -- ours, refunds only
-    amount              INTEGER NOT NULL CHECK (amount > 0),
-    currency            TEXT NOT NULL,
-    fee                 INTEGER NOT NULL CHECK (fee >= 0 AND fee <= amount),
-    occurred_at         TEXT NOT NULL,
-    CHECK ((kind = 'refund') = (refund_reference IS NOT NULL))
-);
-CREATE INDEX IF NOT EXISTS movements_by_time ON movements (occurred_at);
-CREATE INDEX IF NOT EXISTS movements_by_reference ON movements (reference);
--- error_once faults already served: survives a restart, so "once" stays once.
-CREATE TABLE IF NOT EXISTS faults_served (
-    fault_key   TEXT NOT NULL,
-    operation   TEXT NOT NULL,
-    served_at   TEXT NOT NULL,
-    PRIMARY KEY (fault_key, operation)
-);
--- The request log behind `GET /` and `GET /v1/operations`.
-CREATE TABLE IF NOT EXISTS operations (
-    id               INTEGER PRIMARY KEY AUTOINCREMENT,
-    at               TEXT NOT NULL,
-    operation        TEXT NOT NULL,
-    reference        TEXT,
-    refund_reference TEXT,
-    amount           INTEGER,
-    currency         TEXT,
-    http_status      INTEGER NOT NULL,
-    result           TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS operations_by_reference ON operations (reference);
--- Chargebacks the card network took back (and reversals of ones the merchant won): settlement
--- rows like captures and refunds, kept apart so the movements table's rules stay as they were.
-CREATE TABLE IF NOT EXISTS chargebacks (
-    movement_reference  TEXT PRIMARY KEY,             -- the acquirer's: cb_… / cbr_…
-    kind                TEXT NOT NULL CHECK (kind IN ('chargeback', 'chargeback_reversal')),
-    reference           TEXT NOT NULL REFERENCES authorizations (reference),
-    acquirer_reference  TEXT NOT NULL,
-    dispute_reference   TEXT NOT NULL,
-    amount              INTEGER NOT NULL CHECK (amount > 0),
-    currency            TEXT NOT NULL,
-    occurred_at         TEXT NOT NULL,
-    UNIQUE (dispute_reference, kind)
-);
--- Test-only faults in a day's settlement file (docs/reconciliation.md, "Discrepancies").
-CREATE TABLE IF NOT EXISTS settlement_discrepancies (
-    id                  TEXT PRIMARY KEY,
-    day                 TEXT NOT NULL,
-    kind                TEXT NOT NULL
-        CHECK (kind IN ('missing', 'unexpected', 'amount_mismatch', 'currency_mismatch')),
-    movement_reference  TEXT,
-    reference           TEXT,
-    amount              INTEGER,
-    currency            TEXT,
-    created_at          TEXT NOT NULL
-);
-"""
-
-
-@dataclass(frozen=True)
-class Movement:
-    """One settlement-relevant money movement (for the settlement files of reconciliation)."""
-
-    movement_reference: str
-    kind: str  # capture | refund
-    reference: str
-    acquirer_reference: str
-    refund_reference: str | None
-    amount: int
-    currency: str
-    fee: int
-    occurred_at: datetime
-
-
-class AcquirerStore:
-    """The sandbox's SQLite file. WAL: a crash or kill of the sandbox loses nothing committed
-    (synchronous=NORMAL trades only the last moments before a power loss, fine for a sandbox)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(_SCHEMA)
-
-    def close(self) -> None:
-        self._db.close()
-
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
-
-    # reads
-
-    def authorization(self, reference: str) -> sqlite3.Row | None:
-        row: sqlite3.Row | None = self._db.execute(
-            "SELECT * FROM authorizations WHERE reference = ?", (reference,)
-        ).fetchone()
-        return row
-
-    def refunds_of(self, reference: str) -> list[sqlite3.Row]:
-        return self._db.execute(
-            "SELECT * FROM movements WHERE reference = ? AND kind = 'refund' "
-            "ORDER BY occurred_at, movement_reference",
-            (reference,),
-        ).fetchall()
-
-    def refund(self, refund_reference: str) -> sqlite3.Row | None:
-        row: sqlite3.Row | None = self._db.execute(
-            "SELECT * FROM movements WHERE refund_reference = ?", (refund_reference,)
-        ).fetchone()
-        return row
-
-    def movements(self) -> list[Movement]:
-        rows = self._db.execute(
-            "SELECT * FROM movements ORDER BY occurred_at, movement_reference"
-        ).fetchall()
-        return [
-            Movement(
-                movement_reference=r["movement_reference"],
-                kind=r["kind"],
-                reference=r["reference"],
-                acquirer_reference=r["acquirer_reference"],
-                refund_reference=r["refund_reference"],
-                amount=r["amount"],
-                currency=r["currency"],
-                fee=r["fee"],
-                occurred_at=datetime.fromisoformat(r["occurred_at"]),
-            )
-            for r in rows
-        ]
-
-    def operations(self, limit: int, reference: str | None = None) -> list[sqlite3.Row]:
-        if reference is None:
-            return self._db.execute(
-                "SELECT * FROM operations ORDER BY id DESC LIMIT ?", (limit,)
-            ).fetchall()
-        return self._db.execute(
-            "SELECT * FROM operations WHERE reference = ? ORDER BY id DESC LIMIT ?",
-            (reference, limit),
-        ).fetchall()
-
-    def chargeback(self, dispute_reference: str, kind: str) -> sqlite3.Row | None:
-        row: sqlite3.Row | None = self._db.execute(
-            "SELECT * FROM chargebacks WHERE dispute_reference = ? AND kind = ?",
-            (dispute_reference, kind),
-        ).fetchone()
-        return row
-
-    def charged_back(self, reference: str) -> int:
-        """What chargebacks still hold of `reference`'s capture (reversed ones given back)."""
-        total = self._db.execute(
-            "SELECT coalesce(sum(CASE kind WHEN 'chargeback' THEN amount ELSE -amount END), 0) "
-            "FROM chargebacks WHERE reference = ?",
-            (reference,),
-        ).fetchone()[0]
-        return int(total)
-
-    def settlement_rows(self, day: str) -> list[sqlite3.Row]:
-        """Captures, refunds and chargebacks that happened on `day` (UTC), oldest first."""
-        return self._db.execute(
-            "SELECT movement_reference, kind, reference, acquirer_reference, "
-            "coalesce(refund_reference, '') AS merchant_reference, amount, currency, fee, "
-            "occurred_at FROM movements WHERE substr(occurred_at, 1, 10) = :day "
-            "UNION ALL "
-            "SELECT movement_reference, kind, reference, acquirer_reference, "
-            "dispute_reference AS merchant_reference, amount, currency, 0 AS fee, occurred_at "
-            "FROM chargebacks WHERE substr(occurred_at, 1, 10) = :day "
-            "ORDER BY occurred_at, movement_reference",
-            {"day": day},
-        ).fetchall()
-
-    def discrepancies(self, day: str) -> list[sqlite3.Row]:
-        return self._db.execute(
-            "SELECT * FROM settlement_discrepancies WHERE day = ? ORDER BY created_at, id", (day,)
-        ).fetchall()
-
-    def count_authorizations(self) -> int:
-        return int(self._db.execute("SELECT count(*) FROM authorizations").fetchone()[0])
-
-    # writes
-
-    def take_fault(self, fault_key: str, operation: str) -> bool:
-        """True exactly once per (key, operation), ever: serve the fault now."""
-        with self.transaction() as db:
-            cursor = db.execute(
-                "INSERT INTO faults_served (fault_key, operation, served_at) VALUES (?, ?, ?) "
-                "ON CONFLICT DO NOTHING",
-                (fault_key, operation, _now()),
-            )
-            return cursor.rowcount == 1
-
-    def log_operation(
-        self,
-        operation: str,
-        http_status: int,
-        result: str,
-        *,
-        reference: str | None = None,
-        refund_reference: str | None = None,
-        amount: int | None = None,
-        currency: str | None = None,
-    ) -> None:
-        with self.transaction() as db:
-            db.execute(
-                "INSERT INTO operations (at, operation, reference, refund_reference, amount, "
-                "currency, http_status, result) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (_now(), operation, reference, refund_reference, amount, currency, http_status,
-                 result),
-            )  # fmt: skip
-
-
-# --- The acquirer's rules
 
 
 @dataclass(frozen=True)
@@ -707,7 +232,7 @@ class SandboxAcquirer:
                 "currency, requested_amount, authorized_amount, status, decline_code, "
                 "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (body.reference, _new_id("acq"), body.payment_method, body.currency,
-                 body.amount, authorized, status, decline, _now()),
+                 body.amount, authorized, status, decline, now_iso()),
             )  # fmt: skip
         row = self.store.authorization(body.reference)
         assert row is not None
@@ -749,7 +274,7 @@ class SandboxAcquirer:
             fixed_minor=self.config.fee_fixed_minor,
             basis_points=self.config.fee_basis_points,
         )
-        now, capture_reference = _now(), _new_id("cap")
+        now, capture_reference = now_iso(), _new_id("cap")
         with self.store.transaction() as db:
             db.execute(
                 "UPDATE authorizations SET status = 'captured', captured_amount = ?, "
@@ -802,7 +327,7 @@ class SandboxAcquirer:
             db.execute(
                 "UPDATE authorizations SET status = 'voided', voided_at = ? "
                 "WHERE reference = ? AND status = 'authorized'",
-                (_now(), reference),
+                (now_iso(), reference),
             )
         return Answer(
             self.authorization_json(self._existing(reference)), hold_seconds=self._hold(row)
@@ -859,7 +384,7 @@ class SandboxAcquirer:
                 "refund_reference, amount, currency, fee, occurred_at) "
                 "VALUES (?, 'refund', ?, ?, ?, ?, ?, 0, ?)",
                 (_new_id("rfd"), reference, row["acquirer_reference"], body.refund_reference,
-                 body.amount, body.currency, _now()),
+                 body.amount, body.currency, now_iso()),
             )  # fmt: skip
         created = self.store.refund(body.refund_reference)
         assert created is not None
@@ -922,7 +447,7 @@ class SandboxAcquirer:
                 "INSERT INTO chargebacks (movement_reference, kind, reference, acquirer_reference, "
                 "dispute_reference, amount, currency, occurred_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (_new_id(prefix), kind, row["reference"], row["acquirer_reference"], dispute,
-                 amount, row["currency"], _now()),
+                 amount, row["currency"], now_iso()),
             )  # fmt: skip
 
     # settlement discrepancies (tests)
@@ -936,7 +461,7 @@ class SandboxAcquirer:
             "reference": body.reference,
             "amount": body.amount,
             "currency": body.currency,
-            "created_at": _now(),
+            "created_at": now_iso(),
         }
         with self.store.transaction() as db:
             db.execute(
@@ -951,114 +476,6 @@ class SandboxAcquirer:
 
     def status(self, reference: str) -> Answer:
         return Answer(self.authorization_json(self._existing(reference)))
-
-
-# --- Settlement files (docs/reconciliation.md)
-
-
-def batch_id(day: date, ccy: str) -> str:
-    return f"po_{day:%Y%m%d}_{ccy.lower()}"
-
-
-def settlement_report(store: AcquirerStore, day: date) -> list[SettlementLine]:
-    """The day's settlement file: every capture, refund and chargeback of `day` (UTC) with a
-    fee row per fee, the test discrepancies of that day applied, grouped into one payout batch
-    per currency whose payout row is the batch's net (so the file is always self-consistent,
-    as a real acquirer's is: a discrepancy is between its file and our ledger)."""
-    key = day.isoformat()
-    faults = store.discrepancies(key)
-    dropped = {f["movement_reference"] for f in faults if f["kind"] == DiscrepancyKind.MISSING}
-    amounts = {
-        f["movement_reference"]: f["amount"]
-        for f in faults
-        if f["kind"] == DiscrepancyKind.AMOUNT_MISMATCH
-    }
-    currencies = {
-        f["movement_reference"]: f["currency"]
-        for f in faults
-        if f["kind"] == DiscrepancyKind.CURRENCY_MISMATCH
-    }
-    sign = {"capture": 1, "refund": -1, "chargeback": -1, "chargeback_reversal": 1}
-    rows: list[tuple[str, SettlementLine]] = []  # (currency, line) before batching
-
-    def line(
-        line_id: str, type_: LineType, amount: int, ccy: str, at: datetime, **refs: str
-    ) -> None:
-        rows.append(
-            (
-                ccy,
-                SettlementLine(
-                    line_number=0,
-                    settlement_date=day,
-                    batch_id=batch_id(day, ccy),
-                    line_id=line_id,
-                    type=type_,
-                    reference=refs.get("reference", ""),
-                    acquirer_reference=refs.get("acquirer_reference", ""),
-                    movement_reference=refs.get("movement_reference", ""),
-                    merchant_reference=refs.get("merchant_reference", ""),
-                    amount=amount,
-                    currency=ccy,
-                    occurred_at=at,
-                ),
-            )
-        )
-
-    for row in store.settlement_rows(key):
-        movement = row["movement_reference"]
-        if movement in dropped:
-            continue
-        ccy = currencies.get(movement, row["currency"])
-        at = datetime.fromisoformat(row["occurred_at"])
-        refs = {
-            "reference": row["reference"],
-            "acquirer_reference": row["acquirer_reference"],
-            "movement_reference": movement,
-            "merchant_reference": row["merchant_reference"],
-        }
-        amount = amounts.get(movement, row["amount"]) * sign[row["kind"]]
-        line(f"ln_{movement}", LineType(row["kind"]), amount, ccy, at, **refs)
-        if row["fee"]:
-            line(f"ln_{movement}_fee", LineType.FEE, -row["fee"], ccy, at, **refs)
-    for fault in faults:
-        if fault["kind"] == DiscrepancyKind.UNEXPECTED:
-            movement = f"cap_{fault['id']}"
-            line(
-                f"ln_{movement}",
-                LineType.CAPTURE,
-                fault["amount"],
-                fault["currency"],
-                datetime.fromisoformat(fault["created_at"]),
-                reference=fault["reference"] or f"unknown_{fault['id']}",
-                acquirer_reference=f"acq_{fault['id']}",
-                movement_reference=movement,
-            )
-    lines: list[SettlementLine] = []
-    end_of_day = datetime.combine(day, datetime.max.time(), tzinfo=UTC).replace(microsecond=0)
-    for ccy in sorted({c for c, _ in rows}):
-        batch = [ln for c, ln in rows if c == ccy]
-        lines += batch
-        bid = batch_id(day, ccy)
-        lines.append(
-            SettlementLine(
-                line_number=0,
-                settlement_date=day,
-                batch_id=bid,
-                line_id=bid,
-                type=LineType.PAYOUT,
-                reference="",
-                acquirer_reference="",
-                movement_reference=f"tr_{day:%Y%m%d}_{ccy.lower()}",
-                merchant_reference="",
-                amount=sum(ln.amount for ln in batch),
-                currency=ccy,
-                occurred_at=end_of_day,
-            )
-        )
-    return lines
-
-
-# --- HTTP
 
 
 def _describe(answer: Answer) -> str:
@@ -1107,17 +524,17 @@ def create_app(store: AcquirerStore, config: SandboxConfig) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
-        return _error_response(400, "invalid_request", message, param)
+        return error_response(400, "invalid_request", message, param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = "not_found" if exc.status_code == 404 else "invalid_request"
-        return _error_response(exc.status_code, type_, str(exc.detail))
+        return error_response(exc.status_code, type_, str(exc.detail))
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error answering %s %s", request.method, request.url.path)
-        return _error_response(500, "internal_error", "The sandbox failed unexpectedly.")
+        return error_response(500, "internal_error", "The sandbox failed unexpectedly.")
 
     @app.exception_handler(SandboxError)
     async def _refused(request: Request, exc: SandboxError) -> JSONResponse:
@@ -1239,7 +656,7 @@ def create_app(store: AcquirerStore, config: SandboxConfig) -> FastAPI:
 
     @app.get("/v1/settlements/{day}.csv", dependencies=[Depends(authenticated)])
     async def settlement_file(day: DayPath) -> Response:
-        content = render_settlement_file(settlement_report(store, _day(day)))
+        content = render_settlement_file(settlement_report(store, parse_day(day)))
         return Response(
             content,
             media_type="text/csv",
@@ -1248,7 +665,7 @@ def create_app(store: AcquirerStore, config: SandboxConfig) -> FastAPI:
 
     @app.post("/v1/settlements/{day}/discrepancies", dependencies=[Depends(authenticated)])
     async def add_discrepancy(day: DayPath, body: DiscrepancyBody) -> JSONResponse:
-        return acquirer.add_discrepancy(_day(day), body).response()
+        return acquirer.add_discrepancy(parse_day(day), body).response()
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:

@@ -11,6 +11,9 @@ webhook, drives each path with the Temporal client and signals, waits for the pa
 and writes `<path>.json` (`WorkflowHistory.to_json()`). Payloads stay unencrypted (no
 encryption keys here) so the replayer reads them without a key; every id is synthetic.
 Re-record only after a deliberate, `workflow.patched()` change: docs/upgrades.md.
+
+Over 400 lines: one short scenario function per recorded history, all on the same harness; a
+scenario is found by its history's name here.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
 
 from activities.event_store import EventStore
 from activities.kafka import EventPublisher
-from activities.webhooks import WebhookEndpoints
+from activities.webhook_endpoints import WebhookEndpoints
 from domain.events import EventKind, PaymentEvent, event_id
 from domain.fraud import amount_for_limit_share
 from domain.payment import (

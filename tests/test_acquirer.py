@@ -55,12 +55,11 @@ from sandboxes.acquirer import (
     DEFAULT_API_KEY,
     DEFAULT_FEE_BASIS_POINTS,
     DEFAULT_FEE_FIXED_MINOR,
-    TEST_PAYMENT_METHODS,
-    AcquirerStore,
-    Behaviour,
     capture_fee,
     command,
 )
+from sandboxes.acquirer_store import AcquirerStore
+from sandboxes.payment_methods import TEST_PAYMENT_METHODS, Behaviour
 from settings import Settings
 
 API_KEY = "sk_test_i15_configured_key_5c1f"

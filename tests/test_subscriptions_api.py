@@ -11,7 +11,6 @@ from typing import Any
 
 import httpx
 import pytest
-import typer
 import uvicorn
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -21,7 +20,7 @@ from typer.testing import CliRunner
 from api.app import create_app
 from checker.report import CheckScope
 from checker.subscriptions import check_renewals_once
-from cli import subscriptions as subscriptions_cli
+from cli.main import app as paysaga
 from domain.subscription import renewal_payment_id
 from infra.embedded.process import free_port
 from settings import Settings
@@ -264,28 +263,28 @@ async def served(
         await serving
 
 
-def _cli(*args: str) -> Any:
-    app = typer.Typer()
-    app.add_typer(subscriptions_cli.app, name="subscriptions")
-    return CliRunner().invoke(app, ["subscriptions", *args])
+def _cli(api_url: str, *args: str) -> Any:
+    """`paysaga --api-url … --api-key … subscriptions …`: the connection options go before the
+    command group, one callback for every client command."""
+    common = ["--api-url", api_url, "--api-key", TEST_API_KEY]
+    return CliRunner().invoke(paysaga, [*common, "subscriptions", *args])
 
 
 async def test_the_cli_creates_shows_changes_and_cancels_a_subscription(served: str) -> None:
-    common = ("--api-url", served, "--api-key", TEST_API_KEY)
     created = await asyncio.to_thread(
-        _cli, "create", "990", "GBP", "--interval", "week", "--trial-days", "3",
-        "--customer", "cus_cli_1", *common,
+        _cli, served, "create", "990", "GBP", "--interval", "week", "--trial-days", "3",
+        "--customer", "cus_cli_1",
     )  # fmt: skip
     assert created.exit_code == 0, created.output
     sub_id = next(w for w in created.output.split() if w.startswith("sub_"))
     assert "trialing" in created.output and "9.90 GBP × 1 every 1 week(s)" in created.output
 
-    priced = await asyncio.to_thread(_cli, "price", sub_id, "--quantity", "3", *common)
+    priced = await asyncio.to_thread(_cli, served, "price", sub_id, "--quantity", "3")
     assert priced.exit_code == 0, priced.output
     assert "9.90 GBP × 3" in priced.output
-    refused = await asyncio.to_thread(_cli, "resume", sub_id, *common)
+    refused = await asyncio.to_thread(_cli, served, "resume", sub_id)
     assert refused.exit_code == 1 and "subscription_not_paused" in refused.output
-    canceled = await asyncio.to_thread(_cli, "cancel", sub_id, *common)
+    canceled = await asyncio.to_thread(_cli, served, "cancel", sub_id)
     assert canceled.exit_code == 0 and "canceled" in canceled.output
-    shown = await asyncio.to_thread(_cli, "show", sub_id, *common)
+    shown = await asyncio.to_thread(_cli, served, "show", sub_id)
     assert shown.exit_code == 0 and "canceled" in shown.output

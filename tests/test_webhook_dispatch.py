@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from activities.event_store import EventStore
-from activities.webhooks import WebhookEndpoints
+from activities.webhook_endpoints import WebhookEndpoints
 from domain.events import EventKind, EventRecord
 from ledger.tables import outbox_events
 

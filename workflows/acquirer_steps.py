@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -51,13 +51,11 @@ with workflow.unsafe.imports_passed_through():
     from domain.events import EventKind
     from domain.payment import (
         CancelSignal,
-        CaptureSignal,
-        PaymentPolicy,
-        PaymentState,
         PaymentStatus,
     )
     from workflows import search_attributes as sa
     from workflows.local_first import ONE_ATTEMPT, refused, tries_locally_first
+    from workflows.steps import PaymentSteps
 
 # New payments with an acquirer authorize and capture there before the ledger posting; payments
 # whose history was written before keep the commands they recorded (docs/upgrades.md).
@@ -109,51 +107,11 @@ def _failure_type(error: BaseException) -> str | None:
     return cause.type if isinstance(cause, ApplicationError) else None
 
 
-class AcquirerSteps:
+class AcquirerSteps(PaymentSteps):
     """Mixed into PaymentWorkflow: the acquirer's part of the saga."""
 
     # What the acquirer captured in this run, for the ledger posting.
     acquirer_captured: int | None = None
-    # `capture_method: manual`: the capture asked for (the `capture` Update).
-    capture_requested: CaptureSignal | None = None
-
-    if TYPE_CHECKING:
-        state: PaymentState
-        policy: PaymentPolicy
-        cancel_requested: CancelSignal | None
-        decided_at_start: bool
-        local_first_decided: bool | None
-
-        def set_status(self, status: PaymentStatus, waiting_for: str, note: str = "") -> None: ...
-
-        def describe_waiting(self, waiting_for: str) -> None: ...
-
-        async def publish(
-            self,
-            kind: EventKind,
-            reference: str = "",
-            data: dict[str, Any] | None = None,
-            local: bool = False,
-        ) -> None: ...
-
-        async def notify_crm(
-            self, kind: EventKind, reference: str = "", details: dict[str, Any] | None = None
-        ) -> None: ...
-
-        async def post(
-            self,
-            transaction: entries.LedgerTransaction,
-            amount: int,
-            kind: EventKind,
-            reference: str = "",
-            data: dict[str, Any] | None = None,
-            local: bool = False,
-        ) -> None: ...
-
-        async def held_in_ledger(self) -> int: ...
-
-        @property
-        def account_tenant(self) -> str | None: ...
 
     def through_acquirer(self) -> bool:
         """Asked once, before the payment moves anything (a patch marker is a command). New

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
 
 from temporalio import workflow
 from temporalio.exceptions import is_cancelled_exception
@@ -44,12 +43,6 @@ class NeedsAttention(PaymentSteps):
     resolutions_taken: int
     # A refund waiting for an operator: how `manual` settles it (refund_needs_attention).
     refund_settlements: dict[str, Callable[[AttentionResolution], Awaitable[None]]]
-
-    if TYPE_CHECKING:
-
-        async def settle_compensation_by_hand(
-            self, name: str, resolution: AttentionResolution
-        ) -> None: ...
 
     @workflow.update(name="resolve_attention")
     async def resolve_attention(self, resolution: AttentionResolution) -> ResolutionRecord:

@@ -7,14 +7,13 @@ whose money may have moved and that cannot be recorded waits for an operator
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from temporalio import workflow
 from temporalio.exceptions import ApplicationError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
     from domain import ledger as entries
-    from domain.acquirer import RefundResult
     from domain.amounts import Movement
     from domain.bounds import TEXT_MAX, clipped_text
     from domain.events import EventKind
@@ -69,10 +68,6 @@ class FollowUpSteps(TakingFollowUps, NeedsAttention):
     """Mixed into PaymentWorkflow."""
 
     input: PaymentWorkflowInput
-
-    if TYPE_CHECKING:
-
-        async def refund_at_acquirer(self, refund_id: str, amount: int) -> RefundResult: ...
 
     async def serve_follow_ups_until_window_closes(self) -> None:
         """Run refunds and disputes in arrival order until the dispute window closes. A dispute

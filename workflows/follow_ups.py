@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections import deque
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
 
 from temporalio import workflow
 
@@ -29,7 +28,6 @@ with workflow.unsafe.imports_passed_through():
     from domain.money import MAX_INT64
     from domain.payment import (
         CancelSignal,
-        CaptureSignal,
         Dispute,
         DisputeClosedSignal,
         DisputeOpenedSignal,
@@ -61,11 +59,6 @@ class TakingFollowUps(PaymentSteps):
     door_before_busy: Door
     # Dispute closes carried out in this run (their Updates' callers wait for them).
     closes_done: set[str]
-    capture_requested: CaptureSignal | None
-
-    if TYPE_CHECKING:
-
-        def take_cancel(self, request: CancelSignal) -> None: ...
 
     @workflow.update(name="refund")
     async def refund_payment(self, request: RefundSignal) -> Refund:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import Any, TypedDict, TypeVar
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -26,13 +26,23 @@ with workflow.unsafe.imports_passed_through():
     from activities.crm import CrmActivities
     from activities.kafka import KafkaActivities
     from domain import ledger as entries
+    from domain.acquirer import RefundResult
     from domain.amounts import Movement
     from domain.bounds import clipped_text
     from domain.errors import NON_RETRYABLE
     from domain.events import EventKind, PaymentEvent, event_id
     from domain.follow_ups import ENDED, Refused
     from domain.messages import CrmNotification, CrmTarget, crm_notification, payment_event
-    from domain.payment import CrmSync, PaymentPolicy, PaymentState, PaymentStatus, StatusChange
+    from domain.payment import (
+        AttentionResolution,
+        CancelSignal,
+        CaptureSignal,
+        CrmSync,
+        PaymentPolicy,
+        PaymentState,
+        PaymentStatus,
+        StatusChange,
+    )
     from ledger.activity import LedgerActivities
     from ledger.records import LedgerPosting, PaymentOutcome, PaymentParties
     from workflows import search_attributes as sa
@@ -104,15 +114,35 @@ def failure_message(failure: BaseException) -> str:
 
 
 class PaymentSteps:
-    """Mixed into PaymentWorkflow (which sets these in its `__init__`)."""
+    """The base of every part of PaymentWorkflow: the state they share (the workflow sets it in
+    its `__init__`) and, declared once here, what one part calls of another."""
 
     state: PaymentState
     policy: PaymentPolicy
+    # PATCH_DECIDED_AT_START, asked first thing in `run`.
+    decided_at_start: bool
     # PATCH_LOCAL_FIRST as decided at the run's start (None: asked at the first remote call).
     local_first_decided: bool | None
+    # A cancel asked for (an operator, a void, an expired authorization): the saga unwinds.
+    cancel_requested: CancelSignal | None
+    # `capture_method: manual`: the capture asked for (the `capture` Update).
+    capture_requested: CaptureSignal | None = None
     # A ledger event is built once, for its posting (the outbox row), and published as is:
     # one id, one body, whether a consumer reads it from Kafka, the relay or /v1/events.
     posted_events: dict[str, PaymentEvent]
+
+    if TYPE_CHECKING:
+        # Defined by one part, called by another: PaymentWorkflow (workflows/payment.py) …
+        def take_cancel(self, request: CancelSignal) -> None: ...
+
+        async def held_in_ledger(self) -> int: ...
+
+        async def settle_compensation_by_hand(
+            self, name: str, resolution: AttentionResolution
+        ) -> None: ...
+
+        # … and AcquirerSteps (workflows/acquirer_steps.py).
+        async def refund_at_acquirer(self, refund_id: str, amount: int) -> RefundResult: ...
 
     @property
     def account_tenant(self) -> str | None:

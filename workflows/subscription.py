@@ -23,6 +23,10 @@ and a new attempt is only made after the previous one ended without moving money
 rejected, failed). The child is abandoned, not awaited: it lives on for its dispute window
 (refunds, disputes) while the subscription goes on; it signals its outcome (`renewal_settled`)
 as soon as it has one.
+
+Over 400 lines: one workflow: its renewal loop, dunning and the `change` Update with its
+validators share one state and one history; the domain rules it applies are in
+domain/subscription.py.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from activities.event_store import EventStore, StoredEvent
-from activities.webhooks import WebhookEndpoint, WebhookEndpoints
+from activities.webhook_endpoints import WebhookEndpoint, WebhookEndpoints
 from domain.webhooks import WebhookDeliveryInput, WebhookRetryPolicy, delivery_workflow_id
 from settings import Settings
 from workflows.webhook_delivery import WebhookDeliveryWorkflow
