@@ -338,6 +338,9 @@ async def test_kafka_broker_killed_for_30s_then_every_publish_finishes(
     assert rig.stack.broker is not None
     merchant = _merchant("kafka")
     before = await submit_payments(rig.api, merchant, 20)
+    # Some of them confirmed (their events on Kafka) before the broker dies, the rest still on
+    # their way: the relay must then republish what the lost log held.
+    await wait_for_count(rig.temporal, merchant, (SUCCEEDED,), 1, 60)
 
     await asyncio.to_thread(rig.stack.broker.kill)
     killed_at, back_at = datetime.now(UTC), time.monotonic() + OUTAGE_SECONDS
