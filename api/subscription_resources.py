@@ -12,6 +12,7 @@ from api.ids import link
 from domain.subscription import (
     Interval,
     Period,
+    RefusedChange,
     SubscriptionState,
     SubscriptionStatus,
 )
@@ -79,6 +80,11 @@ class SubscriptionResource(BaseModel):
     periods: list[PeriodResource]
     description: str | None
     metadata: dict[str, str]
+    last_refused_change: RefusedChange | None = Field(
+        default=None,
+        description="The last change sent by the operators' signal that was refused and not "
+        "applied (e.g. a pause while a renewal was charged: `renewal_in_progress`).",
+    )
     created_at: datetime
     updated_at: datetime
 
@@ -109,6 +115,7 @@ class SubscriptionResource(BaseModel):
             periods=[PeriodResource.of(p) for p in state.periods],
             description=request.description,
             metadata=dict(request.metadata),
+            last_refused_change=state.last_refused_change,
             created_at=state.created_at,
             updated_at=state.updated_at,
         )

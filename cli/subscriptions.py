@@ -47,6 +47,12 @@ def show_subscription(sub: dict[str, Any]) -> None:
         table.add_row("next renewal adds", money(sub["pending_adjustment"], currency))
     if sub["cancel_at_period_end"]:
         table.add_row("cancels", "at the current period's end")
+    refused = sub.get("last_refused_change")
+    if refused:
+        table.add_row(
+            "last refused change",
+            f"{refused['kind']} at {when(refused['at'])}: {refused['code']} (not applied)",
+        )
     out.print(table)
     if sub["periods"]:
         periods = Table(title="periods", title_justify="left")

@@ -381,6 +381,16 @@ class SubscriptionStatusChange(BaseModel):
     note: str = ""
 
 
+class RefusedChange(BaseModel):
+    """A change the workflow refused after it was recorded (the operators' `change_requested`
+    signal has no caller to answer): what it was, the API's error code, why and when."""
+
+    kind: str
+    code: str
+    message: str
+    at: datetime
+
+
 class SubscriptionState(BaseModel):
     id: str
     client_id: str
@@ -412,6 +422,8 @@ class SubscriptionState(BaseModel):
     crm_sync: str = "not_configured"
     history: list[SubscriptionStatusChange] = Field(default_factory=list)
     event_sequence: int = 0
+    # The last change sent by signal that was refused (an Update's refusal is its 409 instead).
+    last_refused_change: RefusedChange | None = None
 
     @property
     def total(self) -> int:

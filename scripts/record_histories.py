@@ -70,6 +70,7 @@ from domain.subscription import (
     ResumeChange,
     SubscriptionRequest,
     SubscriptionState,
+    SubscriptionStatus,
     SubscriptionWorkflowInput,
 )
 from domain.webhooks import DeliveryResult
@@ -868,6 +869,38 @@ async def subscription_continued_paused_and_canceled(r: Recorder) -> WorkflowHan
     return latest
 
 
+async def subscription_pause_signalled_during_renewal(r: Recorder) -> WorkflowHandle[Any, Any]:
+    """A pause signalled (`change_requested`) while the first renewal is charged at the acquirer
+    (authorized after 2 s): refused and recorded (`last_refused_change`, patch
+    `subscription-signal-pause-refused-during-renewal`); the renewal paid, the same signal
+    pauses; a cancel (Update) ends it."""
+    handle = await _subscribe(
+        r,
+        "subscription_pause_signalled_during_renewal",
+        payment_method="pm_card_approve_after_delay",
+        acquirer=True,
+    )
+    await _subscription_when(
+        handle,
+        lambda s: (
+            s.current_period is not None
+            and bool(s.current_period.attempts)
+            and s.current_period.attempts[-1].status == "pending"
+        ),
+    )
+    await handle.signal("change_requested", PauseChange())
+    refused = await _subscription_when(handle, lambda s: s.last_refused_change is not None)
+    assert refused.status == SubscriptionStatus.ACTIVE, refused
+    await _subscription_when(
+        handle, lambda s: s.current_period is not None and s.current_period.paid_by is not None
+    )
+    await handle.signal("change_requested", PauseChange())
+    await _subscription_when(handle, lambda s: s.status == SubscriptionStatus.PAUSED)
+    await handle.execute_update("change", CancelChange(), result_type=SubscriptionState)
+    await handle.result()
+    return handle
+
+
 async def reconciliation_daily(r: Recorder) -> WorkflowHandle[Any, Any]:
     """DailyReconciliation: the sandbox's file of a quiet day fetched, then imported."""
     handle = await r.client.start_workflow(
@@ -921,6 +954,7 @@ PATHS: dict[str, Callable[[Recorder], Awaitable[WorkflowHandle[Any, Any]]]] = {
     "subscription_declined_until_canceled": subscription_declined_until_canceled,
     "subscription_paid_continues_as_new": subscription_paid_continues_as_new,
     "subscription_continued_paused_and_canceled": subscription_continued_paused_and_canceled,
+    "subscription_pause_signalled_during_renewal": subscription_pause_signalled_during_renewal,
 }
 
 

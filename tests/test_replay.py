@@ -35,7 +35,7 @@ from domain.payment import FraudAssessment, PaymentState, PaymentWorkflowInput
 from domain.subscription import renewal_payment_id
 from settings import Settings
 from worker import workflow_runner
-from workflows import acquirer_steps, follow_up_steps, follow_ups, local_first
+from workflows import acquirer_steps, follow_up_steps, follow_ups, local_first, subscription
 from workflows import payment as payment_workflow
 from workflows.payment import PaymentWorkflow
 from workflows.reconciliation import DailyReconciliationWorkflow
@@ -86,6 +86,7 @@ PATHS = {
     "subscription_declined_until_canceled",  # child payments declined, dunning timers, canceled
     "subscription_paid_continues_as_new",  # a renewal paid (the child's signal), continue-as-new
     "subscription_continued_paused_and_canceled",  # the carried run: pause, resume, cancel
+    "subscription_pause_signalled_during_renewal",  # a pause signal refused mid-renewal (patch)
 }
 
 # Payload encodings of an unencrypted history (the codec's would be binary/encrypted).
@@ -174,8 +175,9 @@ def test_histories_cover_continue_as_new_from_both_sides() -> None:
 
 
 def test_histories_cover_updates_and_every_patch() -> None:
-    """Each `workflow.patched()` branch of PaymentWorkflow is pinned by a recorded history, and
-    the follow-ups' Updates are in some: replay re-runs their handlers too."""
+    """Each `workflow.patched()` branch (PaymentWorkflow's, SubscriptionWorkflow's) is pinned
+    by a recorded history, and the follow-ups' Updates are in some: replay re-runs their
+    handlers too."""
     patches: set[str] = set()
     updates = 0
     for file in _history_files():
@@ -198,6 +200,7 @@ def test_histories_cover_updates_and_every_patch() -> None:
         acquirer_steps.PATCH_EXPIRY_SEARCH_ATTRIBUTE,
         payment_workflow.PATCH_DECIDED_AT_START,
         local_first.PATCH_LOCAL_FIRST,
+        subscription.PATCH_SIGNAL_PAUSE_WAITS_FOR_RENEWAL,
     }
     assert updates >= 5
 
@@ -598,3 +601,26 @@ def test_subscription_histories_cover_a_renewal_its_signal_and_continue_as_new()
         if e.event_type == EventType.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_INITIATED
     ]
     assert len(attempts) == 3  # the first attempt and its two retries
+
+
+def test_a_pause_signalled_during_a_renewal_is_pinned_by_its_patch() -> None:
+    """The signal's new rule is recorded under its patch: the marker is in the signal's own
+    workflow task, after the renewal's child started and before its outcome came back; nothing
+    is emitted for that pause (one subscription.paused publish: the later, accepted one)."""
+    events = _load(HISTORIES / "subscription_pause_signalled_during_renewal.json").events
+    patches = [(i, p) for i, e in enumerate(events) if (p := _patch_id(e)) is not None]
+    assert [p for _, p in patches] == [subscription.PATCH_SIGNAL_PAUSE_WAITS_FOR_RENEWAL]
+    marker_at = patches[0][0]
+    signals = [
+        (i, e.workflow_execution_signaled_event_attributes.signal_name)
+        for i, e in enumerate(events)
+        if e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED
+    ]
+    names = [name for _, name in signals]
+    assert names == ["change_requested", "renewal_settled", "change_requested"], names
+    child_started = next(
+        i
+        for i, e in enumerate(events)
+        if e.event_type == EventType.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_INITIATED
+    )
+    assert child_started < signals[0][0] < marker_at < signals[1][0]

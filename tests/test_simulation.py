@@ -440,6 +440,62 @@ async def test_a_pause_sent_while_a_renewal_is_charged_is_refused_not_lost(
     assert resumed.status_code == 200 and resumed.json()["status"] == "active"
 
 
+async def test_a_pause_signalled_while_a_renewal_is_charged_is_refused_and_recorded(
+    acquirer_apis: tuple[httpx.AsyncClient, httpx.AsyncClient, Settings],
+    temporal_client: Client,
+) -> None:
+    """The operators' `change_requested` signal takes the Update's rule: a pause signalled while
+    the renewal is charged was applied, then undone by the capture (paused, then active, the
+    subscription.paused event sent and the pause lost). Now it is refused and recorded in
+    `last_refused_change`; the subscription is never paused and a later pause signal applies."""
+    api = acquirer_apis[0]
+    created = await api.post(
+        "/v1/subscriptions",
+        json={
+            "customer_id": f"cus_{uuid.uuid4().hex[:10]}",
+            "merchant_id": f"mer_{uuid.uuid4().hex[:10]}",
+            "payment_method": "pm_card_approve_after_delay",  # authorized after 2 s
+            "unit_amount": 700,
+            "currency": "USD",
+            "interval": "month",
+        },
+        headers={"Idempotency-Key": f"pause-signal-race-{uuid.uuid4().hex}"},
+    )
+    assert created.status_code == 201, created.text
+    subscription_id = created.json()["id"]
+    url = f"/v1/subscriptions/{subscription_id}"
+    handle = temporal_client.get_workflow_handle(subscription_id)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while True:  # the first renewal is started and not yet settled
+        state = (await api.get(url)).json()
+        period = state["current_period"]
+        if period and period["attempts"] and period["status"] == "pending":
+            break
+        assert loop.time() < deadline, f"no renewal in flight: {state}"
+        await asyncio.sleep(0.05)
+    await handle.signal("change_requested", {"kind": "pause"})
+    while (state := (await api.get(url)).json())["last_refused_change"] is None:
+        assert state["status"] != "paused", f"the pause was applied mid-renewal: {state}"
+        assert loop.time() < deadline, f"the signal was neither applied nor refused: {state}"
+        await asyncio.sleep(0.05)
+    refused = state["last_refused_change"]
+    assert (refused["kind"], refused["code"]) == ("pause", "renewal_in_progress"), refused
+    while (state := (await api.get(url)).json())["current_period"]["status"] == "pending":
+        assert loop.time() < deadline, f"the renewal never settled: {state}"
+        await asyncio.sleep(0.1)
+    assert state["status"] == "active" and state["current_period"]["status"] == "paid"
+    # Never paused in between: the status history has no paused entry.
+    described = await handle.query("state")
+    assert "paused" not in [h["status"] for h in described["history"]], described["history"]
+    # Once the renewal settled, the same signal applies.
+    await handle.signal("change_requested", {"kind": "pause"})
+    while (state := (await api.get(url)).json())["status"] != "paused":
+        assert loop.time() < deadline, f"the pause after the renewal never applied: {state}"
+        await asyncio.sleep(0.05)
+    assert state["next_renewal_at"] is None
+
+
 # ── faults: a private stack whose worker, database and broker go away mid-run ──────────────
 
 FAULT_API_KEY = "psk_sim_fault_key_0123456789abcdefghijkl"

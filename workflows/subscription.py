@@ -61,6 +61,7 @@ with workflow.unsafe.imports_passed_through():
         Period,
         PeriodStatus,
         PriceChange,
+        RefusedChange,
         RenewalAttempt,
         RenewalSettled,
         ResumeChange,
@@ -87,6 +88,12 @@ _INFRA_RETRY = RetryPolicy(
     non_retryable_error_types=list(NON_RETRYABLE),
 )
 _KAFKA_TIMEOUT = timedelta(seconds=60)
+
+# A pause sent by the operators' signal while a renewal is being charged is refused (recorded in
+# `last_refused_change`) like the `change` Update refuses it; before, it was applied and the
+# renewal's capture made the subscription active again. Asked only in the signal handler, only
+# when a pause meets a renewal in flight (docs/upgrades.md).
+PATCH_SIGNAL_PAUSE_WAITS_FOR_RENEWAL = "subscription-signal-pause-refused-during-renewal"
 
 
 class ChangeRefused(ApplicationError):
@@ -483,16 +490,8 @@ class SubscriptionWorkflow:
 
     @change.validator
     def _change_allowed(self, change: SubscriptionChange) -> None:
+        # Refused in the validator: an Update refused there never enters the history.
         refusal = self.refusal(change)
-        if refusal is None and isinstance(change, PauseChange) and self.charging():
-            # Accepted now, the pause would be undone when the renewal's capture makes the
-            # subscription active again (simulation interleavings seed 1). Refused in the
-            # validator only: an Update refused there never enters the history, so replay is
-            # unaffected; the operators' signal path keeps its old rule (docs/subscriptions.md).
-            refusal = (
-                "renewal_in_progress",
-                "A renewal is being charged; pause once it has settled.",
-            )
         if refusal is not None:
             raise ChangeRefused(*refusal)
 
@@ -503,15 +502,25 @@ class SubscriptionWorkflow:
 
     @workflow.signal(name="change_requested")
     async def change_requested(self, change: SubscriptionChange) -> None:
-        """The same changes for operators' tools (and servers without Updates): a refused one is
-        logged and dropped."""
-        refusal = self.refusal(change)
+        """The same changes for operators' tools (and servers without Updates), under the same
+        rules as the Update: a refused one is recorded in `last_refused_change` (the state the
+        API and `paysaga subscriptions show` read) and not applied."""
+        refusal = self.refusal(change, by_signal=True)
         if refusal is not None:
             workflow.logger.warning("change %s refused: %s", change.kind, refusal[1])
+            # State only, no command: replay-safe for every refusal, recorded or not before.
+            self.state.last_refused_change = RefusedChange(
+                kind=change.kind, code=refusal[0], message=refusal[1], at=workflow.now()
+            )
+            self.state.updated_at = workflow.now()
             return
         await self.apply(change)
 
-    def refusal(self, change: SubscriptionChange) -> tuple[str, str] | None:
+    def refusal(
+        self, change: SubscriptionChange, *, by_signal: bool = False
+    ) -> tuple[str, str] | None:
+        """Why `change` cannot apply now (its API error code and message), or None: the one
+        rule for the `change` Update's validator and the `change_requested` signal."""
         status = self.state.status
         if status.ended:
             return ("subscription_canceled", "The subscription is canceled.")
@@ -531,6 +540,17 @@ class SubscriptionWorkflow:
                 return (
                     "subscription_not_pausable",
                     f"Only an active subscription pauses ({status}).",
+                )
+            if self.charging() and (
+                # A signal's refusal is recorded, so it changes what the workflow does: patched
+                # (asked here, where the signal is handled; never in the Update's validator).
+                not by_signal or workflow.patched(PATCH_SIGNAL_PAUSE_WAITS_FOR_RENEWAL)
+            ):
+                # Accepted now, the pause would be undone when the renewal's capture makes the
+                # subscription active again (simulation interleavings seed 1).
+                return (
+                    "renewal_in_progress",
+                    "A renewal is being charged; pause once it has settled.",
                 )
             return None
         if isinstance(change, ResumeChange):
