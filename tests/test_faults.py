@@ -472,8 +472,10 @@ async def test_worker_sigkilled_twice_mid_run_then_every_payment_finishes_once(
     # running on the worker that dies.
     await wait_for_count(rig.temporal, merchant, (SUCCEEDED,), 2, 60)
     rig.worker.kill()
-    # Accepted while no worker runs: Temporal queues them.
-    during = await submit_payments(rig.api, merchant, PAYMENTS_PER_FAULT - 10, first=10)
+    # Accepted while no worker runs: Temporal queues them. A backlog above the 120 of the other
+    # faults: the restarted worker clears a score of payments before kill #2 lands, and at least
+    # 100 must still be in flight then.
+    during = await submit_payments(rig.api, merchant, PAYMENTS_PER_FAULT + 20, first=10)
     ids = before + during
 
     await rig.worker.start()
