@@ -179,7 +179,9 @@ async def record_started(
     conn: AsyncConnection, payment_id: str, client_id: str, fingerprint: str
 ) -> None:
     """Inside another transaction (the ledger's outcome record): make sure the payment's key is
-    registered as started. A no-op for every payment the starter registered."""
+    registered as started. A payment the starter registered and marked is left as it is; one it
+    claimed but could not mark (its process died while the database was away) is marked here,
+    when the workflow records its outcome, before Temporal's retention can forget it."""
     now = datetime.now(UTC)
     await conn.execute(
         insert(idempotency_keys)
@@ -193,6 +195,7 @@ async def record_started(
         )
         .on_conflict_do_nothing(index_elements=["payment_id"])
     )
+    await _mark_started(conn, payment_id, now)
 
 
 async def _mark_started(conn: AsyncConnection, payment_id: str, now: datetime) -> None:

@@ -32,7 +32,7 @@ from domain.subscription import SubscriptionRequest, SubscriptionWorkflowInput, 
 from infra.database import make_engine, migrate, revision_before
 from infra.embedded.process import free_port
 from infra.embedded.stack import Stack
-from infra.idempotency import IdempotencyRegister
+from infra.idempotency import IdempotencyRegister, record_started
 from intake.consumer import running_intake
 from service.start import payment_policy, start_payment, subscription_policy
 from settings import Settings
@@ -376,6 +376,23 @@ async def test_a_start_the_database_could_not_mark_is_marked_once_it_answers(
     assert again.json()["status"] == "succeeded"
     rows = await ledger_rows(engine, started.payment_id)
     assert [(r["kind"], r["total"], r["entries"]) for r in rows] == CAPTURE
+
+
+async def test_a_claim_never_marked_is_marked_by_the_payments_outcome_record(
+    engine: AsyncEngine,
+) -> None:
+    """A key claimed whose process died before it could mark the start (the background retry
+    lives in that process) must not stay claimed: once Temporal forgets the payment, a claimed
+    key would start it a second time. The workflow's outcome record marks it."""
+    register = IdempotencyRegister(engine)
+    payment_id = f"pay_{uuid.uuid4().hex[:24]}"
+    claim = await register.claim(payment_id, CLIENT, "fp-claimed", "api")
+    assert not claim.started
+    async with engine.begin() as conn:
+        await record_started(conn, payment_id, CLIENT, "fp-claimed")
+    row = await _register_row(engine, payment_id)
+    assert row is not None and row["started_at"] is not None and row["source"] == "api"
+    assert (await register.claim(payment_id, CLIENT, "fp-claimed", "api")).started
 
 
 def test_the_migration_registers_the_payments_that_already_ended(stack: Stack) -> None:
