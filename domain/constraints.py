@@ -9,7 +9,7 @@ survives while the schema still comes from the very values the check uses.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,12 +34,29 @@ def _whole_number(value: Any) -> Any:
 JsonInteger = BeforeValidator(_whole_number)
 
 
-def _after(check: Callable[[Any], Any], source: Any, handler: GetCoreSchemaHandler) -> Any:
-    return core_schema.no_info_after_validator_function(check, handler(source))
+class _Checked:
+    """A rule checked after the type's own validation (`_check`) and stated in the schema the
+    type already has (`_describe`): each marker below says only its check and its bound."""
+
+    def _check(self, value: Any) -> Any:
+        raise NotImplementedError
+
+    def _describe(self, described: JsonSchemaValue) -> None:
+        raise NotImplementedError
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> Any:
+        return core_schema.no_info_after_validator_function(self._check, handler(source))
+
+    def __get_pydantic_json_schema__(
+        self, schema: Any, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        described = handler(schema)
+        self._describe(described)
+        return described
 
 
 @dataclass(frozen=True)
-class MinorUnits:
+class MinorUnits(_Checked):
     """An integer amount within [minimum, maximum]; below it `too_small`, above it `too_large`."""
 
     minimum: int
@@ -57,19 +74,12 @@ class MinorUnits:
             )
         return value
 
-    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> Any:
-        return _after(self._check, source, handler)
-
-    def __get_pydantic_json_schema__(
-        self, schema: Any, handler: GetJsonSchemaHandler
-    ) -> JsonSchemaValue:
-        described = handler(schema)
+    def _describe(self, described: JsonSchemaValue) -> None:
         described.update(minimum=self.minimum, maximum=self.maximum)
-        return described
 
 
 @dataclass(frozen=True)
-class OneOf:
+class OneOf(_Checked):
     """A string among `values` (listed as the schema's `enum`); otherwise refused as `code`."""
 
     values: Collection[str]
@@ -81,19 +91,12 @@ class OneOf:
             raise PydanticCustomError(self.code, self.message)
         return value
 
-    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> Any:
-        return _after(self._check, source, handler)
-
-    def __get_pydantic_json_schema__(
-        self, schema: Any, handler: GetJsonSchemaHandler
-    ) -> JsonSchemaValue:
-        described = handler(schema)
+    def _describe(self, described: JsonSchemaValue) -> None:
         described["enum"] = sorted(self.values)
-        return described
 
 
 @dataclass(frozen=True)
-class MaxKeys:
+class MaxKeys(_Checked):
     """An object with at most `limit` keys (the schema's `maxProperties`); else `code`."""
 
     limit: int
@@ -104,13 +107,7 @@ class MaxKeys:
             raise PydanticCustomError(self.code, "At most {n} keys.", {"n": self.limit})
         return value
 
-    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> Any:
-        return _after(self._check, source, handler)
-
-    def __get_pydantic_json_schema__(
-        self, schema: Any, handler: GetJsonSchemaHandler
-    ) -> JsonSchemaValue:
-        described = handler(schema)
+    def _describe(self, described: JsonSchemaValue) -> None:
         described["maxProperties"] = self.limit
         # Pydantic states a key pattern as `patternProperties`, which lets keys of any other
         # form through; what is enforced is that every key matches: `propertyNames`.
@@ -121,4 +118,3 @@ class MaxKeys:
             described["additionalProperties"] = values
         elif patterns is not None:
             described["patternProperties"] = patterns
-        return described
