@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, Literal
 
@@ -54,25 +55,21 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+@dataclass(eq=False, repr=False)
 class ApiError(Exception):
-    """Raised by routes and dependencies; rendered as the Stripe-style body."""
+    """Raised by routes and dependencies; rendered as the Stripe-style body (`error_response`
+    of these same fields)."""
 
-    def __init__(
-        self,
-        status: int,
-        type: ErrorType,
-        code: str,
-        message: str,
-        param: str | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        super().__init__(f"{status} {type}/{code}")
-        self.status = status
-        self.type: ErrorType = type
-        self.code = code
-        self.message = message
-        self.param = param
-        self.headers = dict(headers or {})
+    status: int
+    type: ErrorType
+    code: str
+    message: str
+    param: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__init__(f"{self.status} {self.type}/{self.code}")
+        self.headers = dict(self.headers)
 
 
 def error_response(
