@@ -7,16 +7,18 @@ import base64
 import binascii
 import hashlib
 import hmac
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Query
 from pydantic import BeforeValidator
 from temporalio.client import Client, WorkflowExecution
+from temporalio.common import SearchAttributeKey
 from temporalio.service import RPCError, RPCStatusCode
 
 from api.errors import ApiError
 from api.ids import no_card_number
 from domain.payment import IDENTIFIER_PATTERN
+from workflows import search_attributes as sa
 
 # A cursor is Temporal's page token plus a check over it and the client it was issued to. Temporal
 # cannot tell a mangled token from a fault of its own (it answers "something went wrong" after
@@ -100,3 +102,18 @@ async def list_page(
         raise
     next_token = iterator.next_page_token
     return list(iterator.current_page or []), _cursor(client_id, next_token) if next_token else None
+
+
+def listed(execution: WorkflowExecution, status: SearchAttributeKey[str]) -> dict[str, Any]:
+    """The fields every list item has, from the search attributes its workflow set at the start
+    (a payment's and a subscription's alike; `status` is its own status attribute)."""
+    attrs = execution.typed_search_attributes
+    return {
+        "id": execution.id,
+        "status": attrs.get(status),
+        "amount": attrs.get(sa.AMOUNT_MINOR),
+        "currency": attrs.get(sa.CURRENCY),
+        "customer_id": attrs.get(sa.CUSTOMER_ID),
+        "merchant_id": attrs.get(sa.MERCHANT_ID),
+        "created_at": execution.start_time,
+    }

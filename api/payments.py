@@ -6,7 +6,6 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
-from sqlalchemy.exc import DBAPIError
 from temporalio.client import WorkflowHandle
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -19,7 +18,7 @@ from api.ids import (
     PaymentId,
     issued,
 )
-from api.listing import Cursor, IdentifierFilter, Limit, list_page
+from api.listing import Cursor, IdentifierFilter, Limit, list_page, listed
 from api.resources import (
     PaymentList,
     PaymentListItem,
@@ -29,9 +28,8 @@ from api.state import (
     IdempotencyKey,
     answer_started,
     app_settings,
-    idempotency_key_reused,
-    idempotency_register,
     ledger,
+    start_once,
     temporal_client,
 )
 from domain.payment import (
@@ -40,7 +38,7 @@ from domain.payment import (
     PaymentStatus,
 )
 from service.lookup import query_state, recorded_state, settled_for_wait, wait_until
-from service.start import IdempotencyKeyReused, start_payment
+from service.start import start_payment
 from workflows import search_attributes as sa
 
 router = APIRouter(prefix="/v1", tags=["payments"])
@@ -125,25 +123,9 @@ async def create_payment(
     wait: Wait = 0,
     client: ApiClient = Depends(require_scope("payments:write")),
 ) -> PaymentResource:
-    try:
-        started = await start_payment(
-            temporal_client(request),
-            idempotency_register(request),
-            app_settings(request),
-            client.client_id,
-            idempotency_key,
-            body,
-        )
-    except IdempotencyKeyReused:
-        raise idempotency_key_reused() from None
-    except DBAPIError:
-        # The key could not be checked against the register: nothing was started.
-        raise ApiError(
-            503,
-            "api_error",
-            "database_unavailable",
-            "The payment could not be recorded; retry with the same Idempotency-Key.",
-        ) from None
+    started = await start_once(
+        request, start_payment, client.client_id, idempotency_key, body, "payment"
+    )
     payment_id = started.payment_id
     answer_started(response, started.replayed, f"/v1/payments/{payment_id}")
     if started.handle is None:
@@ -215,19 +197,11 @@ async def list_payments(
     executions, next_cursor = await list_page(
         temporal_client(request), client.client_id, "PaymentWorkflow", filters, limit, cursor
     )
-    items = []
-    for execution in executions:
-        attrs = execution.typed_search_attributes
-        items.append(
-            PaymentListItem(
-                id=execution.id,
-                status=attrs.get(sa.PAYMENT_STATUS),
-                amount=attrs.get(sa.AMOUNT_MINOR),
-                currency=attrs.get(sa.CURRENCY),
-                customer_id=attrs.get(sa.CUSTOMER_ID),
-                merchant_id=attrs.get(sa.MERCHANT_ID),
-                crm_sync=attrs.get(sa.CRM_SYNC),
-                created_at=execution.start_time,
-            )
+    items = [
+        PaymentListItem(
+            **listed(execution, sa.PAYMENT_STATUS),
+            crm_sync=execution.typed_search_attributes.get(sa.CRM_SYNC),
         )
+        for execution in executions
+    ]
     return PaymentList(data=items, has_more=next_cursor is not None, next_cursor=next_cursor)

@@ -3,10 +3,12 @@ by api/app.py), the Idempotency-Key header and the answers an idempotent start s
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Awaitable, Callable
+from typing import Annotated, TypeVar
 
 from fastapi import Header, Request, Response
 from pydantic import BeforeValidator
+from sqlalchemy.exc import DBAPIError
 from temporalio.client import Client
 
 from api.errors import ApiError
@@ -15,7 +17,11 @@ from domain.bounds import IDEMPOTENCY_KEY_MAX, IDEMPOTENCY_KEY_MIN
 from domain.payment import IDEMPOTENCY_KEY_PATTERN
 from infra.idempotency import IdempotencyRegister
 from ledger.store import Ledger
+from service.start import IdempotencyKeyReused
 from settings import Settings
+
+_Body = TypeVar("_Body")
+_Started = TypeVar("_Started")
 
 IdempotencyKey = Annotated[
     str,
@@ -67,3 +73,34 @@ def answer_started(response: Response, replayed: bool, location: str) -> None:
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = location
+
+
+async def start_once(
+    request: Request,
+    start: Callable[[Client, IdempotencyRegister, Settings, str, str, _Body], Awaitable[_Started]],
+    client_id: str,
+    idempotency_key: str,
+    body: _Body,
+    what: str,
+) -> _Started:
+    """An idempotent start (`service.start`) from a route, its refusals as API errors: the key
+    reused with another body, or the register out of reach (then nothing was started)."""
+    try:
+        return await start(
+            temporal_client(request),
+            idempotency_register(request),
+            app_settings(request),
+            client_id,
+            idempotency_key,
+            body,
+        )
+    except IdempotencyKeyReused:
+        raise idempotency_key_reused() from None
+    except DBAPIError:
+        # The key could not be checked against the register: nothing was started.
+        raise ApiError(
+            503,
+            "api_error",
+            "database_unavailable",
+            f"The {what} could not be recorded; retry with the same Idempotency-Key.",
+        ) from None

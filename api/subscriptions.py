@@ -15,7 +15,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Request, Response
 from pydantic import BeforeValidator
-from sqlalchemy.exc import DBAPIError
 from temporalio.client import (
     WorkflowHandle,
     WorkflowUpdateFailedError,
@@ -27,13 +26,12 @@ from temporalio.service import RPCError, RPCStatusCode
 from api.auth import ApiClient, require_scope
 from api.errors import ApiError, error_responses
 from api.ids import issued, no_card_number
-from api.listing import Cursor, IdentifierFilter, Limit, list_page
+from api.listing import Cursor, IdentifierFilter, Limit, list_page, listed
 from api.state import (
     IdempotencyKey,
     answer_started,
     app_settings,
-    idempotency_key_reused,
-    idempotency_register,
+    start_once,
     temporal_client,
 )
 from api.subscription_resources import (
@@ -58,7 +56,7 @@ from domain.subscription import (
     SubscriptionStatus,
     total_over_limit,
 )
-from service.start import IdempotencyKeyReused, start_subscription
+from service.start import start_subscription
 from workflows import search_attributes as sa
 
 router = APIRouter(prefix="/v1", tags=["subscriptions"])
@@ -155,25 +153,9 @@ async def create_subscription(
             f"{body.currency}: a renewal is one payment.",
             "quantity",
         )
-    try:
-        started = await start_subscription(
-            temporal_client(request),
-            idempotency_register(request),
-            app_settings(request),
-            client.client_id,
-            idempotency_key,
-            body,
-        )
-    except IdempotencyKeyReused:
-        raise idempotency_key_reused() from None
-    except DBAPIError:
-        # The key could not be checked against the register: nothing was started.
-        raise ApiError(
-            503,
-            "api_error",
-            "database_unavailable",
-            "The subscription could not be recorded; retry with the same Idempotency-Key.",
-        ) from None
+    started = await start_once(
+        request, start_subscription, client.client_id, idempotency_key, body, "subscription"
+    )
     answer_started(response, started.replayed, f"/v1/subscriptions/{started.subscription_id}")
     if started.handle is None:
         # Temporal has forgotten the subscription this key started: nothing is started again.
@@ -225,21 +207,13 @@ async def list_subscriptions(
     executions, next_cursor = await list_page(
         temporal_client(request), client.client_id, "SubscriptionWorkflow", filters, limit, cursor
     )
-    items = []
-    for execution in executions:
-        attrs = execution.typed_search_attributes
-        items.append(
-            SubscriptionListItem(
-                id=execution.id,
-                status=attrs.get(sa.SUBSCRIPTION_STATUS),
-                amount=attrs.get(sa.AMOUNT_MINOR),
-                currency=attrs.get(sa.CURRENCY),
-                customer_id=attrs.get(sa.CUSTOMER_ID),
-                merchant_id=attrs.get(sa.MERCHANT_ID),
-                next_renewal_at=attrs.get(sa.NEXT_RENEWAL_AT),
-                created_at=execution.start_time,
-            )
+    items = [
+        SubscriptionListItem(
+            **listed(execution, sa.SUBSCRIPTION_STATUS),
+            next_renewal_at=execution.typed_search_attributes.get(sa.NEXT_RENEWAL_AT),
         )
+        for execution in executions
+    ]
     return SubscriptionList(data=items, has_more=next_cursor is not None, next_cursor=next_cursor)
 
 
