@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from checker.ledger import KIND_PARAMS
+from checker.ledger import fetch_ledger_rows
 from checker.report import (
     HOLDS_RELEASED,
     CheckResult,
     CheckScope,
     Findings,
-    fetch_rows,
-    scope_params,
-    scope_sql,
+    as_int,
 )
 from domain.payment import PaymentStatus
 
@@ -42,10 +38,6 @@ ORDER BY t.payment_id
 _HOLD_MAY_STAND = frozenset({PaymentStatus.REQUIRES_ATTENTION.value})
 
 
-def _int(value: Any) -> int:
-    return int(value or 0)
-
-
 async def check_holds_released(
     engine: AsyncEngine, scope: CheckScope, max_examples: int
 ) -> CheckResult:
@@ -54,12 +46,12 @@ async def check_holds_released(
     outcome, or its capture) never keeps a hold: the saga releases it on every path, the expiry
     timer included."""
     findings = Findings(HOLDS_RELEASED, max_examples)
-    sql = _HOLDS_SQL.format(where=scope_sql(scope, "h", "created_at"))
-    for row in await fetch_rows(engine, sql, {**scope_params(scope), **KIND_PARAMS}):
+    sql = _HOLDS_SQL.format(where=scope.where("h", "created_at"))
+    for row in await fetch_ledger_rows(engine, sql, scope):
         findings.checked(1)
         payment_id = str(row["payment_id"])
-        holds, captures, voids = _int(row["holds"]), _int(row["captures"]), _int(row["voids"])
-        held, captured = _int(row["held"]), _int(row["captured"])
+        holds, captures, voids = as_int(row["holds"]), as_int(row["captures"]), as_int(row["voids"])
+        held, captured = as_int(row["held"]), as_int(row["captured"])
         if holds > 1:
             findings.violation(payment_id, f"held {holds} times")
         if captures and voids:

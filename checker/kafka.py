@@ -19,8 +19,6 @@ from checker.report import (
     CheckScope,
     Findings,
     fetch_rows,
-    scope_params,
-    scope_sql,
 )
 from domain.events import LEDGER_EVENT_KINDS
 
@@ -157,12 +155,12 @@ class OutboxRow:
 
 
 async def load_outbox(engine: AsyncEngine, scope: CheckScope) -> list[OutboxRow]:
-    where = scope_sql(scope, "o", "created_at")
+    where = scope.where("o", "created_at")
     rows = await fetch_rows(
         engine,
         f"SELECT o.event_id::text AS event_id, o.payment_id, o.topic FROM outbox_events o "
         f"WHERE {where}",
-        scope_params(scope),
+        scope.params(),
     )
     return [OutboxRow(r["event_id"], r["payment_id"], r["topic"]) for r in rows]
 

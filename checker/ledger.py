@@ -24,9 +24,8 @@ from checker.report import (
     CheckResult,
     CheckScope,
     Findings,
+    as_int,
     fetch_rows,
-    scope_params,
-    scope_sql,
 )
 from domain.amounts import Amounts, PaymentStatus
 from domain.ledger import AccountType, TransactionKind
@@ -187,10 +186,6 @@ KIND_PARAMS = {
 }
 
 
-def _int(value: Any) -> int:
-    return int(value or 0)
-
-
 def _recorded_int(value: str | None) -> int | None:
     try:
         return int(value) if value is not None else None
@@ -204,25 +199,32 @@ def _payment_ledger(row: Mapping[str, Any]) -> PaymentLedger:
         payment_id=str(row["payment_id"]),
         register=RegisterRow.model_validate(register) if register is not None else None,
         moved=Amounts(
-            _int(row["captured"]),
-            _int(row["refunded"]),
-            _int(row["disputed"]),
-            _int(row["dispute_lost"]),
+            as_int(row["captured"]),
+            as_int(row["refunded"]),
+            as_int(row["disputed"]),
+            as_int(row["dispute_lost"]),
         ),
-        transactions=_int(row["transactions"]),
-        postings=_int(row["postings"]),
-        reversals=_int(row["reversals"]),
-        follow_ups=_int(row["follow_ups"]),
+        transactions=as_int(row["transactions"]),
+        postings=as_int(row["postings"]),
+        reversals=as_int(row["reversals"]),
+        follow_ups=as_int(row["follow_ups"]),
     )
+
+
+async def fetch_ledger_rows(
+    engine: AsyncEngine, sql: str, scope: CheckScope
+) -> list[dict[str, Any]]:
+    """The rows of a query over the ledger in `scope`, its kinds and account types bound by
+    their names in `KIND_PARAMS` (`:payment`, `:hold`, …)."""
+    return await fetch_rows(engine, sql, {**scope.params(), **KIND_PARAMS})
 
 
 async def load_payments(engine: AsyncEngine, scope: CheckScope) -> list[PaymentLedger]:
     sql = _PAYMENTS_SQL.format(
-        register_where=scope_sql(scope, "p", "updated_at"),
-        ledger_where=scope_sql(scope, "t", "created_at"),
+        register_where=scope.where("p", "updated_at"),
+        ledger_where=scope.where("t", "created_at"),
     )
-    rows = await fetch_rows(engine, sql, {**scope_params(scope), **KIND_PARAMS})
-    return [_payment_ledger(row) for row in rows]
+    return [_payment_ledger(row) for row in await fetch_ledger_rows(engine, sql, scope)]
 
 
 # ── ledger checks ────────────────────────────────────────────────────────────────────────────
@@ -230,13 +232,13 @@ async def check_ledger_balanced(
     engine: AsyncEngine, scope: CheckScope, max_examples: int
 ) -> CheckResult:
     findings = Findings(LEDGER_BALANCED, max_examples)
-    where = scope_sql(scope, "t", "created_at")
-    params = scope_params(scope)
+    where = scope.where("t", "created_at")
+    params = scope.params()
     async with engine.connect() as conn:
         total = await conn.scalar(
             text(f"SELECT count(*) FROM ledger_transactions t WHERE {where}"), params
         )
-    findings.checked(_int(total))
+    findings.checked(as_int(total))
     for row in await fetch_rows(engine, _UNBALANCED_SQL.format(where=where), params):
         where_ = f"transaction {row['transaction_id']} ({row['kind']})"
         if row["entries"] == 0:

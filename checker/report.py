@@ -62,6 +62,24 @@ class CheckScope(BaseModel, frozen=True):
     def covers_payment(self, payment_id: str) -> bool:
         return self.payment_ids is None or payment_id in self.payment_ids
 
+    def where(self, table: str, time_column: str) -> str:
+        """The SQL condition of this scope on `table` (its rows' `payment_id`, `time_column`);
+        its values are `params()`."""
+        clauses = ["TRUE"]
+        if self.since is not None:
+            clauses.append(f"{table}.{time_column} >= :since")
+        if self.payment_ids is not None:
+            clauses.append(f"{table}.payment_id = ANY(:ids)")
+        return " AND ".join(clauses)
+
+    def params(self) -> dict[str, Any]:
+        params: dict[str, Any] = {}
+        if self.since is not None:
+            params["since"] = self.since
+        if self.payment_ids is not None:
+            params["ids"] = sorted(self.payment_ids)
+        return params
+
 
 class Violation(BaseModel):
     payment_id: str | None = None
@@ -122,22 +140,9 @@ class Findings:
         self.result.notes.append(note)
 
 
-def scope_sql(scope: CheckScope, table: str, time_column: str) -> str:
-    clauses = ["TRUE"]
-    if scope.since is not None:
-        clauses.append(f"{table}.{time_column} >= :since")
-    if scope.payment_ids is not None:
-        clauses.append(f"{table}.payment_id = ANY(:ids)")
-    return " AND ".join(clauses)
-
-
-def scope_params(scope: CheckScope) -> dict[str, Any]:
-    params: dict[str, Any] = {}
-    if scope.since is not None:
-        params["since"] = scope.since
-    if scope.payment_ids is not None:
-        params["ids"] = sorted(scope.payment_ids)
-    return params
+def as_int(value: Any) -> int:
+    """A count or sum the database may answer with NULL (no rows): 0."""
+    return int(value or 0)
 
 
 async def fetch_rows(
