@@ -191,6 +191,16 @@ def show_payment(payment: dict[str, Any]) -> None:
         out.print(follow_ups)
 
 
+def listed_cells(item: dict[str, Any]) -> list[str]:
+    """The first cells of a listing's row, a payment's or a subscription's alike."""
+    return [
+        item["id"],
+        styled_status(item["status"]),
+        money(item["amount"], item["currency"]),
+        item["customer_id"] or "—",
+    ]
+
+
 def show_payment_list(listing: dict[str, Any]) -> None:
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("id", no_wrap=True)  # what the user copies into the next command
@@ -199,10 +209,7 @@ def show_payment_list(listing: dict[str, Any]) -> None:
     table.add_column("created (UTC)", no_wrap=True)
     for item in listing["data"]:
         table.add_row(
-            item["id"],
-            styled_status(item["status"]),
-            money(item["amount"], item["currency"]),
-            item["customer_id"] or "—",
+            *listed_cells(item),
             item["merchant_id"] or "—",
             item["crm_sync"] or "—",
             when(item["created_at"], "%m-%d %H:%M:%S"),

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from cli.client import (
     call_api,
+    listed_cells,
     money,
     out,
     styled_status,
@@ -135,13 +136,7 @@ def list_subscriptions(
     for column in ("id", "status", "amount", "customer", "next renewal"):
         table.add_column(column)
     for item in listing["data"]:
-        table.add_row(
-            item["id"],
-            styled_status(item["status"]),
-            money(item["amount"], item["currency"]),
-            item["customer_id"] or "—",
-            when(item["next_renewal_at"]),
-        )
+        table.add_row(*listed_cells(item), when(item["next_renewal_at"]))
     out.print(table)
 
 
