@@ -32,21 +32,8 @@ with workflow.unsafe.imports_passed_through():
         ACQUIRER_UNAVAILABLE,
         AcquirerActivities,
     )
+    from domain import acquirer
     from domain import ledger as entries
-    from domain.acquirer import (
-        AcquirerAuthorization,
-        AcquirerRefundRequest,
-        AuthorizationRequest,
-        AuthorizationResult,
-        AuthorizationState,
-        CaptureRequest,
-        CaptureResult,
-        DeclineCode,
-        RefundResult,
-        VoidRequest,
-        VoidResult,
-        acquirer_refund_reference,
-    )
     from domain.errors import NON_RETRYABLE
     from domain.events import EventKind
     from domain.payment import (
@@ -159,53 +146,53 @@ class AcquirerSteps(PaymentSteps):
         )
         result = await self.instruct(
             AcquirerActivities.authorize_payment,
-            AuthorizationRequest(
+            acquirer.AuthorizationRequest(
                 reference=self.state.id,
                 amount=request.amount,
                 currency=request.currency,
                 payment_method=request.payment_method,
             ),
             "authorize",
-            AcquirerAuthorization.authorization_result,
+            acquirer.AcquirerAuthorization.authorization_result,
         )
         self.record_authorization(result)
 
-    def record_authorization(self, result: AuthorizationResult) -> None:
+    def record_authorization(self, result: acquirer.AuthorizationResult) -> None:
         self.state.acquirer_reference = result.acquirer_reference
         self.state.authorized_amount = result.authorized_amount
         if not result.approved:
-            code = result.decline_code or DeclineCode.GENERIC_DECLINE
+            code = result.decline_code or acquirer.DeclineCode.GENERIC_DECLINE
             self.state.decline_code = code.value
             self.state.acquirer_decline_code = result.acquirer_decline_code
 
-    async def capture_at_acquirer(self, amount: int | None = None) -> CaptureResult:
+    async def capture_at_acquirer(self, amount: int | None = None) -> acquirer.CaptureResult:
         """Everything authorized (`amount` None), or less: the acquirer releases the rest."""
         self.describe_waiting("the acquirer to capture the authorization")
         return await self.instruct(
             AcquirerActivities.capture_payment,
-            CaptureRequest(
+            acquirer.CaptureRequest(
                 reference=self.state.id, amount=amount, currency=self.state.request.currency
             ),
             "capture",
-            AcquirerAuthorization.capture_result,
+            acquirer.AcquirerAuthorization.capture_result,
             local_first=True,
         )
 
-    async def void_at_acquirer(self) -> VoidResult:
+    async def void_at_acquirer(self) -> acquirer.VoidResult:
         self.describe_waiting("the acquirer to void the authorization")
         return await self.instruct(
             AcquirerActivities.void_authorization,
-            VoidRequest(reference=self.state.id),
+            acquirer.VoidRequest(reference=self.state.id),
             "void",
-            AcquirerAuthorization.void_result,
+            acquirer.AcquirerAuthorization.void_result,
         )
 
-    async def refund_at_acquirer(self, refund_id: str, amount: int) -> RefundResult:
-        reference = acquirer_refund_reference(self.state.id, refund_id)
+    async def refund_at_acquirer(self, refund_id: str, amount: int) -> acquirer.RefundResult:
+        reference = acquirer.acquirer_refund_reference(self.state.id, refund_id)
         self.describe_waiting(f"the acquirer to refund {amount} ({refund_id})")
         return await self.instruct(
             AcquirerActivities.refund_payment,
-            AcquirerRefundRequest(
+            acquirer.AcquirerRefundRequest(
                 reference=self.state.id,
                 refund_reference=reference,
                 amount=amount,
@@ -223,9 +210,9 @@ class AcquirerSteps(PaymentSteps):
         deadline = self.resolve_deadline()
         record = await self.status_until_answered("release", deadline)
         match record.state if record is not None else None:
-            case AuthorizationState.AUTHORIZED:
+            case acquirer.AuthorizationState.AUTHORIZED:
                 await self.void_at_acquirer()
-            case AuthorizationState.CAPTURED if record and record.refundable_amount > 0:
+            case acquirer.AuthorizationState.CAPTURED if record and record.refundable_amount > 0:
                 await self.refund_at_acquirer(REVERSAL_REFUND_ID, record.refundable_amount)
         # Whatever the acquirer did, nothing stays held for this payment now. Nothing known
         # held may still be a hold posted in a lost workflow task: the ledger says.
@@ -307,7 +294,7 @@ class AcquirerSteps(PaymentSteps):
         step: Callable[[AcquirerActivities, Instruction], Awaitable[Answer]],
         instruction: Instruction,
         operation: str,
-        from_record: Callable[[AcquirerAuthorization], Answer | None],
+        from_record: Callable[[acquirer.AcquirerAuthorization], Answer | None],
         *,
         local_first: bool = False,
     ) -> Answer:
@@ -369,7 +356,7 @@ class AcquirerSteps(PaymentSteps):
 
     async def status_until_answered(
         self, operation: str, deadline: datetime
-    ) -> AcquirerAuthorization | None:
+    ) -> acquirer.AcquirerAuthorization | None:
         remaining = (deadline - workflow.now()).total_seconds()
         if remaining <= 0:
             raise AcquirerOutcomeUnresolved(operation, self.state.id, "the bound has passed")
