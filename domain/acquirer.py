@@ -36,8 +36,9 @@ from domain.payment import PaymentMethodToken
 
 # URL-path safe (it is a path segment on the wire) and within the identifier charset every
 # acquirer we know accepts for a merchant reference.
+ACQUIRER_REFERENCE_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 AcquirerReference = Annotated[
-    str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    str, StringConstraints(min_length=1, max_length=64, pattern=ACQUIRER_REFERENCE_PATTERN)
 ]
 PositiveMinor = Annotated[int, Field(gt=0, le=MAX_INT64)]
 Minor = Annotated[int, Field(ge=0, le=MAX_INT64)]

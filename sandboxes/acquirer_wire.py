@@ -8,26 +8,19 @@ from typing import Annotated, Literal
 
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    StringConstraints,
-    field_validator,
-    model_validator,
-)
+from pydantic import AfterValidator, BaseModel, ConfigDict, model_validator
 from pydantic_core import PydanticCustomError
 
+# The wire's own shapes (docs/acquirer.md), one definition with the connector's.
+from domain.acquirer import ACQUIRER_REFERENCE_PATTERN
+from domain.acquirer import AcquirerReference as Reference
+from domain.acquirer import PositiveMinor as Amount
 from domain.cards import luhn_valid
-from domain.money import CURRENCIES, MAX_INT64
+from domain.money import CURRENCIES
 from domain.payment import PaymentMethodToken
 from sandboxes.acquirer_store import DiscrepancyKind
 
-Reference = Annotated[
-    str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]{1,64}$")
-]
-ReferencePath = Annotated[str, PathParam(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
-Amount = Annotated[int, Field(gt=0, le=MAX_INT64)]
+ReferencePath = Annotated[str, PathParam(pattern=ACQUIRER_REFERENCE_PATTERN)]
 DayPath = Annotated[str, PathParam(pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")]
 
 
@@ -58,28 +51,25 @@ def _supported_currency(value: str) -> str:
     return value
 
 
+# Our reference, never a card number; a currency we support.
+CardlessReference = Annotated[Reference, AfterValidator(_no_card_number)]
+Currency = Annotated[str, AfterValidator(_supported_currency)]
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class AuthorizeBody(_Body):
-    reference: Reference
+    reference: CardlessReference
     amount: Amount
-    currency: str
+    currency: Currency
     payment_method: PaymentMethodToken
-
-    _reference = field_validator("reference")(_no_card_number)
-    _currency = field_validator("currency")(_supported_currency)
 
 
 class CaptureBody(_Body):
     amount: Amount | None = None
-    currency: str | None = None
-
-    @field_validator("currency")
-    @classmethod
-    def _currency(cls, value: str | None) -> str | None:
-        return None if value is None else _supported_currency(value)
+    currency: Currency | None = None
 
     @model_validator(mode="after")
     def _amount_with_currency(self) -> CaptureBody:
@@ -93,12 +83,9 @@ class CaptureBody(_Body):
 
 
 class RefundBody(_Body):
-    refund_reference: Reference
+    refund_reference: CardlessReference
     amount: Amount
-    currency: str
-
-    _reference = field_validator("refund_reference")(_no_card_number)
-    _currency = field_validator("currency")(_supported_currency)
+    currency: Currency
 
 
 class ChargebackBody(_Body):
@@ -107,9 +94,7 @@ class ChargebackBody(_Body):
 
     dispute_reference: Reference
     amount: Amount
-    currency: str
-
-    _currency = field_validator("currency")(_supported_currency)
+    currency: Currency
 
 
 class DiscrepancyBody(_Body):
@@ -120,13 +105,8 @@ class DiscrepancyBody(_Body):
     kind: Literal["missing", "unexpected", "amount_mismatch", "currency_mismatch"]
     movement_reference: Reference | None = None
     reference: Reference | None = None
-    amount: Annotated[int, Field(gt=0, le=MAX_INT64)] | None = None
-    currency: str | None = None
-
-    @field_validator("currency")
-    @classmethod
-    def _currency(cls, value: str | None) -> str | None:
-        return None if value is None else _supported_currency(value)
+    amount: Amount | None = None
+    currency: Currency | None = None
 
     @model_validator(mode="after")
     def _complete(self) -> DiscrepancyBody:
