@@ -12,7 +12,8 @@ from pydantic import BaseModel, Field, SecretStr, StringConstraints, field_valid
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from domain.events import REQUESTS_DLQ_TOPIC, REQUESTS_TOPIC
-from domain.payment import IDENTIFIER_PATTERN
+from domain.payment import IDENTIFIER_PATTERN, SECONDS_PER_DAY, PaymentPolicy
+from domain.subscription import DunningPolicy
 
 # `codec`: decrypt/encrypt Temporal payloads through /codec (operators' tooling; no payment powers).
 # `events:read`: /v1/events. `webhooks:read` / `webhooks:write`: webhook endpoints, their
@@ -60,6 +61,13 @@ class EncryptionKey(BaseModel):
     key_b64: SecretStr
 
 
+# The defaults of what a payment and a subscription fix at their creation are their policies'
+# own (domain/payment.py, domain/subscription.py): one value, which recorded histories that lack
+# a field also mean.
+_POLICY = PaymentPolicy()
+_DUNNING = DunningPolicy()
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PAYSAGA_", extra="ignore")
 
@@ -93,15 +101,15 @@ class Settings(BaseSettings):
     api_query_timeout_seconds: float = 10.0
 
     # Fraud: score >= reject_threshold rejects; [review_threshold, reject_threshold) waits.
-    fraud_review_threshold: float = 0.70
-    fraud_reject_threshold: float = 0.95
+    fraud_review_threshold: float = _POLICY.review_threshold
+    fraud_reject_threshold: float = _POLICY.reject_threshold
     fraud_sidecar_url: str | None = None
     # Whole-call budget for the sidecar; past it the rules score the payment instead.
     fraud_sidecar_timeout_seconds: float = 0.2
-    review_timeout_seconds: float = 24 * 3600.0
-    dispute_window_days: float = 120.0
-    chargeback_fee_minor: int = 1500
-    continue_as_new_after_events: int = 2000
+    review_timeout_seconds: float = _POLICY.review_timeout_seconds
+    dispute_window_days: float = _POLICY.dispute_window_seconds / SECONDS_PER_DAY
+    chargeback_fee_minor: int = _POLICY.chargeback_fee_minor
+    continue_as_new_after_events: int = _POLICY.continue_as_new_after_events
     # Short forward steps (fraud, payments.raw, ledger, payments.confirmed) as local activities:
     # one workflow task instead of four server round trips (README "Performance"). Fixed per
     # payment at its start; the replay tests hold histories of both modes.
@@ -186,16 +194,18 @@ class Settings(BaseSettings):
     # No acquirer at all (sandbox off, no URL): payments are booked in the ledger only, as
     # before issue 15 (docs/acquirer.md, "Without an acquirer").
     # An ambiguous outcome is resolved by status for this long, then requires_attention.
-    acquirer_resolve_seconds: float = 600.0
+    acquirer_resolve_seconds: float = _POLICY.acquirer_resolve_seconds
     # `capture_method: manual`: an authorization left uncaptured this long is voided.
-    authorization_expiry_seconds: float = 7 * 86400.0
+    authorization_expiry_seconds: float = _POLICY.authorization_expiry_seconds
     acquirer_sandbox: bool = True
     # Subscriptions (issue 17): a declined renewal is retried this many days after its first
     # attempt (`PAYSAGA_SUBSCRIPTION_RETRY_DAYS=[1,3,5,7]`); when every retry declined the
     # subscription is `canceled` or kept `unpaid`. Fractions of a day are allowed (tests and
     # the simulation retry within seconds).
-    subscription_retry_days: list[float] = Field(default_factory=lambda: [1.0, 3.0, 5.0, 7.0])
-    subscription_when_exhausted: Literal["unpaid", "canceled"] = "canceled"
+    subscription_retry_days: list[float] = Field(
+        default_factory=lambda: [s / SECONDS_PER_DAY for s in _DUNNING.retry_after_seconds]
+    )
+    subscription_when_exhausted: Literal["unpaid", "canceled"] = _DUNNING.when_exhausted
     acquirer_sandbox_port: int = 8020
 
     # Reconciliation (docs/reconciliation.md). A ledger movement the acquirer has not settled
@@ -271,7 +281,7 @@ class Settings(BaseSettings):
 
     @property
     def dispute_window_seconds(self) -> float:
-        return self.dispute_window_days * 86400.0
+        return self.dispute_window_days * SECONDS_PER_DAY
 
 
 def intake_topic(client_id: str) -> str:

@@ -421,14 +421,18 @@ class PaymentState(BaseModel):
         return self.amounts.returnable - reserved
 
 
+SECONDS_PER_DAY = 86400.0
+
+
 class PaymentPolicy(BaseModel):
     """Fixed when the payment is created (from settings), so a running payment's rules never
-    change under it and every decision can be explained later."""
+    change under it and every decision can be explained later. Its defaults are the settings'
+    (settings.py reads them from here) and what a recorded history without a field means."""
 
     review_threshold: float = 0.70
     reject_threshold: float = 0.95
     review_timeout_seconds: float = 24 * 3600.0
-    dispute_window_seconds: float = 120 * 86400.0
+    dispute_window_seconds: float = 120 * SECONDS_PER_DAY
     chargeback_fee_minor: int = 1500
     continue_as_new_after_events: int = 2000
     # Run the short forward steps (scoring, raw and confirmed events, the capture posting) as
@@ -452,7 +456,7 @@ class PaymentPolicy(BaseModel):
     # the money to an operator (requires_attention).
     acquirer_resolve_seconds: float = 600.0
     # An authorization left uncaptured (`capture_method: manual`) is voided after this.
-    authorization_expiry_seconds: float = 7 * 86400.0
+    authorization_expiry_seconds: float = 7 * SECONDS_PER_DAY
 
 
 class PaymentWorkflowInput(BaseModel):

@@ -50,6 +50,7 @@ from pydantic_core import PydanticCustomError
 from domain.constraints import JsonInteger, MinorUnits
 from domain.money import CURRENCIES, MAX_JSON_INTEGER
 from domain.payment import (
+    SECONDS_PER_DAY,
     CardDataFree,
     CurrencyCode,
     FreeText,
@@ -267,12 +268,13 @@ class SubscriptionRequest(StrictRequest):
 
 
 class DunningPolicy(BaseModel):
-    """What happens after a declined renewal (from settings, fixed at creation)."""
+    """What happens after a declined renewal (from settings, fixed at creation). Its defaults
+    are the settings' (settings.py reads them from here)."""
 
     # When a period's declined renewal is tried again, counted from its first attempt (from the
     # settings' days: 1, 3, 5 and 7 days by default).
     retry_after_seconds: list[float] = Field(
-        default_factory=lambda: [d * 86400.0 for d in (1, 3, 5, 7)]
+        default_factory=lambda: [d * SECONDS_PER_DAY for d in (1, 3, 5, 7)]
     )
     # When every retry declined: keep the subscription `unpaid`, or cancel it.
     when_exhausted: Literal["unpaid", "canceled"] = "canceled"

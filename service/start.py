@@ -26,7 +26,13 @@ from temporalio.service import RPCError, RPCStatusCode
 from activities.crm import crm_targets_for
 from domain.events import EventKind
 from domain.messages import CrmNotification
-from domain.payment import PaymentPolicy, PaymentRequest, PaymentWorkflowInput, payment_id_for
+from domain.payment import (
+    SECONDS_PER_DAY,
+    PaymentPolicy,
+    PaymentRequest,
+    PaymentWorkflowInput,
+    payment_id_for,
+)
 from domain.subscription import (
     DunningPolicy,
     SubscriptionPolicy,
@@ -228,7 +234,7 @@ def subscription_policy(settings: Settings, body: SubscriptionRequest) -> Subscr
     )
     return SubscriptionPolicy(
         dunning=DunningPolicy(
-            retry_after_seconds=[d * 86400.0 for d in settings.subscription_retry_days],
+            retry_after_seconds=[d * SECONDS_PER_DAY for d in settings.subscription_retry_days],
             when_exhausted=settings.subscription_when_exhausted,
         ),
         payment=payment_policy(settings, probe),
