@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from api.auth import ApiClient, require_scope
 from api.errors import error_responses
-from api.follow_ups import answer_with_payment, ask_workflow
+from api.follow_ups import PaymentWrite, answer_with_payment, ask_workflow, payment_write
 from api.ids import PaymentId
 from api.payments import Wait, load_payment
 from api.resources import PaymentResource
@@ -70,21 +70,12 @@ async def capture_payment(
     "it is not `requires_capture` (a captured payment is refunded instead).",
 )
 async def void_payment(
-    payment_id: PaymentId,
-    request: Request,
-    response: Response,
-    wait: Wait = 10,
-    client: ApiClient = Depends(require_scope("payments:write")),
+    call: PaymentWrite = Depends(payment_write), wait: Wait = 10
 ) -> PaymentResource:
-    state = await load_payment(request, payment_id, client)
+    state = await call.payment()
     if state.status == PaymentStatus.CANCELED:
         return PaymentResource.of(state)
-    result = await ask_workflow(
-        request,
-        payment_id,
-        PaymentWorkflow.void_authorization,
-        VoidSignal(reason="voided by request"),
-        f"void-{payment_id}",
-        wait,
+    result = await call.ask(
+        PaymentWorkflow.void_authorization, VoidSignal(reason="voided by request"), "void", wait
     )
-    return await answer_with_payment(request, payment_id, response, result)
+    return await call.answer(result)

@@ -5,6 +5,7 @@ workflow through an Update (service/follow_ups.py) whose refusal is the answer's
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -69,6 +70,37 @@ _REFUSAL_STATUS = {
     Refusal.DISPUTE_MISSING: 404,
 }
 _PAYMENT_CLOSED = "The payment's dispute window has closed; it accepts no more changes."
+
+
+@dataclass(frozen=True)
+class PaymentWrite:
+    """A write on a payment as a whole (void, cancel): the payment the path names, and the
+    request, response and client that ask."""
+
+    payment_id: str
+    request: Request
+    response: Response
+    client: ApiClient
+
+    async def payment(self) -> PaymentState:
+        return await load_payment(self.request, self.payment_id, self.client)
+
+    async def ask(self, update: Any, arg: Any, action: str, wait: float) -> Any:
+        """`ask_workflow` under the update id `<action>-<payment id>`."""
+        update_id = f"{action}-{self.payment_id}"
+        return await ask_workflow(self.request, self.payment_id, update, arg, update_id, wait)
+
+    async def answer(self, result: Any) -> PaymentResource:
+        return await answer_with_payment(self.request, self.payment_id, self.response, result)
+
+
+async def payment_write(
+    payment_id: PaymentId,
+    request: Request,
+    response: Response,
+    client: ApiClient = Depends(require_scope("payments:write")),
+) -> PaymentWrite:
+    return PaymentWrite(payment_id, request, response, client)
 
 
 async def ask_workflow(
@@ -325,22 +357,16 @@ _CANCEL_ACCEPTED: dict[str, Any] = {
     "finishing the step under way (poll it); 409 once it is posted: refund it instead.",
 )
 async def cancel_payment(
-    payment_id: PaymentId,
-    request: Request,
-    response: Response,
-    wait: Wait = 10,
-    client: ApiClient = Depends(require_scope("payments:write")),
+    call: PaymentWrite = Depends(payment_write), wait: Wait = 10
 ) -> PaymentResource:
-    state = await load_payment(request, payment_id, client)
+    state = await call.payment()
     if state.status == PaymentStatus.CANCELED:
         return PaymentResource.of(state)
     try:
-        result = await ask_workflow(
-            request,
-            payment_id,
+        result = await call.ask(
             PaymentWorkflow.cancel_payment,
             CancelSignal(reason="requested_by_customer"),
-            f"cancel-{payment_id}",
+            "cancel",
             wait,
         )
     except ApiError as refused:
@@ -353,7 +379,7 @@ async def cancel_payment(
         raise _cannot_cancel(f"the payment is already {result.status}")
     # Accepted, not yet carried out (e.g. payments.raw is still being published): the
     # workflow stops before the ledger posting.
-    return await answer_with_payment(request, payment_id, response, result)
+    return await call.answer(result)
 
 
 def _cannot_cancel(why: str) -> ApiError:
