@@ -10,6 +10,7 @@ short and they share the sign convention.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from enum import StrEnum
 
 from pydantic import BaseModel, Field, model_validator
@@ -199,6 +200,25 @@ def transfer(debit: Account, credit: Account, amount: int) -> list[Entry]:
 # whose customer and merchant accounts move (None: the shared codes of older payments).
 
 
+@dataclass(frozen=True)
+class Parties:
+    """Whose accounts a payment's postings move: its customer's and its merchant's, in its
+    currency, under its tenant."""
+
+    customer_id: str
+    merchant_id: str
+    ccy: str
+    tenant: str | None = None
+
+    @property
+    def customer(self) -> Account:
+        return customer_account(self.customer_id, self.ccy, self.tenant)
+
+    @property
+    def merchant(self) -> Account:
+        return merchant_account(self.merchant_id, self.ccy, self.tenant)
+
+
 def _posting(
     payment_id: str,
     kind: TransactionKind,
@@ -217,37 +237,20 @@ def _posting(
     )
 
 
-def payment_transaction(
-    payment_id: str,
-    customer_id: str,
-    merchant_id: str,
-    amount: int,
-    ccy: str,
-    tenant: str | None = None,
-) -> LedgerTransaction:
+def payment_transaction(payment_id: str, parties: Parties, amount: int) -> LedgerTransaction:
     """Capture: debit the customer's funding account, credit the merchant."""
-    customer = customer_account(customer_id, ccy, tenant)
-    merchant = merchant_account(merchant_id, ccy, tenant)
     return _posting(
         payment_id, TransactionKind.PAYMENT, EventKind.CONFIRMED, "payment captured",
-        transfer(customer, merchant, amount),
+        transfer(parties.customer, parties.merchant, amount),
     )  # fmt: skip
 
 
-def reversal_transaction(
-    payment_id: str,
-    customer_id: str,
-    merchant_id: str,
-    amount: int,
-    ccy: str,
-    tenant: str | None = None,
-) -> LedgerTransaction:
+def reversal_transaction(payment_id: str, parties: Parties, amount: int) -> LedgerTransaction:
     """Compensation: undo a posting that was never confirmed."""
-    customer = customer_account(customer_id, ccy, tenant)
-    merchant = merchant_account(merchant_id, ccy, tenant)
     return _posting(
         payment_id, TransactionKind.PAYMENT_REVERSAL, EventKind.CANCELED,
-        "payment canceled before confirmation", transfer(merchant, customer, amount),
+        "payment canceled before confirmation",
+        transfer(parties.merchant, parties.customer, amount),
     )  # fmt: skip
 
 
@@ -291,69 +294,42 @@ def manual_refund_transaction(
 
 
 def refund_transaction(
-    payment_id: str,
-    refund_id: str,
-    customer_id: str,
-    merchant_id: str,
-    amount: int,
-    ccy: str,
-    tenant: str | None = None,
+    payment_id: str, refund_id: str, parties: Parties, amount: int
 ) -> LedgerTransaction:
-    customer = customer_account(customer_id, ccy, tenant)
-    merchant = merchant_account(merchant_id, ccy, tenant)
     return _posting(
         payment_id, TransactionKind.REFUND, EventKind.REFUNDED, "refund",
-        transfer(merchant, customer, amount), refund_id,
+        transfer(parties.merchant, parties.customer, amount), refund_id,
     )  # fmt: skip
 
 
 def dispute_opened_transaction(
-    payment_id: str,
-    dispute_id: str,
-    merchant_id: str,
-    amount: int,
-    ccy: str,
-    tenant: str | None = None,
+    payment_id: str, dispute_id: str, parties: Parties, amount: int
 ) -> LedgerTransaction:
     """The disputed amount is held away from the merchant until the dispute closes."""
-    merchant = merchant_account(merchant_id, ccy, tenant)
+    disputes = disputes_account(parties.ccy)
     return _posting(
         payment_id, TransactionKind.DISPUTE_OPENED, EventKind.DISPUTE_OPENED,
-        "dispute opened: funds held", transfer(merchant, disputes_account(ccy), amount),
-        dispute_id,
+        "dispute opened: funds held", transfer(parties.merchant, disputes, amount), dispute_id,
     )  # fmt: skip
 
 
 def dispute_won_transaction(
-    payment_id: str,
-    dispute_id: str,
-    merchant_id: str,
-    amount: int,
-    ccy: str,
-    tenant: str | None = None,
+    payment_id: str, dispute_id: str, parties: Parties, amount: int
 ) -> LedgerTransaction:
-    merchant = merchant_account(merchant_id, ccy, tenant)
     return _posting(
         payment_id, TransactionKind.DISPUTE_WON, EventKind.DISPUTE_WON,
         "dispute won: funds returned to the merchant",
-        transfer(disputes_account(ccy), merchant, amount), dispute_id,
+        transfer(disputes_account(parties.ccy), parties.merchant, amount), dispute_id,
     )  # fmt: skip
 
 
 def dispute_lost_transaction(
-    payment_id: str,
-    dispute_id: str,
-    customer_id: str,
-    merchant_id: str,
-    amount: int,
-    fee: int,
-    ccy: str,
-    tenant: str | None = None,
+    payment_id: str, dispute_id: str, parties: Parties, amount: int, fee: int
 ) -> LedgerTransaction:
     """Funds go back to the customer; the merchant also pays the chargeback fee."""
-    entries = transfer(disputes_account(ccy), customer_account(customer_id, ccy, tenant), amount)
+    entries = transfer(disputes_account(parties.ccy), parties.customer, amount)
     if fee > 0:
-        entries += transfer(merchant_account(merchant_id, ccy, tenant), fees_account(ccy), fee)
+        entries += transfer(parties.merchant, fees_account(parties.ccy), fee)
     return _posting(
         payment_id, TransactionKind.DISPUTE_LOST, EventKind.DISPUTE_LOST,
         "dispute lost: chargeback", entries, dispute_id,

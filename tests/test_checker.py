@@ -43,6 +43,7 @@ from cli import check as check_cli
 from domain.events import EventKind, PaymentEvent, event_id
 from domain.ledger import (
     LedgerTransaction,
+    Parties,
     authorization_hold_transaction,
     hold_released_transaction,
     payment_transaction,
@@ -217,7 +218,9 @@ class Planted:
         )
         await Ledger(self.engine).post(
             LedgerPosting(
-                transaction=payment_transaction(payment_id, customer, FAKE_MERCHANT, amount, "USD"),
+                transaction=payment_transaction(
+                    payment_id, Parties(customer, FAKE_MERCHANT, "USD"), amount
+                ),
                 amount=amount,
                 parties=PaymentParties(
                     client_id="test-client",
@@ -553,7 +556,7 @@ async def test_holds_released_twice_over_captured_or_outliving_their_payment_are
         )
         await _post(
             engine,
-            payment_transaction(payment_id, customer, FAKE_MERCHANT, captured, "USD"),
+            payment_transaction(payment_id, Parties(customer, FAKE_MERCHANT, "USD"), captured),
             captured,
         )
     # The ledger's write path refuses a second release (HoldAlreadyReleased): a row written

@@ -17,7 +17,7 @@ from prometheus_client import REGISTRY
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from domain.errors import FailureType
-from domain.ledger import customer_account, merchant_account, payment_transaction
+from domain.ledger import Parties, customer_account, merchant_account, payment_transaction
 from infra.database import RetryStats, make_engine
 from infra.embedded.stack import Stack
 from ledger.records import LedgerPosting, LedgerReceipt, LedgerRejected, PaymentParties
@@ -42,7 +42,7 @@ def capture(merchant: str, amount: int) -> LedgerPosting:
     payment_id = f"pay_{uuid.uuid4().hex[:24]}"
     customer = f"cus_{uuid.uuid4().hex[:12]}"
     return LedgerPosting(
-        transaction=payment_transaction(payment_id, customer, merchant, amount, "USD"),
+        transaction=payment_transaction(payment_id, Parties(customer, merchant, "USD"), amount),
         amount=amount,
         parties=PaymentParties(
             client_id="contention", customer_id=customer, merchant_id=merchant, currency="USD"

@@ -24,7 +24,7 @@ from temporalio.worker import Worker
 from activities.fraud import FraudActivities, FraudCheck
 from domain.errors import FailureType
 from domain.fraud import CustomerHistory, amount_for_limit_share, score_payment
-from domain.ledger import payment_transaction, reversal_transaction
+from domain.ledger import Parties, payment_transaction, reversal_transaction
 from domain.money import CURRENCIES
 from domain.payment import FraudAssessment, PaymentRequest
 from infra.embedded.process import free_port
@@ -299,13 +299,13 @@ async def test_captures_posted_through_the_ledger_make_a_returning_customer(
     )
     captured_ids = [f"pay_{uuid.uuid4().hex[:24]}" for _ in range(3)]
     for payment_id, amount in zip(captured_ids, (1_000, 2_000, 3_300), strict=True):
-        txn = payment_transaction(payment_id, customer, "mer_1", amount, "USD")
+        txn = payment_transaction(payment_id, Parties(customer, "mer_1", "USD"), amount)
         await ledger.post(LedgerPosting(transaction=txn, amount=amount, parties=parties))
     # A capture reversed before confirmation moved no money: not part of the averages.
     reversed_id = f"pay_{uuid.uuid4().hex[:24]}"
     for txn in (
-        payment_transaction(reversed_id, customer, "mer_1", 90_000, "USD"),
-        reversal_transaction(reversed_id, customer, "mer_1", 90_000, "USD"),
+        payment_transaction(reversed_id, Parties(customer, "mer_1", "USD"), 90_000),
+        reversal_transaction(reversed_id, Parties(customer, "mer_1", "USD"), 90_000),
     ):
         await ledger.post(LedgerPosting(transaction=txn, amount=90_000, parties=parties))
 

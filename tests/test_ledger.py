@@ -19,6 +19,7 @@ from domain.events import EventKind, PaymentEvent, event_id
 from domain.ledger import (
     Entry,
     LedgerTransaction,
+    Parties,
     TransactionKind,
     authorization_hold_transaction,
     customer_account,
@@ -49,7 +50,7 @@ def _capture(payment_id: str, amount: int = 1000, ccy: str = "USD") -> LedgerPos
         data={"amount": amount},
     )
     return LedgerPosting(
-        transaction=payment_transaction(payment_id, customer, merchant, amount, ccy),
+        transaction=payment_transaction(payment_id, Parties(customer, merchant, ccy), amount),
         amount=amount,
         parties=PaymentParties(
             client_id="t", customer_id=customer, merchant_id=merchant, currency=ccy
@@ -187,7 +188,7 @@ async def test_the_outbox_row_commits_or_rolls_back_with_its_transaction(
     ledger = Ledger(engine)
     pid = f"pay_{uuid.uuid4().hex[:12]}"
     await ledger.post(_capture(pid, amount=1000))
-    over = refund_transaction(pid, "re_too_much", f"cus_{pid}", f"mer_{pid}", 1500, "USD")
+    over = refund_transaction(pid, "re_too_much", Parties(f"cus_{pid}", f"mer_{pid}", "USD"), 1500)
     event = PaymentEvent(
         id=event_id(pid, EventKind.REFUNDED, "re_too_much"),
         kind=EventKind.REFUNDED,
@@ -205,7 +206,7 @@ async def test_the_outbox_row_commits_or_rolls_back_with_its_transaction(
         == 1
     )
 
-    ok = refund_transaction(pid, "re_1", f"cus_{pid}", f"mer_{pid}", 400, "USD")
+    ok = refund_transaction(pid, "re_1", Parties(f"cus_{pid}", f"mer_{pid}", "USD"), 400)
     event_ok = event.model_copy(update={"id": event_id(pid, EventKind.REFUNDED, "re_1")})
     await ledger.post(LedgerPosting(transaction=ok, amount=400, event=event_ok))
     assert (
@@ -222,7 +223,7 @@ async def test_a_closed_account_refuses_postings(engine: AsyncEngine) -> None:
     await ledger.post(_capture(f"pay_{uuid.uuid4().hex[:12]}"))
     await ledger.post(_capture(pid))
     await ledger.close_account(f"merchant:mer_{pid}:USD")
-    refund = refund_transaction(pid, "re_x", f"cus_{pid}", f"mer_{pid}", 100, "USD")
+    refund = refund_transaction(pid, "re_x", Parties(f"cus_{pid}", f"mer_{pid}", "USD"), 100)
     with pytest.raises(LedgerRejected, match="closed"):
         await ledger.post(LedgerPosting(transaction=refund, amount=100))
 
@@ -245,15 +246,15 @@ async def test_a_different_posting_in_a_claimed_slot_is_refused_not_a_duplicate(
         await ledger.post(_capture(pid, amount=2000))
     assert other_amount.value.failure == FailureType.POSTING_CONFLICT
     elsewhere = _capture(pid, amount=1000)
-    moved = payment_transaction(pid, f"cus_{pid}", "mer_someone_else", 1000, "USD")
+    moved = payment_transaction(pid, Parties(f"cus_{pid}", "mer_someone_else", "USD"), 1000)
     with pytest.raises(LedgerRejected) as other_merchant:
         await ledger.post(elsewhere.model_copy(update={"transaction": moved}))
     assert other_merchant.value.failure == FailureType.POSTING_CONFLICT
 
-    refund = refund_transaction(pid, "re_once", f"cus_{pid}", f"mer_{pid}", 300, "USD")
+    refund = refund_transaction(pid, "re_once", Parties(f"cus_{pid}", f"mer_{pid}", "USD"), 300)
     await ledger.post(LedgerPosting(transaction=refund, amount=300))
     assert (await ledger.post(LedgerPosting(transaction=refund, amount=300))).duplicate
-    bigger = refund_transaction(pid, "re_once", f"cus_{pid}", f"mer_{pid}", 500, "USD")
+    bigger = refund_transaction(pid, "re_once", Parties(f"cus_{pid}", f"mer_{pid}", "USD"), 500)
     with pytest.raises(LedgerRejected) as reused:
         await ledger.post(LedgerPosting(transaction=bigger, amount=500))
     assert reused.value.failure == FailureType.POSTING_CONFLICT
@@ -339,7 +340,7 @@ async def test_a_value_too_long_for_its_column_fails_the_step_for_good(
     env = ActivityEnvironment()
     await env.run(activities.post_ledger_transaction, _capture(pid))
     too_long = "re_" + "x" * ID_MAX  # the ledger's reference column holds ID_MAX characters
-    refund = refund_transaction(pid, too_long, f"cus_{pid}", f"mer_{pid}", 100, "USD")
+    refund = refund_transaction(pid, too_long, Parties(f"cus_{pid}", f"mer_{pid}", "USD"), 100)
     with pytest.raises(ApplicationError) as refused:
         await env.run(
             activities.post_ledger_transaction, LedgerPosting(transaction=refund, amount=100)

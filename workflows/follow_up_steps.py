@@ -213,9 +213,8 @@ class FollowUpSteps(TakingFollowUps, NeedsAttention):
             data["manual_resolution"] = description
         else:
             transaction = entries.refund_transaction(
-                self.state.id, refund.id, request.customer_id, request.merchant_id,
-                refund.amount, request.currency, self.account_tenant,
-            )  # fmt: skip
+                self.state.id, refund.id, self.parties, refund.amount
+            )
         self.describe_waiting(f"posting refund {refund.id}")
         await self.post(
             transaction, refund.amount, EventKind.REFUNDED, reference=refund.id, data=data
@@ -262,7 +261,6 @@ class FollowUpSteps(TakingFollowUps, NeedsAttention):
 
     async def post_dispute_opened(self, signal: DisputeOpenedSignal) -> None:
         dispute = self.find_dispute(signal.dispute_id)
-        request = self.state.request
         data = {
             "dispute_id": dispute.id,
             "amount": dispute.amount,
@@ -271,12 +269,7 @@ class FollowUpSteps(TakingFollowUps, NeedsAttention):
         try:
             await self.post(
                 entries.dispute_opened_transaction(
-                    self.state.id,
-                    dispute.id,
-                    request.merchant_id,
-                    dispute.amount,
-                    request.currency,
-                    self.account_tenant,
+                    self.state.id, dispute.id, self.parties, dispute.amount
                 ),
                 dispute.amount,
                 EventKind.DISPUTE_OPENED,
@@ -302,21 +295,16 @@ class FollowUpSteps(TakingFollowUps, NeedsAttention):
         dispute = self.find_dispute(signal.dispute_id)
         if dispute.status != DisputeStatus.OPEN:
             return  # its opening failed: there is nothing held to release
-        request = self.state.request
         won = signal.outcome == "won"
         kind = EventKind.DISPUTE_WON if won else EventKind.DISPUTE_LOST
         fee = 0 if won else self.policy.chargeback_fee_minor
         transaction = (
-            entries.dispute_won_transaction(
-                self.state.id, dispute.id, request.merchant_id, dispute.amount,
-                request.currency, self.account_tenant,
-            )
+            entries.dispute_won_transaction(self.state.id, dispute.id, self.parties, dispute.amount)
             if won
             else entries.dispute_lost_transaction(
-                self.state.id, dispute.id, request.customer_id, request.merchant_id,
-                dispute.amount, fee, request.currency, self.account_tenant,
+                self.state.id, dispute.id, self.parties, dispute.amount, fee
             )
-        )  # fmt: skip
+        )
         data = {
             "dispute_id": dispute.id,
             "amount": dispute.amount,

@@ -401,16 +401,8 @@ class PaymentWorkflow(FollowUpSteps, AcquirerSteps):
             if not captured:
                 return
             self.state.ledger_posted, self.state.captured = True, captured
-        request = self.state.request
         await self.post(
-            entries.reversal_transaction(
-                self.state.id,
-                request.customer_id,
-                request.merchant_id,
-                self.state.captured,
-                request.currency,
-                self.account_tenant,
-            ),
+            entries.reversal_transaction(self.state.id, self.parties, self.state.captured),
             self.state.captured,
             EventKind.CANCELED,
             data={"status": PaymentStatus.CANCELED.value},
@@ -466,14 +458,7 @@ class PaymentWorkflow(FollowUpSteps, AcquirerSteps):
         request = self.state.request
         amount = self.acquirer_captured or request.amount
         await self.post(
-            entries.payment_transaction(
-                self.state.id,
-                request.customer_id,
-                request.merchant_id,
-                amount,
-                request.currency,
-                self.account_tenant,
-            ),
+            entries.payment_transaction(self.state.id, self.parties, amount),
             amount,
             EventKind.CONFIRMED,
             data={"amount_captured": amount} if self.acquirer_captured else None,

@@ -150,6 +150,15 @@ class PaymentSteps:
         shared ones for payments started before tenants (PaymentPolicy.tenant_accounts)."""
         return self.state.client_id if self.policy.tenant_accounts else None
 
+    @property
+    def parties(self) -> entries.Parties:
+        """Whose accounts this payment's postings move: its customer's and merchant's, in its
+        currency, under `account_tenant`."""
+        request = self.state.request
+        return entries.Parties(
+            request.customer_id, request.merchant_id, request.currency, self.account_tenant
+        )
+
     def status_from_amounts(self) -> PaymentStatus:
         return self.state.amounts.status()
 
