@@ -19,10 +19,10 @@ $(BROWSER_STAMP):
 	@command -v chromium >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    (apt-get update -qq && apt-get install -y -qq chromium) \
-	      || echo "note: could not install chromium; tests/test_temporal_ui.py will skip"; \
+	      || echo "note: could not install chromium; tests/system/test_temporal_ui.py will skip"; \
 	  else \
 	    echo "note: chromium is missing (as root: apt-get install -y chromium);" \
-	         "tests/test_temporal_ui.py will skip"; \
+	         "tests/system/test_temporal_ui.py will skip"; \
 	  fi; }
 	@touch $(BROWSER_STAMP)
 
@@ -46,13 +46,13 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy .
 
-# The saga's simulation (tests/test_simulation.py): SEEDS seeds of both profiles, from SEED_BASE
+# The saga's simulation (tests/system/test_simulation.py): SEEDS seeds of both profiles, from SEED_BASE
 # on (`make test` runs a few fixed ones). A failure prints its seed and the command to rerun it.
 SEEDS ?= 10
 SEED_BASE ?= 1
 simulate: $(STAMP)
 	PAYSAGA_SIM_SEEDS=$(SEEDS) PAYSAGA_SIM_SEED_BASE=$(SEED_BASE) \
-	  $(BIN)/python -m pytest tests/test_simulation.py -k "interleavings or faults" $(PYTEST_ARGS)
+	  $(BIN)/python -m pytest tests/system/test_simulation.py -k "interleavings or faults" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/paysaga bench

@@ -3,7 +3,7 @@
 Every edge checks against these (the REST API's models and headers, the Kafka intake, the
 workflow's signals and updates) so that nothing reaches a column it does not fit: a value too
 long for its column would make PostgreSQL raise 22001 deep inside a saga step instead of a
-clear refusal at the door. `tests/test_bounds.py` reads the live schema and fails when a
+clear refusal at the door. `tests/system/test_bounds.py` reads the live schema and fails when a
 column and its bound here disagree.
 """
 

@@ -1,6 +1,6 @@
 """Subscriptions: the request, the state the subscription's workflow keeps, the calendar of its
 periods and the money rules of a change. Pure: no Temporal, no I/O
-(tests/test_subscription_domain.py).
+(tests/domain/test_subscription_domain.py).
 
 The calendar (`boundary`)
     A subscription bills every `interval_count` days, weeks, months or years from its

@@ -1,6 +1,6 @@
-"""Record one workflow history per path into tests/histories/, for tests/test_replay.py: every
-path of PaymentWorkflow, of WebhookDeliveryWorkflow (`webhook_*`), of DailyReconciliation and of
-SubscriptionWorkflow (`subscription_*`).
+"""Record one workflow history per path into tests/histories/, for
+tests/workflows/test_replay.py: every path of PaymentWorkflow, of WebhookDeliveryWorkflow
+(`webhook_*`), of DailyReconciliation and of SubscriptionWorkflow (`subscription_*`).
 
     .venv/bin/python -m scripts.record_histories --version v2     # every path: <path>.v2.json
     .venv/bin/python -m scripts.record_histories --version v2 success review_approve
@@ -339,8 +339,8 @@ async def held_before_confirmation(r: Recorder, path: str, amount: int) -> Workf
 async def operator_cancel_after_posting(r: Recorder) -> WorkflowHandle[Any, Any]:
     """Cancel from the Temporal UI while payments.confirmed is in flight after the posting:
     the saga reverses the posting, voids payments.raw with payments.canceled, tells the CRM.
-    Regular activities (as tests/test_compensations.py): local ones all run inside one workflow
-    task, which sees the cancel request only after payments.confirmed."""
+    Regular activities (as tests/workflows/test_compensations.py): local ones all run inside one
+    workflow task, which sees the cancel request only after payments.confirmed."""
     handle = await held_before_confirmation(r, "operator_cancel_after_posting", 4200)
     await handle.cancel()
     await asyncio.sleep(0.5)  # the cancel request lands while the confirmation is held

@@ -76,7 +76,7 @@ OTHER_CLIENT_KEY = "psk_test_other_client_0123456789abcdefgh"
 FINANCE_API_KEY = "psk_test_finance_key_0123456789abcdefghi"
 WEBHOOK_SECRET = "whsec_test_0123456789"
 # The session's sandbox acquirer: pm_card_timeout holds its first answers ACQUIRER_HANG_SECONDS,
-# which tests/test_acquirer_saga.py's workers give up on much sooner.
+# which tests/workflows/test_acquirer_saga.py's workers give up on much sooner.
 ACQUIRER_HANG_SECONDS = 3.0
 ACQUIRER_SANDBOX_ARGS = ("--hang-seconds", str(ACQUIRER_HANG_SECONDS), "--delay-seconds", "0.5")
 # What the test clients may do: every payment operation, named (a key without scopes gets
@@ -131,7 +131,7 @@ def app_settings(stack: Stack, crm_server: FakeCrmServer) -> Settings:
             "crm_webhook_secret": SecretStr(WEBHOOK_SECRET),
             "crm_timeout_seconds": 2.0,
             # The shared worker books payments without an acquirer, as before issue 15, so the
-            # suite's exact event sequences hold; tests/test_acquirer_saga.py runs its own
+            # suite's exact event sequences hold; tests/workflows/test_acquirer_saga.py runs its own
             # worker against the session's sandbox acquirer (stack.service_settings()).
             "acquirer_url": None,
             # Every in-process test worker runs workflows in the sandbox, so nondeterministic

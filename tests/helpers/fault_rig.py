@@ -12,7 +12,6 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,9 +24,9 @@ from infra.embedded.stack import Stack
 from infra.temporal_client import connect_client
 from settings import ApiKey, Settings
 from tests.conftest import ACQUIRER_SANDBOX_ARGS, MERCHANT_SCOPES
+from tests.helpers.paths import REPO
 from tests.helpers.private_stack import private_stack_settings
 
-REPO = Path(__file__).resolve().parents[2]
 WORKER_READY_LINE = "worker polling task queue"
 
 

@@ -5,7 +5,7 @@ infra.temporal_client.register_search_attributes cannot run there) but does acce
 AddSearchAttributes: register ours, and the workflow's search attributes work unchanged.
 Workers there run regular activities (`local_activities=False`): the server skips time while a
 local activity runs inside a workflow task, which replays as a different timer order (the real
-server does not do this; tests/test_replay.py covers local-activity histories)."""
+server does not do this; tests/workflows/test_replay.py covers local-activity histories)."""
 
 from __future__ import annotations
 

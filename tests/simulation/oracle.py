@@ -1,6 +1,6 @@
 """The oracle: what the simulation was told, per payment, and the verdict on what the system
 ended with. Pure: it reads nothing itself, so a test can feed it a wrong ledger and watch it
-object (tests/test_simulation.py::test_the_oracle_reports_a_ledger_that_disagrees).
+object (tests/system/test_simulation.py::test_the_oracle_reports_a_ledger_that_disagrees).
 
 What counts is only what a client could rely on: an answer the API gave. A refund answered
 `succeeded` must be in the ledger; one refused must not; one accepted `pending` (or lost to a

@@ -61,12 +61,13 @@ from sandboxes.acquirer import (
 from sandboxes.acquirer_store import AcquirerStore
 from sandboxes.payment_methods import TEST_PAYMENT_METHODS, Behaviour
 from settings import Settings
+from tests.helpers.paths import REPO
 
 API_KEY = "sk_test_i15_configured_key_5c1f"
 HANG_SECONDS = 4.0  # pm_card_timeout holds its first answers this long ...
 IMPATIENT_SECONDS = 0.5  # ... and the impatient client gives up after this
 DELAY_SECONDS = 0.6  # pm_card_approve_after_delay
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "acquirer.md"
+DOCS = REPO / "docs" / "acquirer.md"
 DECLINING = [m for m in TEST_PAYMENT_METHODS if m.behaviour is Behaviour.DECLINE]
 
 

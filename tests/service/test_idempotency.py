@@ -41,7 +41,7 @@ from tests.helpers.api_client import api_client
 from tests.helpers.follow_ups import new_merchant
 from tests.helpers.kafka import consume_events
 from tests.helpers.saga import create_payment, ledger_rows, payment_body
-from tests.test_intake import BILLING, BILLING_TOPIC, produce, request_headers
+from tests.intake.test_intake import BILLING, BILLING_TOPIC, produce, request_headers
 from workflows.payment import PaymentWorkflow, initial_search_attributes
 from workflows.subscription import SubscriptionWorkflow, initial_subscription_search_attributes
 

@@ -16,7 +16,6 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timedelta
 from http.server import ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -32,6 +31,7 @@ from settings import ApiKey, Settings
 from tests.conftest import MERCHANT_SCOPES
 from tests.helpers.api_client import api_client
 from tests.helpers.fake_crm import FakeCrmServer, RecordedRequest
+from tests.helpers.paths import REPO
 from tests.helpers.saga import create_payment, payment_body
 from worker import event_worker
 
@@ -488,7 +488,7 @@ async def test_the_documented_receiver_takes_real_deliveries_through_a_rotation(
 
 
 def _documented_receiver() -> dict[str, Any]:
-    document = (Path(__file__).parent.parent / "docs" / "webhooks.md").read_text()
+    document = (REPO / "docs" / "webhooks.md").read_text()
     section = document.split("### A receiver", 1)[1]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
     namespace: dict[str, Any] = {"__name__": "documented_receiver"}

@@ -7,11 +7,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers.paths import REPO
+
 RUNS = int(os.environ.get("PAYSAGA_EXIT_PROBE_RUNS", "8"))
 
 
@@ -19,9 +19,9 @@ def _run_probe(fail: bool) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PAYSAGA_")}
     env["PAYSAGA_PROBE_FAIL"] = "1" if fail else "0"
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "tests/exit_probe.py", "-q", "-p", "no:cacheprovider",
-         "-o", "python_files=exit_probe.py"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "pytest", "tests/system/exit_probe.py", "-q",
+         "-p", "no:cacheprovider", "-o", "python_files=exit_probe.py"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
 
 

@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import tempfile
 import uuid
-from pathlib import Path
 from urllib.parse import quote
 
 import httpx
@@ -21,9 +20,10 @@ import pytest
 from temporalio.client import Client
 
 from infra.embedded.stack import Stack
+from tests.helpers.paths import REPO
 from tests.helpers.saga import create_payment, payment_body
 
-ARTIFACTS = Path(__file__).parent / "artifacts"
+ARTIFACTS = REPO / "tests" / "artifacts"
 _CHROMIUM_FLAGS = (
     "--headless",
     "--no-sandbox",  # tests may run as root, where Chromium's sandbox refuses to start
@@ -113,7 +113,7 @@ async def test_every_query_in_the_runbook_is_valid_visibility_syntax(
     temporal_client: Client,
 ) -> None:
     """Operators paste these under pressure: each must parse on a real server."""
-    runbook = (Path(__file__).parent.parent / "docs" / "runbook.md").read_text()
+    runbook = (REPO / "docs" / "runbook.md").read_text()
     table = runbook.split("## 1. Find it", 1)[1].split("## 2.", 1)[0]
     queries = re.findall(r"^\|[^|]+\| `([^`]+)` \|$", table, re.MULTILINE)
     assert len(queries) >= 10

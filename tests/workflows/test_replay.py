@@ -34,6 +34,7 @@ from domain.events import EventKind
 from domain.payment import FraudAssessment, PaymentState, PaymentWorkflowInput
 from domain.subscription import renewal_payment_id
 from settings import Settings
+from tests.helpers.paths import REPO
 from worker import workflow_runner
 from workflows import acquirer_steps, follow_up_steps, follow_ups, local_first, subscription
 from workflows import payment as payment_workflow
@@ -42,7 +43,7 @@ from workflows.reconciliation import DailyReconciliationWorkflow
 from workflows.subscription import SubscriptionWorkflow
 from workflows.webhook_delivery import WebhookDeliveryWorkflow
 
-HISTORIES = Path(__file__).parent / "histories"
+HISTORIES = REPO / "tests" / "histories"
 
 # One history per path of the saga (docs/upgrades.md: new versions add `<path>.v2.json`, …).
 PATHS = {

@@ -14,13 +14,13 @@ accepted** (2xx, or a status that means the resource or the business said no: 40
 missing API key is a 401; unsupported methods answer 405 with an `Allow` header listing the
 path's methods; a created resource can be read back, a deleted one cannot. (Schemathesis'
 `object_level_authorization` only acts with several identities configured; it runs with one
-here, and tenants apart are proved by tests/test_tenants.py.)
+here, and tenants apart are proved by tests/api/test_tenants.py.)
 
 Two schema-valid requests the document cannot rule out are refused with 400, on two operations
 only, and configured so: a payments `cursor` the API never issued (a cursor is opaque and
 checked; JSON Schema cannot say "one we issued"), and `/v1/events` given both
 `starting_after` and `ending_before` (OpenAPI cannot say "not both"). Positive cases carrying
-a card number are dropped by tests/fuzz_hooks.py: Luhn's check is not JSON Schema either.
+a card number are dropped by tests/system/fuzz_hooks.py: Luhn's check is not JSON Schema either.
 
 Half of the generated payment, dispute and webhook endpoint ids are replaced by real ones — a
 succeeded payment, one waiting for review, one with an open dispute, a paused endpoint — so
@@ -59,9 +59,9 @@ from domain.payment import MAX_METADATA_KEYS
 from infra.embedded.process import free_port
 from settings import Settings
 from tests.conftest import TEST_API_KEY
+from tests.helpers.paths import REPO
 from tests.helpers.saga import create_payment, payment_body, wait_for_payment
 
-REPO = Path(__file__).resolve().parent.parent
 MIN_CASES = 1000
 EXAMPLES = int(os.environ.get("PAYSAGA_FUZZ_EXAMPLES", "50"))
 PAYMENT_EXAMPLES = 3 * EXAMPLES
@@ -148,7 +148,7 @@ def _config_file(path: Path, live_ids: dict[str, list[str]]) -> Path:
 
     path.write_text(
         f"""
-hooks = "tests.fuzz_hooks"
+hooks = "tests.system.fuzz_hooks"
 
 [cache]
 enabled = false

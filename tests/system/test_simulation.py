@@ -120,7 +120,7 @@ def failure_report(profile: str, seed: int, problems: list[str], summary: str) -
     return (
         f"simulation {profile} seed {seed} failed ({len(problems)} problems):\n  {listing}\n"
         f"{summary}\nreproduce: PAYSAGA_SIM_SEED={seed} .venv/bin/python -m pytest "
-        f"tests/test_simulation.py -k {profile}"
+        f"tests/system/test_simulation.py -k {profile}"
     )
 
 
@@ -153,7 +153,8 @@ async def simulate(rig: SimRig, seed: int, profile: str, chaos: Chaos | None = N
 
 async def _keep_histories(rig: SimRig, simulation: Simulation, where: str) -> None:
     """PAYSAGA_SIM_KEEP_HISTORIES=DIR: a failed seed writes the history of each payment whose
-    workflow task failed there, to replay it (tests/test_replay.py's Replayer) or read it."""
+    workflow task failed there, to replay it (tests/workflows/test_replay.py's Replayer) or read
+    it."""
     folder = Path(where)
     folder.mkdir(parents=True, exist_ok=True)
     for pid, seen in simulation.seen.items():
@@ -314,7 +315,7 @@ def test_a_failure_names_its_seed_and_how_to_run_it_again() -> None:
     report = failure_report("faults", 42, ["pay_1 (plain): the ledger moved 5"], "seed 42: …")
     assert "seed 42 failed (1 problems)" in report and "the ledger moved 5" in report
     assert report.endswith(
-        "reproduce: PAYSAGA_SIM_SEED=42 .venv/bin/python -m pytest tests/test_simulation.py "
+        "reproduce: PAYSAGA_SIM_SEED=42 .venv/bin/python -m pytest tests/system/test_simulation.py "
         "-k faults"
     )
     os.environ["PAYSAGA_SIM_SEED"], before = "42", os.environ.get("PAYSAGA_SIM_SEED")

@@ -41,6 +41,7 @@ from infra.temporal_client import connect_client, data_converter
 from settings import ApiKey, EncryptionKey, Settings
 from tests.conftest import READONLY_API_KEY, TEST_API_KEY, WEBHOOK_SECRET
 from tests.helpers.api_client import api_client
+from tests.helpers.paths import REPO
 from tests.helpers.saga import create_payment, payment_body, wait_for_payment
 from worker import payment_worker
 
@@ -554,7 +555,7 @@ async def test_without_keys_the_endpoint_says_encryption_is_off(app_settings: Se
 
 
 def _receiver_example(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    document = (Path(__file__).parent.parent / "docs" / "security.md").read_text()
+    document = (REPO / "docs" / "security.md").read_text()
     section = document.split("## Webhook signatures", 1)[1]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
     monkeypatch.setenv("PAYSAGA_WEBHOOK_SECRET", WEBHOOK_SECRET)

@@ -12,7 +12,6 @@ import signal
 import sys
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -33,6 +32,7 @@ from intake.consumer import PaymentIntake, running_intake
 from intake.messages import Refused, read_payment_order
 from settings import Settings, intake_topic
 from tests.helpers.kafka import ConsumedEvent, consume_events
+from tests.helpers.paths import REPO
 from tests.helpers.saga import ledger_rows, payment_body
 
 # One group for every intake in this module: each picks up where the last one committed.
@@ -377,7 +377,7 @@ async def test_the_worker_process_runs_the_intake_logs_json_and_serves_metrics(
         "-m",
         "worker",
         env=env,
-        cwd=Path(__file__).parent.parent,
+        cwd=REPO,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )

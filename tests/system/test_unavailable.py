@@ -1,7 +1,7 @@
 """A payment that cannot be reached right now is a 503 the client can retry, never a hang or a
 500: no worker serving its workflow (`payment_unavailable`), or the database down when the
 answer needs it (`database_unavailable`). Both were found while building the simulation
-(issue 11 part 5, tests/test_simulation.py): a real Temporal server and real PostgreSQL
+(issue 11 part 5, tests/system/test_simulation.py): a real Temporal server and real PostgreSQL
 connections, no mocks."""
 
 from __future__ import annotations

@@ -25,12 +25,10 @@ from infra.database import current_revision, head_revision, make_engine
 from infra.embedded.stack import Stack
 from ledger.tables import accounts, ledger_entries
 from settings import Settings
+from tests.helpers.paths import REPO
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-COMPOSE = ROOT / "docker-compose.yml"
-DOCKERFILE = ROOT / "Dockerfile"
+COMPOSE = REPO / "docker-compose.yml"
+DOCKERFILE = REPO / "Dockerfile"
 PAYSAGA_SERVICES = {"migrate", "topics", "temporal-setup", "api", "worker", "intake"}
 JOBS = {"cockroach-init", "migrate", "topics", "temporal-setup"}
 _INTERPOLATION = re.compile(r"\$\{([A-Z0-9_]+)(?::?-([^}]*))?\}")
@@ -237,7 +235,7 @@ def test_compose_commands_and_the_dockerfile_name_real_entry_points(
     assert stages and all(re.fullmatch(r"python:3\.11[\w.\-]*-slim[\w\-]*", s) for s in stages)
     for source in re.findall(r"^COPY (?!--from)(.+) \S+$", dockerfile, re.MULTILINE):
         for path in source.split():
-            assert (ROOT / path).exists(), f"Dockerfile copies missing {path}"
+            assert (REPO / path).exists(), f"Dockerfile copies missing {path}"
     assert "pip install ." in dockerfile
     user = re.findall(r"^USER (\S+)", dockerfile, re.MULTILINE)
     assert user and not user[-1].startswith(("root", "0")), "the image must not run as root"
@@ -248,7 +246,7 @@ def test_compose_commands_and_the_dockerfile_name_real_entry_points(
     for module in re.findall(r"^#.*python -m ([\w.]+)", dockerfile, re.MULTILINE):
         assert_module_runs(module)
     # Everything a role imports is installed by `pip install .` (packages and top-level modules).
-    pyproject = (ROOT / "pyproject.toml").read_text()
+    pyproject = (REPO / "pyproject.toml").read_text()
     assert '"intake*"' in pyproject and '"worker"' in pyproject
     # ... and the image has every package `pip install .` installs (a package left out of the
     # COPY lines installs nothing, and the role fails at its first import).
@@ -300,7 +298,7 @@ def test_the_setup_jobs_run_against_real_services(stack: Stack) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "infra.provision", "database", "topics", "search-attributes"],
         env=env,
-        cwd=ROOT,
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=120,
@@ -316,7 +314,7 @@ def test_the_setup_jobs_run_against_real_services(stack: Stack) -> None:
     refused = subprocess.run(
         [sys.executable, "-m", "infra.provision", "nonsense"],
         env=env,
-        cwd=ROOT,
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=60,
@@ -325,9 +323,9 @@ def test_the_setup_jobs_run_against_real_services(stack: Stack) -> None:
 
 
 def test_env_example_documents_every_variable_compose_reads() -> None:
-    example = (ROOT / ".env.example").read_text()
+    example = (REPO / ".env.example").read_text()
     documented = set(re.findall(r"^([A-Z0-9_]+)=", example, re.MULTILINE))
     wanted = {m.group(1) for m in _INTERPOLATION.finditer(COMPOSE.read_text())}
     assert wanted <= documented, f"not in .env.example: {wanted - documented}"
     assert {v for v in documented if v.startswith("PAYSAGA_")} <= setting_env_names()
-    assert ".env" in (ROOT / ".gitignore").read_text().split()
+    assert ".env" in (REPO / ".gitignore").read_text().split()

@@ -1,10 +1,11 @@
-"""Schemathesis hooks for tests/test_fuzz.py (the `st` process loads them from its config file).
+"""Schemathesis hooks for tests/system/test_fuzz.py (the `st` process loads them from its config
+file).
 
 The OpenAPI document states every rule the API enforces but one: a card number (13-19 digits
 passing Luhn's check, in any spelling) is refused in every string, and JSON Schema cannot say
 "not a Luhn-valid run of digits". Positive cases that happen to carry one are dropped here: they
 are not valid requests, and the API's 422 `card_data_not_allowed` for them is the contract
-(tests/test_card_data.py proves it). Negative cases are left alone.
+(tests/system/test_card_data.py proves it). Negative cases are left alone.
 
 Payment creations are also given an Idempotency-Key of their own (two of three positive ones),
 so the fuzzer drives the workflow path rather than replaying one key; the rest keep the
