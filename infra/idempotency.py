@@ -181,7 +181,8 @@ async def record_started(
     """Inside another transaction (the ledger's outcome record): make sure the payment's key is
     registered as started. A payment the starter registered and marked is left as it is; one it
     claimed but could not mark (its process died while the database was away) is marked here,
-    when the workflow records its outcome, before Temporal's retention can forget it."""
+    when the workflow records its outcome, before Temporal's retention can forget it. One
+    statement: a row that is there keeps its fingerprint, source and first mark."""
     now = datetime.now(UTC)
     await conn.execute(
         insert(idempotency_keys)
@@ -193,9 +194,12 @@ async def record_started(
             created_at=now,
             started_at=now,
         )
-        .on_conflict_do_nothing(index_elements=["payment_id"])
+        .on_conflict_do_update(
+            index_elements=["payment_id"],
+            set_={"started_at": now},
+            where=idempotency_keys.c.started_at.is_(None),
+        )
     )
-    await _mark_started(conn, payment_id, now)
 
 
 async def _mark_started(conn: AsyncConnection, payment_id: str, now: datetime) -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import pwd
 import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -76,6 +79,47 @@ def as_user(user: str | None) -> dict[str, Any]:
     return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
 
 
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    """libc's prctl, looked up once here: the forked child only calls it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    return prctl
+
+
+_PRCTL = _load_prctl()
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A `preexec_fn` that has Linux SIGKILL the child when its parent dies, however it dies:
+    a child runs in its own session (so a terminal's Ctrl-C reaches only its supervisor), and a
+    supervisor SIGKILLed (a killed pytest, `kill -9 paysaga`) could never stop it. Its orderly
+    stop is `ManagedProcess.stop`; this is for when there is none.
+
+    The kernel counts the *thread* that started the child as its parent, so this is set only
+    for a child started from the main thread: one started from a worker thread
+    (`asyncio.to_thread`) would die with that thread when its executor shuts down. None off
+    Linux, and off the main thread."""
+    if _PRCTL is None or threading.current_thread() is not threading.main_thread():
+        return None
+    prctl, parent, sigkill = _PRCTL, os.getpid(), int(signal.SIGKILL)
+
+    def preexec() -> None:  # in the forked child, before exec: no imports, no locks
+        prctl(_PR_SET_PDEATHSIG, sigkill, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the prctl: no signal would come
+            os.kill(os.getpid(), sigkill)
+
+    return preexec
+
+
 @dataclass
 class ManagedProcess:
     name: str
@@ -103,6 +147,7 @@ class ManagedProcess:
             cwd=self.cwd,
             **as_user(self.user),
             start_new_session=True,  # Ctrl-C in the terminal goes to us; we stop children in order
+            preexec_fn=die_with_parent(),  # and a SIGKILL to us does not leave them running
         )
         log.close()
 

@@ -393,6 +393,10 @@ async def test_a_claim_never_marked_is_marked_by_the_payments_outcome_record(
     row = await _register_row(engine, payment_id)
     assert row is not None and row["started_at"] is not None and row["source"] == "api"
     assert (await register.claim(payment_id, CLIENT, "fp-claimed", "api")).started
+    # A later outcome record (another body's fingerprint, even) leaves a marked row as it is.
+    async with engine.begin() as conn:
+        await record_started(conn, payment_id, CLIENT, "fp-other")
+    assert await _register_row(engine, payment_id) == row
 
 
 def test_the_migration_registers_the_payments_that_already_ended(stack: Stack) -> None:

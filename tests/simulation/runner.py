@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from temporalio.client import Client
 from temporalio.service import RPCError
 
@@ -468,21 +468,13 @@ class Simulation:
         deadline = loop.time() + self.rig.settle_seconds
         finals: dict[str, dict[str, Any] | None] = {}
         for sub_id, seen in self.subscriptions.items():
-            url = f"/v1/subscriptions/{sub_id}"
-            final: dict[str, Any] | None = None
-            while True:
-                got = await self.send("final get", lambda url=url: self.rig.api.get(url))  # type: ignore[misc]
-                final = got.json() if got is not None and got.status_code == 200 else None
-                if final is not None and not _subscription_under_way(final):
-                    break
-                if loop.time() > deadline:
-                    status = final and final["status"]
-                    self.problems.append(
-                        f"{sub_id} ({seen.story}): still under way after settling: {status}"
-                    )
-                    break
-                await asyncio.sleep(0.2)
-            finals[sub_id] = final
+            finals[sub_id] = await self._final_answer(
+                f"/v1/subscriptions/{sub_id}",
+                deadline,
+                _subscription_under_way,
+                f"{sub_id} ({seen.story})",
+                _status,
+            )
         return finals
 
     async def renewal_money(self, renewals: list[str]) -> dict[str, RenewalMoney]:
@@ -494,19 +486,7 @@ class Simulation:
                     {"ids": renewals},
                 )
             }
-            nets = {
-                r.payment_id: int(r.net)
-                for r in await conn.execute(
-                    text(
-                        "SELECT t.payment_id, sum(e.amount) AS net FROM ledger_transactions t "
-                        "JOIN ledger_entries e ON e.transaction_id = t.id "
-                        "JOIN accounts a ON a.id = e.account_id "
-                        "WHERE t.payment_id = ANY(:ids) AND a.code LIKE 'customer:%' "
-                        "GROUP BY t.payment_id"
-                    ),
-                    {"ids": renewals},
-                )
-            }
+            nets = await _customer_nets(conn, renewals)
         return {pid: RenewalMoney(captured.get(pid, 0), nets.get(pid, 0)) for pid in renewals}
 
     # ── the end ──────────────────────────────────────────────────────────────────────────
@@ -516,22 +496,37 @@ class Simulation:
         deadline = loop.time() + self.rig.settle_seconds
         finals: dict[str, dict[str, Any] | None] = {}
         for pid in self.seen:
-            final: dict[str, Any] | None = None
-            url = f"/v1/payments/{pid}"
-            while True:
-                got = await self.send("final get", lambda url=url: self.rig.api.get(url))  # type: ignore[misc]
-                final = got.json() if got is not None and got.status_code == 200 else None
-                if final is not None and not _under_way(final):
-                    break
-                if loop.time() > deadline:
-                    self.problems.append(
-                        f"{pid} ({self.seen[pid].story}): still under way after settling: "
-                        f"{_brief(final)}"
-                    )
-                    break
-                await asyncio.sleep(0.2)
-            finals[pid] = final
+            finals[pid] = await self._final_answer(
+                f"/v1/payments/{pid}",
+                deadline,
+                _under_way,
+                f"{pid} ({self.seen[pid].story})",
+                _brief,
+            )
         return finals
+
+    async def _final_answer(
+        self,
+        url: str,
+        deadline: float,
+        under_way: Callable[[dict[str, Any]], bool],
+        name: str,
+        brief: Callable[[dict[str, Any] | None], str],
+    ) -> dict[str, Any] | None:
+        """The answer at `url` once it is no longer under way; past the deadline, the last
+        answer (None if there was none) and a problem that names it."""
+        loop = asyncio.get_running_loop()
+        while True:
+            got = await self.send("final get", lambda: self.rig.api.get(url))
+            final: dict[str, Any] | None = (
+                got.json() if got is not None and got.status_code == 200 else None
+            )
+            if final is not None and not under_way(final):
+                return final
+            if loop.time() > deadline:
+                self.problems.append(f"{name}: still under way after settling: {brief(final)}")
+                return final
+            await asyncio.sleep(0.2)
 
     async def ledger_views(self, finals: dict[str, dict[str, Any] | None]) -> dict[str, FinalView]:
         pids = list(self.seen)
@@ -546,19 +541,7 @@ class Simulation:
                     {"ids": pids},
                 )
             }
-            nets = {
-                r.payment_id: int(r.net)
-                for r in await conn.execute(
-                    text(
-                        "SELECT t.payment_id, sum(e.amount) AS net FROM ledger_transactions t "
-                        "JOIN ledger_entries e ON e.transaction_id = t.id "
-                        "JOIN accounts a ON a.id = e.account_id "
-                        "WHERE t.payment_id = ANY(:ids) AND a.code LIKE 'customer:%' "
-                        "GROUP BY t.payment_id"
-                    ),
-                    {"ids": pids},
-                )
-            }
+            nets = await _customer_nets(conn, pids)
             holds = {
                 r.payment_id: Holds(int(r.placed), int(r.captured), int(r.voided), int(r.held))
                 for r in await conn.execute(
@@ -648,6 +631,26 @@ class Simulation:
             f"subscriptions ended {dict(sorted(self.subscription_ends.items()))}, "
             f"timings {self.timings}, answers {dict(sorted(self.answers.items()))}"
         )
+
+
+async def _customer_nets(conn: AsyncConnection, ids: list[str]) -> dict[str, int]:
+    """What each payment's ledger transactions moved on its customer's account, all told
+    (absent: a payment with no entry there)."""
+    rows = await conn.execute(
+        text(
+            "SELECT t.payment_id, sum(e.amount) AS net FROM ledger_transactions t "
+            "JOIN ledger_entries e ON e.transaction_id = t.id "
+            "JOIN accounts a ON a.id = e.account_id "
+            "WHERE t.payment_id = ANY(:ids) AND a.code LIKE 'customer:%' "
+            "GROUP BY t.payment_id"
+        ),
+        {"ids": ids},
+    )
+    return {r.payment_id: int(r.net) for r in rows}
+
+
+def _status(subscription: dict[str, Any] | None) -> str:
+    return f"{subscription and subscription['status']}"
 
 
 def _brief(payment: dict[str, Any] | None) -> str:

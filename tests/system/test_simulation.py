@@ -396,14 +396,11 @@ async def test_interleavings(
     assert simulation.seen, "the script created no payment"
 
 
-async def test_a_pause_sent_while_a_renewal_is_charged_is_refused_not_lost(
-    acquirer_apis: tuple[httpx.AsyncClient, httpx.AsyncClient, Settings],
-) -> None:
-    """Interleavings seed 1: a pause accepted while the first renewal was being charged was
-    undone when the capture made the subscription active again (200 paused, then active, and
-    the resume refused as not paused). A pause is refused while a renewal is in flight
-    (`renewal_in_progress`), and taken once it settled."""
-    api = acquirer_apis[0]
+async def _subscription_charging_its_first_renewal(
+    api: httpx.AsyncClient, key_prefix: str
+) -> tuple[str, float]:
+    """A new subscription whose first renewal has started and is not yet settled (its card is
+    authorized after 2 s): its id, and the loop time by which the test that made it is due."""
     created = await api.post(
         "/v1/subscriptions",
         json={
@@ -414,10 +411,11 @@ async def test_a_pause_sent_while_a_renewal_is_charged_is_refused_not_lost(
             "currency": "USD",
             "interval": "month",
         },
-        headers={"Idempotency-Key": f"pause-race-{uuid.uuid4().hex}"},
+        headers={"Idempotency-Key": f"{key_prefix}-{uuid.uuid4().hex}"},
     )
     assert created.status_code == 201, created.text
-    url = f"/v1/subscriptions/{created.json()['id']}"
+    subscription_id: str = created.json()["id"]
+    url = f"/v1/subscriptions/{subscription_id}"
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 30
     while True:  # the first renewal is started and not yet settled
@@ -427,6 +425,20 @@ async def test_a_pause_sent_while_a_renewal_is_charged_is_refused_not_lost(
             break
         assert loop.time() < deadline, f"no renewal in flight: {state}"
         await asyncio.sleep(0.05)
+    return subscription_id, deadline
+
+
+async def test_a_pause_sent_while_a_renewal_is_charged_is_refused_not_lost(
+    acquirer_apis: tuple[httpx.AsyncClient, httpx.AsyncClient, Settings],
+) -> None:
+    """Interleavings seed 1: a pause accepted while the first renewal was being charged was
+    undone when the capture made the subscription active again (200 paused, then active, and
+    the resume refused as not paused). A pause is refused while a renewal is in flight
+    (`renewal_in_progress`), and taken once it settled."""
+    api = acquirer_apis[0]
+    subscription_id, deadline = await _subscription_charging_its_first_renewal(api, "pause-race")
+    url = f"/v1/subscriptions/{subscription_id}"
+    loop = asyncio.get_running_loop()
     paused = await api.post(f"{url}/pause", json={})
     assert paused.status_code == 409, paused.text
     assert paused.json()["error"]["code"] == "renewal_in_progress"
@@ -450,31 +462,12 @@ async def test_a_pause_signalled_while_a_renewal_is_charged_is_refused_and_recor
     subscription.paused event sent and the pause lost). Now it is refused and recorded in
     `last_refused_change`; the subscription is never paused and a later pause signal applies."""
     api = acquirer_apis[0]
-    created = await api.post(
-        "/v1/subscriptions",
-        json={
-            "customer_id": f"cus_{uuid.uuid4().hex[:10]}",
-            "merchant_id": f"mer_{uuid.uuid4().hex[:10]}",
-            "payment_method": "pm_card_approve_after_delay",  # authorized after 2 s
-            "unit_amount": 700,
-            "currency": "USD",
-            "interval": "month",
-        },
-        headers={"Idempotency-Key": f"pause-signal-race-{uuid.uuid4().hex}"},
+    subscription_id, deadline = await _subscription_charging_its_first_renewal(
+        api, "pause-signal-race"
     )
-    assert created.status_code == 201, created.text
-    subscription_id = created.json()["id"]
     url = f"/v1/subscriptions/{subscription_id}"
     handle = temporal_client.get_workflow_handle(subscription_id)
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + 30
-    while True:  # the first renewal is started and not yet settled
-        state = (await api.get(url)).json()
-        period = state["current_period"]
-        if period and period["attempts"] and period["status"] == "pending":
-            break
-        assert loop.time() < deadline, f"no renewal in flight: {state}"
-        await asyncio.sleep(0.05)
     await handle.signal("change_requested", {"kind": "pause"})
     while (state := (await api.get(url)).json())["last_refused_change"] is None:
         assert state["status"] != "paused", f"the pause was applied mid-renewal: {state}"

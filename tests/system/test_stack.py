@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 import uuid
 from datetime import timedelta
+from pathlib import Path
 
+import psutil
+import pytest
 from confluent_kafka import Consumer, Producer
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -119,3 +127,58 @@ async def test_schema_migrates_from_empty_and_remigrating_is_a_no_op(
         "ledger_entries",
         "outbox_events",
     } <= tables
+
+
+# A supervisor in miniature: it starts the CRM sandbox as the stack does, prints its pid, waits.
+SUPERVISOR = """
+import sys, time
+from pathlib import Path
+from infra.embedded.process import free_port
+from infra.embedded.sandboxes import SandboxService, load_or_create_secret
+home = Path(sys.argv[1])
+load_or_create_secret(home / "secret")
+crm = SandboxService("crm", free_port(), home / "crm", ["--secret-file", str(home / "secret")])
+crm.start()
+print(crm.process.popen.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)  # exited, unreaped
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_sandbox_dies_with_its_supervisor_even_when_that_is_sigkilled(tmp_path: Path) -> None:
+    """A child runs in its own session, so a killed pytest or a `kill -9` of `paysaga run` used
+    to leave `python -m sandboxes.…` orphaned; the kernel now takes it down with its parent."""
+    supervisor = subprocess.Popen(
+        [sys.executable, "-c", SUPERVISOR, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    child: int | None = None
+    try:
+        assert supervisor.stdout is not None
+        line = supervisor.stdout.readline()  # the sandbox answered /healthz (30 s at most)
+        assert line.strip().isdigit(), f"the supervisor started no sandbox: {line!r}"
+        child = int(line)
+        assert "sandboxes.crm" in " ".join(psutil.Process(child).cmdline())
+        assert psutil.Process(child).ppid() == supervisor.pid
+        assert os.getsid(child) != os.getsid(supervisor.pid)  # its own session, as before
+
+        supervisor.send_signal(signal.SIGKILL)
+        supervisor.wait(10)
+        deadline = time.monotonic() + 5
+        while not _gone(child):
+            assert time.monotonic() < deadline, "the sandbox outlived its SIGKILLed supervisor"
+            time.sleep(0.05)
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.wait(10)
+        if child is not None and not _gone(child):
+            psutil.Process(child).kill()  # only the sandbox this test started
