@@ -613,9 +613,10 @@ class SubscriptionWorkflow:
         state.updated_at = workflow.now()
         if isinstance(change, CancelChange):
             if change.at_period_end:
+                if not state.cancel_at_period_end:
+                    # The period whose renewal is due has begun: it ends at the boundary after.
+                    self.cancel_after_due_renewal = self.renewal_due()
                 state.cancel_at_period_end = True
-                # The period whose renewal is due has begun: its end is the next boundary.
-                self.cancel_after_due_renewal = self.renewal_due()
                 self.wakeups += 1
                 await self.emit(EventKind.SUBSCRIPTION_UPDATED, {"change": "cancel_at_period_end"})
             else:
