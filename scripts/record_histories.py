@@ -756,9 +756,11 @@ async def _subscribe(
     trial_days: int = 0,
     payment_method: str = "pm_card_visa_0001",
     acquirer: bool = False,
+    start: dict[str, Any] | None = None,
     **policy: Any,
 ) -> WorkflowHandle[Any, Any]:
-    """A monthly subscription started the way service.start does it."""
+    """A monthly subscription started the way service.start does it (`start`: more arguments of
+    `start_workflow`, a signal with the start)."""
     request = SubscriptionRequest(
         customer_id=f"cus_replay_{path}",
         merchant_id=f"mer_replay_{path}",
@@ -786,6 +788,7 @@ async def _subscribe(
         id=subscription_id,
         task_queue=r.settings.task_queue,
         search_attributes=initial_subscription_search_attributes(workflow_input),
+        **(start or {}),
     )
 
 
@@ -862,6 +865,34 @@ async def subscription_continued_paused_and_canceled(r: Recorder) -> WorkflowHan
     await latest.execute_update("change", CancelChange(), result_type=SubscriptionState)
     await latest.result()
     return latest
+
+
+async def subscription_changed_while_its_first_renewal_is_due(
+    r: Recorder,
+) -> WorkflowHandle[Any, Any]:
+    """Changes signalled before the first renewal of a subscription without a trial is started
+    (patch `subscription-due-renewal-is-under-way`, decided in the first task): a cancel at the
+    period's end sent with the start, then a pause, refused and recorded; the first period is
+    charged all the same, the cancel waits for the next boundary; a cancel now (Update) ends
+    it."""
+    handle = await _subscribe(
+        r,
+        "subscription_changed_while_its_first_renewal_is_due",
+        start={
+            "start_signal": "change_requested",
+            "start_signal_args": [CancelChange(at_period_end=True)],
+        },
+    )
+    await handle.signal("change_requested", PauseChange())
+    paid = await _subscription_when(
+        handle, lambda s: s.current_period is not None and s.current_period.paid_by is not None
+    )
+    assert paid.status == SubscriptionStatus.ACTIVE and paid.cancel_at_period_end, paid
+    refused = paid.last_refused_change
+    assert refused is not None and refused.code == "renewal_in_progress", paid
+    await handle.execute_update("change", CancelChange(), result_type=SubscriptionState)
+    await handle.result()
+    return handle
 
 
 async def subscription_pause_signalled_during_renewal(r: Recorder) -> WorkflowHandle[Any, Any]:
@@ -950,6 +981,9 @@ PATHS: dict[str, Callable[[Recorder], Awaitable[WorkflowHandle[Any, Any]]]] = {
     "subscription_paid_continues_as_new": subscription_paid_continues_as_new,
     "subscription_continued_paused_and_canceled": subscription_continued_paused_and_canceled,
     "subscription_pause_signalled_during_renewal": subscription_pause_signalled_during_renewal,
+    "subscription_changed_while_its_first_renewal_is_due": (
+        subscription_changed_while_its_first_renewal_is_due
+    ),
 }
 
 

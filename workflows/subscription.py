@@ -94,6 +94,15 @@ _KAFKA_TIMEOUT = timedelta(seconds=60)
 # renewal's capture made the subscription active again. Asked only in the signal handler, only
 # when a pause meets a renewal in flight (docs/upgrades.md).
 PATCH_SIGNAL_PAUSE_WAITS_FOR_RENEWAL = "subscription-signal-pause-refused-during-renewal"
+# A renewal whose time has come is under way even before its payment is started (the workflow
+# may still be sending `subscription.created`, or a boundary's timer task not yet run): a pause
+# signalled then is refused like one during the charge, and a cancel at the period's end
+# accepted then ends the subscription at the boundary after that renewal, not before it. Before,
+# both depended on how far the worker had got: on a loaded box a subscription without a trial
+# was canceled before its first charge, or paused and resumed past its first period, never
+# charged (simulation interleavings seed 1). Decided at the start of each run (in `__init__`,
+# before any signal of the first task is handled); docs/upgrades.md.
+PATCH_DUE_RENEWAL_IS_UNDER_WAY = "subscription-due-renewal-is-under-way"
 
 
 class ChangeRefused(ApplicationError):
@@ -114,6 +123,11 @@ class SubscriptionWorkflow:
         self.wakeups = 0
         self.settled: dict[str, RenewalSettled] = {}
         self.periods_this_run = 0
+        # PATCH_DUE_RENEWAL_IS_UNDER_WAY, decided first thing in the run.
+        self.due_is_under_way = workflow.patched(PATCH_DUE_RENEWAL_IS_UNDER_WAY)
+        # A cancel at the period's end accepted while a renewal was due: it ends the
+        # subscription at the boundary after that renewal.
+        self.cancel_after_due_renewal = False
 
     # ── the story ─────────────────────────────────────────────────────────────────────────
     @workflow.run
@@ -124,10 +138,11 @@ class SubscriptionWorkflow:
             await self.wait_for_the_boundary()
             if self.state.status.ended:
                 break
-            if self.state.cancel_at_period_end:
+            if self.state.cancel_at_period_end and not self.cancel_after_due_renewal:
                 await self.end("canceled at the period's end")
                 break
             await self.renew(self.state.next_period)
+            self.cancel_after_due_renewal = False
             if self.state.status.ended:
                 break
             self.periods_this_run += 1
@@ -500,6 +515,19 @@ class SubscriptionWorkflow:
         period = self.state.current_period
         return period is not None and any(a.status == "pending" for a in period.attempts)
 
+    def renewal_due(self) -> bool:
+        """The next renewal's time has come and its payment is not started yet: the workflow is
+        on its way to it (PATCH_DUE_RENEWAL_IS_UNDER_WAY)."""
+        state = self.state
+        due = state.next_renewal_at
+        return (
+            self.due_is_under_way
+            and state.status in (SubscriptionStatus.ACTIVE, SubscriptionStatus.TRIALING)
+            and due is not None
+            and due <= workflow.now()
+            and not self.charging()
+        )
+
     @workflow.signal(name="change_requested")
     async def change_requested(self, change: SubscriptionChange) -> None:
         """The same changes for operators' tools (and servers without Updates), under the same
@@ -541,10 +569,13 @@ class SubscriptionWorkflow:
                     "subscription_not_pausable",
                     f"Only an active subscription pauses ({status}).",
                 )
-            if self.charging() and (
-                # A signal's refusal is recorded, so it changes what the workflow does: patched
-                # (asked here, where the signal is handled; never in the Update's validator).
-                not by_signal or workflow.patched(PATCH_SIGNAL_PAUSE_WAITS_FOR_RENEWAL)
+            if self.renewal_due() or (
+                self.charging()
+                and (
+                    # A signal's refusal is recorded, so it changes what the workflow does: patched
+                    # (asked here, where the signal is handled; never in the Update's validator).
+                    not by_signal or workflow.patched(PATCH_SIGNAL_PAUSE_WAITS_FOR_RENEWAL)
+                )
             ):
                 # Accepted now, the pause would be undone when the renewal's capture makes the
                 # subscription active again (simulation interleavings seed 1).
@@ -582,6 +613,9 @@ class SubscriptionWorkflow:
         state.updated_at = workflow.now()
         if isinstance(change, CancelChange):
             if change.at_period_end:
+                if not state.cancel_at_period_end:
+                    # The period whose renewal is due has begun: it ends at the boundary after.
+                    self.cancel_after_due_renewal = self.renewal_due()
                 state.cancel_at_period_end = True
                 self.wakeups += 1
                 await self.emit(EventKind.SUBSCRIPTION_UPDATED, {"change": "cancel_at_period_end"})

@@ -201,6 +201,42 @@ async def test_changes_are_answered_by_the_workflow_and_refused_when_they_cannot
     assert len({t["event_id"] for t in told}) == 4
 
 
+async def test_a_renewal_that_is_due_but_not_started_is_under_way_for_changes(
+    api: httpx.AsyncClient, crm_server: FakeCrmServer
+) -> None:
+    """Simulation interleavings seed 1 on a loaded box: a subscription without a trial is
+    charged at once, but its workflow first sends `subscription.created` (Kafka, then the CRM),
+    and changes that came meanwhile were taken as if the first period lay ahead: a cancel at
+    the period's end canceled it before its first charge, a pause then a resume skipped the
+    first period (active, nothing charged). A renewal whose time has come is under way: the
+    pause is refused like one during the charge, the cancel waits for the next boundary. The
+    CRM failing for 3 s keeps the first renewal due and not started while the changes arrive."""
+    crm_server.fail_for(3.0)
+    created = await create(api, subscription_body())
+    assert created.status_code == 201, created.text
+    sub_id = created.json()["id"]
+    waiting = await api.get(f"/v1/subscriptions/{sub_id}")
+    assert waiting.status_code == 200 and waiting.json()["status"] == "active"
+    assert waiting.json()["periods"] == []  # due, not started: the window the changes meet
+
+    paused = await api.post(f"/v1/subscriptions/{sub_id}/pause", json={})
+    assert paused.status_code == 409, paused.text
+    assert paused.json()["error"]["code"] == "renewal_in_progress"
+    at_end = await api.post(f"/v1/subscriptions/{sub_id}/cancel", json={"at_period_end": True})
+    assert at_end.status_code == 200, at_end.text
+    assert at_end.json()["cancel_at_period_end"] is True
+
+    paid = await wait_for(
+        api,
+        sub_id,
+        lambda s: s["current_period"] is not None and s["current_period"]["status"] == "paid",
+        timeout=60,
+    )
+    assert paid["status"] == "active" and paid["cancel_at_period_end"] is True
+    assert paid["paid_total"] == 3000 and paid["next_renewal_at"] is not None
+    assert [p["number"] for p in paid["periods"]] == [0]
+
+
 async def test_list_filters_by_status_and_customer_and_unknown_ids_are_not_found(
     api: httpx.AsyncClient,
 ) -> None:

@@ -11,6 +11,7 @@ import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -662,8 +663,14 @@ def _brief(payment: dict[str, Any] | None) -> str:
 
 
 def _subscription_under_way(subscription: dict[str, Any]) -> bool:
-    """Dunning still retrying, or a charge started and not yet answered."""
+    """Dunning still retrying, a renewal due and not started yet (its workflow on its way to
+    the boundary: a subscription without a trial sends `subscription.created` first), or a
+    charge started and not yet answered."""
     if subscription["status"] == "past_due":
+        return True
+    due = subscription["next_renewal_at"]
+    renewing = subscription["status"] in ("active", "trialing") and due is not None
+    if renewing and datetime.fromisoformat(due) <= datetime.now(UTC):
         return True
     return any(p["status"] == "pending" and p["attempts"] for p in subscription["periods"])
 

@@ -88,6 +88,8 @@ PATHS = {
     "subscription_paid_continues_as_new",  # a renewal paid (the child's signal), continue-as-new
     "subscription_continued_paused_and_canceled",  # the carried run: pause, resume, cancel
     "subscription_pause_signalled_during_renewal",  # a pause signal refused mid-renewal (patch)
+    # a cancel at the period's end and a pause signalled before the first renewal started (patch)
+    "subscription_changed_while_its_first_renewal_is_due",
 }
 
 # Payload encodings of an unencrypted history (the codec's would be binary/encrypted).
@@ -202,6 +204,7 @@ def test_histories_cover_updates_and_every_patch() -> None:
         payment_workflow.PATCH_DECIDED_AT_START,
         local_first.PATCH_LOCAL_FIRST,
         subscription.PATCH_SIGNAL_PAUSE_WAITS_FOR_RENEWAL,
+        subscription.PATCH_DUE_RENEWAL_IS_UNDER_WAY,
     }
     assert updates >= 5
 
@@ -625,3 +628,37 @@ def test_a_pause_signalled_during_a_renewal_is_pinned_by_its_patch() -> None:
         if e.event_type == EventType.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_INITIATED
     )
     assert child_started < signals[0][0] < marker_at < signals[1][0]
+
+
+def test_changes_before_the_first_renewal_started_are_pinned_by_their_patch() -> None:
+    """`subscription-due-renewal-is-under-way` is decided in the first workflow task, before any
+    command; the cancel at the period's end sent with the start did not end the subscription
+    before its first period was charged (the renewal's child started), and the pause signalled
+    before that renewal was refused (nothing published for it)."""
+    events = _load(HISTORIES / "subscription_changed_while_its_first_renewal_is_due.json").events
+    patches = [(i, p) for i, e in enumerate(events) if (p := _patch_id(e)) is not None]
+    assert [p for _, p in patches] == [subscription.PATCH_DUE_RENEWAL_IS_UNDER_WAY]
+    first_command = next(
+        i
+        for i, e in enumerate(events)
+        if e.event_type
+        in (
+            EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED,
+            EventType.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_INITIATED,
+        )
+    )
+    assert patches[0][0] < first_command
+    children = [
+        e
+        for e in events
+        if e.event_type == EventType.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_INITIATED
+    ]
+    assert len(children) == 1
+    published = [
+        json.loads(e.activity_task_scheduled_event_attributes.input.payloads[0].data)["kind"]
+        for e in events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+        and e.activity_task_scheduled_event_attributes.activity_type.name
+        == "publish_subscription_event"
+    ]
+    assert "subscription.paused" not in published and "subscription.canceled" in published
