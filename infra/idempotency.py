@@ -216,12 +216,20 @@ async def record_started(
     await _mark_started(conn, payment_id, now)
 
 
-async def _mark_started(conn: AsyncConnection, payment_id: str, now: datetime) -> None:
-    await conn.execute(
-        idempotency_keys.update()
-        .where(idempotency_keys.c.payment_id == payment_id, idempotency_keys.c.started_at.is_(None))
-        .values(started_at=now)
+# Built once (one per payment in the API): the statement and its cache key are not made again
+# on every call.
+_MARK_STARTED = (
+    idempotency_keys.update()
+    .where(
+        idempotency_keys.c.payment_id == sa.bindparam("marked_id"),
+        idempotency_keys.c.started_at.is_(None),
     )
+    .values(started_at=sa.bindparam("marked_at"))
+)
+
+
+async def _mark_started(conn: AsyncConnection, payment_id: str, now: datetime) -> None:
+    await conn.execute(_MARK_STARTED, {"marked_id": payment_id, "marked_at": now})
 
 
 async def _in_payments_register(conn: AsyncConnection, payment_id: str) -> bool:
