@@ -137,12 +137,14 @@ def sqlstate(exc: BaseException) -> str | None:
 PING_IF_IDLE_SECONDS = 1.0
 
 
-def make_engine(url: str, pool_size: int = 10) -> AsyncEngine:
+def make_engine(url: str, pool_size: int = 10, max_overflow: int | None = None) -> AsyncEngine:
+    """At most `pool_size` + `max_overflow` (default: `pool_size`) connections; the overflow
+    ones are closed as soon as they are returned."""
     engine = create_async_engine(
         url,
         isolation_level="SERIALIZABLE",
         pool_size=pool_size,
-        max_overflow=pool_size,
+        max_overflow=pool_size if max_overflow is None else max_overflow,
         pool_recycle=300,
     )
     _ping_when_idle(engine)
