@@ -193,12 +193,15 @@ class EventStore:
         )
         return _all_stored(rows)
 
-    async def undispatched(self, limit: int) -> list[StoredEvent]:
+    async def undispatched(
+        self, limit: int, only: sa.ColumnElement[bool] | None = None
+    ) -> list[StoredEvent]:
+        """Oldest first, the events not yet dispatched (of those, only the ones `only` selects)."""
+        where: list[sa.ColumnElement[bool]] = [outbox_events.c.dispatched_at.is_(None)]
+        if only is not None:
+            where.append(only)
         rows = await self._rows(
-            sa.select(*_COLUMNS)
-            .where(outbox_events.c.dispatched_at.is_(None))
-            .order_by(outbox_events.c.created_at)
-            .limit(limit)
+            sa.select(*_COLUMNS).where(*where).order_by(outbox_events.c.created_at).limit(limit)
         )
         return _all_stored(rows)
 

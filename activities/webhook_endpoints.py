@@ -318,11 +318,11 @@ class WebhookEndpoints:
             ).first()
         return _endpoint(row) if row is not None else None
 
-    async def pass_over_unwanted_events(self) -> int:
-        """Mark dispatched, without reading them, the undispatched events that no endpoint can
-        want: their client has no enabled endpoint created before them. Most events, on a
-        system whose clients have no webhooks; the dispatcher then reads only the rest."""
-        wanted_by_some_endpoint = (
+    @staticmethod
+    def wanted_by_some_endpoint() -> sa.ColumnElement[bool]:
+        """An `outbox_events` row some endpoint may want: its client has an enabled endpoint
+        created no later than the event."""
+        return (
             sa.select(webhook_endpoints.c.id)
             .where(
                 webhook_endpoints.c.client_id == outbox_events.c.client_id,
@@ -332,6 +332,12 @@ class WebhookEndpoints:
             )
             .exists()
         )
+
+    async def pass_over_unwanted_events(self) -> int:
+        """Mark dispatched, without reading them, the undispatched events that no endpoint can
+        want: their client has no enabled endpoint created before them. Most events, on a
+        system whose clients have no webhooks; the dispatcher then reads only the rest."""
+        wanted_by_some_endpoint = self.wanted_by_some_endpoint()
 
         async def work(conn: AsyncConnection) -> int:
             result = await conn.execute(

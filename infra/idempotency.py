@@ -37,7 +37,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from infra.database import insert_unless_present, run_serializable
+from infra.database import run_serializable
 
 StartSource = Literal["api", "kafka", "recorded"]
 log = logging.getLogger(__name__)
@@ -59,12 +59,27 @@ idempotency_keys = sa.Table(
 # The ledger's payments register (ledger/store.py), read here only to learn whether a
 # payment ever reached the ledger.
 _payments = sa.table("payments", sa.column("payment_id"))
-# Compiled once (infra.database.insert_unless_present): one per payment.
-_CLAIM = insert_unless_present(
-    idempotency_keys,
-    ["payment_id", "client_id", "fingerprint", "source", "created_at", "started_at"],
-    conflict=["payment_id"],
-    returning=["payment_id"],
+# A new key's claim in one statement, compiled once (like infra.database.insert_unless_present):
+# the row is written, and written started if the payments register already knows the payment
+# (one from before this register existed), in the same statement and transaction that used to
+# insert, then read the payments register, then mark. RETURNING gives a row only if this call
+# wrote it.
+_CLAIM = (
+    sa.text(
+        "INSERT INTO idempotency_keys"
+        " (payment_id, client_id, fingerprint, source, created_at, started_at)"
+        " VALUES (:payment_id, :client_id, :fingerprint, :source, :created_at,"
+        " CASE WHEN EXISTS (SELECT 1 FROM payments WHERE payment_id = :payment_id)"
+        " THEN CAST(:created_at AS TIMESTAMP WITH TIME ZONE) END)"
+        " ON CONFLICT (payment_id) DO NOTHING RETURNING started_at"
+    )
+    .bindparams(
+        *(
+            sa.bindparam(c, type_=idempotency_keys.c[c].type)
+            for c in ("payment_id", "client_id", "fingerprint", "source", "created_at")
+        )
+    )
+    .columns(idempotency_keys.c.started_at)
 )
 
 
@@ -96,34 +111,37 @@ class IdempotencyRegister:
 
         async def work(conn: AsyncConnection) -> KeyClaim:
             now = datetime.now(UTC)
-            inserted = await conn.scalar(
-                _CLAIM,
-                {
-                    "payment_id": payment_id,
-                    "client_id": client_id,
-                    "fingerprint": fingerprint,
-                    "source": source,
-                    "created_at": now,
-                    "started_at": None,
-                },
-            )
+            inserted = (
+                await conn.execute(
+                    _CLAIM,
+                    {
+                        "payment_id": payment_id,
+                        "client_id": client_id,
+                        "fingerprint": fingerprint,
+                        "source": source,
+                        "created_at": now,
+                    },
+                )
+            ).first()
             if inserted is not None:
-                # This call wrote the row: it holds our fingerprint, not started (no read back).
-                held, started = fingerprint, False
-            else:
-                row = (
-                    await conn.execute(
-                        sa.select(
-                            idempotency_keys.c.fingerprint, idempotency_keys.c.started_at
-                        ).where(idempotency_keys.c.payment_id == payment_id)
+                # This call wrote the row: it holds our fingerprint (no read back), started
+                # if the payments register knew the payment.
+                return KeyClaim(
+                    payment_id, fingerprint, new=True, started=inserted.started_at is not None
+                )
+            row = (
+                await conn.execute(
+                    sa.select(idempotency_keys.c.fingerprint, idempotency_keys.c.started_at).where(
+                        idempotency_keys.c.payment_id == payment_id
                     )
-                ).one()
-                held, started = row.fingerprint, row.started_at is not None
+                )
+            ).one()
+            held, started = row.fingerprint, row.started_at is not None
             if not started:
                 started = await _in_payments_register(conn, payment_id)
                 if started:
                     await _mark_started(conn, payment_id, now)
-            return KeyClaim(payment_id, held, new=inserted is not None, started=started)
+            return KeyClaim(payment_id, held, new=False, started=started)
 
         return await run_serializable(self.engine, work, max_attempts=self.max_attempts)
 
@@ -202,12 +220,20 @@ async def record_started(
     )
 
 
-async def _mark_started(conn: AsyncConnection, payment_id: str, now: datetime) -> None:
-    await conn.execute(
-        idempotency_keys.update()
-        .where(idempotency_keys.c.payment_id == payment_id, idempotency_keys.c.started_at.is_(None))
-        .values(started_at=now)
+# Built once (one per payment in the API): the statement and its cache key are not made again
+# on every call.
+_MARK_STARTED = (
+    idempotency_keys.update()
+    .where(
+        idempotency_keys.c.payment_id == sa.bindparam("marked_id"),
+        idempotency_keys.c.started_at.is_(None),
     )
+    .values(started_at=sa.bindparam("marked_at"))
+)
+
+
+async def _mark_started(conn: AsyncConnection, payment_id: str, now: datetime) -> None:
+    await conn.execute(_MARK_STARTED, {"marked_id": payment_id, "marked_at": now})
 
 
 async def _in_payments_register(conn: AsyncConnection, payment_id: str) -> bool:

@@ -70,4 +70,13 @@ async def test_events_no_endpoint_can_want_are_passed_over_and_the_rest_wait(
     # Nothing left for the pass to do with it: a second pass leaves it to the dispatcher.
     await endpoints.pass_over_unwanted_events()
     assert await _undispatched(engine, events) == {endpoint_earlier.id}
+    # The dispatcher reads only what some endpoint may want: an unwanted event recorded after
+    # the pass waits for the next pass instead of being read, matched and marked.
+    after_the_pass = _event(f"none-{suffix}")
+    assert await store.record(after_the_pass)
+    read = await store.undispatched(10_000, only=endpoints.wanted_by_some_endpoint())
+    mine = {e.record.id for e in read} & {e.id for e in [*events, after_the_pass]}
+    assert mine == {endpoint_earlier.id}
+    await endpoints.pass_over_unwanted_events()
+    assert await _undispatched(engine, [after_the_pass]) == set()
     await store.mark_dispatched([endpoint_earlier.id])

@@ -399,6 +399,37 @@ async def test_a_claim_never_marked_is_marked_by_the_payments_outcome_record(
     assert await _register_row(engine, payment_id) == row
 
 
+async def test_a_new_claim_of_a_payment_the_payments_register_knows_is_started(
+    engine: AsyncEngine,
+) -> None:
+    """A payment in the payments register without a key row (from before the register): the
+    first claim of its key writes the row already started, in the claim's one statement, so
+    nothing starts it again; a key the payments register does not know is claimed unstarted."""
+    register = IdempotencyRegister(engine)
+    known, unknown = (f"pay_{uuid.uuid4().hex[:24]}" for _ in range(2))
+    async with engine.begin() as conn:
+        await conn.execute(
+            text(
+                "INSERT INTO payments (payment_id, client_id, customer_id, merchant_id, "
+                "currency, amount, status) VALUES "
+                "(:id, :client, 'cus', 'mer', 'USD', 100, 'succeeded')"
+            ),
+            {"id": known, "client": CLIENT},
+        )
+    claim = await register.claim(known, CLIENT, "fp-known", "api")
+    assert claim.new and claim.started and claim.fingerprint == "fp-known"
+    row = await _register_row(engine, known)
+    assert row is not None and row["started_at"] is not None and row["source"] == "api"
+    assert (await register.claim(known, CLIENT, "fp-known", "api")).started
+
+    claim = await register.claim(unknown, CLIENT, "fp-unknown", "kafka")
+    assert claim.new and not claim.started
+    row = await _register_row(engine, unknown)
+    assert row is not None and row["started_at"] is None and row["source"] == "kafka"
+    again = await register.claim(unknown, CLIENT, "fp-other", "api")
+    assert not again.new and not again.started and again.fingerprint == "fp-unknown"
+
+
 def test_the_migration_registers_the_payments_that_already_ended(stack: Stack) -> None:
     """Migration 0003 fills the register from the payments register's recorded summaries."""
     import sqlalchemy as sa
