@@ -64,6 +64,9 @@ async def load_payment(request: Request, payment_id: str, client: ApiClient) -> 
         state = await query_state(handle, app_settings(request).api_query_timeout_seconds)
     except RPCError as exc:
         if exc.status not in (RPCStatusCode.NOT_FOUND, RPCStatusCode.FAILED_PRECONDITION):
+            # No worker answered in time (or Temporal is away): a 503 for the client's own
+            # payment only; another client's is not found, served or not.
+            await _only_yours(handle, client)
             raise
         recorded = await _recorded_state(request, payment_id)
         if recorded is None:
@@ -80,15 +83,8 @@ async def _unserved(handle: WorkflowHandle[Any, Any], client: ApiClient) -> None
     """Temporal holds the payment but its workflow cannot answer yet: no workflow task of it
     has completed (no worker picked it up, or its task keeps failing). It exists, so never a
     404: the client's own payment is `503 payment_unavailable` (retry); another client's is
-    not found. Its search attributes, set at the start, say whose it is without a worker."""
-    try:
-        described = await handle.describe()
-    except RPCError as exc:
-        if exc.status != RPCStatusCode.NOT_FOUND:
-            raise
-        raise _not_found(handle.id) from None  # removed meanwhile
-    if described.typed_search_attributes.get(sa.CLIENT_ID) != client.client_id:
-        raise _not_found(handle.id)
+    not found."""
+    await _only_yours(handle, client)
     raise ApiError(
         503,
         "api_error",
@@ -97,6 +93,19 @@ async def _unserved(handle: WorkflowHandle[Any, Any], client: ApiClient) -> None
         "yet); retry.",
         headers={"Retry-After": "1"},
     )
+
+
+async def _only_yours(handle: WorkflowHandle[Any, Any], client: ApiClient) -> None:
+    """Not found unless the payment is the client's own. Its search attributes, set at the
+    start, say whose it is without a worker."""
+    try:
+        described = await handle.describe()
+    except RPCError as exc:
+        if exc.status != RPCStatusCode.NOT_FOUND:
+            raise
+        raise _not_found(handle.id) from None  # removed meanwhile
+    if described.typed_search_attributes.get(sa.CLIENT_ID) != client.client_id:
+        raise _not_found(handle.id)
 
 
 async def _recorded_state(

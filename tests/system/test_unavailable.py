@@ -45,7 +45,11 @@ async def test_a_payment_no_worker_serves_answers_503_payment_unavailable_at_onc
     """Before: GET waited for Temporal's own 30 s query deadline, then answered 500."""
     pid = payment_id_for(CLIENT, f"key-{uuid.uuid4().hex}")
     handle = await temporal_client.start_workflow(
-        "PaymentWorkflow", "nobody runs this", id=pid, task_queue=f"unserved-{uuid.uuid4().hex}"
+        "PaymentWorkflow",
+        "nobody runs this",
+        id=pid,
+        task_queue=f"unserved-{uuid.uuid4().hex}",
+        search_attributes=TypedSearchAttributes([SearchAttributePair(sa.CLIENT_ID, CLIENT)]),
     )
     settings = app_settings.model_copy(update={"api_query_timeout_seconds": 1.0})
     try:
@@ -59,8 +63,12 @@ async def test_a_payment_no_worker_serves_answers_503_payment_unavailable_at_onc
                 headers={"Idempotency-Key": f"refund-{uuid.uuid4().hex}"},
             )
             listed = await api.get("/v1/payments", params={"limit": 1})
+        async with api_client(settings, temporal_client, OTHER_CLIENT_KEY) as stranger:
+            # Another client's payment is not found, served or not (was this 503).
+            theirs = await stranger.get(f"/v1/payments/{pid}")
     finally:
         await handle.terminate("test over")
+    assert theirs.status_code == 404, theirs.text
     for answer in (read, refund):
         assert answer.status_code == 503, answer.text
         assert answer.json()["error"]["code"] == "payment_unavailable"
