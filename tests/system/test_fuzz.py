@@ -26,6 +26,13 @@ Half of the generated payment, dispute and webhook endpoint ids are replaced by 
 succeeded payment, one waiting for review, one with an open dispute, a paused endpoint — so
 refunds, disputes, closes and cancels are fuzzed against live workflows too.
 
+The fuzzer is its own API client (`fuzz-client`): the session's stack is shared, and other
+tests leave `test-client` payments running on task queues whose private workers have stopped.
+The fuzzer lists payments and acts on the ids it finds; such a payment rightly answers
+`503 payment_unavailable` (no worker serves it), which is the other test's leftover, not the
+API's fault (CI on branch int, seed 20250301: a reconciliation test's payment, captured and
+disputed). As its own client it sees only payments it made, which the session's worker serves.
+
 Reproducible: the seed is `PAYSAGA_FUZZ_SEED` (default below) and is printed with any failure;
 `PAYSAGA_FUZZ_EXAMPLES` scales the cases per operation (default 50, three times that for
 creating payments; the test needs >= 1,000 cases in all).
@@ -57,10 +64,12 @@ from domain.fraud import amount_for_limit_share
 from domain.money import CURRENCIES, MAX_JSON_INTEGER, MAX_PAYMENT_MINOR
 from domain.payment import MAX_METADATA_KEYS
 from infra.embedded.process import free_port
-from settings import Settings
+from settings import ApiKey, Settings
 from tests.conftest import TEST_API_KEY
+from tests.helpers.api_client import api_client
 from tests.helpers.paths import REPO
 from tests.helpers.saga import create_payment, payment_body, wait_for_payment
+from worker import payment_worker
 
 MIN_CASES = 1000
 EXAMPLES = int(os.environ.get("PAYSAGA_FUZZ_EXAMPLES", "50"))
@@ -69,14 +78,36 @@ SEED = int(os.environ.get("PAYSAGA_FUZZ_SEED", "20250301"))
 CHECKS = ("all",)
 # positive_data_acceptance's own defaults, plus 400 where the document cannot rule it out.
 ACCEPTED = ["2xx", "3xx", "401", "403", "404", "409", "429", "5xx"]
+# The fuzzer's own client, with the suite's everything-key's scopes (module docstring).
+FUZZ_API_KEY = "psk_test_fuzzer_key_0123456789abcdefghij"
+FUZZ_CLIENT = "fuzz-client"
+
+
+@pytest.fixture(scope="module")
+def fuzz_settings(app_settings: Settings) -> Settings:
+    """The session's settings (its worker's task queue) with the fuzzer's key added."""
+    everything = next(k for k in app_settings.api_keys if k.key_sha256 == ApiKey.hash(TEST_API_KEY))
+    fuzzer = ApiKey(
+        client_id=FUZZ_CLIENT, key_sha256=ApiKey.hash(FUZZ_API_KEY), scopes=everything.scopes
+    )
+    return app_settings.model_copy(update={"api_keys": [*app_settings.api_keys, fuzzer]})
+
+
+@pytest.fixture(scope="module")
+async def fuzz_api(
+    fuzz_settings: Settings, temporal_client: Client, worker: None
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The API as the fuzzer's client, to make the live ids it aims at."""
+    async with api_client(fuzz_settings, temporal_client, FUZZ_API_KEY) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")
 async def served_api(
-    app_settings: Settings, temporal_client: Client, worker: None
+    fuzz_settings: Settings, temporal_client: Client, worker: None
 ) -> AsyncIterator[str]:
     """The real app on a real port, in this event loop (next to the worker)."""
-    app = create_app(app_settings, temporal_client)
+    app = create_app(fuzz_settings, temporal_client)
     config = uvicorn.Config(
         app,
         host="127.0.0.1",
@@ -100,8 +131,9 @@ async def served_api(
 
 
 @pytest.fixture(scope="module")
-async def live_ids(api: httpx.AsyncClient) -> dict[str, list[str]]:
-    """Real payment and dispute ids for the fuzzer to aim at."""
+async def live_ids(fuzz_api: httpx.AsyncClient) -> dict[str, list[str]]:
+    """Real payment and dispute ids for the fuzzer to aim at, the fuzzer's own."""
+    api = fuzz_api
     succeeded = (await create_payment(api, payment_body(amount=90_000))).json()["id"]
     disputed = (await create_payment(api, payment_body(amount=50_000))).json()["id"]
     review_amount = amount_for_limit_share("USD", 60)  # a first payment this big waits
@@ -206,7 +238,7 @@ async def run_schemathesis(config: Path, base_url: str, report: Path, *args: str
     command = [
         sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "--no-color",
         "run", f"{base_url}/openapi.json",
-        "--header", f"Authorization: Bearer {TEST_API_KEY}",
+        "--header", f"Authorization: Bearer {FUZZ_API_KEY}",
         "--checks", ",".join(CHECKS),
         "--report", "json", "--report-json-path", str(report),
         "--request-timeout", "45",
@@ -386,3 +418,33 @@ async def test_a_method_a_path_does_not_take_is_405_with_every_method_it_does(
         assert response.json()["error"]["code"] == "method_not_allowed"
         allowed = {m.strip().lower() for m in response.headers["Allow"].split(",")}
         assert allowed == set(methods), (path, response.headers["Allow"])
+
+
+async def test_the_fuzzer_cannot_reach_a_payment_another_test_left_unserved(
+    fuzz_api: httpx.AsyncClient, app_settings: Settings, temporal_client: Client, worker: None
+) -> None:
+    """CI on branch int (seed 20250301): the fuzzer listed its client's payments, found one a
+    reconciliation test had made on its private task queue, whose worker had stopped, and
+    captured and disputed it: `503 payment_unavailable`, rightly (no worker serves it), and
+    a 5xx for the fuzz test. The fuzzer is its own client: it finds only its own payments,
+    which the session's worker serves. Fails with the fuzzer as the suite's `test-client`."""
+    settings = app_settings.model_copy(
+        update={"task_queue": f"gone-{uuid.uuid4().hex[:8]}", "api_query_timeout_seconds": 2.0}
+    )
+    async with (
+        payment_worker(settings, temporal_client),
+        api_client(settings, temporal_client, TEST_API_KEY) as suite,
+    ):
+        created = await create_payment(suite, payment_body())
+        assert created.status_code == 201, created.text
+        left = created.json()["id"]
+        await wait_for_payment(suite, left, lambda p: p["status"] == "succeeded")
+    async with api_client(settings, temporal_client, TEST_API_KEY) as suite:
+        # Its worker is gone: what the fuzzer got, the honest answer to the suite's client.
+        captured = await suite.post(f"/v1/payments/{left}/capture")
+        assert captured.status_code == 503, captured.text
+        assert captured.json()["error"]["code"] == "payment_unavailable"
+    listed = await fuzz_api.get("/v1/payments", params={"limit": 100})
+    assert listed.status_code == 200, listed.text
+    assert left not in {p["id"] for p in listed.json()["data"]}
+    assert (await fuzz_api.post(f"/v1/payments/{left}/capture")).status_code == 404
