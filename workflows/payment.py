@@ -99,6 +99,14 @@ PATCH_REVERSAL_ASKS_THE_LEDGER = "reversal-asks-the-ledger"
 # Patches added since are asked right after it, in the same first activation
 # (PATCH_LOCAL_FIRST, workflows/local_first.py).
 PATCH_DECIDED_AT_START = "patches-decided-at-start"
+# A payment that ends without capture (rejected, declined, canceled before `payments.raw`) asks
+# the ledger first and reverses what it holds: the forward path's local activities (score,
+# payments.raw, the capture posting) can all run in one workflow task, and a worker killed
+# before that task completed leaves the posting committed and no marker; the next attempt,
+# meeting a cancel in its first activation (or a score that now counts the lost capture), ended
+# `canceled` before arming REVERSE_POSTING and left the money captured (the faults simulation,
+# seed 1). Decided at the start of new runs (asked right after PATCH_DECIDED_AT_START).
+PATCH_END_ASKS_THE_LEDGER = "end-without-capture-asks-the-ledger"
 
 REVERSE_POSTING = "reverse the ledger posting"
 VOID_RAW = "void payments.raw"
@@ -140,6 +148,8 @@ class PaymentWorkflow(FollowUpSteps, AcquirerSteps):
         # PATCH_DECIDED_AT_START, asked first thing in `run`.
         self.decided_at_start = False
         self.local_first_decided: bool | None = None
+        # PATCH_END_ASKS_THE_LEDGER, asked right after PATCH_DECIDED_AT_START.
+        self.end_asks_the_ledger = False
         # What the payment takes right now (domain/follow_ups.py): it only narrows, and always
         # before the workflow stops serving what it took.
         self.door = Door(Taking.NOT_YET)
@@ -169,6 +179,7 @@ class PaymentWorkflow(FollowUpSteps, AcquirerSteps):
         self.decided_at_start = workflow.patched(PATCH_DECIDED_AT_START)
         if self.decided_at_start:
             self.local_first_decided = workflow.patched(PATCH_LOCAL_FIRST)
+            self.end_asks_the_ledger = workflow.patched(PATCH_END_ASKS_THE_LEDGER)
         try:
             if input.carried_state is None:
                 paid = await self.take_payment()
@@ -377,11 +388,27 @@ class PaymentWorkflow(FollowUpSteps, AcquirerSteps):
     async def end_without_capture(self, status: PaymentStatus, kind: EventKind, why: str) -> None:
         if self.cancel_requested is not None:
             status, kind, why = PaymentStatus.CANCELED, EventKind.CANCELED, self.cancel_note()
+        if self.end_asks_the_ledger and await self.reverse_a_lost_capture():
+            # The ledger held a capture this run never posted (a lost workflow task's): it is
+            # reversed, and a reversed payment ends canceled (the ledger says so).
+            if status != PaymentStatus.CANCELED:
+                why = f"{why}; a capture posted by a lost attempt was reversed"
+            status, kind = PaymentStatus.CANCELED, EventKind.CANCELED
         self.set_status(status, f"publishing payments.{kind.value}", note=why)
         await run_to_completion(self.publish(kind))
         self.set_status(status, "", note=why)
 
     # ── compensations ─────────────────────────────────────────────────────────────────────
+    async def reverse_a_lost_capture(self) -> bool:
+        """PATCH_END_ASKS_THE_LEDGER: before a payment ends without capture, reverse whatever
+        capture the ledger holds for it (the ledger's truth, not this run's memory), as the
+        saga's own compensation does. True if a reversal was posted."""
+        self.reversal_asks_the_ledger = True
+        saga = Compensations()
+        saga.add(REVERSE_POSTING, self.reverse_posting)
+        await self.undo(saga, ends_as=PaymentStatus.CANCELED)
+        return self.posting_reversed
+
     async def void_raw_event(self) -> None:
         """Downstream consumers void payments.raw on payments.failed / payments.canceled, which
         share its key and so its partition: they always read the void after the raw event."""

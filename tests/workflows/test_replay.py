@@ -202,6 +202,7 @@ def test_histories_cover_updates_and_every_patch() -> None:
         acquirer_steps.PATCH_ACQUIRER,
         acquirer_steps.PATCH_EXPIRY_SEARCH_ATTRIBUTE,
         payment_workflow.PATCH_DECIDED_AT_START,
+        payment_workflow.PATCH_END_ASKS_THE_LEDGER,
         local_first.PATCH_LOCAL_FIRST,
         subscription.PATCH_SIGNAL_PAUSE_WAITS_FOR_RENEWAL,
         subscription.PATCH_DUE_RENEWAL_IS_UNDER_WAY,
@@ -240,7 +241,13 @@ def test_new_payments_decide_their_patches_before_any_local_activity() -> None:
             for i, e in enumerate(events)
             if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED
         )
-        assert _patch_id(events[first_completed + 1]) == payment_workflow.PATCH_DECIDED_AT_START
+        # An Update the first task accepted (a cancel that met it) is recorded before its commands.
+        first_command = next(
+            e
+            for e in events[first_completed + 1 :]
+            if e.event_type != EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED
+        )
+        assert _patch_id(first_command) == payment_workflow.PATCH_DECIDED_AT_START
         after_local_activity = False
         for event in events:
             if event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED:
