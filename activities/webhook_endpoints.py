@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from domain.events import EventKind, EventRecord, event_id, event_type_matches
 from domain.webhooks import (
     MAX_ENDPOINTS_PER_CLIENT,
+    AttemptLog,
     AttemptOutcome,
     DeliveryAttempt,
     DeliveryGaveUp,
@@ -102,19 +103,14 @@ class WebhookEndpoint(BaseModel):
         return found
 
 
-class DeliveryRecord(BaseModel):
+class DeliveryRecord(AttemptLog):
+    """A stored attempt: its log line and whose it is."""
+
     id: uuid.UUID
     endpoint_id: str
     event_id: uuid.UUID
     event_type: str
     delivery_id: str
-    attempt: int
-    manual: bool
-    attempted_at: datetime
-    status_code: int | None
-    latency_ms: int
-    succeeded: bool
-    error: str | None
 
 
 def _endpoint(row: Any) -> WebhookEndpoint:

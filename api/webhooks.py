@@ -29,6 +29,7 @@ from domain.webhooks import (
     MAX_ENDPOINTS_PER_CLIENT,
     MAX_URL_LENGTH,
     WEBHOOK_URL_PATTERN,
+    AttemptLog,
     EndpointStatus,
     WebhookUrlRefused,
     check_webhook_url,
@@ -133,34 +134,24 @@ class DeletedWebhookEndpoint(BaseModel):
     deleted: Literal[True] = True
 
 
-class DeliveryAttemptResource(BaseModel):
+class DeliveryAttemptResource(AttemptLog):
+    """An attempt's log line (domain.webhooks.AttemptLog, the fields the store keeps) and the
+    ids a merchant can use."""
+
     object: Literal["webhook_delivery_attempt"] = "webhook_delivery_attempt"
     id: str
     event_id: str
     event_type: str
     delivery: str = Field(description="The delivery (Temporal workflow) this attempt belongs to.")
-    attempt: int
-    manual: bool
-    attempted_at: datetime
-    status_code: int | None
-    latency_ms: int
-    succeeded: bool
-    error: str | None
 
     @classmethod
     def of(cls, record: DeliveryRecord) -> DeliveryAttemptResource:
         return cls(
+            **record.model_dump(include=set(AttemptLog.model_fields)),
             id=str(record.id),
             event_id=str(record.event_id),
             event_type=record.event_type,
             delivery=record.delivery_id,
-            attempt=record.attempt,
-            manual=record.manual,
-            attempted_at=record.attempted_at,
-            status_code=record.status_code,
-            latency_ms=record.latency_ms,
-            succeeded=record.succeeded,
-            error=record.error,
         )
 
 

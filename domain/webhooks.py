@@ -137,6 +137,19 @@ class AttemptOutcome(BaseModel):
     stopped: str | None = None
 
 
+class AttemptLog(BaseModel):
+    """One line of an endpoint's delivery log, as the store keeps it and the API shows it
+    (`GET /v1/webhook_endpoints/{id}/deliveries`): which attempt, when, and what came of it."""
+
+    attempt: int
+    manual: bool
+    attempted_at: datetime
+    status_code: int | None
+    latency_ms: int
+    succeeded: bool
+    error: str | None
+
+
 class DeliveryGaveUp(BaseModel):
     endpoint_id: str
     event_id: str
