@@ -264,15 +264,24 @@ def void_refusal(state: PaymentState, *, capture_requested: bool) -> Refused | N
 
 
 def refund_by_void_refusal(
-    state: PaymentState, request: RefundSignal, *, capture_requested: bool
+    state: PaymentState, request: RefundSignal, *, capture_requested: bool, voiding: bool = False
 ) -> Refused | None:
-    """A payment not captured yet is refunded by voiding its whole authorization."""
+    """A payment not captured yet is refunded by voiding its whole authorization; once a
+    cancel or void was accepted (`voiding`) it is being canceled, and the void, not a refund,
+    returns the money: refused as a canceled payment's refund is (nothing captured to return),
+    never answered with a refund the register and the ledger do not have."""
     problem = _text_problem("reason", request.reason, TEXT_MAX) if request.reason else None
     if problem:
         return problem
     if capture_requested:
         return Refused(
             Refusal.NOT_CAPTURABLE, "Cannot refund: the payment is being captured; refund it after."
+        )
+    if voiding:
+        return Refused(
+            Refusal.NOT_CAPTURED,
+            "The payment is being canceled: its authorization is voided, nothing was captured "
+            "to return.",
         )
     if request.amount is not None and request.amount != state.authorized_amount:
         return Refused(

@@ -74,7 +74,10 @@ class TakingFollowUps(PaymentSteps):
         if self.state.status == PaymentStatus.REQUIRES_CAPTURE:
             refuse(
                 refund_by_void_refusal(
-                    self.state, request, capture_requested=self.capture_requested is not None
+                    self.state,
+                    request,
+                    capture_requested=self.capture_requested is not None,
+                    voiding=self.cancel_requested is not None,
                 )
             )
             return

@@ -12,6 +12,7 @@ from domain.follow_ups import (
     Taking,
     dispute_closed_refusal,
     dispute_opened_refusal,
+    refund_by_void_refusal,
     refund_refusal,
 )
 from domain.payment import (
@@ -95,6 +96,19 @@ def test_the_same_refund_id_for_another_amount_is_refused() -> None:
 def test_an_uncaptured_payment_takes_no_refund() -> None:
     state = captured(1000, ledger_posted=False, captured=0, status=PaymentStatus.PROCESSING)
     refused = refund_refusal(state, RefundSignal(refund_id="r1"), Door(Taking.NOT_YET))
+    assert refused is not None and refused.code == Refusal.NOT_CAPTURED
+
+
+def test_a_payment_being_voided_takes_no_refund_by_void() -> None:
+    """Once a cancel or void was accepted the void returns the money: a refund then is refused
+    as a canceled payment's is, never answered as a refund the books do not have."""
+    state = captured(
+        1000, ledger_posted=False, captured=0, status=PaymentStatus.REQUIRES_CAPTURE,
+        authorized_amount=1000,
+    )  # fmt: skip
+    whole = RefundSignal(refund_id="r1")
+    assert refund_by_void_refusal(state, whole, capture_requested=False) is None
+    refused = refund_by_void_refusal(state, whole, capture_requested=False, voiding=True)
     assert refused is not None and refused.code == Refusal.NOT_CAPTURED
 
 

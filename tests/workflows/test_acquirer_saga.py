@@ -537,6 +537,46 @@ async def test_a_refund_by_void_still_under_way_is_answered_pending_never_a_500(
     await _ledger_holds_nothing(engine, payment_id, ["authorization_hold", "hold_voided"])
 
 
+async def test_a_refund_while_a_cancel_voids_the_authorization_is_refused_as_not_captured(
+    rig: AcquirerRig, engine: AsyncEngine
+) -> None:
+    """Found by the simulation's faults profile with the acquirer (seed 1, manual_race): a
+    cancel was accepted while the payment was `requires_capture`, its void held at the
+    acquirer; a refund then, validated while the status was still `requires_capture`, went
+    the refund-by-void way and was answered `succeeded` for the whole authorization, while
+    the register and the ledger (rightly) refunded nothing: the void returned the money. A
+    payment being canceled is refused a refund as a canceled one is: 409 payment_not_captured."""
+    payment_id = await _pay(rig, "pm_card_timeout", 14870, capture_method="manual")
+    await wait_for_payment(
+        rig.api,
+        payment_id,
+        lambda p: p["status"] == "requires_capture",
+        timeout=30 + 2 * ACQUIRER_HANG_SECONDS,
+    )
+    canceled = await rig.api.post(f"/v1/payments/{payment_id}/cancel", json={}, params={"wait": 0})
+    assert canceled.status_code in (200, 202), canceled.text
+    # pm_card_timeout holds the void's answer: the void is under way, the payment still
+    # `requires_capture` until the saga learns the outcome from the status.
+    await wait_for_payment(
+        rig.api,
+        payment_id,
+        lambda p: "to void" in p["waiting_for"] or p["status"] != "requires_capture",
+    )
+    for amount in (None, 14870):
+        refused = await refund(rig.api, payment_id, amount, wait=0)
+        assert refused.status_code == 409, refused.text
+        assert refused.json()["error"]["code"] == "payment_not_captured", refused.text
+    payment = await _settled(rig, payment_id, timeout=40 + 2 * ACQUIRER_HANG_SECONDS)
+    assert (payment["status"], payment["amount_captured"]) == ("canceled", 0), payment
+    assert payment["refunds"] == [], payment["refunds"]
+    assert payment["amount_refunded"] == 0, payment
+    record = await rig.record(payment_id)
+    assert (record.state, record.released_amount) == (AuthorizationState.VOIDED, 14870)
+    assert record.refunds == ()
+    await _ledger_holds_nothing(engine, payment_id, ["authorization_hold", "hold_voided"])
+    assert await refund_rows_total(engine, payment_id) == 0
+
+
 async def test_the_cli_pays_with_manual_capture_then_captures_and_voids(
     rig: AcquirerRig, temporal_client: Client
 ) -> None:
