@@ -33,6 +33,14 @@ _BUSY_PATIENCE_SECONDS = 10.0
 _BUSY_PAUSE_SECONDS = 0.2
 # How long `wait=0` still listens for the workflow's refusal, which comes back at once.
 _REFUSAL_SECONDS = 0.05
+# Temporal refuses an Update for now when ten are already in flight on the payment
+# (RESOURCE_EXHAUSTED, once the SDK's own retries gave up), and aborts one whose workflow task
+# it lost (CANCELLED, UNAVAILABLE): the Update may or may not have reached the workflow. Asked
+# again with the same id it is the same Update (accepted once, its result shared), so it is
+# asked again within the patience; past it the client gets 503 payment_unavailable (retry).
+_ASK_AGAIN = frozenset(
+    {RPCStatusCode.RESOURCE_EXHAUSTED, RPCStatusCode.CANCELLED, RPCStatusCode.UNAVAILABLE}
+)
 
 
 class Accepted:
@@ -82,6 +90,9 @@ async def ask_payment(
         except WorkflowUpdateRPCTimeoutOrCancelledError:
             raise PaymentBusy(payment_id) from None
         except RPCError as exc:
+            if exc.status in _ASK_AGAIN and loop.time() < patience:
+                await asyncio.sleep(_BUSY_PAUSE_SECONDS)
+                continue
             if exc.status != RPCStatusCode.NOT_FOUND:
                 raise
             # Completed (its window closed), or continued as new under the request.
@@ -96,6 +107,11 @@ async def ask_payment(
             # Accepted, still under way. (temporalio turns the poll's cancellation by wait_for
             # into its own error.)
             return ACCEPTED
+        except RPCError as exc:
+            if exc.status in _ASK_AGAIN and loop.time() < patience:
+                await asyncio.sleep(_BUSY_PAUSE_SECONDS)
+                continue
+            raise
         except WorkflowUpdateFailedError as exc:
             refused = exc.cause
             busy = isinstance(refused, ApplicationError) and refused.type == Refusal.BUSY
