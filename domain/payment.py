@@ -457,6 +457,19 @@ class PaymentPolicy(BaseModel):
     acquirer_resolve_seconds: float = 600.0
     # An authorization left uncaptured (`capture_method: manual`) is voided after this.
     authorization_expiry_seconds: float = 7 * SECONDS_PER_DAY
+    # The PaymentWorkflow revision the payment was started under (`SAGA_REVISION` when the
+    # starter set it; 0 in every history from before the field). From revision 1 the policy,
+    # not `workflow.patched()`, says that every patched branch is taken: a patch marker is a
+    # command, and the SDK adds a search-attribute upsert (`TemporalChangeVersion`) to each, so
+    # three of them cost every new payment six history events and three visibility writes on
+    # the server (README "Performance"). Revision 0 asks the patches as before.
+    revision: int = 0
+
+
+# The revision new payments are started under (see PaymentPolicy.revision; docs/upgrades.md).
+# 1: every PaymentWorkflow patch taken without asking, the fraud score's search attribute sent
+# with the status that follows it.
+SAGA_REVISION = 1
 
 
 class PaymentWorkflowInput(BaseModel):

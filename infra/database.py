@@ -217,7 +217,8 @@ async def run_serializable(
             delay = min(max_delay, base_delay * 2 ** (attempt - 1))
             await asyncio.sleep(delay * (0.5 + random.random()))
             log.info(
-                "retrying serializable transaction", extra={"sqlstate": state, "attempt": attempt}
+                "retrying serializable transaction",
+                extra={"sqlstate": state, "attempt": attempt, "work": work.__qualname__},
             )
     raise AssertionError("unreachable")
 

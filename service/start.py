@@ -27,6 +27,7 @@ from activities.crm import crm_targets_for
 from domain.events import EventKind
 from domain.messages import CrmNotification
 from domain.payment import (
+    SAGA_REVISION,
     SECONDS_PER_DAY,
     PaymentPolicy,
     PaymentRequest,
@@ -99,6 +100,7 @@ def payment_policy(settings: Settings, body: PaymentRequest) -> PaymentPolicy:
         acquirer=bool(settings.acquirer_url),
         acquirer_resolve_seconds=settings.acquirer_resolve_seconds,
         authorization_expiry_seconds=settings.authorization_expiry_seconds,
+        revision=SAGA_REVISION,
     )
 
 

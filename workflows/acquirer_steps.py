@@ -106,7 +106,7 @@ class AcquirerSteps(PaymentSteps):
         they recorded the marker."""
         if self.decided_at_start:
             return self.policy.acquirer
-        return self.policy.acquirer and workflow.patched(PATCH_ACQUIRER)
+        return self.policy.acquirer and self.patched(PATCH_ACQUIRER)
 
     @property
     def declined(self) -> bool:
@@ -121,7 +121,7 @@ class AcquirerSteps(PaymentSteps):
         authorization expires, which voids it (a durable timer: it fires after any restart)."""
         expires_at = workflow.now() + timedelta(seconds=self.policy.authorization_expiry_seconds)
         self.state.authorization_expires_at = expires_at
-        if self.decided_at_start or workflow.patched(PATCH_EXPIRY_SEARCH_ATTRIBUTE):
+        if self.decided_at_start or self.patched(PATCH_EXPIRY_SEARCH_ATTRIBUTE):
             workflow.upsert_search_attributes([sa.AUTHORIZATION_EXPIRES_AT.value_set(expires_at)])
         self.set_status(
             PaymentStatus.REQUIRES_CAPTURE,

@@ -125,7 +125,7 @@ class FollowUpSteps(TakingFollowUps, NeedsAttention):
         Signals that arrive meanwhile are carried to the new run."""
         if not self.history_is_long():
             return
-        if workflow.patched(PATCH_DRAIN_BEFORE_CONTINUE):
+        if self.patched(PATCH_DRAIN_BEFORE_CONTINUE):
             self.shut_the_door(Taking.BUSY, "")
             # Only what is queued now (Updates' callers wait for it): signals arriving during
             # the drain are carried, so a steady stream of them cannot hold the run open.
@@ -180,7 +180,7 @@ class FollowUpSteps(TakingFollowUps, NeedsAttention):
                 isinstance(failure, ApplicationError)
                 and failure.type == ACQUIRER_OUTCOME_UNRESOLVED
             )
-            if not (may_have_moved and workflow.patched(PATCH_REFUND_NEEDS_ATTENTION)):
+            if not (may_have_moved and self.patched(PATCH_REFUND_NEEDS_ATTENTION)):
                 # Refused before any money moved: by the acquirer, or by the ledger (it
                 # re-checks refunded + disputed <= captured itself) with no acquirer involved.
                 refund.status = FollowUpStatus.FAILED

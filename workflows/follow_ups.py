@@ -104,7 +104,7 @@ class TakingFollowUps(PaymentSteps):
 
     @workflow.signal
     def refund(self, signal: RefundSignal) -> None:
-        if workflow.patched(PATCH_FOLLOW_UP_RULES):
+        if self.patched(PATCH_FOLLOW_UP_RULES):
             self.take_refund(signal, self.door_for_signals())
         else:
             self.take_refund_as_before(signal)
@@ -122,7 +122,7 @@ class TakingFollowUps(PaymentSteps):
 
     @workflow.signal
     def dispute_opened(self, signal: DisputeOpenedSignal) -> None:
-        if workflow.patched(PATCH_FOLLOW_UP_RULES):
+        if self.patched(PATCH_FOLLOW_UP_RULES):
             self.take_dispute_opened(signal, self.door_for_signals())
         else:
             self.take_dispute_opened_as_before(signal)
@@ -148,7 +148,7 @@ class TakingFollowUps(PaymentSteps):
 
     @workflow.signal
     def dispute_closed(self, signal: DisputeClosedSignal) -> None:
-        if workflow.patched(PATCH_FOLLOW_UP_RULES):
+        if self.patched(PATCH_FOLLOW_UP_RULES):
             refused = dispute_closed_refusal(self.state, signal, self.door_for_signals())
             if refused is not None:
                 workflow.logger.warning("dispute_closed signal refused: %s", refused.message)

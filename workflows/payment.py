@@ -27,9 +27,10 @@ import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
+from typing import Any
 
 from temporalio import workflow
-from temporalio.common import SearchAttributePair, TypedSearchAttributes
+from temporalio.common import SearchAttributePair, SearchAttributeUpdate, TypedSearchAttributes
 from temporalio.exceptions import ActivityError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
@@ -172,14 +173,15 @@ class PaymentWorkflow(FollowUpSteps, AcquirerSteps):
         # A ledger event is built once, for its posting (the outbox row), and published as is:
         # one id, one body, whether a consumer reads it from Kafka, the relay or /v1/events.
         self.posted_events: dict[str, PaymentEvent] = {}
+        self.held_search_attributes: list[SearchAttributeUpdate[Any]] = []
 
     # ── the saga ──────────────────────────────────────────────────────────────────────────
     @workflow.run
     async def run(self, input: PaymentWorkflowInput) -> PaymentState:
-        self.decided_at_start = workflow.patched(PATCH_DECIDED_AT_START)
+        self.decided_at_start = self.patched(PATCH_DECIDED_AT_START)
         if self.decided_at_start:
-            self.local_first_decided = workflow.patched(PATCH_LOCAL_FIRST)
-            self.end_asks_the_ledger = workflow.patched(PATCH_END_ASKS_THE_LEDGER)
+            self.local_first_decided = self.patched(PATCH_LOCAL_FIRST)
+            self.end_asks_the_ledger = self.patched(PATCH_END_ASKS_THE_LEDGER)
         try:
             if input.carried_state is None:
                 paid = await self.take_payment()
@@ -264,7 +266,7 @@ class PaymentWorkflow(FollowUpSteps, AcquirerSteps):
             self.set_status(PaymentStatus.PROCESSING, "publishing payments.raw to Kafka")
             saga.add(VOID_RAW, self.void_raw_event)
             await run_to_completion(self.publish(EventKind.RAW, local=True))
-            if self.decided_at_start or workflow.patched(PATCH_REVERSAL_ASKS_THE_LEDGER):
+            if self.decided_at_start or self.patched(PATCH_REVERSAL_ASKS_THE_LEDGER):
                 self.reversal_asks_the_ledger = True
                 saga.add(REVERSE_POSTING, self.reverse_posting)
 
@@ -300,7 +302,7 @@ class PaymentWorkflow(FollowUpSteps, AcquirerSteps):
 
         self.set_status(PaymentStatus.SUCCEEDED, "notifying the CRM")
         self.open_the_door()
-        if self.decided_at_start or workflow.patched(PATCH_CRM_STEP_OUTLIVES_CANCEL):
+        if self.decided_at_start or self.patched(PATCH_CRM_STEP_OUTLIVES_CANCEL):
             await run_to_completion(
                 self.notify_crm(EventKind.CONFIRMED, local_first=True),
                 on_cancel=self.shut_for_cancel,
@@ -327,7 +329,7 @@ class PaymentWorkflow(FollowUpSteps, AcquirerSteps):
         then waits in `requires_attention` until an operator resolves it. True if it did."""
         self.undo_left = await saga.unwind(
             keep_going=lambda: (
-                self.decided_at_start or workflow.patched(PATCH_UNDO_FAILURE_NEEDS_ATTENTION)
+                self.decided_at_start or self.patched(PATCH_UNDO_FAILURE_NEEDS_ATTENTION)
             )
         )
         if not self.undo_left:
@@ -347,7 +349,7 @@ class PaymentWorkflow(FollowUpSteps, AcquirerSteps):
                 self.end_without_capture(PaymentStatus.CANCELED, EventKind.CANCELED, "")
             )
         self.shut_for_cancel()
-        if (self.follow_ups or self.holds_disputed_funds()) and workflow.patched(
+        if (self.follow_ups or self.holds_disputed_funds()) and self.patched(
             PATCH_CANCEL_FINISHES_FOLLOW_UPS
         ):
             await self.finish_follow_ups_after_cancel()
@@ -361,7 +363,13 @@ class PaymentWorkflow(FollowUpSteps, AcquirerSteps):
         check = FraudCheck(client_id=self.state.client_id, request=self.state.request)
         assessment = await self.run_step(FraudActivities.assess_payment, check, FRAUD, local=True)
         self.state.fraud = assessment
-        workflow.upsert_search_attributes([sa.FRAUD_SCORE.value_set(assessment.score)])
+        score = sa.FRAUD_SCORE.value_set(assessment.score)
+        if self.policy.revision >= 1:
+            # Every path from here sets a status at once: one upsert (one visibility write) for
+            # both, in the same workflow task.
+            self.held_search_attributes.append(score)
+        else:
+            workflow.upsert_search_attributes([score])
         return assessment
 
     async def await_review(self) -> bool:

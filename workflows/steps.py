@@ -14,7 +14,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
+from temporalio.common import RetryPolicy, SearchAttributeUpdate
 from temporalio.exceptions import (
     ActivityError,
     ApplicationError,
@@ -130,6 +130,8 @@ class PaymentSteps:
     # A ledger event is built once, for its posting (the outbox row), and published as is:
     # one id, one body, whether a consumer reads it from Kafka, the relay or /v1/events.
     posted_events: dict[str, PaymentEvent]
+    # Search attributes that go with the next status upsert (revision 1: the fraud score).
+    held_search_attributes: list[SearchAttributeUpdate[Any]]
 
     if TYPE_CHECKING:
         # Defined by one part, called by another: PaymentWorkflow (workflows/payment.py) …
@@ -170,16 +172,25 @@ class PaymentSteps:
             return self.state.status
         return self.state.amounts.after(movement, amount).status()
 
+    def patched(self, patch_id: str, taken_from_revision: int = 1) -> bool:
+        """Whether this payment takes `patch_id`'s branch: always, without a marker, when it was
+        started under `taken_from_revision` or later (PaymentPolicy.revision; every patch up to
+        SAGA_REVISION 1 is taken from 1); otherwise as `workflow.patched()` answers, recording
+        its marker as before (docs/upgrades.md)."""
+        return self.policy.revision >= taken_from_revision or workflow.patched(patch_id)
+
     def set_status(self, status: PaymentStatus, waiting_for: str, note: str = "") -> None:
         now = workflow.now()
+        updates, self.held_search_attributes = self.held_search_attributes, []
         if status != self.state.status:
             self.state.history.append(StatusChange(status=status, at=now, note=note))
             self.state.status = status
-            updates = [sa.PAYMENT_STATUS.value_set(status.value)]
+            updates.append(sa.PAYMENT_STATUS.value_set(status.value))
             if status in ENDED and self.state.crm_sync == CrmSync.PENDING:
                 # Never told, nothing to tell: keeps CrmSync="pending" meaning "still to do".
                 self.state.crm_sync = CrmSync.SKIPPED
                 updates.append(sa.CRM_SYNC.value_set(CrmSync.SKIPPED.value))
+        if updates:
             workflow.upsert_search_attributes(updates)
         self.state.updated_at = now
         self.describe_waiting(waiting_for)

@@ -31,7 +31,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
 from domain.events import EventKind
-from domain.payment import FraudAssessment, PaymentState, PaymentWorkflowInput
+from domain.payment import SAGA_REVISION, FraudAssessment, PaymentState, PaymentWorkflowInput
 from domain.subscription import renewal_payment_id
 from settings import Settings
 from tests.helpers.paths import REPO
@@ -234,6 +234,7 @@ def test_new_payments_decide_their_patches_before_any_local_activity() -> None:
         if payment_workflow.PATCH_DECIDED_AT_START in {_patch_id(e) for e in _load(f).events}
     ]
     assert len(new) >= 5, [f.name for f in new]
+    assert not set(new) & set(_revision_1_histories())
     for file in new:
         events = _load(file).events
         first_completed = next(
@@ -256,6 +257,57 @@ def test_new_payments_decide_their_patches_before_any_local_activity() -> None:
                 assert not after_local_activity, (file.name, _patch_id(event), event.event_id)
             elif event.event_type == EventType.EVENT_TYPE_MARKER_RECORDED:
                 after_local_activity = True
+
+
+def _policy_revision(history: WorkflowHistory) -> int | None:
+    """The PaymentPolicy.revision a PaymentWorkflow history was started under (None: another
+    workflow type)."""
+    start = history.events[0].workflow_execution_started_event_attributes
+    if start.workflow_type.name != "PaymentWorkflow":
+        return None
+    workflow_input = PaymentWorkflowInput.model_validate_json(start.input.payloads[0].data)
+    return workflow_input.policy.revision
+
+
+def _revision_1_histories() -> list[Path]:
+    return [f for f in _history_files() if (_policy_revision(_load(f)) or 0) >= 1]
+
+
+def _upserted(history: WorkflowHistory) -> list[set[str]]:
+    return [
+        set(e.upsert_workflow_search_attributes_event_attributes.search_attributes.indexed_fields)
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES
+    ]
+
+
+def test_payments_of_revision_1_take_every_patch_without_a_marker() -> None:
+    """New payments are started under SAGA_REVISION (the API's policy): every patched branch is
+    taken without asking, so no patch marker (and no `TemporalChangeVersion` upsert the SDK adds
+    to each) is in their histories, and the fraud score goes with the status that follows it in
+    one upsert. The same path recorded before (v4) asked two patches and upserted six times;
+    payments of revision 0 still ask (every older history replays above)."""
+    assert SAGA_REVISION == 1
+    revision_1 = _revision_1_histories()
+    assert {f.name for f in revision_1} >= {
+        "success.v5.json",
+        "fraud_reject.v5.json",
+        "review_approve.v5.json",
+        "refund_by_update.v5.json",
+        "acquirer_capture.v5.json",
+        "acquirer_manual_capture.v5.json",
+        "operator_cancel_during_crm.v5.json",
+    }
+    for file in revision_1:
+        events = _load(file).events
+        assert [p for e in events if (p := _patch_id(e)) is not None] == [], file.name
+    before, after = _load(HISTORIES / "success.v4.json"), _load(HISTORIES / "success.v5.json")
+    assert _policy_revision(before) == 0
+    assert len([e for e in before.events if _patch_id(e) is not None]) == 2
+    assert len(_upserted(before)) == 6 and len(_upserted(after)) == 3
+    assert {"FraudScore", "PaymentStatus"} in _upserted(after)
+    rejected = _upserted(_load(HISTORIES / "fraud_reject.v5.json"))
+    assert len(rejected) == 1 and {"FraudScore", "PaymentStatus"} <= rejected[0]
 
 
 def _is_local_activity_marker(event: HistoryEvent) -> bool:
@@ -361,7 +413,7 @@ async def test_new_payments_replay_whichever_task_their_local_activities_end_in(
         f
         for f in _history_files()
         if payment_workflow.PATCH_DECIDED_AT_START in {_patch_id(e) for e in _load(f).events}
-    ]
+    ] + _revision_1_histories()
     split_files = []
     for file in new:
         original = _load(file)
