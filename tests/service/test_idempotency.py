@@ -378,6 +378,38 @@ async def test_a_start_the_database_could_not_mark_is_marked_once_it_answers(
     assert [(r["kind"], r["total"], r["entries"]) for r in rows] == CAPTURE
 
 
+async def test_marks_asked_together_share_transactions_and_each_waits_for_its_own(
+    engine: AsyncEngine,
+) -> None:
+    """Under load the API marks many payments started at once: they go to the database in a
+    few transactions (the first at once, the rest together while it commits), and each
+    `mark_started` returns only once its row is marked. A batch the database refuses fails
+    every mark in it (so each start falls back to `mark_later`)."""
+    register = IdempotencyRegister(engine)
+    ids = [payment_id_for(CLIENT, f"grouped-{uuid.uuid4().hex}") for _ in range(40)]
+    for payment_id in ids:
+        claim = await register.claim(payment_id, CLIENT, "fp-grouped", "api")
+        assert claim.new and not claim.started
+
+    async def mark(payment_id: str) -> bool:
+        await register.mark_started(payment_id)
+        row = await _register_row(engine, payment_id)
+        return row is not None and row["started_at"] is not None
+
+    assert all(await asyncio.gather(*(mark(i) for i in ids)))
+    assert 1 <= register.mark_transactions < len(ids) // 2, register.mark_transactions
+
+    dead_url = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/postgres"
+    dead = IdempotencyRegister(make_engine(dead_url, pool_size=1), max_attempts=1)
+    try:
+        refused = await asyncio.gather(
+            *(dead.mark_started(i) for i in ids[:5]), return_exceptions=True
+        )
+    finally:
+        await dead.engine.dispose()
+    assert all(isinstance(r, Exception) for r in refused), refused
+
+
 async def test_a_claim_never_marked_is_marked_by_the_payments_outcome_record(
     engine: AsyncEngine,
 ) -> None:
