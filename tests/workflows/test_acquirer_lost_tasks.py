@@ -16,112 +16,29 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 import httpx
 import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
-from temporalio import activity
-from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowFailureError
-from temporalio.worker import (
-    Interceptor,
-    StartLocalActivityInput,
-    WorkflowInboundInterceptor,
-    WorkflowInterceptorClassInput,
-    WorkflowOutboundInterceptor,
-)
-from temporalio.workflow import ActivityHandle
 
 from activities.acquirer import HttpAcquirer
 from domain.acquirer import AuthorizationState
 from domain.ledger import TransactionKind
 from domain.payment import payment_id_for
 from infra.embedded.stack import Stack
-from ledger.activity import LedgerActivities
-from ledger.records import LedgerPosting, LedgerReceipt
-from ledger.store import Ledger
 from settings import Settings
 from tests.conftest import TEST_API_KEY
 from tests.helpers.api_client import api_client
 from tests.helpers.follow_ups import assert_ledger_balanced, new_merchant
+from tests.helpers.lost_tasks import LoseTheTask, PostingGate, lost_tasks, worker_losing_tasks
 from tests.helpers.saga import create_payment, payment_body, wait_for_payment
-from worker import payment_worker
 
 CLIENT = "test-client"  # TEST_API_KEY's client
 SHORT_EXPIRY_SECONDS = 3.0
-
-
-class HoldGate(LedgerActivities):
-    """The real posting; for a gated payment, its hold's answer waits after the commit until
-    the test opens the gate. Counts the hold postings each payment asked for."""
-
-    def __init__(self, ledger: Ledger) -> None:
-        super().__init__(ledger)
-        self.gates: dict[str, asyncio.Event] = {}
-        self.committed: dict[str, asyncio.Event] = {}
-        self.hold_postings: Counter[str] = Counter()
-
-    def gate(self, payment_id: str) -> None:
-        self.gates[payment_id] = asyncio.Event()
-        self.committed[payment_id] = asyncio.Event()
-
-    def open(self, payment_id: str) -> None:
-        self.gates[payment_id].set()
-
-    @activity.defn(name="post_ledger_transaction")
-    async def post_ledger_transaction(self, posting: LedgerPosting) -> LedgerReceipt:
-        receipt = await super().post_ledger_transaction(posting)
-        txn = posting.transaction
-        if txn.kind == TransactionKind.AUTHORIZATION_HOLD:
-            self.hold_postings[txn.payment_id] += 1
-            committed = self.committed.get(txn.payment_id)
-            if committed is not None and not committed.is_set():  # its first posting only
-                committed.set()
-                await self.gates[txn.payment_id].wait()
-        return receipt
-
-
-class LoseTheHoldTask(Interceptor):
-    """Fails the workflow task once for each chosen payment, right after its hold posting
-    answered: the workflow raises a non-Temporal error there, which fails the task (not the
-    workflow), and the next attempt replays the history, in which the posting never ran."""
-
-    def __init__(self) -> None:
-        self.payments: set[str] = set()
-
-    def workflow_interceptor_class(
-        self, input: WorkflowInterceptorClassInput
-    ) -> type[WorkflowInboundInterceptor]:
-        payments = self.payments
-
-        class Outbound(WorkflowOutboundInterceptor):
-            def start_local_activity(self, input: StartLocalActivityInput) -> ActivityHandle[Any]:
-                handle = super().start_local_activity(input)
-                # The sandbox imports its own copy of ledger.records: read the posting by shape.
-                txn = getattr(input.args[0], "transaction", None) if input.args else None
-                if getattr(txn, "kind", None) != TransactionKind.AUTHORIZATION_HOLD:
-                    return handle
-                payment_id = getattr(txn, "payment_id", "")
-                if payment_id not in payments:
-                    return handle
-                payments.discard(payment_id)
-
-                async def lost() -> Any:
-                    await handle
-                    raise RuntimeError("the worker died before this workflow task completed")
-
-                return asyncio.ensure_future(lost())  # type: ignore[return-value]
-
-        class Inbound(WorkflowInboundInterceptor):
-            def init(self, outbound: WorkflowOutboundInterceptor) -> None:
-                super().init(Outbound(outbound))
-
-        return Inbound
 
 
 @dataclass
@@ -130,8 +47,8 @@ class Rig:
     short_expiry_api: httpx.AsyncClient
     settings: Settings
     temporal: Client
-    ledger: HoldGate
-    loser: LoseTheHoldTask
+    ledger: PostingGate
+    loser: LoseTheTask
 
     async def acquirer_state(self, payment_id: str) -> AuthorizationState | None:
         acquirer = HttpAcquirer.from_settings(self.settings)
@@ -153,19 +70,13 @@ async def rig(stack: Stack, app_settings: Settings, temporal_client: Client) -> 
         }
     )
     short = settings.model_copy(update={"authorization_expiry_seconds": SHORT_EXPIRY_SECONDS})
-    gates: list[HoldGate] = []
-    loser = LoseTheHoldTask()
-
-    def gated(ledger: Ledger) -> HoldGate:
-        gates.append(HoldGate(ledger))
-        return gates[0]
-
+    hold = TransactionKind.AUTHORIZATION_HOLD
     async with (
-        payment_worker(settings, temporal_client, ledger_activities=gated, interceptors=[loser]),
+        worker_losing_tasks(settings, temporal_client, hold) as (gate, loser),
         api_client(settings, temporal_client, TEST_API_KEY) as api,
         api_client(short, temporal_client, TEST_API_KEY) as short_api,
     ):
-        yield Rig(api, short_api, settings, temporal_client, gates[0], loser)
+        yield Rig(api, short_api, settings, temporal_client, gate, loser)
 
 
 async def _holds(engine: AsyncEngine, payment_id: str) -> tuple[list[str], int]:
@@ -182,11 +93,6 @@ async def _holds(engine: AsyncEngine, payment_id: str) -> tuple[list[str], int]:
             {"p": payment_id},
         )
     return [r["kind"] for r in rows], int(held)
-
-
-async def _lost_tasks(temporal: Client, payment_id: str) -> int:
-    history = await temporal.get_workflow_handle(payment_id).fetch_history()
-    return sum(e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED for e in history.events)
 
 
 async def test_a_hold_posted_in_a_lost_task_is_released_when_an_operator_cancels(
@@ -211,10 +117,10 @@ async def test_a_hold_posted_in_a_lost_task_is_released_when_an_operator_cancels
 
     payment = await wait_for_payment(rig.api, payment_id, lambda p: p["status"] == "canceled")
     assert payment["amount_captured"] == 0
-    assert await _lost_tasks(rig.temporal, payment_id) >= 1
+    assert await lost_tasks(rig.temporal, payment_id) >= 1
     assert await rig.acquirer_state(payment_id) is AuthorizationState.VOIDED
     assert await _holds(engine, payment_id) == (["authorization_hold", "hold_voided"], 0)
-    assert rig.ledger.hold_postings[payment_id] == 1
+    assert rig.ledger.postings[payment_id] == 1
 
 
 @pytest.mark.parametrize("end", ["void", "expiry"])
@@ -240,7 +146,7 @@ async def test_a_hold_posted_in_a_lost_task_is_posted_once_and_released_once(
         api, payment_id, lambda p: p["status"] == "canceled", timeout=30
     )
     assert (payment["amount_authorized"], payment["amount_captured"]) == (2700, 0)
-    assert await _lost_tasks(rig.temporal, payment_id) == 1
-    assert rig.ledger.hold_postings[payment_id] == 2  # the lost task's, and the next attempt's
+    assert await lost_tasks(rig.temporal, payment_id) == 1
+    assert rig.ledger.postings[payment_id] == 2  # the lost task's, and the next attempt's
     assert await rig.acquirer_state(payment_id) is AuthorizationState.VOIDED
     assert await _holds(engine, payment_id) == (["authorization_hold", "hold_voided"], 0)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -28,106 +27,28 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
-from temporalio import activity
-from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowFailureError
-from temporalio.worker import (
-    Interceptor,
-    StartLocalActivityInput,
-    WorkflowInboundInterceptor,
-    WorkflowInterceptorClassInput,
-    WorkflowOutboundInterceptor,
-)
-from temporalio.workflow import ActivityHandle
 
 from domain.ledger import TransactionKind
 from domain.payment import CancelSignal, PaymentStatus, payment_id_for
 from infra.embedded.stack import Stack
-from ledger.activity import LedgerActivities
-from ledger.records import LedgerPosting, LedgerReceipt
-from ledger.store import Ledger
 from settings import Settings
 from tests.conftest import TEST_API_KEY
 from tests.helpers.api_client import api_client
 from tests.helpers.follow_ups import assert_ledger_balanced, new_merchant, register_row
+from tests.helpers.lost_tasks import LoseTheTask, PostingGate, lost_tasks, worker_losing_tasks
 from tests.helpers.saga import create_payment, payment_body, wait_for_payment
-from worker import payment_worker
 from workflows.payment import PaymentWorkflow
 
 CLIENT = "test-client"  # TEST_API_KEY's client
-
-
-class CaptureGate(LedgerActivities):
-    """The real posting; for a gated payment, its capture's answer waits after the commit until
-    the test opens the gate. Counts the capture postings each payment asked for."""
-
-    def __init__(self, ledger: Ledger) -> None:
-        super().__init__(ledger)
-        self.gates: dict[str, asyncio.Event] = {}
-        self.committed: dict[str, asyncio.Event] = {}
-        self.captures: Counter[str] = Counter()
-
-    def gate(self, payment_id: str) -> None:
-        self.gates[payment_id] = asyncio.Event()
-        self.committed[payment_id] = asyncio.Event()
-
-    @activity.defn(name="post_ledger_transaction")
-    async def post_ledger_transaction(self, posting: LedgerPosting) -> LedgerReceipt:
-        receipt = await super().post_ledger_transaction(posting)
-        txn = posting.transaction
-        if txn.kind == TransactionKind.PAYMENT:
-            self.captures[txn.payment_id] += 1
-            committed = self.committed.get(txn.payment_id)
-            if committed is not None and not committed.is_set():  # its first posting only
-                committed.set()
-                await self.gates[txn.payment_id].wait()
-        return receipt
-
-
-class LoseTheCaptureTask(Interceptor):
-    """Fails the workflow task once for each chosen payment, right after its capture posting
-    answered: the workflow raises a non-Temporal error there, which fails the task (not the
-    workflow), and the next attempt replays the history, in which the posting never ran."""
-
-    def __init__(self) -> None:
-        self.payments: set[str] = set()
-
-    def workflow_interceptor_class(
-        self, input: WorkflowInterceptorClassInput
-    ) -> type[WorkflowInboundInterceptor]:
-        payments = self.payments
-
-        class Outbound(WorkflowOutboundInterceptor):
-            def start_local_activity(self, input: StartLocalActivityInput) -> ActivityHandle[Any]:
-                handle = super().start_local_activity(input)
-                # The sandbox imports its own copy of ledger.records: read the posting by shape.
-                txn = getattr(input.args[0], "transaction", None) if input.args else None
-                if getattr(txn, "kind", None) != TransactionKind.PAYMENT:
-                    return handle
-                payment_id = getattr(txn, "payment_id", "")
-                if payment_id not in payments:
-                    return handle
-                payments.discard(payment_id)
-
-                async def lost() -> Any:
-                    await handle
-                    raise RuntimeError("the worker died before this workflow task completed")
-
-                return asyncio.ensure_future(lost())  # type: ignore[return-value]
-
-        class Inbound(WorkflowInboundInterceptor):
-            def init(self, outbound: WorkflowOutboundInterceptor) -> None:
-                super().init(Outbound(outbound))
-
-        return Inbound
 
 
 @dataclass
 class Rig:
     api: httpx.AsyncClient
     temporal: Client
-    ledger: CaptureGate
-    loser: LoseTheCaptureTask
+    ledger: PostingGate
+    loser: LoseTheTask
 
 
 @pytest.fixture(scope="module")
@@ -135,23 +56,11 @@ async def rig(stack: Stack, app_settings: Settings, temporal_client: Client) -> 
     settings = app_settings.model_copy(
         update={"task_queue": f"lost-capture-{uuid.uuid4().hex[:8]}", "acquirer_url": None}
     )
-    gates: list[CaptureGate] = []
-    loser = LoseTheCaptureTask()
-
-    def gated(ledger: Ledger) -> CaptureGate:
-        gates.append(CaptureGate(ledger))
-        return gates[0]
-
     async with (
-        payment_worker(settings, temporal_client, ledger_activities=gated, interceptors=[loser]),
+        worker_losing_tasks(settings, temporal_client, TransactionKind.PAYMENT) as (gate, loser),
         api_client(settings, temporal_client, TEST_API_KEY) as api,
     ):
-        yield Rig(api, temporal_client, gates[0], loser)
-
-
-async def _lost_tasks(temporal: Client, payment_id: str) -> int:
-    history = await temporal.get_workflow_handle(payment_id).fetch_history()
-    return sum(e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED for e in history.events)
+        yield Rig(api, temporal_client, gate, loser)
 
 
 @pytest.mark.parametrize("cancel", ["api", "operator"])
@@ -183,7 +92,7 @@ async def test_a_capture_posted_in_a_lost_task_is_reversed_when_a_cancel_meets_t
         await asyncio.sleep(1.0)
     else:
         await handle.cancel()  # recorded while that task is still in flight
-    rig.ledger.gates[payment_id].set()
+    rig.ledger.open(payment_id)
 
     if cancel == "api":
         answer = await asyncio.wait_for(canceling, 60)
@@ -195,8 +104,8 @@ async def test_a_capture_posted_in_a_lost_task_is_reversed_when_a_cancel_meets_t
 
     payment = await wait_for_payment(rig.api, payment_id, lambda p: p["status"] == "canceled")
     assert payment["amount_captured"] == 0
-    assert await _lost_tasks(rig.temporal, payment_id) >= 1
-    assert rig.ledger.captures[payment_id] == 1  # the lost task's; the next attempt never posted
+    assert await lost_tasks(rig.temporal, payment_id) >= 1
+    assert rig.ledger.postings[payment_id] == 1  # the lost task's; the next attempt never posted
     rows = await assert_ledger_balanced(engine, payment_id)
     assert sorted({r["kind"] for r in rows}) == ["payment", "payment_reversal"]
     register = await register_row(engine, payment_id)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from workflows.subscription import SubscriptionWorkflow
 from workflows.webhook_delivery import WebhookDeliveryWorkflow
 
 HISTORIES = REPO / "tests" / "histories"
+CHILD = EventType.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_INITIATED
 
 # One history per path of the saga (docs/upgrades.md: new versions add `<path>.v2.json`, …).
 PATHS = {
@@ -184,13 +186,9 @@ def test_histories_cover_updates_and_every_patch() -> None:
     patches: set[str] = set()
     updates = 0
     for file in _history_files():
-        for event in _load(file).events:
-            if event.event_type == EventType.EVENT_TYPE_MARKER_RECORDED:
-                attributes = event.marker_recorded_event_attributes
-                if attributes.marker_name == "core_patch":
-                    data = attributes.details["patch-data"].payloads[0].data
-                    patches.add(json.loads(data)["id"])
-            updates += event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED
+        events = _load(file).events
+        patches |= {patch for _, patch in _patch_markers(events)}
+        updates += len(_at(events, EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED))
     assert patches == {
         follow_ups.PATCH_FOLLOW_UP_RULES,
         follow_up_steps.PATCH_DRAIN_BEFORE_CONTINUE,
@@ -237,11 +235,7 @@ def test_new_payments_decide_their_patches_before_any_local_activity() -> None:
     assert not set(new) & set(_revision_1_histories())
     for file in new:
         events = _load(file).events
-        first_completed = next(
-            i
-            for i, e in enumerate(events)
-            if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED
-        )
+        first_completed = _at(events, EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED)[0]
         # An Update the first task accepted (a cancel that met it) is recorded before its commands.
         first_command = next(
             e
@@ -637,33 +631,40 @@ def _payloads(node: Any) -> Any:
             yield from _payloads(item)
 
 
+def _at(events: Sequence[HistoryEvent], *types: EventType.ValueType) -> list[int]:
+    """Where the events of these types stand in the history, in order."""
+    return [i for i, e in enumerate(events) if e.event_type in types]
+
+
+def _patch_markers(events: Sequence[HistoryEvent]) -> list[tuple[int, str]]:
+    """Each patch marker: where it stands, and its patch's id."""
+    return [(i, p) for i, e in enumerate(events) if (p := _patch_id(e)) is not None]
+
+
+def _signals(events: Sequence[HistoryEvent]) -> list[tuple[int, str]]:
+    """Each signal received: where it stands, and its name."""
+    return [
+        (i, events[i].workflow_execution_signaled_event_attributes.signal_name)
+        for i in _at(events, EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED)
+    ]
+
+
 def test_subscription_histories_cover_a_renewal_its_signal_and_continue_as_new() -> None:
     """The renewal path from the subscription's side: a child payment started under the
     derived id, its outcome signalled back, the run continued as new carrying the state."""
     events = _load(HISTORIES / "subscription_paid_continues_as_new.json").events
     children = [
-        e.start_child_workflow_execution_initiated_event_attributes
-        for e in events
-        if e.event_type == EventType.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_INITIATED
+        events[i].start_child_workflow_execution_initiated_event_attributes
+        for i in _at(events, CHILD)
     ]
     assert [c.workflow_type.name for c in children] == ["PaymentWorkflow"]
     start = events[0].workflow_execution_started_event_attributes
     subscription_id = json.loads(start.input.payloads[0].data)["subscription_id"]
     assert children[0].workflow_id == renewal_payment_id(subscription_id, 0, 0)
-    signals = [
-        e.workflow_execution_signaled_event_attributes.signal_name
-        for e in events
-        if e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED
-    ]
-    assert signals == ["renewal_settled"]
+    assert [name for _, name in _signals(events)] == ["renewal_settled"]
     assert events[-1].event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW
     declined = _load(HISTORIES / "subscription_declined_until_canceled.json").events
-    attempts = [
-        e
-        for e in declined
-        if e.event_type == EventType.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_INITIATED
-    ]
-    assert len(attempts) == 3  # the first attempt and its two retries
+    assert len(_at(declined, CHILD)) == 3  # the first attempt and its two retries
 
 
 def test_a_pause_signalled_during_a_renewal_is_pinned_by_its_patch() -> None:
@@ -671,21 +672,13 @@ def test_a_pause_signalled_during_a_renewal_is_pinned_by_its_patch() -> None:
     workflow task, after the renewal's child started and before its outcome came back; nothing
     is emitted for that pause (one subscription.paused publish: the later, accepted one)."""
     events = _load(HISTORIES / "subscription_pause_signalled_during_renewal.json").events
-    patches = [(i, p) for i, e in enumerate(events) if (p := _patch_id(e)) is not None]
+    patches = _patch_markers(events)
     assert [p for _, p in patches] == [subscription.PATCH_SIGNAL_PAUSE_WAITS_FOR_RENEWAL]
     marker_at = patches[0][0]
-    signals = [
-        (i, e.workflow_execution_signaled_event_attributes.signal_name)
-        for i, e in enumerate(events)
-        if e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED
-    ]
+    signals = _signals(events)
     names = [name for _, name in signals]
     assert names == ["change_requested", "renewal_settled", "change_requested"], names
-    child_started = next(
-        i
-        for i, e in enumerate(events)
-        if e.event_type == EventType.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_INITIATED
-    )
+    child_started = _at(events, CHILD)[0]
     assert child_started < signals[0][0] < marker_at < signals[1][0]
 
 
@@ -695,24 +688,11 @@ def test_changes_before_the_first_renewal_started_are_pinned_by_their_patch() ->
     before its first period was charged (the renewal's child started), and the pause signalled
     before that renewal was refused (nothing published for it)."""
     events = _load(HISTORIES / "subscription_changed_while_its_first_renewal_is_due.json").events
-    patches = [(i, p) for i, e in enumerate(events) if (p := _patch_id(e)) is not None]
+    patches = _patch_markers(events)
     assert [p for _, p in patches] == [subscription.PATCH_DUE_RENEWAL_IS_UNDER_WAY]
-    first_command = next(
-        i
-        for i, e in enumerate(events)
-        if e.event_type
-        in (
-            EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED,
-            EventType.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_INITIATED,
-        )
-    )
+    first_command = _at(events, EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED, CHILD)[0]
     assert patches[0][0] < first_command
-    children = [
-        e
-        for e in events
-        if e.event_type == EventType.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_INITIATED
-    ]
-    assert len(children) == 1
+    assert len(_at(events, CHILD)) == 1
     published = [
         json.loads(e.activity_task_scheduled_event_attributes.input.payloads[0].data)["kind"]
         for e in events
