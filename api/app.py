@@ -35,6 +35,7 @@ from api import (
 from api.errors import install_error_handlers
 from api.limits import install_body_limit
 from infra.database import make_engine
+from infra.gc_tuning import tune_garbage_collector
 from infra.idempotency import IdempotencyRegister
 from infra.logs import configure_logging
 from infra.metrics import serve_metrics
@@ -158,6 +159,7 @@ async def _database_ready(request: Request) -> bool:
 
 def app_from_environment() -> FastAPI:
     """`uvicorn --factory api.app:app_from_environment`."""
+    tune_garbage_collector()
     settings = get_settings()
     configure_logging(settings)
     configure_tracing(settings, "paysaga-api")

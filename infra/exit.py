@@ -12,6 +12,8 @@ from typing import Any
 
 import uvloop
 
+from infra.gc_tuning import tune_garbage_collector
+
 
 def hard_exit(status: int) -> None:
     """Leave without running interpreter finalizers, after flushing what we wrote: temporalio
@@ -24,7 +26,9 @@ def hard_exit(status: int) -> None:
 
 def run_and_exit(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     """Run `main` on uvloop (libuv: a fraction of asyncio's per-callback cost, which a worker
-    pays on every activity, database round trip and Kafka acknowledgement), then hard-exit."""
+    pays on every activity, database round trip and Kafka acknowledgement), with the garbage
+    collector tuned for a service (infra/gc_tuning.py), then hard-exit."""
+    tune_garbage_collector()
     status = 0
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
