@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,9 @@ from yarl import URL
 # httpx's defaults: at most 100 connections, an idle one kept 5 s.
 _MAX_CONNECTIONS = 100
 _KEEPALIVE_SECONDS = 5.0
+# aiohttp rounds a timeout over 5 s up to the loop clock's next whole second; httpx does not,
+# and a 10 s acquirer timeout must not become 11 s against the activity's own timeout.
+_NEVER_ROUND = math.inf
 
 # The proxy (and its credentials) a request to an origin goes through; (None, None) for none.
 _Proxy = tuple[URL | None, aiohttp.BasicAuth | None]
@@ -52,11 +56,16 @@ class OwnsHttpClient:
             self._http = None
 
 
-def phase_timeout(seconds: float) -> aiohttp.ClientTimeout:
-    """httpx.Timeout(seconds) in aiohttp's terms: each phase (getting a connection, connecting,
-    every read) bounded by `seconds`, the whole exchange not."""
+def phase_timeout(seconds: float, *, connect: float | None = None) -> aiohttp.ClientTimeout:
+    """httpx.Timeout(seconds, connect=connect) in aiohttp's terms: getting a connection and
+    every read bounded by `seconds`, opening the socket by `connect` (default `seconds`), the
+    whole exchange not."""
     return aiohttp.ClientTimeout(
-        total=None, connect=seconds, sock_connect=seconds, sock_read=seconds
+        total=None,
+        connect=seconds,
+        sock_connect=seconds if connect is None else connect,
+        sock_read=seconds,
+        ceil_threshold=_NEVER_ROUND,
     )
 
 
@@ -81,6 +90,25 @@ class HttpAnswer:
         return self.content.decode(encoding, errors="replace")
 
 
+class UnusableUrl(aiohttp.ClientError, ValueError):
+    """The URL cannot be requested at all (malformed, not http(s), no host); said as httpx said
+    it, without the URL itself, which may carry credentials."""
+
+
+def _request_target(url: str) -> URL:
+    try:
+        target = URL(url)
+    except ValueError as exc:
+        raise UnusableUrl(f"Invalid URL: {exc}") from None
+    if target.scheme not in ("http", "https"):
+        if not target.scheme or "://" not in url:  # "host:port" parses as scheme "host"
+            raise UnusableUrl("Request URL is missing an 'http://' or 'https://' protocol.")
+        raise UnusableUrl(f"Request URL has an unsupported protocol '{target.scheme}://'.")
+    if not target.host:
+        raise UnusableUrl("Request URL is missing a host.")
+    return target
+
+
 def transport_error_name(exc: BaseException) -> str:
     """The httpx exception name for an aiohttp failure to exchange a request (a timeout or a
     `aiohttp.ClientError`), so messages read as they did when the call went through httpx."""
@@ -90,7 +118,7 @@ def transport_error_name(exc: BaseException) -> str:
         return "ReadTimeout"
     if isinstance(exc, aiohttp.ClientConnectorError):  # refused, DNS, TLS, proxy
         return "ConnectError"
-    if isinstance(exc, aiohttp.InvalidURL | aiohttp.NonHttpUrlClientError):
+    if isinstance(exc, UnusableUrl | aiohttp.InvalidURL | aiohttp.NonHttpUrlClientError):
         return "UnsupportedProtocol"
     if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
         return "RemoteProtocolError"
@@ -115,6 +143,7 @@ class OwnsAiohttpSession:
             connector = aiohttp.TCPConnector(
                 limit=_MAX_CONNECTIONS,
                 keepalive_timeout=_KEEPALIVE_SECONDS,
+                timeout_ceil_threshold=_NEVER_ROUND,
                 ssl=httpx.create_ssl_context(),
             )
             # Proxies come from `_proxy_for` (once per origin), not from aiohttp's trust_env,
@@ -140,13 +169,14 @@ class OwnsAiohttpSession:
         method: str,
         url: str,
         *,
-        body: bytes,
+        body: bytes | None,
         headers: dict[str, str],
         timeout: aiohttp.ClientTimeout,
     ) -> HttpAnswer:
         """One request, redirects not followed, its answer read to the end. Raises
-        `TimeoutError` or `aiohttp.ClientError` (see `transport_error_name`)."""
-        target = URL(url)
+        `TimeoutError` or `aiohttp.ClientError` (see `transport_error_name`; `UnusableUrl` for
+        a URL no request can go to)."""
+        target = _request_target(url)
         proxy, proxy_auth = self._proxy_for(target)
         async with self._aiohttp_session().request(
             method,
