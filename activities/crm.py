@@ -16,15 +16,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
 from urllib.parse import quote, urlsplit
 
-import httpx
+import aiohttp
 from pydantic import BaseModel
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.http import OwnsHttpClient
+from activities.http import HttpAnswer, OwnsAiohttpSession, phase_timeout, transport_error_name
 from domain.errors import FailureType
 from domain.messages import CrmNotification, CrmTarget
 from settings import Settings
@@ -266,7 +265,7 @@ def _is_transient(status_code: int) -> bool:
     return status_code >= 500 or status_code in _TRANSIENT_STATUSES
 
 
-def _retry_after(response: httpx.Response) -> timedelta | None:
+def _retry_after(response: HttpAnswer) -> timedelta | None:
     """Honour a delta-seconds Retry-After (429/503); HTTP-date forms are left to the policy."""
     value = response.headers.get("Retry-After", "").strip()
     if not value.isdigit():
@@ -285,14 +284,15 @@ def _credential_hint(target: CrmTarget, status_code: int) -> str:
     return f" (check {setting})"
 
 
-class CrmActivities(OwnsHttpClient):
-    """The `notify_crm` activity. Register `CrmActivities(settings).notify_crm` on the worker."""
+class CrmActivities(OwnsAiohttpSession):
+    """The `notify_crm` activity. Register `CrmActivities(settings).notify_crm` on the worker.
+    Over aiohttp, not httpx: this call is on every payment's path (activities/http.py)."""
 
-    def __init__(self, settings: Settings, http: httpx.AsyncClient | None = None) -> None:
+    def __init__(self, settings: Settings, http: aiohttp.ClientSession | None = None) -> None:
         self._settings = settings
-        self._http = http
-        self._owns_http = http is None
-        self._timeout = httpx.Timeout(settings.crm_timeout_seconds)
+        self._session = http
+        self._owns_session = http is None
+        self._timeout = phase_timeout(settings.crm_timeout_seconds)
 
     @activity.defn(name="notify_crm")
     async def notify_crm(self, target: CrmTarget, notification: CrmNotification) -> CrmDelivery:
@@ -302,27 +302,22 @@ class CrmActivities(OwnsHttpClient):
         except _NotDeliverable as exc:
             raise self._rejected(f"{target} not notified: {exc}") from None
         try:
-            response = await self._client().request(
-                call.method,
-                call.url,
-                content=call.body,
-                headers=call.headers,
-                timeout=self._timeout,
+            response = await self._exchange(
+                call.method, call.url, body=call.body, headers=call.headers, timeout=self._timeout
             )
-        except httpx.TimeoutException as exc:
+        except TimeoutError as exc:  # aiohttp's timeouts are TimeoutErrors, checked first
             reason = (
-                f"timed out after {self._settings.crm_timeout_seconds:g}s ({type(exc).__name__})"
+                f"timed out after {self._settings.crm_timeout_seconds:g}s"
+                f" ({transport_error_name(exc)})"
             )
             raise self._unavailable(call, reason, attempt) from None
-        except httpx.TransportError as exc:
-            raise self._unavailable(call, f"failed: {type(exc).__name__}: {exc}", attempt) from None
+        except aiohttp.ClientError as exc:
+            what = f"failed: {transport_error_name(exc)}: {exc}"
+            raise self._unavailable(call, what, attempt) from None
         return self._settle(call, response, notification, attempt)
 
-    def _http_options(self) -> dict[str, Any]:
-        return {"timeout": self._timeout}
-
     def _settle(
-        self, call: _CrmCall, response: httpx.Response, n: CrmNotification, attempt: int
+        self, call: _CrmCall, response: HttpAnswer, n: CrmNotification, attempt: int
     ) -> CrmDelivery:
         status = response.status_code
         if 200 <= status < 300:

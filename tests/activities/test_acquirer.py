@@ -729,6 +729,23 @@ async def test_an_answer_breaking_money_invariants_is_not_believed(
             await _against(url, request)
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://user:pw-secret@127.0.0.1:8020",
+        "127.0.0.1:8020",
+        "http://user:pw-secret@[::1",
+        "http:///no-host",
+    ],
+)
+async def test_an_unusable_url_is_a_configuration_error_never_a_request(url: str) -> None:
+    with pytest.raises(AcquirerRejected) as refused:
+        await _against(url, _authorization())
+    assert (refused.value.code, refused.value.http_status) == ("not_configured", 0)
+    assert "PAYSAGA_ACQUIRER_URL is unusable: " in str(refused.value)
+    assert "pw-secret" not in str(refused.value)
+
+
 async def test_a_404_from_somewhere_else_is_never_read_as_never_authorized() -> None:
     # A wrong base URL answers 404 too; only the acquirer's own "no such authorization" means
     # the reference was never authorized. Anything else would invite a second authorization.

@@ -322,6 +322,20 @@ async def test_client_errors_are_permanent_rejections(
     assert len(crm.requests) == 1
 
 
+async def test_a_redirect_is_not_followed_but_rejected(
+    crm: FakeCrmServer, activities: CrmActivities
+) -> None:
+    # A redirecting API means a wrong base URL; following it could send the token elsewhere.
+    crm.respond_with(307, headers={"Location": crm.url("/elsewhere")}, body="moved")
+    error = await _failure(activities, CrmTarget.SALESFORCE)
+
+    assert error.non_retryable
+    assert error.type == FailureType.CRM_REJECTED
+    assert "rejected the notification with 307" in error.message
+    assert error.message.endswith(": moved; not retrying")
+    assert [r.path for r in crm.requests] == ["/services/data/v61.0/sobjects/Payment_Event__e"]
+
+
 async def test_a_hung_crm_times_out_as_retryable(crm: FakeCrmServer) -> None:
     crm.delay_for(3.0)
     acts = CrmActivities(_settings(crm, crm_timeout_seconds=0.2))
