@@ -43,6 +43,7 @@ from bench.measure import (
     crm_sandbox_answers,
     summarize,
 )
+from infra.gc_tuning import tune_garbage_collector
 
 console = Console(stderr=True)
 
@@ -367,8 +368,10 @@ def main(
         console.print(
             f"[yellow]no CRM sandbox at {crm_sandbox_url}: payments complete at payments.confirmed"
         )
-    # uvloop, as the API and workers run: the client's own CPU is taken from the system it
-    # measures (one machine), so it should cost as little as it can.
+    # uvloop and the garbage collector's service tuning, as the API and workers run: the
+    # client's own CPU is taken from the system it measures (one machine), so it should cost as
+    # little as it can.
+    tune_garbage_collector()
     result = uvloop.run(
         bench(
             api_url,
