@@ -14,7 +14,7 @@ from datetime import datetime
 
 import httpx
 import psutil
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, TIMESTAMP_NOT_AVAILABLE, Consumer, TopicPartition
 
 from domain.events import EventKind
 
@@ -135,7 +135,11 @@ class ConfirmationWatcher(CompletionWatcher):
             for message in self._consumer.consume(num_messages=1000, timeout=0.05):
                 key = message.key()
                 if message.error() is None and key:
-                    self._confirm(key.decode() if isinstance(key, bytes) else key)
+                    # Timed when the worker produced it (the record's CreateTime), as the CRM
+                    # sandbox's receipts are: both event times, not when this thread saw them.
+                    kind, epoch_ms = message.timestamp()
+                    at = _monotonic(epoch_ms / 1000) if kind != TIMESTAMP_NOT_AVAILABLE else None
+                    self._confirm(key.decode() if isinstance(key, bytes) else key, at)
 
     def close(self) -> None:
         self._stop.set()
@@ -192,12 +196,16 @@ class CrmSandboxWatcher(CompletionWatcher):
 
 
 def _monotonic(wall_clock: object) -> float | None:
-    """An ISO-8601 wall-clock time of this machine on the monotonic clock (None: unreadable)."""
-    if not isinstance(wall_clock, str):
-        return None
-    try:
-        at = datetime.fromisoformat(wall_clock).timestamp()
-    except ValueError:
+    """A wall-clock time of this machine (ISO 8601, or seconds since the epoch) on the monotonic
+    clock; None when unreadable."""
+    if isinstance(wall_clock, str):
+        try:
+            at = datetime.fromisoformat(wall_clock).timestamp()
+        except ValueError:
+            return None
+    elif isinstance(wall_clock, int | float):
+        at = float(wall_clock)
+    else:
         return None
     return time.monotonic() - (time.time() - at)
 
