@@ -152,7 +152,7 @@ class CrmSandboxWatcher(CompletionWatcher):
     saga is done when the CRM has verified and recorded its confirmation. The feed is read
     from where it stands when the run starts, so earlier notifications are not counted."""
 
-    def __init__(self, url: str, poll_seconds: float = 0.2) -> None:
+    def __init__(self, url: str, poll_seconds: float = 0.05) -> None:
         super().__init__()
         self._http = httpx.Client(base_url=url, timeout=5.0)
         self._poll = poll_seconds
