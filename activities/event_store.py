@@ -26,7 +26,7 @@ from sqlalchemy.dialects.postgresql import UUID, insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from domain.events import EventKind, EventObject, EventRecord
-from infra.database import run_serializable
+from infra.database import run_serializable, run_statement
 from ledger.store import insert_event
 from ledger.tables import metadata, outbox_events
 
@@ -145,9 +145,9 @@ class EventStore:
         """Idempotent: the same id twice is one event (the first one's payload stays)."""
 
         async def work(conn: AsyncConnection) -> bool:
-            return await insert_event(conn, record, datetime.now(UTC))
+            return await insert_event(conn, record, datetime.now(UTC))  # one statement
 
-        recorded: bool = await self._write(work)
+        recorded: bool = await run_statement(self.engine, work, max_attempts=self.max_attempts)
         return recorded
 
     async def mark_published(self, ids: Sequence[str]) -> None:
@@ -165,7 +165,7 @@ class EventStore:
                 .values(published_at=datetime.now(UTC))
             )
 
-        await self._write(work)
+        await run_statement(self.engine, work, max_attempts=self.max_attempts)
 
     async def mark_dispatched(self, ids: Sequence[str]) -> None:
         if not ids:

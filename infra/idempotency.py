@@ -33,13 +33,13 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from infra.database import run_serializable
+from infra.database import run_serializable, run_statement
 
 StartSource = Literal["api", "kafka", "recorded"]
 log = logging.getLogger(__name__)
@@ -124,9 +124,10 @@ class IdempotencyRegister:
         A payment already in the payments register counts as started even without a row
         (payments from before this register existed)."""
 
-        async def work(conn: AsyncConnection) -> KeyClaim:
-            now = datetime.now(UTC)
-            inserted = (
+        now = datetime.now(UTC)
+
+        async def insert(conn: AsyncConnection) -> sa.Row[Any] | None:
+            return (
                 await conn.execute(
                     _CLAIM,
                     {
@@ -138,12 +139,19 @@ class IdempotencyRegister:
                     },
                 )
             ).first()
-            if inserted is not None:
-                # This call wrote the row: it holds our fingerprint (no read back), started
-                # if the payments register knew the payment.
-                return KeyClaim(
-                    payment_id, fingerprint, new=True, started=inserted.started_at is not None
-                )
+
+        # One statement, its own transaction: a new key (nearly every request) costs one round
+        # trip. ON CONFLICT waits for a concurrent insert of the key to end, so a key this
+        # statement did not write is committed by then, and the read below sees it.
+        inserted = await run_statement(self.engine, insert, max_attempts=self.max_attempts)
+        if inserted is not None:
+            # This call wrote the row: it holds our fingerprint (no read back), started if the
+            # payments register knew the payment.
+            return KeyClaim(
+                payment_id, fingerprint, new=True, started=inserted.started_at is not None
+            )
+
+        async def held(conn: AsyncConnection) -> KeyClaim:
             row = (
                 await conn.execute(
                     sa.select(idempotency_keys.c.fingerprint, idempotency_keys.c.started_at).where(
@@ -158,7 +166,7 @@ class IdempotencyRegister:
                     await _mark_started(conn, payment_id, now)
             return KeyClaim(payment_id, held, new=False, started=started)
 
-        return await run_serializable(self.engine, work, max_attempts=self.max_attempts)
+        return await run_serializable(self.engine, held, max_attempts=self.max_attempts)
 
     async def mark_started(self, payment_id: str) -> None:
         """Mark the key's payment started; returns once the database has it (raises if it did
@@ -195,7 +203,7 @@ class IdempotencyRegister:
             )
 
         self.mark_transactions += 1
-        await run_serializable(self.engine, work, max_attempts=self.max_attempts)
+        await run_statement(self.engine, work, max_attempts=self.max_attempts)
 
     def mark_later(self, payment_id: str) -> None:
         """A started payment whose mark failed: keep trying in the background until the
