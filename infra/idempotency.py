@@ -126,7 +126,7 @@ class IdempotencyRegister:
 
         now = datetime.now(UTC)
 
-        async def insert(conn: AsyncConnection) -> sa.Row[Any] | None:
+        async def insert_claim(conn: AsyncConnection) -> sa.Row[Any] | None:
             return (
                 await conn.execute(
                     _CLAIM,
@@ -143,7 +143,7 @@ class IdempotencyRegister:
         # One statement, its own transaction: a new key (nearly every request) costs one round
         # trip. ON CONFLICT waits for a concurrent insert of the key to end, so a key this
         # statement did not write is committed by then, and the read below sees it.
-        inserted = await run_statement(self.engine, insert, max_attempts=self.max_attempts)
+        inserted = await run_statement(self.engine, insert_claim, max_attempts=self.max_attempts)
         if inserted is not None:
             # This call wrote the row: it holds our fingerprint (no read back), started if the
             # payments register knew the payment.
@@ -163,7 +163,7 @@ class IdempotencyRegister:
             if not started:
                 started = await _in_payments_register(conn, payment_id)
                 if started:
-                    await _mark_started(conn, payment_id, now)
+                    await _mark_started(conn, [payment_id], now)
             return KeyClaim(payment_id, held, new=False, started=started)
 
         return await run_serializable(self.engine, held, max_attempts=self.max_attempts)
@@ -198,9 +198,7 @@ class IdempotencyRegister:
 
     async def _write_batch(self, payment_ids: list[str]) -> None:
         async def work(conn: AsyncConnection) -> None:
-            await conn.execute(
-                _MARK_ALL_STARTED, {"marked_ids": payment_ids, "marked_at": datetime.now(UTC)}
-            )
+            await _mark_started(conn, payment_ids, datetime.now(UTC))
 
         self.mark_transactions += 1
         await run_statement(self.engine, work, max_attempts=self.max_attempts)
@@ -274,19 +272,9 @@ async def record_started(
     )
 
 
-# Built once (one per payment in the API): the statement and its cache key are not made again
-# on every call.
+# Built once: the statement and its cache key are not made again on every call. Marks any
+# number of keys started (the grouped marks of concurrent starts, or one key a claim found).
 _MARK_STARTED = (
-    idempotency_keys.update()
-    .where(
-        idempotency_keys.c.payment_id == sa.bindparam("marked_id"),
-        idempotency_keys.c.started_at.is_(None),
-    )
-    .values(started_at=sa.bindparam("marked_at"))
-)
-
-
-_MARK_ALL_STARTED = (
     idempotency_keys.update()
     .where(
         idempotency_keys.c.payment_id.in_(sa.bindparam("marked_ids", expanding=True)),
@@ -301,8 +289,8 @@ def _retrieved(future: asyncio.Future[None]) -> None:
         future.exception()
 
 
-async def _mark_started(conn: AsyncConnection, payment_id: str, now: datetime) -> None:
-    await conn.execute(_MARK_STARTED, {"marked_id": payment_id, "marked_at": now})
+async def _mark_started(conn: AsyncConnection, payment_ids: list[str], now: datetime) -> None:
+    await conn.execute(_MARK_STARTED, {"marked_ids": payment_ids, "marked_at": now})
 
 
 async def _in_payments_register(conn: AsyncConnection, payment_id: str) -> bool:
