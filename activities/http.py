@@ -120,9 +120,10 @@ def transport_error_name(exc: BaseException) -> str:
         return "ConnectError"
     if isinstance(exc, UnusableUrl | aiohttp.InvalidURL | aiohttp.NonHttpUrlClientError):
         return "UnsupportedProtocol"
-    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
-        return "RemoteProtocolError"
-    if isinstance(exc, aiohttp.ClientResponseError):
+    if isinstance(
+        exc,
+        aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError | aiohttp.ClientResponseError,
+    ):
         return "RemoteProtocolError"
     if isinstance(exc, aiohttp.ClientOSError):
         return "ReadError"

@@ -190,12 +190,17 @@ class RetryStats:
     serialization_retries = 0
 
 
+# Backoff between attempts after 40001/40003: doubling from the first, capped, jittered.
+_BASE_DELAY_SECONDS = 0.01
+_MAX_DELAY_SECONDS = 0.5
+
+
 async def run_serializable(
     engine: AsyncEngine,
     work: Callable[[AsyncConnection], Awaitable[T]],
     max_attempts: int = 8,
-    base_delay: float = 0.01,
-    max_delay: float = 0.5,
+    base_delay: float = _BASE_DELAY_SECONDS,
+    max_delay: float = _MAX_DELAY_SECONDS,
 ) -> T:
     """Run `work` in one SERIALIZABLE transaction, re-running all of it on 40001/40003 with
     jittered exponential backoff, at most `max_attempts` times."""
@@ -214,7 +219,9 @@ async def run_statement(
     transaction costs (the idempotency claim of every payment, payments.raw in the events store,
     Kafka's acknowledgements). Retried on 40001/40003 the same way. Never for work of two
     statements: each would commit on its own."""
-    return await _retried(engine, work, max_attempts, 0.01, 0.5, autocommit=True)
+    return await _retried(
+        engine, work, max_attempts, _BASE_DELAY_SECONDS, _MAX_DELAY_SECONDS, autocommit=True
+    )
 
 
 async def _retried(
