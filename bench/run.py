@@ -198,8 +198,8 @@ async def bench(
 ) -> BenchResult:
     timings: list[PaymentTiming] = []
     errors: Counter[str] = Counter()
-    confirmations = ConfirmationWatcher(kafka)
     crm = CrmSandboxWatcher(crm_sandbox_url) if crm_sandbox_url else None
+    confirmations = ConfirmationWatcher(kafka, completes_payments=crm is None)
     completion = COMPLETION_CRM if crm is not None else COMPLETION_CONFIRMED
     watcher: CompletionWatcher = crm or confirmations
     sampler = RssSampler(urlsplit(api_url).port)

@@ -24,6 +24,7 @@ from sandboxes.crm import RECEIVER_PATH
 from sandboxes.crm import create_app as create_sandbox
 from settings import Settings
 from tests.conftest import TEST_API_KEY
+from tests.helpers.served import served_aiohttp
 from worker import payment_worker
 
 
@@ -31,7 +32,7 @@ from worker import payment_worker
 async def crm_sandbox(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[str, str]]:
     """The CRM sandbox `make run` starts, as a real server: the saga's fifth step goes there."""
     secret = "whsec_bench_sandbox_secret"
-    async with _served(create_sandbox(tmp_path_factory.mktemp("crm"), secret)) as url:
+    async with served_aiohttp(create_sandbox(tmp_path_factory.mktemp("crm"), secret)) as url:
         yield url, secret
 
 

@@ -41,6 +41,7 @@ from tests.helpers.api_client import api_client
 from tests.helpers.kafka import consume_events, dedupe_by_id
 from tests.helpers.private_stack import private_stack_settings
 from tests.helpers.saga import create_payment, payment_body
+from tests.helpers.served import served_aiohttp
 from worker import event_worker, payment_worker
 
 PAYSAGA = str(Path(sys.executable).parent / "paysaga")
@@ -364,8 +365,10 @@ async def test_the_sandbox_verifies_signatures_and_marks_repeats(home: Path) -> 
     now = int(datetime.now(UTC).timestamp())
     header = sign_webhook(secret, body, now)
     assert verify_webhook(secret, body, header)
-    transport = httpx.ASGITransport(app=create_app(home / "crm", secret))
-    async with httpx.AsyncClient(transport=transport, base_url="http://sandbox") as client:
+    async with (
+        served_aiohttp(create_app(home / "crm", secret)) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
         forged = await client.post(
             "/webhooks/paysaga",
             content=body,
@@ -391,5 +394,10 @@ async def test_the_sandbox_verifies_signatures_and_marks_repeats(home: Path) -> 
             (True, True),
         ]
         assert "pay_1" in (await client.get("/")).text
+        # The feed's bounds are checked: a clear 400, not a crash.
+        for bad in ("after=-1", "limit=0", "limit=1001", "after=x"):
+            refused = await client.get(f"/api/notifications?{bad}")
+            assert refused.status_code == 400, bad
+            assert "must be an integer" in refused.json()["error"]
     # Kept on disk: a restarted sandbox still knows what it received.
     assert len((home / "crm" / "notifications.jsonl").read_text().splitlines()) == 3
