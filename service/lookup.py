@@ -9,22 +9,49 @@ from datetime import timedelta
 from typing import Any
 
 from temporalio.client import WorkflowHandle
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 
 from domain.payment import CrmSync, PaymentRequest, PaymentState, PaymentStatus
 from ledger.store import Ledger
 
 _POLL_SECONDS = 0.05
+# query_state: one attempt's deadline, and the answers after which it asks again.
+_QUERY_ATTEMPT_SECONDS = 2.0
+_ASK_AGAIN = frozenset(
+    {RPCStatusCode.CANCELLED, RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.RESOURCE_EXHAUSTED}
+)
+_ASK_AGAIN_FIRST_PAUSE = 0.05
+_ASK_AGAIN_MAX_PAUSE = 0.5
 
 
 async def query_state(handle: WorkflowHandle[Any, Any], timeout: float) -> PaymentState:
-    """The workflow's state. Without a worker polling, Temporal holds the query until its own
-    deadline (30 s) and fails it: bounded here by `timeout`, so the caller can answer that the
-    payment is unavailable for now."""
-    state: PaymentState = await handle.query(
-        "state", result_type=PaymentState, rpc_timeout=timedelta(seconds=timeout)
-    )
-    return state
+    """The workflow's state, asked for up to `timeout` seconds; past it the RPCError says why
+    (the caller answers that the payment is unavailable for now).
+
+    Asked in attempts of at most _QUERY_ATTEMPT_SECONDS: a query can be lost in Temporal while
+    the workflow itself is well (buffered behind a workflow task that then failed — a burst of
+    refund Updates met the SDK's speculative-task race, TMPRL1100 followed by a retried task
+    — and never answered), and a query asked again reaches the workflow's next task. A query
+    only reads, so asking again is always safe. A busy workflow's RESOURCE_EXHAUSTED (too many
+    queries buffered behind a task) is asked again the same way. Without a worker polling every
+    attempt times out (CANCELLED: the client's own deadline)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    pause = _ASK_AGAIN_FIRST_PAUSE
+    while True:
+        attempt = min(deadline - loop.time(), _QUERY_ATTEMPT_SECONDS)
+        try:
+            state: PaymentState = await handle.query(
+                "state",
+                result_type=PaymentState,
+                rpc_timeout=timedelta(seconds=max(attempt, _ASK_AGAIN_FIRST_PAUSE)),
+            )
+            return state
+        except RPCError as exc:
+            if exc.status not in _ASK_AGAIN or loop.time() + pause >= deadline:
+                raise
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, _ASK_AGAIN_MAX_PAUSE)
 
 
 async def recorded_state(
