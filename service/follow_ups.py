@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 from typing import Any
 
 from temporalio.client import (
@@ -27,6 +28,8 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from domain.follow_ups import Refusal
 
+log = logging.getLogger(__name__)
+
 # A payment handing its history over to a fresh run refuses follow-ups for a moment ("busy"):
 # asked again, for at least this long.
 _BUSY_PATIENCE_SECONDS = 10.0
@@ -41,6 +44,12 @@ _REFUSAL_SECONDS = 0.05
 _ASK_AGAIN = frozenset(
     {RPCStatusCode.RESOURCE_EXHAUSTED, RPCStatusCode.CANCELLED, RPCStatusCode.UNAVAILABLE}
 )
+
+# Temporal itself rejects an Update that a workflow task completed without processing (failure
+# type "UnprocessedUpdate"; seen under a burst of twenty refunds on one payment, when the SDK's
+# speculative task for it raced another). Nothing was applied: it is asked again like a busy
+# one, and past the patience the client gets 503 payment_busy, never the 409 of a refusal.
+_UNPROCESSED_UPDATE = "UnprocessedUpdate"
 
 
 class Accepted:
@@ -114,16 +123,24 @@ async def ask_payment(
             raise
         except WorkflowUpdateFailedError as exc:
             refused = exc.cause
-            busy = isinstance(refused, ApplicationError) and refused.type == Refusal.BUSY
-            if busy and loop.time() < patience:
+            kind = refused.type if isinstance(refused, ApplicationError) else None
+            if kind in (Refusal.BUSY, _UNPROCESSED_UPDATE) and loop.time() < patience:
                 await asyncio.sleep(_BUSY_PAUSE_SECONDS)
                 continue
+            if kind == _UNPROCESSED_UPDATE:
+                raise PaymentBusy(payment_id) from None
             raise _refusal(refused) from None
 
 
 def _refusal(cause: BaseException) -> FollowUpRefused:
     known = {r.value for r in Refusal}
     if not isinstance(cause, ApplicationError) or cause.type not in known:
+        log.warning(
+            "follow-up failed with no refusal of ours: %s: %s (type %s)",
+            type(cause).__name__,
+            cause,
+            getattr(cause, "type", None),
+        )
         return FollowUpRefused(None, "The payment refused it.")
     return FollowUpRefused(Refusal(str(cause.type)), cause.message)
 

@@ -6,7 +6,10 @@ then a TMPRL1100 nondeterminism failure or a BadUpdateWorkflowExecutionMessage, 
 task that succeeds), and a query buffered behind the failed task was never answered: the
 workflow was done with every refund within two seconds, and the read waited out the API's
 whole 10 s query timeout and answered 503. A read now asks in attempts of two seconds, so a lost
-query is asked again (service/lookup.py, query_state).
+query is asked again (service/lookup.py, query_state). And Temporal itself rejected some of the
+refunds (failure type UnprocessedUpdate: "wasn't processed by worker"), which the API answered
+409 follow_up_failed "The payment refused it." although nothing was refused or applied; such an
+Update is now asked again (service/follow_ups.py), and past the patience it is 503 payment_busy.
 
 What is asserted: every answer is one the contract allows (never a 500), the ledger never
 refunds more than it captured, and every read of a payment whose workflow task never timed
