@@ -15,8 +15,9 @@ from domain.payment import CrmSync, PaymentRequest, PaymentState, PaymentStatus
 from ledger.store import Ledger
 
 _POLL_SECONDS = 0.05
-# query_state: one attempt's deadline, and the answers after which it asks again.
-_QUERY_ATTEMPT_SECONDS = 2.0
+# query_state: the first attempt's deadline (each next one twice as long), and the answers
+# after which it asks again.
+_QUERY_ATTEMPT_SECONDS = 5.0
 _ASK_AGAIN = frozenset(
     {RPCStatusCode.CANCELLED, RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.RESOURCE_EXHAUSTED}
 )
@@ -28,18 +29,22 @@ async def query_state(handle: WorkflowHandle[Any, Any], timeout: float) -> Payme
     """The workflow's state, asked for up to `timeout` seconds; past it the RPCError says why
     (the caller answers that the payment is unavailable for now).
 
-    Asked in attempts of at most _QUERY_ATTEMPT_SECONDS: a query can be lost in Temporal while
-    the workflow itself is well (buffered behind a workflow task that then failed — a burst of
-    refund Updates met the SDK's speculative-task race, TMPRL1100 followed by a retried task
-    — and never answered), and a query asked again reaches the workflow's next task. A query
-    only reads, so asking again is always safe. A busy workflow's RESOURCE_EXHAUSTED (too many
-    queries buffered behind a task) is asked again the same way. Without a worker polling every
-    attempt times out (CANCELLED: the client's own deadline)."""
+    Asked in attempts of _QUERY_ATTEMPT_SECONDS, each next one twice as long: a query can be
+    lost in Temporal while the workflow itself is well (buffered behind a workflow task that
+    then failed — a burst of refund Updates met the SDK's speculative-task race, TMPRL1100
+    followed by a retried task — and never answered), and a query asked again reaches the
+    workflow's next task; a query held behind a long task (answered after its heartbeat, at 8 s)
+    still gets its turn in a longer attempt. A query only reads, so asking again is always safe.
+    A busy workflow's RESOURCE_EXHAUSTED (too many queries buffered behind a task) is asked again
+    the same way. Without a worker polling every attempt times out (CANCELLED: the client's own
+    deadline)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     pause = _ASK_AGAIN_FIRST_PAUSE
+    patience = _QUERY_ATTEMPT_SECONDS
     while True:
-        attempt = min(deadline - loop.time(), _QUERY_ATTEMPT_SECONDS)
+        attempt = min(deadline - loop.time(), patience)
+        patience *= 2
         try:
             state: PaymentState = await handle.query(
                 "state",
