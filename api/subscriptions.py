@@ -56,6 +56,7 @@ from domain.subscription import (
     SubscriptionStatus,
     total_over_limit,
 )
+from service.follow_ups import unprocessed
 from service.start import start_subscription
 from workflows import search_attributes as sa
 
@@ -231,17 +232,13 @@ async def _change(
         )
     except WorkflowUpdateFailedError as exc:
         cause = exc.cause
+        if unprocessed(cause):  # rejected by Temporal, never seen by the workflow: not a refusal
+            raise _subscription_busy() from None
         code = cause.type if isinstance(cause, ApplicationError) and cause.type else "change_failed"
         message = cause.message if isinstance(cause, ApplicationError) else "Refused."
         raise ApiError(409, "invalid_request_error", code, message, param) from None
     except WorkflowUpdateRPCTimeoutOrCancelledError:
-        raise ApiError(
-            503,
-            "api_error",
-            "subscription_busy",
-            "The subscription is busy; retry.",
-            headers={"Retry-After": "1"},
-        ) from None
+        raise _subscription_busy() from None
     except RPCError as exc:
         if exc.status != RPCStatusCode.NOT_FOUND:
             raise
@@ -250,6 +247,16 @@ async def _change(
             409, "invalid_request_error", "subscription_canceled", "The subscription is canceled."
         ) from None
     return SubscriptionResource.of(state)
+
+
+def _subscription_busy() -> ApiError:
+    return ApiError(
+        503,
+        "api_error",
+        "subscription_busy",
+        "The subscription is busy; retry.",
+        headers={"Retry-After": "1"},
+    )
 
 
 _CHANGE_ERRORS = error_responses(400, 401, 403, 404, 409, 413, 422, 503)

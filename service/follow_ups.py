@@ -52,6 +52,11 @@ _ASK_AGAIN = frozenset(
 _UNPROCESSED_UPDATE = "UnprocessedUpdate"
 
 
+def unprocessed(cause: BaseException | None) -> bool:
+    """Temporal rejected the Update without the workflow seeing it: nothing was applied."""
+    return isinstance(cause, ApplicationError) and cause.type == _UNPROCESSED_UPDATE
+
+
 class Accepted:
     """The follow-up was accepted but not carried out within `wait`."""
 
@@ -127,7 +132,7 @@ async def ask_payment(
             if kind in (Refusal.BUSY, _UNPROCESSED_UPDATE) and loop.time() < patience:
                 await asyncio.sleep(_BUSY_PAUSE_SECONDS)
                 continue
-            if kind == _UNPROCESSED_UPDATE:
+            if unprocessed(refused):
                 raise PaymentBusy(payment_id) from None
             raise _refusal(refused) from None
 
