@@ -80,7 +80,7 @@ class BrokerEpochs:
         with self._lock:
             try:
                 return self._current()
-            except BrokerUnavailable:
+            except (BrokerUnavailable, KafkaException):
                 self._drop_consumer()
                 raise
 
