@@ -31,6 +31,12 @@ class GatedLedger(LedgerActivities):
     def release(self, payment_id: str, step: str, reference: str = "") -> None:
         self.gates[(payment_id, step, reference)][1].set()
 
+    def release_all(self) -> None:
+        """At a rig's teardown: a test that failed while a posting was held must not leave its
+        worker waiting for it (the worker's shutdown would wait forever)."""
+        for _, released in self.gates.values():
+            released.set()
+
     async def _pass(self, payment_id: str, step: str, reference: str) -> None:
         gate = self.gates.get((payment_id, step, reference))
         if gate is not None:

@@ -52,7 +52,10 @@ async def rig(app_settings: Settings, temporal_client: Client) -> AsyncIterator[
         payment_worker(settings, temporal_client, ledger_activities=gated),
         api_client(settings, temporal_client, TEST_API_KEY) as api,
     ):
-        yield Rig(api, made[0])
+        try:
+            yield Rig(api, made[0])
+        finally:
+            made[0].release_all()
 
 
 async def test_a_burst_of_reads_while_the_workflow_task_is_held_is_answered_not_503(
