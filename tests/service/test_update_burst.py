@@ -5,7 +5,7 @@ speculative workflow tasks for Updates race (a completion answered "workflow tas
 then a TMPRL1100 nondeterminism failure or a BadUpdateWorkflowExecutionMessage, and a retried
 task that succeeds), and a query buffered behind the failed task was never answered: the
 workflow was done with every refund within two seconds, and the read waited out the API's
-whole 10 s query timeout and answered 503. A read now asks in attempts of two seconds, so a lost
+whole 10 s query timeout and answered 503. A read now asks again (after 5 s, then longer), so a lost
 query is asked again (service/lookup.py, query_state). And Temporal itself rejected some of the
 refunds (failure type UnprocessedUpdate: "wasn't processed by worker"), which the API answered
 409 follow_up_failed "The payment refused it." although nothing was refused or applied; such an
