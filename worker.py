@@ -25,6 +25,7 @@ from activities.kafka import EventPublisher, KafkaActivities
 from activities.reconciliation import ReconciliationActivities
 from activities.webhook_endpoints import WebhookEndpoints
 from activities.webhooks import WebhookActivities
+from infra.codec import secret_sealer
 from infra.database import make_engine
 from infra.exit import stop_on_signals
 from infra.logs import configure_logging
@@ -131,7 +132,9 @@ async def event_worker(settings: Settings, client: Client) -> AsyncIterator[Work
     engine = make_engine(settings.database_url, pool_size=4)
     publisher = EventPublisher(settings.kafka_bootstrap_servers, settings)
     events = EventStore(engine, max_attempts=settings.db_max_retries)
-    endpoints = WebhookEndpoints(engine, max_attempts=settings.db_max_retries)
+    endpoints = WebhookEndpoints(
+        engine, max_attempts=settings.db_max_retries, sealer=secret_sealer(settings)
+    )
     webhooks = WebhookActivities(endpoints, events, settings)
     worker = Worker(
         client,

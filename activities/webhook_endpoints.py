@@ -29,6 +29,7 @@ from domain.webhooks import (
     new_endpoint_id,
     new_signing_secret,
 )
+from infra.codec import EncryptionCodec, UnknownEncryptionKeyError, is_sealed
 from infra.database import run_serializable
 from ledger.store import insert_event
 from ledger.tables import metadata, outbox_events
@@ -113,17 +114,31 @@ class DeliveryRecord(AttemptLog):
     delivery_id: str
 
 
-def _endpoint(row: Any) -> WebhookEndpoint:
-    return WebhookEndpoint.model_validate(dict(row._mapping))
-
-
 class WebhookEndpoints:
     """The endpoint store. Every method that takes a `client_id` sees only that client's
     endpoints (another client's id is "not found")."""
 
-    def __init__(self, engine: AsyncEngine, max_attempts: int = 8) -> None:
+    def __init__(
+        self, engine: AsyncEngine, max_attempts: int = 8, sealer: EncryptionCodec | None = None
+    ) -> None:
+        """`sealer`: the payload encryption keys (PAYSAGA_ENCRYPTION_KEYS), which also seal the
+        signing secrets at rest; without keys they are stored as they are (a warning at start)."""
         self.engine = engine
         self.max_attempts = max_attempts
+        self.sealer = sealer
+
+    def _seal(self, secret: str, endpoint_id: str) -> str:
+        return self.sealer.seal_text(secret, endpoint_id) if self.sealer else secret
+
+    def _endpoint(self, row: Any) -> WebhookEndpoint:
+        values = dict(row._mapping)
+        for column in ("secret", "previous_secret"):
+            stored = values[column]
+            if stored is not None and is_sealed(stored):
+                if self.sealer is None:
+                    raise UnknownEncryptionKeyError("<sealed>", [])
+                values[column] = self.sealer.open_text(stored, values["id"])
+        return WebhookEndpoint.model_validate(values)
 
     async def _write(self, work: Any) -> Any:
         return await run_serializable(self.engine, work, max_attempts=self.max_attempts)
@@ -134,15 +149,16 @@ class WebhookEndpoints:
         enabled: bool,
     ) -> WebhookEndpoint:  # fmt: skip
         now = datetime.now(UTC)
+        endpoint_id = new_endpoint_id()
         values = {
-            "id": new_endpoint_id(),
+            "id": endpoint_id,
             "client_id": client_id,
             "url": url,
             "description": description,
             "enabled_events": enabled_events,
             "status": (EndpointStatus.ENABLED if enabled else EndpointStatus.DISABLED).value,
             "disabled_reason": None if enabled else "disabled by the merchant",
-            "secret": new_signing_secret(),
+            "secret": self._seal(new_signing_secret(), endpoint_id),
             "created_at": now,
             "updated_at": now,
         }
@@ -162,7 +178,7 @@ class WebhookEndpoints:
                     webhook_endpoints.insert().values(**values).returning(*webhook_endpoints.c)
                 )
             ).one()
-            return _endpoint(row)
+            return self._endpoint(row)
 
         created: WebhookEndpoint = await self._write(work)
         return created
@@ -178,7 +194,7 @@ class WebhookEndpoints:
                     )
                 )
             ).first()
-        return _endpoint(row) if row is not None else None
+        return self._endpoint(row) if row is not None else None
 
     async def page(
         self, client_id: str, limit: int, starting_after: WebhookEndpoint | None
@@ -202,7 +218,7 @@ class WebhookEndpoints:
                     .limit(limit + 1)
                 )
             ).all()
-        return [_endpoint(r) for r in rows[:limit]], len(rows) > limit
+        return [self._endpoint(r) for r in rows[:limit]], len(rows) > limit
 
     async def update(
         self, client_id: str, endpoint_id: str, changes: dict[str, Any]
@@ -231,9 +247,9 @@ class WebhookEndpoints:
         """A new secret; the current one keeps signing too until `overlap` has passed."""
         now = datetime.now(UTC)
         values = {
-            "previous_secret": webhook_endpoints.c.secret,
+            "previous_secret": webhook_endpoints.c.secret,  # sealed for the same row, or legacy
             "previous_secret_expires_at": now + overlap,
-            "secret": new_signing_secret(),
+            "secret": self._seal(new_signing_secret(), endpoint_id),
             "updated_at": now,
         }
         return await self._update_one(client_id, endpoint_id, values)
@@ -254,7 +270,7 @@ class WebhookEndpoints:
                     .returning(*webhook_endpoints.c)
                 )
             ).first()
-            return _endpoint(row) if row is not None else None
+            return self._endpoint(row) if row is not None else None
 
         updated: WebhookEndpoint | None = await self._write(work)
         return updated
@@ -312,7 +328,7 @@ class WebhookEndpoints:
                     sa.select(webhook_endpoints).where(webhook_endpoints.c.id == endpoint_id)
                 )
             ).first()
-        return _endpoint(row) if row is not None else None
+        return self._endpoint(row) if row is not None else None
 
     @staticmethod
     def wanted_by_some_endpoint() -> sa.ColumnElement[bool]:
@@ -359,7 +375,7 @@ class WebhookEndpoints:
                     )
                 )
             ).all()
-        return [_endpoint(r) for r in rows]
+        return [self._endpoint(r) for r in rows]
 
     async def record_attempt(
         self, attempt: DeliveryAttempt, event_type: str, at: datetime, outcome: AttemptOutcome
@@ -412,7 +428,7 @@ class WebhookEndpoints:
             ).first()
             if row is None:
                 return False
-            endpoint = _endpoint(row)
+            endpoint = self._endpoint(row)
             if endpoint.status != EndpointStatus.ENABLED or endpoint.deleted_at is not None:
                 return False
             last_success = endpoint.last_success_at

@@ -34,6 +34,7 @@ from api import (
 )
 from api.errors import install_error_handlers
 from api.limits import install_body_limit
+from infra.codec import secret_sealer
 from infra.database import make_engine
 from infra.gc_tuning import tune_garbage_collector
 from infra.idempotency import IdempotencyRegister
@@ -68,7 +69,9 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
         app.state.ledger = Ledger(engine, max_attempts=settings.db_max_retries)
         app.state.idempotency = IdempotencyRegister(engine, max_attempts=settings.db_max_retries)
         app.state.events = EventStore(engine, max_attempts=settings.db_max_retries)
-        app.state.webhook_endpoints = WebhookEndpoints(engine, max_attempts=settings.db_max_retries)
+        app.state.webhook_endpoints = WebhookEndpoints(
+            engine, max_attempts=settings.db_max_retries, sealer=secret_sealer(settings)
+        )
         app.state.reconciliation = Reconciliation(
             engine,
             missing_after=timedelta(days=settings.recon_missing_after_days),

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import os
 import re
 import secrets
@@ -51,6 +52,8 @@ KEY_ID_METADATA = "encryption-key-id"
 KEY_BYTES = 32  # AES-256
 NONCE_BYTES = 12  # GCM's standard nonce; random per payload (2^32 payloads per key is far off)
 _TAG_BYTES = 16
+# A secret sealed at rest: `sealed:v1:<key id>:<base64url(nonce + ciphertext)>`.
+SEALED_PREFIX = "sealed:v1:"
 # Key ids travel in clear in every payload and in error messages: plain names only.
 _KEY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -176,6 +179,46 @@ class EncryptionCodec(PayloadCodec):
             ) from None
         return Payload.FromString(plain)
 
+    # ── short secrets at rest (a webhook endpoint's signing secret) ────────────────────────
+    def seal_text(self, text: str, context: str) -> str:
+        """`text` encrypted with the first key, bound to `context` (the row's id, as associated
+        data: a sealed value copied to another row does not open there)."""
+        nonce = os.urandom(NONCE_BYTES)
+        key_id = self.encrypting_key_id
+        sealed = self._ciphers[key_id].encrypt(nonce, text.encode(), context.encode())
+        return f"{SEALED_PREFIX}{key_id}:{base64.urlsafe_b64encode(nonce + sealed).decode()}"
+
+    def open_text(self, sealed: str, context: str) -> str:
+        """The text `seal_text` sealed for `context`. Raises UnknownEncryptionKeyError for a
+        retired key, PayloadDecryptionError for anything altered or sealed for another row."""
+        key_id, _, data = sealed.removeprefix(SEALED_PREFIX).partition(":")
+        cipher = self._ciphers.get(key_id)
+        if cipher is None:
+            raise UnknownEncryptionKeyError(_printable_key_id(key_id.encode()), self.key_ids)
+        try:
+            raw = base64.urlsafe_b64decode(data)
+            return cipher.decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:], context.encode()).decode()
+        except (InvalidTag, ValueError):
+            raise PayloadDecryptionError(
+                f"a sealed secret failed authentication with key id {key_id!r}: altered, or "
+                "sealed for another record"
+            ) from None
+
+
+def is_sealed(value: str) -> bool:
+    return value.startswith(SEALED_PREFIX)
+
+
+def secret_sealer(settings: Settings) -> EncryptionCodec | None:
+    """What seals the webhook signing secrets at rest: the payload encryption keys. Without
+    keys (payload encryption off) the secrets are stored as they are, and this says so."""
+    if settings.encryption_keys:
+        return EncryptionCodec.from_settings(settings)
+    logging.getLogger("paysaga").warning(
+        "PAYSAGA_ENCRYPTION_KEYS is not set: webhook signing secrets are stored unencrypted"
+    )
+    return None
+
 
 def load_or_create_dev_key(path: Path, key_id: str = "dev1") -> EncryptionKey:
     """The local development key that `paysaga run` keeps under its home (mode 0600), made on
@@ -195,10 +238,13 @@ def load_or_create_dev_key(path: Path, key_id: str = "dev1") -> EncryptionKey:
 __all__ = [
     "ENCODING",
     "KEY_ID_METADATA",
+    "SEALED_PREFIX",
     "EncryptionCodec",
     "InvalidEncryptionKeyError",
     "PayloadDecryptionError",
     "UnknownEncryptionKeyError",
     "generate_key",
+    "is_sealed",
     "load_or_create_dev_key",
+    "secret_sealer",
 ]

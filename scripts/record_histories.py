@@ -74,6 +74,7 @@ from domain.subscription import (
     SubscriptionWorkflowInput,
 )
 from domain.webhooks import DeliveryResult
+from infra.codec import secret_sealer
 from infra.database import make_engine
 from infra.embedded.stack import Stack
 from infra.temporal_client import connect_client
@@ -1058,9 +1059,10 @@ async def record(targets: dict[str, Path]) -> None:
                     gated_worker(gated, client) as gate,
                     event_worker(webhooks, client),
                 ):
+                    endpoints = WebhookEndpoints(engine, sealer=secret_sealer(settings))
                     recorder = Recorder(
                         client, settings, gated.task_queue, gate, Ledger(engine),
-                        EventStore(engine), WebhookEndpoints(engine), crm, webhooks,
+                        EventStore(engine), endpoints, crm, webhooks,
                     )  # fmt: skip
                     await asyncio.gather(
                         *(_record_one(recorder, name, file) for name, file in targets.items())
