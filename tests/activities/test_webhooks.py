@@ -25,9 +25,17 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client
 
 from activities.crm import verify_webhook
+from activities.webhook_endpoints import WebhookEndpoints
 from domain.events import EventKind, event_id
+from infra.codec import (
+    SEALED_PREFIX,
+    EncryptionCodec,
+    PayloadDecryptionError,
+    UnknownEncryptionKeyError,
+    generate_key,
+)
 from infra.embedded.process import free_port
-from settings import ApiKey, Settings
+from settings import ApiKey, EncryptionKey, Settings
 from tests.conftest import MERCHANT_SCOPES
 from tests.helpers.api_client import api_client
 from tests.helpers.fake_crm import FakeCrmServer, RecordedRequest
@@ -39,6 +47,9 @@ KEY_A = "psk_test_hooks_alpha_0123456789abcdefghi"
 KEY_B = "psk_test_hooks_beta_0123456789abcdefghij"
 HOOK = "/hook"
 GIVE_UP_AFTER = 8.0
+
+
+HOOK_KEY = EncryptionKey.model_validate({"key_id": "hooks1", "key_b64": generate_key()})
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +71,8 @@ def hook_settings(app_settings: Settings) -> Settings:
                 ),
             ],
             "webhook_task_queue": f"webhooks-{suffix}",
+            # The signing secrets are sealed at rest with these (PAYSAGA_ENCRYPTION_KEYS).
+            "encryption_keys": [HOOK_KEY],
             "webhook_retry_initial_seconds": 0.5,
             "webhook_retry_backoff": 2.0,
             "webhook_retry_max_interval_seconds": 2.0,
@@ -360,7 +373,7 @@ async def test_an_endpoint_failing_for_the_whole_retry_window_is_disabled_with_a
 
 
 async def test_a_rotated_secret_and_the_previous_one_both_sign_during_the_overlap(
-    merchant_a: httpx.AsyncClient, receiver: FakeCrmServer
+    merchant_a: httpx.AsyncClient, receiver: FakeCrmServer, engine: AsyncEngine
 ) -> None:
     endpoint = await _endpoint(merchant_a, receiver.url(HOOK))
     old = endpoint["secret"]
@@ -389,6 +402,53 @@ async def test_a_rotated_secret_and_the_previous_one_both_sign_during_the_overla
     _, after = await receiver.wait_for_requests(2, HOOK, timeout=20)
     assert (after.header("Paysaga-Signature") or "").count("v1=") == 1
     assert _verifies(after, newest) and not _verifies(after, new) and not _verifies(after, old)
+    # At rest, neither the current nor the previous secret is readable.
+    async with engine.connect() as conn:
+        stored = (
+            await conn.execute(
+                text("SELECT secret, previous_secret FROM webhook_endpoints WHERE id = :i"),
+                {"i": endpoint["id"]},
+            )
+        ).one()
+    assert all(value.startswith(SEALED_PREFIX) for value in stored), stored
+    assert not {old, new, newest} & {*stored} and not any(
+        plain in value for value in stored for plain in (old, new, newest)
+    )
+
+
+async def test_a_sealed_secret_opens_only_for_its_own_endpoint_and_legacy_ones_still_read(
+    engine: AsyncEngine,
+) -> None:
+    """The store seals with the payload keys and binds each secret to its endpoint's id; a
+    secret stored before sealing (in the clear) is still read; without the keys a sealed one
+    is refused, never used as it stands."""
+    sealer = EncryptionCodec.from_keys([HOOK_KEY])
+    store = WebhookEndpoints(engine, sealer=sealer)
+    client = f"seal-{uuid.uuid4().hex[:6]}"
+    first = await store.create(client, "https://a.example/hook", ["*"], None, True)
+    second = await store.create(client, "https://b.example/hook", ["*"], None, True)
+    legacy = await store.create(client, "https://c.example/hook", ["*"], None, True)
+    assert first.secret.startswith("whsec_") and first.secret != second.secret
+    async with engine.begin() as conn:
+        # Another endpoint's sealed secret copied over this one's does not open here.
+        await conn.execute(
+            text(
+                "UPDATE webhook_endpoints SET secret = (SELECT secret FROM webhook_endpoints "
+                "WHERE id = :from_id) WHERE id = :to_id"
+            ),
+            {"from_id": first.id, "to_id": second.id},
+        )
+        # A secret stored in the clear before sealing began.
+        await conn.execute(
+            text("UPDATE webhook_endpoints SET secret = 'whsec_legacy' WHERE id = :i"),
+            {"i": legacy.id},
+        )
+    with pytest.raises(PayloadDecryptionError):
+        await store.get(client, second.id)
+    assert (await store.get(client, first.id)).secret == first.secret  # type: ignore[union-attr]
+    assert (await store.get(client, legacy.id)).secret == "whsec_legacy"  # type: ignore[union-attr]
+    with pytest.raises(UnknownEncryptionKeyError):
+        await WebhookEndpoints(engine).get(client, first.id)
 
 
 async def test_endpoints_and_their_events_are_scoped_to_their_client(
