@@ -29,7 +29,7 @@ from domain.webhooks import (
     new_endpoint_id,
     new_signing_secret,
 )
-from infra.codec import EncryptionCodec, UnknownEncryptionKeyError, is_sealed
+from infra.codec import EncryptionCodec, UnknownEncryptionKeyError, is_sealed, sealed_key_id
 from infra.database import run_serializable
 from ledger.store import insert_event
 from ledger.tables import metadata, outbox_events
@@ -136,7 +136,7 @@ class WebhookEndpoints:
             stored = values[column]
             if stored is not None and is_sealed(stored):
                 if self.sealer is None:
-                    raise UnknownEncryptionKeyError("<sealed>", [])
+                    raise UnknownEncryptionKeyError(sealed_key_id(stored), [])
                 values[column] = self.sealer.open_text(stored, values["id"])
         return WebhookEndpoint.model_validate(values)
 

@@ -194,7 +194,7 @@ class EncryptionCodec(PayloadCodec):
         key_id, _, data = sealed.removeprefix(SEALED_PREFIX).partition(":")
         cipher = self._ciphers.get(key_id)
         if cipher is None:
-            raise UnknownEncryptionKeyError(_printable_key_id(key_id.encode()), self.key_ids)
+            raise UnknownEncryptionKeyError(sealed_key_id(sealed), self.key_ids)
         try:
             raw = base64.urlsafe_b64decode(data)
             return cipher.decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:], context.encode()).decode()
@@ -207,6 +207,11 @@ class EncryptionCodec(PayloadCodec):
 
 def is_sealed(value: str) -> bool:
     return value.startswith(SEALED_PREFIX)
+
+
+def sealed_key_id(value: str) -> str:
+    """The key id a sealed value names (printable: it goes into error messages)."""
+    return _printable_key_id(value.removeprefix(SEALED_PREFIX).partition(":")[0].encode())
 
 
 def secret_sealer(settings: Settings) -> EncryptionCodec | None:
@@ -246,5 +251,6 @@ __all__ = [
     "generate_key",
     "is_sealed",
     "load_or_create_dev_key",
+    "sealed_key_id",
     "secret_sealer",
 ]

@@ -447,7 +447,7 @@ async def test_a_sealed_secret_opens_only_for_its_own_endpoint_and_legacy_ones_s
         await store.get(client, second.id)
     assert (await store.get(client, first.id)).secret == first.secret  # type: ignore[union-attr]
     assert (await store.get(client, legacy.id)).secret == "whsec_legacy"  # type: ignore[union-attr]
-    with pytest.raises(UnknownEncryptionKeyError):
+    with pytest.raises(UnknownEncryptionKeyError, match="'hooks1'"):  # names the missing key
         await WebhookEndpoints(engine).get(client, first.id)
 
 
