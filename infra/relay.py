@@ -80,7 +80,7 @@ class BrokerEpochs:
         with self._lock:
             try:
                 return self._current()
-            except (BrokerUnavailable, KafkaException):
+            except BrokerUnavailable:
                 self._drop_consumer()
                 raise
 
