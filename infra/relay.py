@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -62,33 +61,14 @@ class BrokerUnavailable(Exception):
 
 class BrokerEpochs:
     """The epoch marker: the first record of partition 0 of a one-partition topic. Writing a
-    candidate is always safe, because only the first record in the log counts.
-
-    One Kafka consumer serves every check (each relay checks every few seconds): a client made
-    per check — a librdkafka instance with its threads, connections and metadata, and an admin
-    client besides — was most of an idle worker's CPU. Between checks it is unassigned, so it
-    fetches nothing; after a failed check it is dropped and the next check makes a new one."""
+    candidate is always safe, because only the first record in the log counts."""
 
     def __init__(self, bootstrap_servers: str, topic: str, timeout: float = 10.0) -> None:
         self.bootstrap_servers = bootstrap_servers
         self.topic = topic
         self.timeout = timeout
-        self._consumer: Consumer | None = None
-        self._lock = threading.Lock()
 
     def current(self) -> str:
-        with self._lock:
-            try:
-                return self._current()
-            except BrokerUnavailable:
-                self._drop_consumer()
-                raise
-
-    def close(self) -> None:
-        with self._lock:
-            self._drop_consumer()
-
-    def _current(self) -> str:
         self._ensure_topic()
         epoch = self._first_record()
         if epoch is None:
@@ -98,40 +78,19 @@ class BrokerEpochs:
             raise BrokerUnavailable(f"the epoch marker written to {self.topic} cannot be read")
         return epoch
 
-    def _reader(self) -> Consumer:
-        if self._consumer is None:
-            self._consumer = Consumer(
-                {
-                    "bootstrap.servers": self.bootstrap_servers,
-                    "group.id": f"paysaga-relay-epoch-{uuid.uuid4().hex[:8]}",  # never joined
-                    "enable.auto.commit": False,
-                    "enable.partition.eof": True,
-                    "fetch.wait.max.ms": 50,
-                    "socket.timeout.ms": 5000,
-                }
-            )
-        return self._consumer
-
-    def _drop_consumer(self) -> None:
-        consumer, self._consumer = self._consumer, None
-        if consumer is not None:
-            with contextlib.suppress(Exception):
-                consumer.close()
-
     def _ensure_topic(self) -> None:
+        admin = AdminClient(
+            {"bootstrap.servers": self.bootstrap_servers, "socket.timeout.ms": 5000}
+        )
         try:
-            found = self._reader().list_topics(self.topic, timeout=self.timeout).topics
+            topics = admin.list_topics(timeout=self.timeout).topics
         except KafkaException as exc:
             raise BrokerUnavailable(str(exc)) from None
-        metadata = found.get(self.topic)
-        if metadata is not None and metadata.error is None:
+        if self.topic in topics:
             return
         # Kept forever: a marker lost to retention would look like a lost log.
         wanted = NewTopic(
             self.topic, num_partitions=1, replication_factor=1, config={"retention.ms": "-1"}
-        )
-        admin = AdminClient(
-            {"bootstrap.servers": self.bootstrap_servers, "socket.timeout.ms": 5000}
         )
         for future in admin.create_topics([wanted]).values():
             try:
@@ -141,9 +100,17 @@ class BrokerEpochs:
                     raise BrokerUnavailable(f"cannot create {self.topic}: {exc}") from None
 
     def _first_record(self) -> str | None:
-        consumer = self._reader()
-        consumer.assign([TopicPartition(self.topic, 0, OFFSET_BEGINNING)])
+        consumer = Consumer(
+            {
+                "bootstrap.servers": self.bootstrap_servers,
+                "group.id": f"paysaga-relay-epoch-{uuid.uuid4().hex[:8]}",  # never joined
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+                "fetch.wait.max.ms": 50,
+            }
+        )
         try:
+            consumer.assign([TopicPartition(self.topic, 0, OFFSET_BEGINNING)])
             deadline = time.monotonic() + self.timeout
             while time.monotonic() < deadline:
                 for message in consumer.consume(num_messages=1, timeout=0.2):
@@ -155,7 +122,7 @@ class BrokerEpochs:
                         return None  # read to the end and found nothing: an empty log
                     raise BrokerUnavailable(error.str())
         finally:
-            consumer.unassign()  # fetch nothing until the next check
+            consumer.close()
         raise BrokerUnavailable(f"no answer reading {self.topic} within {self.timeout:g}s")
 
     def _write(self, candidate: str) -> None:
@@ -345,5 +312,3 @@ async def running_relay(
     finally:
         stop.set()
         await task
-        if epochs is not None:
-            epochs.close()

@@ -293,16 +293,12 @@ async def test_racing_relays_agree_on_one_broker_epoch_and_one_sweep(
         )
         for _ in range(4)
     ]
-    try:
-        adopted = await asyncio.gather(*(r.check_broker() for r in relays))
-        assert adopted.count(True) == 1
-        state = await EventStore(engine).relay_state(name)
-        marker = await asyncio.to_thread(relays[0].epochs.current)  # type: ignore[union-attr]
-        assert state.broker_epoch == marker and state.sweep_until is not None
-        assert not any(await asyncio.gather(*(r.check_broker() for r in relays)))  # same log
-    finally:
-        for relay in relays:
-            relay.epochs.close()  # type: ignore[union-attr]
+    adopted = await asyncio.gather(*(r.check_broker() for r in relays))
+    assert adopted.count(True) == 1
+    state = await EventStore(engine).relay_state(name)
+    marker = await asyncio.to_thread(relays[0].epochs.current)  # type: ignore[union-attr]
+    assert state.broker_epoch == marker and state.sweep_until is not None
+    assert not any(await asyncio.gather(*(r.check_broker() for r in relays)))  # same log
 
 
 async def test_events_replay_republishes_a_window_with_the_original_ids(
