@@ -37,7 +37,13 @@ from domain.payment import (
     PaymentState,
     PaymentStatus,
 )
-from service.lookup import query_state, recorded_state, settled_for_wait, wait_until
+from service.lookup import (
+    held_for,
+    query_state,
+    recorded_state,
+    settled_for_wait,
+    wait_until,
+)
 from service.start import start_payment
 from workflows import search_attributes as sa
 
@@ -96,15 +102,8 @@ async def _unserved(handle: WorkflowHandle[Any, Any], client: ApiClient) -> None
 
 
 async def _only_yours(handle: WorkflowHandle[Any, Any], client: ApiClient) -> None:
-    """Not found unless the payment is the client's own. Its search attributes, set at the
-    start, say whose it is without a worker."""
-    try:
-        described = await handle.describe()
-    except RPCError as exc:
-        if exc.status != RPCStatusCode.NOT_FOUND:
-            raise
-        raise _not_found(handle.id) from None  # removed meanwhile
-    if described.typed_search_attributes.get(sa.CLIENT_ID) != client.client_id:
+    """Not found unless the payment is the client's own."""
+    if not await held_for(handle, client.client_id):
         raise _not_found(handle.id)
 
 

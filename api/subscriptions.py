@@ -57,6 +57,7 @@ from domain.subscription import (
     total_over_limit,
 )
 from service.follow_ups import unprocessed
+from service.lookup import held_for
 from service.start import start_subscription
 from workflows import search_attributes as sa
 
@@ -72,6 +73,19 @@ SubscriptionId = Annotated[
 # How long the API waits for a new subscription's workflow to answer its first query.
 _FIRST_ANSWER_SECONDS = 10.0
 _POLL_SECONDS = 0.05
+
+
+# Temporal's answers when a subscription's workflow could not be asked (its task failing, no
+# worker in time, the server away, queries piled up).
+_UNANSWERED = frozenset(
+    {
+        RPCStatusCode.FAILED_PRECONDITION,
+        RPCStatusCode.CANCELLED,
+        RPCStatusCode.DEADLINE_EXCEEDED,
+        RPCStatusCode.UNAVAILABLE,
+        RPCStatusCode.RESOURCE_EXHAUSTED,
+    }
+)
 
 
 def _not_found() -> ApiError:
@@ -94,9 +108,23 @@ async def load_subscription(
     try:
         state = await _query(handle, app_settings(request).api_query_timeout_seconds)
     except RPCError as exc:
-        if exc.status not in (RPCStatusCode.NOT_FOUND, RPCStatusCode.FAILED_PRECONDITION):
-            raise
-        raise _not_found() from None
+        if exc.status == RPCStatusCode.NOT_FOUND:
+            raise _not_found() from None
+        # Temporal holds it, but it cannot answer now (its workflow task is failing, or no
+        # worker answered in time): never a 404 to its own client, never a 503 to another
+        # one (that would tell them it exists).
+        if not await held_for(handle, client.client_id):
+            raise _not_found() from None
+        if exc.status in _UNANSWERED:
+            raise ApiError(
+                503,
+                "api_error",
+                "subscription_unavailable",
+                "The subscription exists but cannot be read right now (its workflow is not "
+                "answering); retry.",
+                headers={"Retry-After": "1"},
+            ) from None
+        raise
     if state.client_id != client.client_id:
         raise _not_found()  # another client's subscription does not exist for you
     return state

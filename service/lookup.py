@@ -13,6 +13,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from domain.payment import CrmSync, PaymentRequest, PaymentState, PaymentStatus
 from ledger.store import Ledger
+from workflows.search_attributes import CLIENT_ID
 
 _POLL_SECONDS = 0.05
 # query_state: the first attempt's deadline (each next one twice as long), and the answers
@@ -57,6 +58,18 @@ async def query_state(handle: WorkflowHandle[Any, Any], timeout: float) -> Payme
                 raise
         await asyncio.sleep(pause)
         pause = min(pause * 2, _ASK_AGAIN_MAX_PAUSE)
+
+
+async def held_for(handle: WorkflowHandle[Any, Any], client_id: str) -> bool:
+    """Temporal holds this workflow (a payment's or a subscription's) for `client_id`: its
+    search attributes, set at its start, say whose it is without a worker answering."""
+    try:
+        described = await handle.describe()
+    except RPCError as exc:
+        if exc.status != RPCStatusCode.NOT_FOUND:
+            raise
+        return False  # removed meanwhile
+    return described.typed_search_attributes.get(CLIENT_ID) == client_id
 
 
 async def recorded_state(

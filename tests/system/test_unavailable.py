@@ -24,6 +24,7 @@ from activities.fraud import FraudActivities, FraudCheck
 from activities.kafka import EventPublisher
 from domain.events import EventKind
 from domain.payment import PaymentRequest, payment_id_for
+from domain.subscription import subscription_id_for
 from infra.database import DATABASE_UNAVAILABLE, make_engine
 from infra.embedded.process import free_port
 from ledger.activity import LedgerActivities
@@ -135,6 +136,38 @@ async def test_a_payment_whose_workflow_task_keeps_failing_is_503_never_404(
         assert answer.status_code == 503, answer.text
         assert answer.json()["error"]["code"] == "payment_unavailable"
         assert answer.headers["Retry-After"] == "1"
+    assert theirs.status_code == 404, theirs.text
+    assert theirs.json()["error"]["code"] == "resource_missing"
+
+
+async def test_a_subscription_whose_workflow_task_keeps_failing_is_503_never_404(
+    app_settings: Settings, temporal_client: Client, worker: None
+) -> None:
+    """As for a payment: a subscription whose workflow cannot answer (its task failing) exists.
+    Its own client was answered 404; now `503 subscription_unavailable`, and another client
+    still finds nothing (not a 503 that would tell it the subscription exists)."""
+    sid = subscription_id_for(CLIENT, f"key-{uuid.uuid4().hex}")
+    handle: WorkflowHandle[Any, Any] = await temporal_client.start_workflow(
+        "SubscriptionWorkflow",
+        "not a subscription's input",
+        id=sid,
+        task_queue=app_settings.task_queue,
+        search_attributes=TypedSearchAttributes([SearchAttributePair(sa.CLIENT_ID, CLIENT)]),
+    )
+    settings = app_settings.model_copy(update={"api_query_timeout_seconds": 5.0})
+    try:
+        await _workflow_task_failed(handle)
+        async with (
+            api_client(settings, temporal_client, TEST_API_KEY) as api,
+            api_client(settings, temporal_client, OTHER_CLIENT_KEY) as stranger,
+        ):
+            read = await api.get(f"/v1/subscriptions/{sid}")
+            theirs = await stranger.get(f"/v1/subscriptions/{sid}")
+    finally:
+        await handle.terminate("test over")
+    assert read.status_code == 503, read.text
+    assert read.json()["error"]["code"] == "subscription_unavailable"
+    assert read.headers["Retry-After"] == "1"
     assert theirs.status_code == 404, theirs.text
     assert theirs.json()["error"]["code"] == "resource_missing"
 
