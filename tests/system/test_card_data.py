@@ -345,8 +345,14 @@ async def test_every_spelling_of_every_length_in_every_field_is_refused(
     def through_api(request: Coroutine[Any, Any, httpx.Response]) -> httpx.Response:
         return asyncio.run_coroutine_threadsafe(request, loop).result(timeout=30)
 
+    # Derandomized: the same 150 examples every run, which try every length; drawn at random,
+    # a run once missed length 17 (CI), and "every length was tried" failed for nothing.
     @hypothesis_settings(
-        max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+        max_examples=150,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow],
     )
     @given(data=st.data())
     def refused_everywhere(data: st.DataObject) -> None:
