@@ -9,8 +9,11 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
+import httpx
 import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.api.failure.v1 import Failure
@@ -107,31 +110,18 @@ async def test_a_payment_whose_workflow_task_keeps_failing_is_503_never_404(
     simulation, seed 2: a payment answered 201, then 404 on every read). Its own client gets
     `503 payment_unavailable` (retry); another client still finds nothing."""
     pid = payment_id_for(CLIENT, f"key-{uuid.uuid4().hex}")
-    # An input the worker cannot decode: each attempt of its first workflow task fails.
-    handle: WorkflowHandle[Any, Any] = await temporal_client.start_workflow(
-        "PaymentWorkflow",
-        "not a payment's input",
-        id=pid,
-        task_queue=app_settings.task_queue,
-        search_attributes=TypedSearchAttributes([SearchAttributePair(sa.CLIENT_ID, CLIENT)]),
-    )
-    settings = app_settings.model_copy(update={"api_query_timeout_seconds": 5.0})
-    try:
-        await _workflow_task_failed(handle)
-        async with (
-            api_client(settings, temporal_client, TEST_API_KEY) as api,
-            api_client(settings, temporal_client, OTHER_CLIENT_KEY) as stranger,
-        ):
-            read = await api.get(f"/v1/payments/{pid}")
-            refund = await api.post(
-                f"/v1/payments/{pid}/refunds",
-                json={"amount": 100},
-                headers={"Idempotency-Key": f"refund-{uuid.uuid4().hex}"},
-            )
-            cancel = await api.post(f"/v1/payments/{pid}/cancel")
-            theirs = await stranger.get(f"/v1/payments/{pid}")
-    finally:
-        await handle.terminate("test over")
+    async with _failing_workflow(app_settings, temporal_client, "PaymentWorkflow", pid) as (
+        api,
+        stranger,
+    ):
+        read = await api.get(f"/v1/payments/{pid}")
+        refund = await api.post(
+            f"/v1/payments/{pid}/refunds",
+            json={"amount": 100},
+            headers={"Idempotency-Key": f"refund-{uuid.uuid4().hex}"},
+        )
+        cancel = await api.post(f"/v1/payments/{pid}/cancel")
+        theirs = await stranger.get(f"/v1/payments/{pid}")
     for answer in (read, refund, cancel):
         assert answer.status_code == 503, answer.text
         assert answer.json()["error"]["code"] == "payment_unavailable"
@@ -147,29 +137,43 @@ async def test_a_subscription_whose_workflow_task_keeps_failing_is_503_never_404
     Its own client was answered 404; now `503 subscription_unavailable`, and another client
     still finds nothing (not a 503 that would tell it the subscription exists)."""
     sid = subscription_id_for(CLIENT, f"key-{uuid.uuid4().hex}")
-    handle: WorkflowHandle[Any, Any] = await temporal_client.start_workflow(
-        "SubscriptionWorkflow",
-        "not a subscription's input",
-        id=sid,
-        task_queue=app_settings.task_queue,
-        search_attributes=TypedSearchAttributes([SearchAttributePair(sa.CLIENT_ID, CLIENT)]),
-    )
-    settings = app_settings.model_copy(update={"api_query_timeout_seconds": 5.0})
-    try:
-        await _workflow_task_failed(handle)
-        async with (
-            api_client(settings, temporal_client, TEST_API_KEY) as api,
-            api_client(settings, temporal_client, OTHER_CLIENT_KEY) as stranger,
-        ):
-            read = await api.get(f"/v1/subscriptions/{sid}")
-            theirs = await stranger.get(f"/v1/subscriptions/{sid}")
-    finally:
-        await handle.terminate("test over")
+    async with _failing_workflow(app_settings, temporal_client, "SubscriptionWorkflow", sid) as (
+        api,
+        stranger,
+    ):
+        read = await api.get(f"/v1/subscriptions/{sid}")
+        theirs = await stranger.get(f"/v1/subscriptions/{sid}")
     assert read.status_code == 503, read.text
     assert read.json()["error"]["code"] == "subscription_unavailable"
     assert read.headers["Retry-After"] == "1"
     assert theirs.status_code == 404, theirs.text
     assert theirs.json()["error"]["code"] == "resource_missing"
+
+
+@asynccontextmanager
+async def _failing_workflow(
+    settings: Settings, temporal: Client, workflow_type: str, workflow_id: str
+) -> AsyncIterator[tuple[httpx.AsyncClient, httpx.AsyncClient]]:
+    """A workflow of the client's (its search attributes say so) started with an input the
+    worker cannot decode, so each attempt of its first task fails; once one has, the API as
+    its client and as another client. Terminated on exit."""
+    handle: WorkflowHandle[Any, Any] = await temporal.start_workflow(
+        workflow_type,
+        "not a workflow's input",
+        id=workflow_id,
+        task_queue=settings.task_queue,
+        search_attributes=TypedSearchAttributes([SearchAttributePair(sa.CLIENT_ID, CLIENT)]),
+    )
+    patient = settings.model_copy(update={"api_query_timeout_seconds": 5.0})
+    try:
+        await _workflow_task_failed(handle)
+        async with (
+            api_client(patient, temporal, TEST_API_KEY) as api,
+            api_client(patient, temporal, OTHER_CLIENT_KEY) as stranger,
+        ):
+            yield api, stranger
+    finally:
+        await handle.terminate("test over")
 
 
 async def _workflow_task_failed(handle: WorkflowHandle[Any, Any]) -> None:
