@@ -457,7 +457,7 @@ async def _database_busy_handler(request: Request, exc: Exception) -> JSONRespon
 # query or Update up in time, the server is unreachable, the workflow's task is failing or
 # timed out so nothing can answer a query (FAILED_PRECONDITION), or queries piled up behind a
 # workflow task still under way ("consistent query buffer is full", RESOURCE_EXHAUSTED).
-_WORKFLOW_UNAVAILABLE = frozenset(
+WORKFLOW_UNAVAILABLE = frozenset(
     {
         RPCStatusCode.CANCELLED,
         RPCStatusCode.DEADLINE_EXCEEDED,
@@ -469,7 +469,7 @@ _WORKFLOW_UNAVAILABLE = frozenset(
 
 
 async def _workflow_unavailable_handler(request: Request, exc: Exception) -> JSONResponse:
-    if not isinstance(exc, RPCError) or exc.status not in _WORKFLOW_UNAVAILABLE:
+    if not isinstance(exc, RPCError) or exc.status not in WORKFLOW_UNAVAILABLE:
         return await _unexpected_error_handler(request, exc)
     logger.warning("payment workflow unavailable on %s %s: %s", request.method,
                    request.url.path, exc.status.name)  # fmt: skip
@@ -496,6 +496,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
 __all__ = [
     "DOMAIN_CODES",
+    "WORKFLOW_UNAVAILABLE",
     "ApiError",
     "ErrorDetail",
     "ErrorResponse",

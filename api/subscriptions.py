@@ -24,7 +24,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
 from api.auth import ApiClient, require_scope
-from api.errors import ApiError, error_responses
+from api.errors import WORKFLOW_UNAVAILABLE, ApiError, error_responses
 from api.ids import issued, no_card_number
 from api.listing import Cursor, IdentifierFilter, Limit, list_page, listed
 from api.state import (
@@ -75,19 +75,6 @@ _FIRST_ANSWER_SECONDS = 10.0
 _POLL_SECONDS = 0.05
 
 
-# Temporal's answers when a subscription's workflow could not be asked (its task failing, no
-# worker in time, the server away, queries piled up).
-_UNANSWERED = frozenset(
-    {
-        RPCStatusCode.FAILED_PRECONDITION,
-        RPCStatusCode.CANCELLED,
-        RPCStatusCode.DEADLINE_EXCEEDED,
-        RPCStatusCode.UNAVAILABLE,
-        RPCStatusCode.RESOURCE_EXHAUSTED,
-    }
-)
-
-
 def _not_found() -> ApiError:
     return ApiError(404, "invalid_request_error", "resource_missing", "No such subscription.", "id")
 
@@ -115,7 +102,7 @@ async def load_subscription(
         # one (that would tell them it exists).
         if not await held_for(handle, client.client_id):
             raise _not_found() from None
-        if exc.status in _UNANSWERED:
+        if exc.status in WORKFLOW_UNAVAILABLE:
             raise ApiError(
                 503,
                 "api_error",
