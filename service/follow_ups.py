@@ -128,8 +128,8 @@ async def ask_payment(
             raise
         except WorkflowUpdateFailedError as exc:
             refused = exc.cause
-            kind = refused.type if isinstance(refused, ApplicationError) else None
-            if kind in (Refusal.BUSY, _UNPROCESSED_UPDATE) and loop.time() < patience:
+            busy = isinstance(refused, ApplicationError) and refused.type == Refusal.BUSY
+            if (busy or unprocessed(refused)) and loop.time() < patience:
                 await asyncio.sleep(_BUSY_PAUSE_SECONDS)
                 continue
             if unprocessed(refused):
