@@ -26,7 +26,7 @@ from activities.reconciliation import ReconciliationActivities
 from activities.webhook_endpoints import WebhookEndpoints
 from activities.webhooks import WebhookActivities
 from infra.codec import secret_sealer
-from infra.database import make_engine
+from infra.database import make_bookkeeping_engine, make_engine
 from infra.exit import stop_on_signals
 from infra.logs import configure_logging
 from infra.observability import PaymentMetricsInterceptor, temporal_runtime, worker_telemetry
@@ -79,7 +79,9 @@ async def payment_worker(
     fraud = FraudActivities(engine, settings)
     ledger = ledger_activities(Ledger(engine, max_attempts=settings.db_max_retries))
     events = EventStore(engine, max_attempts=settings.db_max_retries)
-    acks = AckRecorder(events)
+    # Kafka's acknowledgements are noted at READ COMMITTED (infra.database: bookkeeping).
+    bookkeeping = make_bookkeeping_engine(settings.database_url, pool_size=1)
+    acks = AckRecorder(EventStore(bookkeeping, max_attempts=settings.db_max_retries))
     kafka = kafka_activities(publisher, events, acks)
     reconciliation = ReconciliationActivities(settings, engine)
     worker = Worker(
@@ -120,6 +122,7 @@ async def payment_worker(
         await acquirer.aclose()
         await asyncio.to_thread(publisher.close, 10.0)
         await engine.dispose()
+        await bookkeeping.dispose()
 
 
 @asynccontextmanager
@@ -127,15 +130,19 @@ async def event_worker(settings: Settings, client: Client) -> AsyncIterator[Work
     """Webhook deliveries on their own task queue, with a bounded number of activity slots (a
     slow merchant endpoint cannot take the payments' slots, nor all of these), and, when
     `relay_enabled`, the outbox relay and the webhook dispatcher. Its own database pool and
-    Kafka producer: the payments' are never queued behind a relay sweep."""
+    Kafka producer: the payments' are never queued behind a relay sweep. The relay and the
+    dispatcher run at READ COMMITTED (infra.database: bookkeeping), the deliveries do not."""
     assert settings.database_url and settings.kafka_bootstrap_servers
     engine = make_engine(settings.database_url, pool_size=4)
+    bookkeeping = make_bookkeeping_engine(settings.database_url, pool_size=2)
     publisher = EventPublisher(settings.kafka_bootstrap_servers, settings)
-    events = EventStore(engine, max_attempts=settings.db_max_retries)
-    endpoints = WebhookEndpoints(
-        engine, max_attempts=settings.db_max_retries, sealer=secret_sealer(settings)
+    sealer = secret_sealer(settings)
+    endpoints = WebhookEndpoints(engine, max_attempts=settings.db_max_retries, sealer=sealer)
+    webhooks = WebhookActivities(
+        endpoints, EventStore(engine, max_attempts=settings.db_max_retries), settings
     )
-    webhooks = WebhookActivities(endpoints, events, settings)
+    events = EventStore(bookkeeping, max_attempts=settings.db_max_retries)
+    matched = WebhookEndpoints(bookkeeping, max_attempts=settings.db_max_retries, sealer=sealer)
     worker = Worker(
         client,
         task_queue=settings.webhook_task_queue,
@@ -152,13 +159,14 @@ async def event_worker(settings: Settings, client: Client) -> AsyncIterator[Work
             if settings.relay_enabled:
                 await running.enter_async_context(running_relay(settings, events, publisher))
                 await running.enter_async_context(
-                    running_dispatcher(settings, events, endpoints, client)
+                    running_dispatcher(settings, events, matched, client)
                 )
             yield worker
     finally:
         await webhooks.aclose()
         await asyncio.to_thread(publisher.close, 10.0)
         await engine.dispose()
+        await bookkeeping.dispose()
 
 
 async def main() -> None:

@@ -137,18 +137,49 @@ def sqlstate(exc: BaseException) -> str | None:
 PING_IF_IDLE_SECONDS = 1.0
 
 
-def make_engine(url: str, pool_size: int = 10, max_overflow: int | None = None) -> AsyncEngine:
+def make_engine(
+    url: str,
+    pool_size: int = 10,
+    max_overflow: int | None = None,
+    *,
+    isolation: str = "SERIALIZABLE",
+) -> AsyncEngine:
     """At most `pool_size` + `max_overflow` (default: `pool_size`) connections; the overflow
-    ones are closed as soon as they are returned."""
+    ones are closed as soon as they are returned. Transactions run at `isolation`; the
+    one-statement ones of `run_statement` take the session's default, which is the database's
+    (SERIALIZABLE: the embedded PostgreSQL is started so, CockroachDB always is) or, for
+    another `isolation`, that one, set when the connection opens."""
+    connect_args: dict[str, str] = {}
+    if isolation != "SERIALIZABLE":
+        session_default = isolation.lower().replace(" ", "\\ ")
+        connect_args["options"] = f"-c default_transaction_isolation={session_default}"
     engine = create_async_engine(
         url,
-        isolation_level="SERIALIZABLE",
+        isolation_level=isolation,
         pool_size=pool_size,
         max_overflow=pool_size if max_overflow is None else max_overflow,
         pool_recycle=300,
+        connect_args=connect_args,
     )
     _ping_when_idle(engine)
     return engine
+
+
+def make_bookkeeping_engine(url: str, pool_size: int = 2) -> AsyncEngine:
+    """For the events store's background bookkeeping only: the outbox relay, the webhook
+    dispatcher and the record of Kafka's acknowledgements. They run at READ COMMITTED.
+
+    Their statements mark or read many `outbox_events` rows at once (`published_at`,
+    `dispatched_at`, the partial indexes of what is owed). Under SERIALIZABLE each one took
+    predicate locks on those indexes' pages, and PostgreSQL's SSI then aborted the ledger
+    postings that inserted their events into the same pages: under load most serialization
+    failures were such pairs (README Performance), a posting run again for bookkeeping that
+    needs no isolation at all. Every one of these writes is idempotent or a compare-and-set
+    on one row (an acknowledgement, a dispatch mark, the relay's epoch and sweep cursor),
+    which READ COMMITTED re-checks on the row it waited for; the ledger and every other
+    write stay SERIALIZABLE. CockroachDB runs READ COMMITTED where the cluster allows it and
+    SERIALIZABLE otherwise, which is only slower."""
+    return make_engine(url, pool_size=pool_size, isolation="READ COMMITTED")
 
 
 def _ping_when_idle(engine: AsyncEngine) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from activities.crm import sign_webhook, verify_webhook
 from activities.event_store import EventStore
@@ -31,7 +31,13 @@ from activities.kafka import EventPublisher
 from checker.report import OUTBOX_IN_KAFKA, CheckScope
 from checker.runner import run_checks
 from domain.events import EventKind, PaymentEvent, event_id
-from infra.database import make_engine
+from infra.database import (
+    TooMuchContention,
+    make_bookkeeping_engine,
+    make_engine,
+    run_serializable,
+    run_statement,
+)
 from infra.embedded.stack import CRM_SECRET_FILE, Stack
 from infra.relay import BrokerEpochs, OutboxRelay
 from infra.temporal_client import connect_client
@@ -278,9 +284,83 @@ async def test_events_kafka_acknowledged_are_not_published_again(
     assert not await store.unpublished(datetime.now(UTC) - timedelta(seconds=1), 10)
 
 
-async def test_racing_relays_agree_on_one_broker_epoch_and_one_sweep(
-    engine: AsyncEngine, publisher: EventPublisher, app_settings: Settings, stack: Stack
+@pytest.fixture
+async def bookkeeping(stack: Stack) -> AsyncIterator[AsyncEngine]:
+    """The relay's and the dispatcher's engine in the worker: READ COMMITTED."""
+    engine = make_bookkeeping_engine(stack.database_url, pool_size=4)
+    yield engine
+    await engine.dispose()
+
+
+async def test_the_bookkeeping_runs_read_committed_and_everything_else_serializable(
+    engine: AsyncEngine, bookkeeping: AsyncEngine
 ) -> None:
+    async def isolation(conn: AsyncConnection) -> str:
+        return str(await conn.scalar(text("SHOW transaction_isolation")))
+
+    async def both(of: AsyncEngine) -> tuple[str, str]:
+        return await run_statement(of, isolation), await run_serializable(of, isolation)
+
+    assert await both(bookkeeping) == ("read committed", "read committed")
+    assert await both(engine) == ("serializable", "serializable")
+
+
+async def test_an_acknowledgement_waits_for_a_concurrent_writer_instead_of_failing(
+    engine: AsyncEngine, bookkeeping: AsyncEngine
+) -> None:
+    """A mark of rows another transaction is changing (the other worker's dispatcher, a
+    posting) fails under SERIALIZABLE, 40001, and was retried; at READ COMMITTED it waits for
+    that transaction and goes on. The same class of conflict, through predicate locks, aborted
+    ledger postings for the relay's and the dispatcher's sake (infra.database)."""
+    events = [_orphan_event(), _orphan_event()]
+    for event in events:
+        assert await EventStore(engine).record(event.record())
+
+    for store, survives in (
+        (EventStore(engine, max_attempts=1), False),
+        (EventStore(bookkeeping, max_attempts=1), True),
+    ):
+        the_id = events[survives].id
+        async with engine.begin() as writer:  # holds the row until the mark is waiting for it
+            await writer.execute(
+                text(
+                    "UPDATE outbox_events SET dispatched_at = now()"
+                    " WHERE event_id = CAST(:i AS uuid)"
+                ),
+                {"i": the_id},
+            )
+            mark = asyncio.create_task(store.mark_published([the_id]))
+            await _until_the_mark_waits_for_a_lock(engine)
+        if survives:
+            await mark
+            assert await _published(engine, the_id)
+        else:
+            with pytest.raises(TooMuchContention):
+                await mark
+            assert not await _published(engine, the_id)
+
+
+async def _until_the_mark_waits_for_a_lock(engine: AsyncEngine) -> None:
+    async with engine.connect() as conn:
+        for _ in range(100):
+            waiting = await conn.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND query LIKE 'UPDATE outbox_events SET published_at%'"
+                )
+            )
+            await conn.rollback()
+            if waiting:
+                return
+            await asyncio.sleep(0.05)
+    raise AssertionError("the mark never waited for the row")
+
+
+async def test_racing_relays_agree_on_one_broker_epoch_and_one_sweep(
+    bookkeeping: AsyncEngine, publisher: EventPublisher, app_settings: Settings, stack: Stack
+) -> None:
+    """On the worker's READ COMMITTED engine: the epoch is a compare-and-set on one row."""
+    engine = bookkeeping
     settings = _relay_settings(app_settings)
     name = f"race-{uuid.uuid4().hex[:6]}"
     relays = [
