@@ -265,14 +265,9 @@ class Settings(BaseSettings):
 
     def all_api_keys(self) -> list[ApiKey]:
         keys = list(self.api_keys)
-        if self.api_key_file and self.api_key_file.exists():
-            keys.append(
-                ApiKey(
-                    client_id=DEV_CLIENT_ID,
-                    key_sha256=ApiKey.hash(self.api_key_file.read_text().strip()),
-                    scopes=list(DEV_KEY_SCOPES),
-                )
-            )
+        dev_key = _dev_api_key(self.api_key_file) if self.api_key_file else None
+        if dev_key is not None:
+            keys.append(dev_key)
         return keys
 
     def intake_topics(self) -> dict[str, str]:
@@ -282,6 +277,25 @@ class Settings(BaseSettings):
     @property
     def dispute_window_seconds(self) -> float:
         return self.dispute_window_days * SECONDS_PER_DAY
+
+
+def _dev_api_key(path: Path) -> ApiKey | None:
+    """The dev key file's key (`paysaga run` writes it). Asked for on every request, so it is
+    read and hashed again only when the file changes (a new `paysaga run`)."""
+    try:
+        seen = path.stat()
+    except OSError:
+        return None
+    return _read_dev_api_key(path, seen.st_mtime_ns, seen.st_size)
+
+
+@lru_cache(maxsize=8)
+def _read_dev_api_key(path: Path, mtime_ns: int, size: int) -> ApiKey | None:
+    try:
+        raw = path.read_text().strip()
+    except OSError:
+        return None
+    return ApiKey(client_id=DEV_CLIENT_ID, key_sha256=ApiKey.hash(raw), scopes=list(DEV_KEY_SCOPES))
 
 
 def intake_topic(client_id: str) -> str:

@@ -494,6 +494,27 @@ async def test_dev_key_file_authenticates(tmp_path: Path) -> None:
     assert response.json() == {"id": "p", "client_id": "dev"}
 
 
+async def test_a_new_dev_key_file_replaces_the_old_key_at_once(tmp_path: Path) -> None:
+    """The file is read again only when it changes (it is consulted on every request), and a
+    change is seen by the next request: the old key stops working, a removed file admits none."""
+    key_file = tmp_path / "api_key"
+    old_key, new_key = generate_api_key(), generate_api_key()
+    key_file.write_text(old_key + "\n")
+    app = build_app(_settings(api_key_file=key_file))
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://paysaga.test"
+    ) as client:
+
+        async def status_with(key: str) -> int:
+            return (await client.get("/v1/payments/p", headers=_headers(key))).status_code
+
+        assert await status_with(old_key) == 200
+        key_file.write_text(new_key + "\n")
+        assert (await status_with(old_key), await status_with(new_key)) == (401, 200)
+        key_file.unlink()
+        assert (await status_with(old_key), await status_with(new_key)) == (401, 401)
+
+
 # --- Least privilege -----------------------------------------------------------------------
 
 
