@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
@@ -31,6 +32,9 @@ from workflows.webhook_delivery import WebhookDeliveryWorkflow
 log = logging.getLogger("paysaga.webhooks")
 
 _START_CONCURRENCY = 20
+# The pass over events no endpoint can want is housekeeping (it keeps the partial index of
+# undispatched events short): the dispatcher reads only wanted events, whatever it left.
+PASS_OVER_EVERY_SECONDS = 5.0
 
 
 def retry_policy(settings: Settings, *, manual: bool = False) -> WebhookRetryPolicy:
@@ -88,6 +92,7 @@ class WebhookDispatcher:
         self.temporal = temporal
         self.settings = settings
         self.started = 0
+        self._next_pass_over = 0.0
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -101,7 +106,9 @@ class WebhookDispatcher:
 
     async def dispatch_once(self) -> int:
         """Match one batch of undispatched events; how many events it looked at."""
-        await self.endpoints.pass_over_unwanted_events()
+        if time.monotonic() >= self._next_pass_over:
+            await self.endpoints.pass_over_unwanted_events()
+            self._next_pass_over = time.monotonic() + PASS_OVER_EVERY_SECONDS
         # Only events some endpoint may want: those no endpoint wants that were recorded since
         # the pass are left to the next pass (under load, every round found a few: a read,
         # a look-up of endpoints and a write for nothing).
