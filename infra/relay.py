@@ -69,25 +69,41 @@ class BrokerEpochs:
         self.timeout = timeout
 
     def current(self) -> str:
-        self._ensure_topic()
-        epoch = self._first_record()
-        if epoch is None:
-            self._write(uuid.uuid4().hex)
-            epoch = self._first_record()
+        # One consumer per check (not one kept across checks: a broker restart must be met by
+        # fresh connections), which also lists the topics: no admin client unless it is missing.
+        consumer = Consumer(
+            {
+                "bootstrap.servers": self.bootstrap_servers,
+                "group.id": f"paysaga-relay-epoch-{uuid.uuid4().hex[:8]}",  # never joined
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+                "fetch.wait.max.ms": 50,
+                "socket.timeout.ms": 5000,
+            }
+        )
+        try:
+            if not self._topic_exists(consumer):
+                self._create_topic()
+            epoch = self._first_record(consumer)
+            if epoch is None:
+                self._write(uuid.uuid4().hex)
+                epoch = self._first_record(consumer)
+        finally:
+            consumer.close()
         if epoch is None:
             raise BrokerUnavailable(f"the epoch marker written to {self.topic} cannot be read")
         return epoch
 
-    def _ensure_topic(self) -> None:
+    def _topic_exists(self, consumer: Consumer) -> bool:
+        try:
+            return self.topic in consumer.list_topics(timeout=self.timeout).topics
+        except KafkaException as exc:
+            raise BrokerUnavailable(str(exc)) from None
+
+    def _create_topic(self) -> None:
         admin = AdminClient(
             {"bootstrap.servers": self.bootstrap_servers, "socket.timeout.ms": 5000}
         )
-        try:
-            topics = admin.list_topics(timeout=self.timeout).topics
-        except KafkaException as exc:
-            raise BrokerUnavailable(str(exc)) from None
-        if self.topic in topics:
-            return
         # Kept forever: a marker lost to retention would look like a lost log.
         wanted = NewTopic(
             self.topic, num_partitions=1, replication_factor=1, config={"retention.ms": "-1"}
@@ -99,30 +115,18 @@ class BrokerEpochs:
                 if "TOPIC_ALREADY_EXISTS" not in str(exc):
                     raise BrokerUnavailable(f"cannot create {self.topic}: {exc}") from None
 
-    def _first_record(self) -> str | None:
-        consumer = Consumer(
-            {
-                "bootstrap.servers": self.bootstrap_servers,
-                "group.id": f"paysaga-relay-epoch-{uuid.uuid4().hex[:8]}",  # never joined
-                "enable.auto.commit": False,
-                "enable.partition.eof": True,
-                "fetch.wait.max.ms": 50,
-            }
-        )
-        try:
-            consumer.assign([TopicPartition(self.topic, 0, OFFSET_BEGINNING)])
-            deadline = time.monotonic() + self.timeout
-            while time.monotonic() < deadline:
-                for message in consumer.consume(num_messages=1, timeout=0.2):
-                    error = message.error()
-                    if error is None:
-                        value = message.value()
-                        return value.decode() if isinstance(value, bytes) else str(value)
-                    if error.code() == KafkaError._PARTITION_EOF:
-                        return None  # read to the end and found nothing: an empty log
-                    raise BrokerUnavailable(error.str())
-        finally:
-            consumer.close()
+    def _first_record(self, consumer: Consumer) -> str | None:
+        consumer.assign([TopicPartition(self.topic, 0, OFFSET_BEGINNING)])
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            for message in consumer.consume(num_messages=1, timeout=0.2):
+                error = message.error()
+                if error is None:
+                    value = message.value()
+                    return value.decode() if isinstance(value, bytes) else str(value)
+                if error.code() == KafkaError._PARTITION_EOF:
+                    return None  # read to the end and found nothing: an empty log
+                raise BrokerUnavailable(error.str())
         raise BrokerUnavailable(f"no answer reading {self.topic} within {self.timeout:g}s")
 
     def _write(self, candidate: str) -> None:
@@ -160,6 +164,10 @@ class OutboxRelay:
         self.epochs = epochs
         self.name = name
         self._next_broker_check = 0.0
+        # Whether a sweep may be under way: at start (one interrupted by a crash) and after
+        # every broker check (this relay or another may have started one). Between checks
+        # the relay's state is not read again once it showed no sweep.
+        self._sweep_may_run = True
         self.totals = RelayPass()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -187,6 +195,7 @@ class OutboxRelay:
     async def check_broker(self) -> bool:
         """True when the broker's log turned out to be a new one (a sweep was started)."""
         assert self.epochs is not None
+        self._sweep_may_run = True
         try:
             epoch = await asyncio.to_thread(self.epochs.current)
         except BrokerUnavailable as exc:
@@ -211,10 +220,11 @@ class OutboxRelay:
     async def sweep(self) -> int:
         """Continue the current sweep (after a lost log) until it is done or Kafka fails."""
         swept = 0
-        while True:
+        while self._sweep_may_run:
             state = await self.store.relay_state(self.name)
             until = state.sweep_until
             if until is None:
+                self._sweep_may_run = False
                 return swept
             page = await self.store.created_between(
                 state.sweep_cursor, None, until, self.settings.relay_batch_size
@@ -229,6 +239,7 @@ class OutboxRelay:
             if finished:
                 log.warning("outbox relay: sweep finished (%d events republished)", swept)
                 return swept
+        return swept
 
     async def publish_owed(self) -> int:
         published = 0
