@@ -83,6 +83,9 @@ class WebhookEndpoint(BaseModel):
     enabled_events: list[str]
     status: EndpointStatus
     disabled_reason: str | None
+    # The signing secrets as stored: sealed (`sealed:v1:…`) or, from before sealing, in the
+    # clear. Opened only to sign (`WebhookEndpoints.signing_secrets`), so an endpoint whose key
+    # was retired still reads, lists and dispatches; only its deliveries fail, saying why.
     secret: str
     previous_secret: str | None
     previous_secret_expires_at: datetime | None
@@ -91,17 +94,11 @@ class WebhookEndpoint(BaseModel):
     deleted_at: datetime | None
     created_at: datetime
     updated_at: datetime
+    # The new secret in the clear: on the answers to creation and rotation only.
+    revealed_secret: str | None = None
 
     def wants(self, api_type: str) -> bool:
         return any(event_type_matches(pattern, api_type) for pattern in self.enabled_events)
-
-    def signing_secrets(self, now: datetime) -> list[str]:
-        """The current secret, and the previous one while its overlap lasts."""
-        found = [self.secret]
-        expires = self.previous_secret_expires_at
-        if self.previous_secret and expires is not None and now < expires:
-            found.append(self.previous_secret)
-        return found
 
 
 class DeliveryRecord(AttemptLog):
@@ -131,14 +128,24 @@ class WebhookEndpoints:
         return self.sealer.seal_text(secret, endpoint_id) if self.sealer else secret
 
     def _endpoint(self, row: Any) -> WebhookEndpoint:
-        values = dict(row._mapping)
-        for column in ("secret", "previous_secret"):
-            stored = values[column]
-            if stored is not None and is_sealed(stored):
-                if self.sealer is None:
-                    raise UnknownEncryptionKeyError(sealed_key_id(stored), [])
-                values[column] = self.sealer.open_text(stored, values["id"])
-        return WebhookEndpoint.model_validate(values)
+        return WebhookEndpoint.model_validate(dict(row._mapping))
+
+    def signing_secrets(self, endpoint: WebhookEndpoint, now: datetime) -> list[str]:
+        """The current secret, and the previous one while its overlap lasts, opened. Raises
+        UnknownEncryptionKeyError when the key that sealed one is no longer configured, and
+        PayloadDecryptionError for a value altered or sealed for another endpoint."""
+        stored = [endpoint.secret]
+        expires = endpoint.previous_secret_expires_at
+        if endpoint.previous_secret and expires is not None and now < expires:
+            stored.append(endpoint.previous_secret)
+        return [self._open(value, endpoint.id) for value in stored]
+
+    def _open(self, stored: str, endpoint_id: str) -> str:
+        if not is_sealed(stored):
+            return stored  # stored in the clear before sealing began
+        if self.sealer is None:
+            raise UnknownEncryptionKeyError(sealed_key_id(stored), [])
+        return self.sealer.open_text(stored, endpoint_id)
 
     async def _write(self, work: Any) -> Any:
         return await run_serializable(self.engine, work, max_attempts=self.max_attempts)
@@ -150,6 +157,7 @@ class WebhookEndpoints:
     ) -> WebhookEndpoint:  # fmt: skip
         now = datetime.now(UTC)
         endpoint_id = new_endpoint_id()
+        secret = new_signing_secret()
         values = {
             "id": endpoint_id,
             "client_id": client_id,
@@ -158,7 +166,7 @@ class WebhookEndpoints:
             "enabled_events": enabled_events,
             "status": (EndpointStatus.ENABLED if enabled else EndpointStatus.DISABLED).value,
             "disabled_reason": None if enabled else "disabled by the merchant",
-            "secret": self._seal(new_signing_secret(), endpoint_id),
+            "secret": self._seal(secret, endpoint_id),
             "created_at": now,
             "updated_at": now,
         }
@@ -181,7 +189,7 @@ class WebhookEndpoints:
             return self._endpoint(row)
 
         created: WebhookEndpoint = await self._write(work)
-        return created
+        return created.model_copy(update={"revealed_secret": secret})
 
     async def get(self, client_id: str, endpoint_id: str) -> WebhookEndpoint | None:
         async with self.engine.connect() as conn:
@@ -246,13 +254,15 @@ class WebhookEndpoints:
     ) -> WebhookEndpoint | None:
         """A new secret; the current one keeps signing too until `overlap` has passed."""
         now = datetime.now(UTC)
+        secret = new_signing_secret()
         values = {
             "previous_secret": webhook_endpoints.c.secret,  # sealed for the same row, or legacy
             "previous_secret_expires_at": now + overlap,
-            "secret": self._seal(new_signing_secret(), endpoint_id),
+            "secret": self._seal(secret, endpoint_id),
             "updated_at": now,
         }
-        return await self._update_one(client_id, endpoint_id, values)
+        rotated = await self._update_one(client_id, endpoint_id, values)
+        return rotated.model_copy(update={"revealed_secret": secret}) if rotated else None
 
     async def _update_one(
         self, client_id: str, endpoint_id: str, values: dict[str, Any]

@@ -36,6 +36,7 @@ from domain.webhooks import (
     is_public_address,
     literal_address,
 )
+from infra.codec import PayloadDecryptionError
 from settings import Settings
 
 log = logging.getLogger(__name__)
@@ -118,14 +119,6 @@ class WebhookActivities(OwnsHttpClient):
     async def _post(
         self, endpoint: WebhookEndpoint, body_json: str, attempt: DeliveryAttempt, at: datetime
     ) -> AttemptOutcome:
-        body = body_json.encode()
-        headers = {
-            "Content-Type": "application/json",
-            "User-Agent": _USER_AGENT,
-            IDEMPOTENCY_HEADER: attempt.event_id,
-            # Signed per attempt: a retry days later still lands within the receiver's tolerance.
-            SIGNATURE_HEADER: sign_webhook(endpoint.signing_secrets(at), body, int(time.time())),
-        }
         started = time.monotonic()
 
         def outcome(status: int | None, error: str | None) -> AttemptOutcome:
@@ -136,6 +129,21 @@ class WebhookActivities(OwnsHttpClient):
                 error=error[:_ERROR_CHARS] if error else None,
             )
 
+        try:
+            secrets = self._endpoints.signing_secrets(endpoint, at)
+        except PayloadDecryptionError as exc:
+            # Its key retired (UnknownEncryptionKeyError), or the value altered. A failed attempt
+            # like any other (logged, retried, in the endpoint's delivery log): restoring the key
+            # in PAYSAGA_ENCRYPTION_KEYS lets the next attempt through.
+            return outcome(None, f"not sent: the signing secret cannot be opened: {exc}")
+        body = body_json.encode()
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": _USER_AGENT,
+            IDEMPOTENCY_HEADER: attempt.event_id,
+            # Signed per attempt: a retry days later still lands within the receiver's tolerance.
+            SIGNATURE_HEADER: sign_webhook(secrets, body, int(time.time())),
+        }
         refused = await self._refused_address(endpoint.url)
         if refused:
             return outcome(None, refused)

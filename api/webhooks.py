@@ -118,7 +118,7 @@ class WebhookEndpointResource(BaseModel):
             else None,
             created_at=endpoint.created_at,
             updated_at=endpoint.updated_at,
-            secret=endpoint.secret if with_secret else None,
+            secret=endpoint.revealed_secret if with_secret else None,
         )
 
 

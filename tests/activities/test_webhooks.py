@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from http.server import ThreadingHTTPServer
 from typing import Any
 
@@ -428,7 +428,16 @@ async def test_a_sealed_secret_opens_only_for_its_own_endpoint_and_legacy_ones_s
     first = await store.create(client, "https://a.example/hook", ["*"], None, True)
     second = await store.create(client, "https://b.example/hook", ["*"], None, True)
     legacy = await store.create(client, "https://c.example/hook", ["*"], None, True)
-    assert first.secret.startswith("whsec_") and first.secret != second.secret
+    assert first.revealed_secret and first.revealed_secret.startswith("whsec_")
+    assert first.revealed_secret != second.revealed_secret
+    assert first.revealed_secret not in first.secret  # what is kept is sealed
+    now = datetime.now(UTC)
+
+    async def signing_secrets(of: WebhookEndpoints, endpoint_id: str) -> list[str]:
+        found = await of.get(client, endpoint_id)
+        assert found is not None and found.revealed_secret is None  # never shown again
+        return of.signing_secrets(found, now)
+
     async with engine.begin() as conn:
         # Another endpoint's sealed secret copied over this one's does not open here.
         await conn.execute(
@@ -444,11 +453,49 @@ async def test_a_sealed_secret_opens_only_for_its_own_endpoint_and_legacy_ones_s
             {"i": legacy.id},
         )
     with pytest.raises(PayloadDecryptionError):
-        await store.get(client, second.id)
-    assert (await store.get(client, first.id)).secret == first.secret  # type: ignore[union-attr]
-    assert (await store.get(client, legacy.id)).secret == "whsec_legacy"  # type: ignore[union-attr]
+        await signing_secrets(store, second.id)
+    assert await signing_secrets(store, first.id) == [first.revealed_secret]
+    assert await signing_secrets(store, legacy.id) == ["whsec_legacy"]
     with pytest.raises(UnknownEncryptionKeyError, match="'hooks1'"):  # names the missing key
-        await WebhookEndpoints(engine).get(client, first.id)
+        await signing_secrets(WebhookEndpoints(engine), first.id)
+
+
+async def test_an_endpoint_whose_key_was_retired_still_reads_and_only_its_deliveries_fail(
+    merchant_a: httpx.AsyncClient,
+    merchant_b: httpx.AsyncClient,
+    receiver: FakeCrmServer,
+    engine: AsyncEngine,
+) -> None:
+    """Its secret sealed with a key no longer in PAYSAGA_ENCRYPTION_KEYS: the API still shows,
+    lists and changes the endpoint (no 500), its attempts fail saying why, in its delivery log,
+    and every other endpoint's deliveries go on (the dispatcher matches without opening)."""
+    stranded = await _endpoint(merchant_a, receiver.url("/stranded"))
+    healthy = await _endpoint(merchant_b, receiver.url(HOOK))
+    retired = EncryptionCodec.from_keys(
+        [EncryptionKey.model_validate({"key_id": "retired1", "key_b64": generate_key()})]
+    )
+    async with engine.begin() as conn:
+        await conn.execute(
+            text("UPDATE webhook_endpoints SET secret = :s WHERE id = :i"),
+            {"s": retired.seal_text("whsec_of_the_past", stranded["id"]), "i": stranded["id"]},
+        )
+
+    path = f"/v1/webhook_endpoints/{stranded['id']}"
+    assert (await merchant_a.get(path)).json() == {**stranded, "secret": None}
+    listed = await merchant_a.get("/v1/webhook_endpoints")
+    assert listed.status_code == 200 and [e["id"] for e in listed.json()["data"]] == [
+        stranded["id"]
+    ]
+    changed = await merchant_a.post(path, json={"description": "key retired"})
+    assert changed.status_code == 200 and changed.json()["description"] == "key retired"
+
+    await asyncio.gather(_pay(merchant_a), _pay(merchant_b))
+    [delivered] = await receiver.wait_for_requests(1, HOOK, timeout=20)
+    assert _verifies(delivered, healthy["secret"])
+    [failed, *_] = await _attempts(merchant_a, stranded["id"], lambda log: len(log) >= 1)
+    assert failed["succeeded"] is False and failed["status_code"] is None
+    assert "cannot be opened" in failed["error"] and "'retired1'" in failed["error"]
+    assert not receiver.requests_for("/stranded")
 
 
 async def test_endpoints_and_their_events_are_scoped_to_their_client(
