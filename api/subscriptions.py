@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from datetime import timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Request, Response
@@ -57,7 +56,7 @@ from domain.subscription import (
     total_over_limit,
 )
 from service.follow_ups import unprocessed
-from service.lookup import held_for
+from service.lookup import ask_state, held_for
 from service.start import start_subscription
 from workflows import search_attributes as sa
 
@@ -80,10 +79,8 @@ def _not_found() -> ApiError:
 
 
 async def _query(handle: WorkflowHandle[Any, Any], timeout: float) -> SubscriptionState:
-    state: SubscriptionState = await handle.query(
-        "state", result_type=SubscriptionState, rpc_timeout=timedelta(seconds=timeout)
-    )
-    return state
+    """Asked again within `timeout` when Temporal lost or refused the query, as a payment's."""
+    return await ask_state(handle, SubscriptionState, timeout)
 
 
 async def load_subscription(

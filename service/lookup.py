@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from temporalio.client import WorkflowHandle
 from temporalio.service import RPCError, RPCStatusCode
@@ -15,6 +15,7 @@ from domain.payment import CrmSync, PaymentRequest, PaymentState, PaymentStatus
 from ledger.store import Ledger
 from workflows.search_attributes import CLIENT_ID
 
+T = TypeVar("T")
 _POLL_SECONDS = 0.05
 # query_state: the first attempt's deadline (each next one twice as long), and the answers
 # after which it asks again.
@@ -27,8 +28,13 @@ _ASK_AGAIN_MAX_PAUSE = 0.5
 
 
 async def query_state(handle: WorkflowHandle[Any, Any], timeout: float) -> PaymentState:
-    """The workflow's state, asked for up to `timeout` seconds; past it the RPCError says why
-    (the caller answers that the payment is unavailable for now).
+    """The payment workflow's state (`ask_state`)."""
+    return await ask_state(handle, PaymentState, timeout)
+
+
+async def ask_state(handle: WorkflowHandle[Any, Any], result_type: type[T], timeout: float) -> T:
+    """A workflow's `state` query (a payment's or a subscription's), asked for up to `timeout`
+    seconds; past it the RPCError says why (the caller answers that it is unavailable for now).
 
     Asked in attempts of _QUERY_ATTEMPT_SECONDS, each next one twice as long: a query can be
     lost in Temporal while the workflow itself is well (buffered behind a workflow task that
@@ -47,9 +53,9 @@ async def query_state(handle: WorkflowHandle[Any, Any], timeout: float) -> Payme
         attempt = min(deadline - loop.time(), patience)
         patience *= 2
         try:
-            state: PaymentState = await handle.query(
+            state: T = await handle.query(
                 "state",
-                result_type=PaymentState,
+                result_type=result_type,
                 rpc_timeout=timedelta(seconds=max(attempt, _ASK_AGAIN_FIRST_PAUSE)),
             )
             return state
