@@ -7,6 +7,7 @@ import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal, get_args
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, SecretStr, StringConstraints, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -69,7 +70,10 @@ _DUNNING = DunningPolicy()
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="PAYSAGA_", extra="ignore")
+    # An invalid value is never echoed back: settings hold URLs with credentials and keys.
+    model_config = SettingsConfigDict(
+        env_prefix="PAYSAGA_", extra="ignore", hide_input_in_errors=True
+    )
 
     home: Path = Path(".paysaga")
 
@@ -255,6 +259,24 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
         return value
+
+    @field_validator(
+        "crm_webhook_url", "salesforce_base_url", "hubspot_base_url", "acquirer_url",
+        "fraud_sidecar_url",
+    )  # fmt: skip
+    @classmethod
+    def _an_http_url(cls, value: str | None) -> str | None:
+        """Refused at start, naming the setting: a malformed URL would otherwise fail every
+        call of its step, retried for as long as the step's policy allows."""
+        if value is None or not value.strip():
+            return None
+        parsed = urlsplit(value.strip())
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            # Never echoed: a URL may carry credentials.
+            raise ValueError(
+                f"must be an http:// or https:// URL with a host (its scheme: {parsed.scheme!r})"
+            )
+        return value.strip()
 
     @field_validator("kafka_intake_clients")
     @classmethod
