@@ -2,7 +2,8 @@
 
 The same code runs on PostgreSQL (`postgresql+psycopg://`) and CockroachDB
 (`cockroachdb+psycopg://`): both are SERIALIZABLE here, and both report contention as
-SQLSTATE 40001, after which the *whole* transaction is run again.
+SQLSTATE 40001, after which the *whole* transaction is run again. The one exception is the
+events store's background bookkeeping (`make_bookkeeping_engine`), at READ COMMITTED.
 """
 
 from __future__ import annotations
