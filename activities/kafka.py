@@ -9,8 +9,10 @@ An idempotent producer breaks for good when the broker forgets its producer id, 
 embedded broker does on every restart (memory storage). librdkafka then either raises a fatal
 error (the partition had earlier messages: UNKNOWN_PRODUCER_ID cannot be retried safely) or
 keeps bumping its epoch and resending until the message times out (a partition it had not
-written to yet). Both are detected here, and the producer is replaced by a fresh one that gets
-a new producer id, instead of failing every publish until the worker restarts.
+written to yet); and a producer made after the restart may be fenced for good by an older one
+that was handed the same id. All three are detected here, and the producer is replaced by a
+fresh one that gets a new producer id, instead of failing every publish until the worker
+restarts.
 
 Over 400 lines: one external system: the producer's configuration, its recovery from a fenced
 producer id and the publishing activities change together.
@@ -161,8 +163,18 @@ def _number(value: int | None) -> int:
     return -1 if value is None else value
 
 
-def _is_fatal(err: KafkaError) -> bool:
-    return bool(err.fatal()) or err.code() == KafkaError._FATAL
+# A producer the broker fenced never sends again. A restarted embedded broker numbers producer
+# ids from scratch, so a producer made after the restart can share its id with one from before
+# that then bumps the epoch: every later send of the newer one is refused as fenced
+# (test_faults' broker kill, once in CI). Replaced like a fatal error: its successor gets an id
+# of its own.
+_FENCED = frozenset(
+    {KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH, KafkaError._FENCED}
+)
+
+
+def _breaks_producer(err: KafkaError) -> bool:
+    return bool(err.fatal()) or err.code() == KafkaError._FATAL or err.code() in _FENCED
 
 
 class EventPublisher:
@@ -312,7 +324,7 @@ class EventPublisher:
             except KafkaException as exc:
                 handle.forget(delivery)
                 err: KafkaError = exc.args[0]
-                if not _is_fatal(err):
+                if not _breaks_producer(err):
                     raise KafkaPublishError(err.str()) from None
                 handle.flag_broken(err.str())
 
@@ -331,7 +343,7 @@ class EventPublisher:
                     str(msg.topic()), _number(msg.partition()), _number(msg.offset())
                 )
             else:
-                if _is_fatal(err):
+                if _breaks_producer(err):
                     handle.flag_broken(err.str())
                 # Purged from a replaced producer, or failed by the fault that broke it.
                 outcome = _Undelivered(err.str(), producer_broken=handle.broken_reason is not None)
@@ -346,7 +358,7 @@ class EventPublisher:
 
     def _on_error(self, handle: _ProducerHandle, err: KafkaError) -> None:
         """librdkafka's error callback: mostly connection trouble it recovers from itself."""
-        if _is_fatal(err):
+        if _breaks_producer(err):
             handle.flag_broken(err.str())
         elif err.code() == KafkaError._ALL_BROKERS_DOWN:
             log.warning("kafka: all brokers down (%s): %s", self._bootstrap_servers, err.str())

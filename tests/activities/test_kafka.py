@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from confluent_kafka import KafkaError
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
@@ -262,6 +263,26 @@ async def test_publishing_recovers_after_the_broker_restarts(
         payment_id, consume_events(own_broker.bootstrap_servers, ["payments.refunded"])
     )
     assert [r.body["data"]["seq"] for r in records] == [2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    ("code", "breaks"),
+    [
+        (KafkaError.PRODUCER_FENCED, True),
+        (KafkaError.INVALID_PRODUCER_EPOCH, True),
+        (KafkaError._FENCED, True),
+        (KafkaError._FATAL, True),
+        (KafkaError._MSG_TIMED_OUT, False),
+        (KafkaError._TRANSPORT, False),
+        (KafkaError.NOT_LEADER_FOR_PARTITION, False),
+    ],
+)
+def test_a_fenced_producer_is_replaced_and_a_passing_fault_is_not(code: int, breaks: bool) -> None:
+    """A fenced producer never sends again: after a broker restart, a producer made since can
+    share its new id with an older one that bumps the epoch (test_faults' broker kill met it
+    once: every publish of the newer producer refused, for good). Replacing it is the only way
+    on; a timeout or a lost connection passes and the same producer goes on."""
+    assert kafka_activities._breaks_producer(KafkaError(code)) is breaks
 
 
 @pytest.mark.slow
