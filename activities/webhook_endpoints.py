@@ -29,7 +29,13 @@ from domain.webhooks import (
     new_endpoint_id,
     new_signing_secret,
 )
-from infra.codec import EncryptionCodec, UnknownEncryptionKeyError, is_sealed, sealed_key_id
+from infra.codec import (
+    EncryptionCodec,
+    PayloadDecryptionError,
+    UnknownEncryptionKeyError,
+    is_sealed,
+    sealed_key_id,
+)
 from infra.database import run_serializable
 from ledger.store import insert_event
 from ledger.tables import metadata, outbox_events
@@ -101,6 +107,15 @@ class WebhookEndpoint(BaseModel):
         return any(event_type_matches(pattern, api_type) for pattern in self.enabled_events)
 
 
+class Resealed(BaseModel):
+    """What `reseal_all` did: endpoints whose secrets it moved under the current key, those
+    already there, and those it could not open (their key is no longer configured)."""
+
+    resealed: int = 0
+    current: int = 0
+    unopenable: list[str] = []
+
+
 class DeliveryRecord(AttemptLog):
     """A stored attempt: its log line and whose it is."""
 
@@ -149,6 +164,66 @@ class WebhookEndpoints:
 
     async def _write(self, work: Any) -> Any:
         return await run_serializable(self.engine, work, max_attempts=self.max_attempts)
+
+    # ── retiring an encryption key ───────────────────────────────────────────────────────
+    async def reseal_all(self) -> Resealed:
+        """`paysaga webhooks reseal`: every endpoint's secrets (current and previous, deleted
+        endpoints too) sealed with the first of the configured keys, the secrets themselves
+        unchanged: merchants change nothing, and the older keys can then be removed. Secrets
+        stored in the clear are sealed too. Each row is changed only if no rotation changed it
+        meanwhile (a rotation seals with the current key anyway)."""
+        assert self.sealer is not None, "resealing needs the encryption keys"
+        current_key = self.sealer.key_ids[0]
+        done = Resealed()
+        async with self.engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(
+                        webhook_endpoints.c.id,
+                        webhook_endpoints.c.secret,
+                        webhook_endpoints.c.previous_secret,
+                    ).order_by(webhook_endpoints.c.id)
+                )
+            ).all()
+        for endpoint_id, secret, previous in rows:
+            stale = [
+                v
+                for v in (secret, previous)
+                if v is not None and (not is_sealed(v) or sealed_key_id(v) != current_key)
+            ]
+            if not stale:
+                done.current += 1
+                continue
+            try:
+                values = {
+                    column: self._seal(self._open(value, endpoint_id), endpoint_id)
+                    for column, value in (("secret", secret), ("previous_secret", previous))
+                    if value is not None
+                }
+            except PayloadDecryptionError:
+                done.unopenable.append(endpoint_id)
+                continue
+            if await self._replace_secrets(endpoint_id, (secret, previous), values):
+                done.resealed += 1
+        return done
+
+    async def _replace_secrets(
+        self, endpoint_id: str, seen: tuple[str, str | None], values: dict[str, str]
+    ) -> bool:
+        async def work(conn: AsyncConnection) -> bool:
+            changed = await conn.execute(
+                webhook_endpoints.update()
+                .where(
+                    webhook_endpoints.c.id == endpoint_id,
+                    webhook_endpoints.c.secret == seen[0],
+                    webhook_endpoints.c.previous_secret.is_not_distinct_from(seen[1]),
+                )
+                .values(**values)
+            )
+            return changed.rowcount == 1
+
+        replaced: bool = await self._write(work)
+        return replaced
 
     # ── the API's side ───────────────────────────────────────────────────────────────────
     async def create(

@@ -16,7 +16,7 @@ import typer
 from pydantic import ValidationError
 
 from bench import run as bench
-from cli import check, crm, events, recon, subscriptions
+from cli import check, crm, events, recon, subscriptions, webhooks
 from cli.client import (
     DEFAULT_API_URL,
     Connection,
@@ -293,6 +293,7 @@ app.add_typer(crm.app, name="crm")
 app.add_typer(events.app, name="events")
 app.add_typer(recon.app, name="recon")
 app.add_typer(subscriptions.app, name="subscriptions")
+app.add_typer(webhooks.app, name="webhooks")
 
 
 def main() -> None:

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from http.server import ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -33,8 +38,11 @@ from infra.codec import (
     PayloadDecryptionError,
     UnknownEncryptionKeyError,
     generate_key,
+    is_sealed,
+    sealed_key_id,
 )
 from infra.embedded.process import free_port
+from infra.embedded.stack import Stack
 from settings import ApiKey, EncryptionKey, Settings
 from tests.conftest import MERCHANT_SCOPES
 from tests.helpers.api_client import api_client
@@ -608,3 +616,75 @@ async def _handled(receiver: dict[str, Any], the_id: str, timeout: float = 20) -
     while the_id not in receiver["handled"]:
         assert time.monotonic() < deadline, f"the documented receiver never handled {the_id}"
         await asyncio.sleep(0.1)
+
+
+async def test_reseal_moves_every_secret_under_the_current_key_and_names_what_it_cannot_open(
+    engine: AsyncEngine, stack: Stack
+) -> None:
+    """`paysaga webhooks reseal` before retiring a key: the secrets (current and previous) are
+    sealed with the first configured key and stay the same, so merchants change nothing and the
+    old key can go; a secret in the clear is sealed too; one whose key is gone is named, exit 1."""
+    old_key, new_key, lost_key = (
+        EncryptionKey.model_validate({"key_id": name, "key_b64": generate_key()})
+        for name in ("reseal-old", "reseal-new", "reseal-lost")
+    )
+    client = f"reseal-{uuid.uuid4().hex[:6]}"
+    old_store = WebhookEndpoints(engine, sealer=EncryptionCodec.from_keys([old_key]))
+    rotated = await old_store.create(client, "https://a.example/hook", ["*"], None, True)
+    newest = await old_store.rotate_secret(client, rotated.id, timedelta(days=1))
+    legacy = await WebhookEndpoints(engine).create(
+        client, "https://b.example/hook", ["*"], None, True
+    )
+    lost = await WebhookEndpoints(engine, sealer=EncryptionCodec.from_keys([lost_key])).create(
+        client, "https://c.example/hook", ["*"], None, True
+    )
+    assert newest is not None
+
+    keys = json.dumps(
+        [{"key_id": k.key_id, "key_b64": k.key_b64.get_secret_value()} for k in (new_key, old_key)]
+    )
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("PAYSAGA_")},
+        "PAYSAGA_DATABASE_URL": stack.database_url,
+        "PAYSAGA_ENCRYPTION_KEYS": keys,
+    }
+    ran = await asyncio.to_thread(
+        subprocess.run,
+        [str(Path(sys.executable).parent / "paysaga"), "webhooks", "reseal"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ran.returncode == 1, ran.stdout + ran.stderr
+    assert "resealed" in ran.stdout and lost.id in ran.stderr, ran.stdout + ran.stderr
+
+    async with engine.connect() as conn:
+        stored = {
+            row.id: (row.secret, row.previous_secret)
+            for row in await conn.execute(
+                text(
+                    "SELECT id, secret, previous_secret FROM webhook_endpoints WHERE client_id = :c"
+                ),
+                {"c": client},
+            )
+        }
+    for endpoint_id in (rotated.id, legacy.id):
+        assert all(
+            v is None or (is_sealed(v) and sealed_key_id(v) == "reseal-new")
+            for v in stored[endpoint_id]
+        ), stored[endpoint_id]
+    assert sealed_key_id(stored[lost.id][0]) == "reseal-lost"  # left as it was
+
+    # Only the new key from now on: the same secrets still sign.
+    only_new = WebhookEndpoints(engine, sealer=EncryptionCodec.from_keys([new_key]))
+    now = datetime.now(UTC)
+    after_rotation = await only_new.get(client, rotated.id)
+    assert after_rotation is not None
+    assert only_new.signing_secrets(after_rotation, now) == [
+        newest.revealed_secret,
+        rotated.revealed_secret,
+    ]
+    after_legacy = await only_new.get(client, legacy.id)
+    assert after_legacy is not None
+    assert only_new.signing_secrets(after_legacy, now) == [legacy.revealed_secret]
