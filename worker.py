@@ -34,12 +34,12 @@ from infra.relay import running_relay
 from infra.temporal_client import connect_client
 from ledger.activity import LedgerActivities
 from ledger.store import Ledger
+from service.webhook_dispatch import running_dispatcher
 from settings import Settings, get_settings
 from workflows.payment import PaymentWorkflow
 from workflows.reconciliation import DailyReconciliationWorkflow
 from workflows.subscription import SubscriptionWorkflow
 from workflows.webhook_delivery import WebhookDeliveryWorkflow
-from workflows.webhook_dispatch import running_dispatcher
 
 log = logging.getLogger("paysaga.worker")
 

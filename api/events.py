@@ -18,7 +18,7 @@ from api.ids import EventId
 from domain.events import EVENT_TYPE_PATTERNS, EventKind, EventObject, event_type_matches
 from domain.payment import PAYMENT_ID_PATTERN, StrictRequest
 from domain.webhooks import ENDPOINT_ID_PATTERN, EndpointStatus
-from workflows.webhook_dispatch import start_delivery
+from service.webhook_dispatch import start_delivery
 
 router = APIRouter(prefix="/v1", tags=["events"])
 

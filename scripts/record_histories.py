@@ -80,6 +80,7 @@ from infra.embedded.stack import Stack
 from infra.temporal_client import connect_client
 from ledger.store import Ledger
 from service.start import payment_policy, subscription_policy
+from service.webhook_dispatch import start_delivery
 from settings import Settings
 from tests.helpers.fake_crm import FakeCrmServer
 from tests.helpers.kafka import GatedKafka
@@ -88,7 +89,6 @@ from worker import event_worker, payment_worker
 from workflows.payment import PaymentWorkflow, initial_search_attributes
 from workflows.reconciliation import DailyReconciliationRequest, DailyReconciliationWorkflow
 from workflows.subscription import SubscriptionWorkflow, initial_subscription_search_attributes
-from workflows.webhook_dispatch import start_delivery
 
 HISTORIES = Path(__file__).parent.parent / "tests" / "histories"
 CLIENT_ID = "replay-recorder"
