@@ -18,10 +18,11 @@ err = Console(stderr=True, highlight=False)
 def reseal() -> None:
     """Seal every endpoint's signing secrets with the first of PAYSAGA_ENCRYPTION_KEYS (the
     secrets stay the same: merchants change nothing). Every key that sealed one must still be
-    configured; exits 1 naming the endpoints it could not open."""
+    configured; exits 1 naming the endpoints it could not open. Without PAYSAGA_ENCRYPTION_KEYS,
+    the development key `paysaga run` keeps under its home (PAYSAGA_HOME) is the one."""
     from activities.webhook_endpoints import WebhookEndpoints
     from checker.runner import resolve_endpoints
-    from infra.codec import EncryptionCodec
+    from infra.codec import EncryptionCodec, load_or_create_dev_key
     from infra.database import make_engine
     from settings import Settings
 
@@ -30,10 +31,19 @@ def reseal() -> None:
     except ValidationError as exc:
         err.print(f"[bold red]invalid PAYSAGA_* settings:[/]\n{exc}", soft_wrap=True)
         raise typer.Exit(2) from None
-    if not settings.encryption_keys:
-        err.print("[bold red]PAYSAGA_ENCRYPTION_KEYS is not set:[/] nothing to seal with")
+    keys = settings.encryption_keys
+    dev_key_file = settings.home.expanduser() / "encryption-key"
+    if not keys and dev_key_file.is_file():
+        # The development stack's key: `paysaga run` seals with it when no keys are configured.
+        keys = [load_or_create_dev_key(dev_key_file)]
+    if not keys:
+        err.print(
+            "[bold red]PAYSAGA_ENCRYPTION_KEYS is not set[/] and there is no development key "
+            f"at {dev_key_file}: nothing to seal with",
+            soft_wrap=True,
+        )
         raise typer.Exit(2)
-    sealer = EncryptionCodec.from_keys(settings.encryption_keys)
+    sealer = EncryptionCodec.from_keys(keys)
 
     async def run() -> None:
         engine = make_engine(settings.database_url or "", pool_size=1)

@@ -39,6 +39,7 @@ from infra.codec import (
     UnknownEncryptionKeyError,
     generate_key,
     is_sealed,
+    load_or_create_dev_key,
     sealed_key_id,
 )
 from infra.embedded.process import free_port
@@ -688,3 +689,44 @@ async def test_reseal_moves_every_secret_under_the_current_key_and_names_what_it
     after_legacy = await only_new.get(client, legacy.id)
     assert after_legacy is not None
     assert only_new.signing_secrets(after_legacy, now) == [legacy.revealed_secret]
+
+
+async def test_reseal_on_the_development_stack_takes_the_key_paysaga_run_keeps(
+    engine: AsyncEngine, stack: Stack, tmp_path: Path
+) -> None:
+    """Without PAYSAGA_ENCRYPTION_KEYS, `paysaga run` seals with the key under its home: reseal
+    takes that one too (it said "nothing to seal with" on the very stack it describes), and
+    says where it looked when there is none."""
+    client = f"reseal-dev-{uuid.uuid4().hex[:6]}"
+    legacy = await WebhookEndpoints(engine).create(
+        client, "https://d.example/hook", ["*"], None, True
+    )
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("PAYSAGA_")},
+        "PAYSAGA_DATABASE_URL": stack.database_url,
+        "PAYSAGA_HOME": str(tmp_path),
+    }
+    paysaga = str(Path(sys.executable).parent / "paysaga")
+
+    def reseal() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [paysaga, "webhooks", "reseal"], env=env, capture_output=True, text=True, timeout=120
+        )
+
+    nothing = await asyncio.to_thread(reseal)
+    assert nothing.returncode == 2, nothing.stdout + nothing.stderr
+    assert str(tmp_path / "encryption-key") in nothing.stderr, nothing.stderr
+
+    dev_key = load_or_create_dev_key(tmp_path / "encryption-key")
+    ran = await asyncio.to_thread(reseal)
+    # Other tests' endpoints sealed with their own keys may be named (exit 1); ours is resealed.
+    assert ran.returncode in (0, 1) and "resealed" in ran.stdout, ran.stdout + ran.stderr
+    async with engine.connect() as conn:
+        secret = await conn.scalar(
+            text("SELECT secret FROM webhook_endpoints WHERE id = :id"), {"id": legacy.id}
+        )
+    assert is_sealed(secret) and sealed_key_id(secret) == dev_key.key_id, secret
+    with_dev_key = WebhookEndpoints(engine, sealer=EncryptionCodec.from_keys([dev_key]))
+    reread = await with_dev_key.get(client, legacy.id)
+    assert reread is not None
+    assert with_dev_key.signing_secrets(reread, datetime.now(UTC)) == [legacy.revealed_secret]
