@@ -142,7 +142,8 @@ async def event_worker(settings: Settings, client: Client) -> AsyncIterator[Work
         endpoints, EventStore(engine, max_attempts=settings.db_max_retries), settings
     )
     events = EventStore(bookkeeping, max_attempts=settings.db_max_retries)
-    matched = WebhookEndpoints(bookkeeping, max_attempts=settings.db_max_retries, sealer=sealer)
+    # The dispatcher only matches events to endpoints: it is given no key to open secrets with.
+    matched = WebhookEndpoints(bookkeeping, max_attempts=settings.db_max_retries)
     worker = Worker(
         client,
         task_queue=settings.webhook_task_queue,
