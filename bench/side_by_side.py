@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -33,20 +32,28 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cli.client import default_api_key
+
 # This checkout's ports, shifted away from the baseline's defaults.
 SHIFTED_PORTS = {
-    "PAYSAGA_API_PORT": "8100",
-    "PAYSAGA_TEMPORAL_PORT": "7333",
-    "PAYSAGA_TEMPORAL_UI_PORT": "8333",
-    "PAYSAGA_KAFKA_PORT": "9192",
-    "PAYSAGA_POSTGRES_PORT": "55532",
-    "PAYSAGA_API_METRICS_PORT": "9563",
-    "PAYSAGA_WORKER_METRICS_PORT": "9574",
-    "PAYSAGA_TEMPORAL_METRICS_PORT": "9575",
-    "PAYSAGA_CRM_SANDBOX_PORT": "8170",
-    "PAYSAGA_ACQUIRER_SANDBOX_PORT": "8120",
+    "PAYSAGA_API_PORT": 8100,
+    "PAYSAGA_TEMPORAL_PORT": 7333,
+    "PAYSAGA_TEMPORAL_UI_PORT": 8333,
+    "PAYSAGA_KAFKA_PORT": 9192,
+    "PAYSAGA_POSTGRES_PORT": 55532,
+    "PAYSAGA_API_METRICS_PORT": 9563,
+    "PAYSAGA_WORKER_METRICS_PORT": 9574,
+    "PAYSAGA_TEMPORAL_METRICS_PORT": 9575,
+    "PAYSAGA_CRM_SANDBOX_PORT": 8170,
+    "PAYSAGA_ACQUIRER_SANDBOX_PORT": 8120,
 }
-_KEY = re.compile(r"psk_[A-Za-z0-9_-]+")
+# Where this checkout's bench finds those services.
+SHIFTED_BENCH_ARGS = [
+    f"--api-url=http://127.0.0.1:{SHIFTED_PORTS['PAYSAGA_API_PORT']}",
+    f"--kafka=127.0.0.1:{SHIFTED_PORTS['PAYSAGA_KAFKA_PORT']}",
+    f"--temporal=127.0.0.1:{SHIFTED_PORTS['PAYSAGA_TEMPORAL_PORT']}",
+    f"--crm-sandbox-url=http://127.0.0.1:{SHIFTED_PORTS['PAYSAGA_CRM_SANDBOX_PORT']}",
+]
 _READY = "Press Ctrl-C"
 TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
 
@@ -141,10 +148,7 @@ class Side:
         while time.monotonic() < deadline:
             text = self.log.read_text(errors="replace")
             if _READY in text:
-                found = _KEY.search(text)
-                if found is None:
-                    raise SystemExit(f"{self.name}: no dev API key in {self.log}")
-                self.api_key = found.group(0)
+                self.api_key = default_api_key(self.home)  # the key `paysaga run` wrote
                 return
             if self.process is not None and self.process.poll() is not None:
                 raise SystemExit(f"{self.name}: paysaga run exited; see {self.log}")
@@ -202,9 +206,8 @@ def total(per_kind: dict[str, float], *, without: tuple[str, ...] = ()) -> float
 def report(round_no: int, sides: list[Side], figures: list[dict[str, float]]) -> None:
     kinds = sorted({k for f in figures for k in f})
     print(f"round {round_no}: CPU ms per payment")
-    print(
-        "  " + f"{'':10}" + "".join(f"{k:>10}" for k in kinds) + f"{'stack':>10}{'w/o tansu':>11}"
-    )
+    heading = "".join(f"{k:>10}" for k in kinds)
+    print(f"  {'':10}{heading}{'stack':>10}{'w/o tansu':>11}")
     for side, f in zip(sides, figures, strict=True):
         cells = "".join(f"{f.get(k, 0.0):10.2f}" for k in kinds)
         print(f"  {side.name:10}{cells}{total(f):10.1f}{total(f, without=('tansu',)):11.1f}")
@@ -232,13 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         Side(
             "this",
             this_tree,
-            {**base_env, **SHIFTED_PORTS},
-            [
-                "--api-url=http://127.0.0.1:8100",
-                "--kafka=127.0.0.1:9192",
-                "--temporal=127.0.0.1:7333",
-                "--crm-sandbox-url=http://127.0.0.1:8170",
-            ],
+            {**base_env, **{name: str(port) for name, port in SHIFTED_PORTS.items()}},
+            SHIFTED_BENCH_ARGS,
             work / "this",
         ),
     ]
