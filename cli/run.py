@@ -29,7 +29,7 @@ from sqlalchemy.engine import make_url
 
 from api.auth import generate_api_key
 from cli.client import DEFAULT_API_URL
-from infra.codec import load_or_create_dev_key
+from infra.codec import DEV_ENCRYPTION_KEY_FILE, load_or_create_dev_key
 from infra.embedded.process import ManagedProcess, require_free_port
 from infra.embedded.stack import Stack
 from infra.errors import StackError
@@ -138,7 +138,7 @@ def service_env(stack: Stack, key_file: Path) -> dict[str, str]:
     and payload encryption on: a development key under the home unless keys are configured."""
     env = {**os.environ, **stack.service_env(), "PAYSAGA_API_KEY_FILE": str(key_file)}
     if not stack.settings.encryption_keys:
-        key = load_or_create_dev_key(stack.home / "encryption-key")
+        key = load_or_create_dev_key(stack.home / DEV_ENCRYPTION_KEY_FILE)
         env["PAYSAGA_ENCRYPTION_KEYS"] = json.dumps(
             [{"key_id": key.key_id, "key_b64": key.key_b64.get_secret_value()}]
         )

@@ -22,7 +22,7 @@ def reseal() -> None:
     the development key `paysaga run` keeps under its home (PAYSAGA_HOME) is the one."""
     from activities.webhook_endpoints import WebhookEndpoints
     from checker.runner import resolve_endpoints
-    from infra.codec import EncryptionCodec, load_or_create_dev_key
+    from infra.codec import DEV_ENCRYPTION_KEY_FILE, EncryptionCodec, load_or_create_dev_key
     from infra.database import make_engine
     from settings import Settings
 
@@ -32,7 +32,7 @@ def reseal() -> None:
         err.print(f"[bold red]invalid PAYSAGA_* settings:[/]\n{exc}", soft_wrap=True)
         raise typer.Exit(2) from None
     keys = settings.encryption_keys
-    dev_key_file = settings.home.expanduser() / "encryption-key"
+    dev_key_file = settings.home.expanduser() / DEV_ENCRYPTION_KEY_FILE
     if not keys and dev_key_file.is_file():
         # The development stack's key: `paysaga run` seals with it when no keys are configured.
         keys = [load_or_create_dev_key(dev_key_file)]

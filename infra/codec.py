@@ -225,6 +225,10 @@ def secret_sealer(settings: Settings) -> EncryptionCodec | None:
     return None
 
 
+# The file under `paysaga run`'s home that holds its development key.
+DEV_ENCRYPTION_KEY_FILE = "encryption-key"
+
+
 def load_or_create_dev_key(path: Path, key_id: str = "dev1") -> EncryptionKey:
     """The local development key that `paysaga run` keeps under its home (mode 0600), made on
     first use. Production keys come from the environment / a secret store instead."""
@@ -241,6 +245,7 @@ def load_or_create_dev_key(path: Path, key_id: str = "dev1") -> EncryptionKey:
 
 
 __all__ = [
+    "DEV_ENCRYPTION_KEY_FILE",
     "ENCODING",
     "KEY_ID_METADATA",
     "SEALED_PREFIX",
